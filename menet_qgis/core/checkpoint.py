@@ -1,0 +1,121 @@
+"""One checkpoint file = weights + everything needed to use them.
+
+The file is a plain ``torch.save`` of a dict holding only tensors, numbers,
+strings, lists and dicts, so it loads with ``torch.load(weights_only=True)``:
+no arbitrary object is ever unpickled.  Besides the state dict it records the
+architecture (name, version, input channels, head width), the channel recipe,
+the PCA basis and per-channel normalisation fitted on training data, the window
+size and the training metadata.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import channels as ch
+from .model import ARCHITECTURE, ARCHITECTURE_VERSION, DEFAULT_HEAD_WIDTH, MENet
+
+FORMAT = "menet_qgis.checkpoint"
+FORMAT_VERSION = 1
+#: Rough channel statistics of coastal Sentinel-2 reflectance, used only by
+#: untrained checkpoints; trained checkpoints carry statistics fitted on their data.
+UNTRAINED_MEAN = [0.06, 0.07, 0.05, 0.22, 0.15, 0.45, -0.3, 0.11, 2.0, 1.5, 0.0]
+UNTRAINED_STD = [0.05, 0.05, 0.05, 0.12, 0.09, 0.35, 0.35, 0.1, 2.0, 1.5, 0.2]
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used; the message says why."""
+
+
+@dataclass
+class ModelBundle:
+    """A loaded checkpoint: the model plus what the pipeline needs to feed it."""
+
+    model: MENet
+    norm_mean: List[float]
+    norm_std: List[float]
+    pca: ch.PCABasis
+    window_size: int = 256
+    training: Dict = field(default_factory=dict)
+    path: Optional[str] = None
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.training.get("trained", False))
+
+
+def new_bundle(head_width: int = DEFAULT_HEAD_WIDTH, imagenet_state=None, seed: Optional[int] = None) -> ModelBundle:
+    """An untrained model with placeholder statistics (tests, demos, start of training)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = MENet(ch.N_CHANNELS, head_width, imagenet_state)
+    return ModelBundle(model, list(UNTRAINED_MEAN), list(UNTRAINED_STD), ch.default_pca(),
+                       training={"trained": False, "note": "untrained: random weights"})
+
+
+def save(bundle: ModelBundle, path, half: bool = False) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in bundle.model.state_dict().items()}
+    record = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "architecture": bundle.model.architecture_record(),
+        "recipe": ch.recipe_record(),
+        "pca": bundle.pca.to_record(),
+        "normalisation": {"mean": [float(v) for v in bundle.norm_mean], "std": [float(v) for v in bundle.norm_std]},
+        "window_size": int(bundle.window_size),
+        "training": bundle.training,
+        "state_dict": state,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    os.close(fd)
+    try:
+        torch.save(record, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path) -> ModelBundle:
+    """Load and validate; every refusal is a ``CheckpointError`` naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        raise CheckpointError(f"{path.name} is not a readable ME-Net checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{path.name} is not an ME-Net checkpoint (no '{FORMAT}' header)")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path.name} has checkpoint format v{record.get('format_version')}, this plugin reads v{FORMAT_VERSION}")
+    arch = record.get("architecture", {})
+    if (arch.get("name"), arch.get("version")) != (ARCHITECTURE, ARCHITECTURE_VERSION):
+        raise CheckpointError(f"{path.name} is for architecture {arch.get('name')} v{arch.get('version')}, "
+                              f"this plugin runs {ARCHITECTURE} v{ARCHITECTURE_VERSION}")
+    try:
+        ch.check_recipe(record.get("recipe", {}))
+    except ValueError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from None
+    if arch.get("in_channels") != ch.N_CHANNELS:
+        raise CheckpointError(f"{path.name} expects {arch.get('in_channels')} input channels, the recipe gives {ch.N_CHANNELS}")
+    norm = record["normalisation"]
+    if len(norm["mean"]) != ch.N_CHANNELS or len(norm["std"]) != ch.N_CHANNELS:
+        raise CheckpointError(f"{path.name}: normalisation statistics do not have {ch.N_CHANNELS} channels")
+    model = MENet(ch.N_CHANNELS, int(arch.get("head_width", DEFAULT_HEAD_WIDTH)))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in record["state_dict"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path.name}: weights do not fit {ARCHITECTURE} v{ARCHITECTURE_VERSION} ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return ModelBundle(model, list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
+                       int(record.get("window_size", 256)), dict(record.get("training", {})), str(path))

@@ -1,0 +1,383 @@
+"""Windowed inference: read ahead -> channels + model on the device -> stitch + write.
+
+Three kinds of threads keep the device busy and memory bounded:
+* reader threads read windows ahead (rasterio, one dataset handle per thread);
+* the calling thread builds channels on the device, runs the model in
+  inference mode (bf16 autocast + channels_last on CUDA, fp32 on the CPU);
+* one sink thread blends window results into row strips and writes every
+  finished strip straight to disk (so memory depends on the window size and
+  the raster's width, never on its height).
+
+``predict_reference`` is the plain single-threaded batch-1 path with
+whole-raster accumulators; tests check the engine against it.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .channels import compute_channels
+from .checkpoint import ModelBundle
+from .device import auto_batch_size, choose_device
+from .raster_io import AtomicRaster, RasterInput, check_writable
+from .stages import STAGE_BY_NAME, parse_stage_names
+from .tiling import WindowGrid, blend_weights
+
+STAGE_MODES = ("compact", "all")
+COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
+
+
+class Cancelled(Exception):
+    """The user cancelled; outputs were discarded."""
+
+
+class Reporter:
+    """What the engine tells its caller; the CLI prints it, Processing forwards it to feedback."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        self.info("WARNING: " + message)
+
+    def progress(self, percent: float) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
+@dataclass
+class EngineOptions:
+    window: int = 256
+    overlap: int = 64
+    batch_size: int = 0            # 0 = automatic for the device
+    device: str = "auto"
+    stages: Sequence[str] = ()
+    stage_mode: str = "compact"    # "compact" (3 summary bands) or "all" channels
+    readers: int = 2
+    threads: int = 0               # CPU threads for torch; 0 = leave torch's default
+
+
+@dataclass
+class ExtractionResult:
+    probability: Path
+    stages: Dict[str, Path] = field(default_factory=dict)
+    device: str = ""
+    windows: int = 0
+    windows_run: int = 0
+    batch_size: int = 0
+    seconds: float = 0.0
+    valid_fraction: float = 0.0
+
+
+# --- turning raw windows into model input -------------------------------------
+def prepare_batch(raw: torch.Tensor, valid: torch.Tensor, bundle: ModelBundle, plan) -> torch.Tensor:
+    """(N, bands, H, W) raw values + (N, H, W) validity -> normalised (N, 11, H, W).
+
+    Runs on whatever device ``raw`` is on.  Invalid pixels become exactly 0
+    after normalisation (the training mean), so no-data never spreads as NaN.
+    """
+    x = raw
+    if plan.kind == "sentinel2":
+        x = compute_channels((x + plan.offset) * plan.scale, bundle.pca)
+    mean = torch.as_tensor(bundle.norm_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(bundle.norm_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    x = torch.where(valid.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def compact_stage(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, 3, h, w): mean, max and standard deviation over channels."""
+    f = features.float()
+    return torch.stack([f.mean(1), f.amax(1), f.std(1)], dim=1)
+
+
+def pooled_valid(valid: np.ndarray, stride: int) -> np.ndarray:
+    """A stage pixel is valid when any input pixel under it is."""
+    if stride == 1:
+        return valid
+    h, w = valid.shape
+    return valid.reshape(h // stride, stride, w // stride, stride).any(axis=(1, 3))
+
+
+# --- stitching ----------------------------------------------------------------
+class StripStitcher:
+    """Blends window results for one output into a strip one window tall and
+    writes rows as soon as no later window can touch them.
+
+    Hand-written because no library blends overlapping windows into a
+    streamed GeoTIFF; geoai and rasterio hold the whole raster in memory.
+    """
+
+    def __init__(self, sink: AtomicRaster, channels: int, stride: int, grid: WindowGrid):
+        self.sink, self.stride, self.channels = sink, stride, channels
+        self.size = grid.window // stride
+        self.weights = blend_weights(self.size, grid.overlap // stride)
+        self.out_h = math.ceil(grid.height / stride)
+        self.out_w = math.ceil(grid.width / stride)
+        strip_w = (grid.col_origins[-1] + grid.window) // stride
+        self.acc = np.zeros((channels, self.size, strip_w), np.float32)
+        self.wsum = np.zeros((self.size, strip_w), np.float32)
+        self.valid = np.zeros((self.size, strip_w), bool)
+        self.top = 0  # output row held by strip row 0
+
+    def add(self, y0: int, x0: int, values: np.ndarray, valid: np.ndarray) -> None:
+        """Blend one window in.  Windows arrive in row-major order, so rows above
+        this window's top can no longer change: they are written first."""
+        self.flush_until(y0)
+        r, c, s = y0 // self.stride - self.top, x0 // self.stride, self.size
+        self.acc[:, r:r + s, c:c + s] += values * self.weights
+        self.wsum[r:r + s, c:c + s] += self.weights
+        self.valid[r:r + s, c:c + s] |= valid
+
+    def flush_until(self, row_end_px: Optional[int] = None) -> None:
+        """Write and drop strip rows above input row ``row_end_px`` (all rows if None)."""
+        end = self.out_h if row_end_px is None else min(self.out_h, row_end_px // self.stride)
+        n = end - self.top
+        if n <= 0:
+            return
+        ok = self.valid[:n] & (self.wsum[:n] > 0)
+        block = np.full((self.channels, n, self.out_w), np.nan, np.float32)
+        np.divide(self.acc[:, :n, :self.out_w], np.maximum(self.wsum[:n, :self.out_w], 1e-12),
+                  out=block, where=ok[None, :, :self.out_w])
+        self.sink.write_rows(self.top, block)
+        for arr in (self.acc, self.wsum, self.valid):
+            view = arr if arr.ndim == 3 else arr[None]
+            view[:, :self.size - n] = view[:, n:].copy()
+            view[:, self.size - n:] = 0
+        self.top = end
+
+
+class SinkThread:
+    """Owns the output rasters: every GDAL write call happens on this thread."""
+
+    def __init__(self, max_pending: int = 4):
+        self.jobs: "queue.Queue" = queue.Queue(maxsize=max_pending)
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="menet-sink", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as exc:  # reported to the main thread
+                    self.error = exc
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+# --- the engine -----------------------------------------------------------------
+def stage_path(probability_path: Path, stage_dir: Optional[Path], stage: str) -> Path:
+    folder = Path(stage_dir) if stage_dir else probability_path.parent
+    return folder / f"{probability_path.stem}_{stage}.tif"
+
+
+def estimate_stage_bytes(width: int, height: int, stages: Sequence[str], mode: str) -> int:
+    total = 0
+    for name in stages:
+        st = STAGE_BY_NAME[name]
+        bands = st.channels if mode == "all" else len(COMPACT_BANDS)
+        total += math.ceil(width / st.stride) * math.ceil(height / st.stride) * bands * 4
+    return total
+
+
+def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOptions = EngineOptions(),
+            reporter: Reporter = Reporter(), stage_dir=None) -> ExtractionResult:
+    """Run the model over ``source`` and write the probability (and stage) GeoTIFFs."""
+    t0 = time.perf_counter()
+    output = check_writable(output)
+    stages = parse_stage_names(options.stages)
+    if options.stage_mode not in STAGE_MODES:
+        raise ValueError(f"stage mode must be one of {', '.join(STAGE_MODES)}")
+    grid = WindowGrid(source.height, source.width, options.window, options.overlap)
+    device, device_text = choose_device(options.device)
+    if options.threads and device.type == "cpu":
+        torch.set_num_threads(options.threads)
+    batch_size = options.batch_size or auto_batch_size(device, options.window)
+    stage_files = {name: check_writable(stage_path(output, stage_dir, name)) for name in stages}
+
+    reporter.info(f"input: {source.path} ({source.full_width} x {source.full_height} px, {source.crs.to_string()})")
+    reporter.info(f"input bands: {source.plan.describe()}")
+    reporter.info(f"model: {bundle.path or 'in memory'} — {bundle.training.get('note', '')}".rstrip(" —"))
+    reporter.info(f"device: {device_text}")
+    reporter.info(f"windows: {len(grid)} of {grid.window}² px, overlap {grid.overlap} px, batch size {batch_size}")
+    if stages:
+        size = estimate_stage_bytes(grid.width, grid.height, stages, options.stage_mode)
+        reporter.info(f"stage layers {', '.join(stages)} ({options.stage_mode}): about {size / 2**20:.1f} MiB uncompressed")
+
+    model = bundle.model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    sink = SinkThread()
+    stitchers: Dict[str, StripStitcher] = {}
+    created: List[AtomicRaster] = []
+
+    def open_outputs():
+        prob = AtomicRaster(output, grid.width, grid.height, 1, source.crs, source.area_transform(),
+                            ["mangrove probability"])
+        created.append(prob)
+        stitchers["probability"] = StripStitcher(prob, 1, 1, grid)
+        for name in stages:
+            st = STAGE_BY_NAME[name]
+            count = st.channels if options.stage_mode == "all" else len(COMPACT_BANDS)
+            desc = ([f"{name} channel {i}" for i in range(count)] if options.stage_mode == "all"
+                    else [f"{name} {b}" for b in COMPACT_BANDS])
+            raster = AtomicRaster(stage_files[name], math.ceil(grid.width / st.stride),
+                                  math.ceil(grid.height / st.stride), count, source.crs,
+                                  source.area_transform(st.stride), desc)
+            created.append(raster)
+            stitchers[name] = StripStitcher(raster, count, st.stride, grid)
+
+    sink.submit(open_outputs)
+    windows = list(grid)
+    run_count, valid_px = 0, 0
+    readers = ThreadPoolExecutor(max_workers=max(1, options.readers), thread_name_prefix="menet-read")
+    pending: deque = deque()
+    next_read = 0
+    try:
+        done = 0
+        while done < len(windows):
+            while next_read < len(windows) and len(pending) < 2 * batch_size:
+                _, y0, x0 = windows[next_read]
+                pending.append((windows[next_read], readers.submit(source.read, y0, x0, grid.window)))
+                next_read += 1
+            batch = []
+            while pending and len(batch) < batch_size:
+                (_row, y0, x0), fut = pending.popleft()
+                data, valid = fut.result()
+                done += 1
+                if valid.any():  # windows of pure no-data are skipped, not run
+                    batch.append((y0, x0, data, valid))
+                    valid_px += int(valid.sum())
+            if batch:
+                run_count += len(batch)
+                results, batch_size = _run_batch(model, bundle, source.plan, batch, stages, options.stage_mode,
+                                                 device, batch_size, reporter)
+                sink.submit(lambda b=batch, res=results: _stitch(stitchers, b, res))
+            reporter.progress(100.0 * done / len(windows))
+            if reporter.cancelled():
+                raise Cancelled("cancelled by the user")
+        sink.submit(lambda: [s.flush_until() for s in stitchers.values()])
+        sink.submit(lambda: [r.commit() for r in created])
+        sink.close()
+    except BaseException:
+        readers.shutdown(wait=True, cancel_futures=True)
+        try:
+            sink.jobs.put(lambda: [r.discard() for r in created])
+            sink.close()
+        except BaseException:
+            pass
+        for r in created:
+            if r.tmp.exists():
+                r.tmp.unlink()
+        source.close()
+        raise
+    readers.shutdown(wait=True)
+    source.close()
+    seconds = time.perf_counter() - t0
+    total_px = grid.width * grid.height
+    if valid_px == 0:
+        reporter.warn("the input has no valid pixels in the processed area: the output is all no-data")
+    reporter.info(f"ran the model on {run_count} of {len(windows)} windows (the rest hold only no-data) "
+                  f"in {seconds:.1f} s ({run_count / max(seconds, 1e-9):.2f} windows/s)")
+    return ExtractionResult(output, stage_files, device_text, len(windows), run_count, batch_size, seconds,
+                            valid_px / total_px if total_px else 0.0)
+
+
+def _stitch(stitchers: Dict[str, StripStitcher], batch, results: Dict[str, np.ndarray]) -> None:
+    for i, (y0, x0, _data, valid) in enumerate(batch):
+        for name, stitcher in stitchers.items():
+            values = results[name][i]
+            stitcher.add(y0, x0, values, pooled_valid(valid, stitcher.stride))
+
+
+def _forward(model, bundle, plan, batch, stages, stage_mode, device) -> Dict[str, np.ndarray]:
+    raw = torch.from_numpy(np.stack([b[2] for b in batch]))
+    valid = torch.from_numpy(np.stack([b[3] for b in batch]))
+    if device.type == "cuda":
+        raw, valid = raw.pin_memory(), valid.pin_memory()
+    raw = raw.to(device, non_blocking=True)
+    valid = valid.to(device, non_blocking=True)
+    with torch.inference_mode():
+        x = prepare_batch(raw, valid, bundle, plan)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, feats = model.forward_with_stages(x)
+        else:
+            logits, feats = model.forward_with_stages(x)
+        out = {"probability": torch.sigmoid(logits.float())}
+        for name in stages:
+            out[name] = feats[name].float() if stage_mode == "all" else compact_stage(feats[name])
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, batch_size, reporter):
+    """Forward a batch; on CUDA out-of-memory retry in halves and keep the smaller size."""
+    try:
+        return _forward(model, bundle, plan, batch, stages, stage_mode, device), batch_size
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = max(1, len(batch) // 2)
+        reporter.warn(f"out of GPU memory at batch size {len(batch)}; retrying with {half}")
+        parts = [batch[i:i + half] for i in range(0, len(batch), half)]
+        merged: Dict[str, List[np.ndarray]] = {}
+        for part in parts:
+            res, half = _run_batch(model, bundle, plan, part, stages, stage_mode, device, half, reporter)
+            for k, v in res.items():
+                merged.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in merged.items()}, half
+
+
+def predict_reference(bundle: ModelBundle, source: RasterInput, window: int = 256, overlap: int = 64) -> np.ndarray:
+    """Plain path: one window at a time, fp32 on the CPU, whole-raster accumulators.
+    Returns the (height, width) probability with NaN where the input has no data."""
+    grid = WindowGrid(source.height, source.width, window, overlap)
+    weights = blend_weights(window, overlap)
+    H, W = grid.row_origins[-1] + window, grid.col_origins[-1] + window
+    acc, wsum = np.zeros((H, W), np.float64), np.zeros((H, W), np.float64)
+    valid_all = np.zeros((H, W), bool)
+    model = bundle.model.cpu().eval()
+    for _, y0, x0 in grid:
+        data, valid = source.read(y0, x0, window)
+        valid_all[y0:y0 + window, x0:x0 + window] |= valid
+        if not valid.any():
+            continue
+        with torch.inference_mode():
+            x = prepare_batch(torch.from_numpy(data[None]), torch.from_numpy(valid[None]), bundle, source.plan)
+            prob = torch.sigmoid(model(x))[0, 0].numpy()
+        acc[y0:y0 + window, x0:x0 + window] += prob * weights
+        wsum[y0:y0 + window, x0:x0 + window] += weights
+    source.close()
+    out = np.full((H, W), np.nan, np.float32)
+    ok = valid_all & (wsum > 0)
+    out[ok] = (acc[ok] / wsum[ok]).astype(np.float32)
+    return out[:grid.height, :grid.width]

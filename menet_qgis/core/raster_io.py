@@ -1,0 +1,197 @@
+"""Raster reading and writing with rasterio: windowed, thread-safe, atomic.
+
+Reads go through ``rasterio.windows.Window`` on per-thread dataset handles
+(a GDAL dataset must not be shared between threads).  Outputs are written to a
+hidden temporary file beside the target and renamed into place only when the
+run succeeds, so a cancelled or failed run never leaves a half-written layer.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from .bands import InputPlan, plan_input
+
+
+class InputError(ValueError):
+    """An input raster that cannot be processed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Area:
+    """The processed part of the input, in input pixels (the whole raster by default)."""
+
+    row_off: int
+    col_off: int
+    height: int
+    width: int
+
+
+class RasterInput:
+    """An opened input raster plus the plan for turning its bands into model input."""
+
+    def __init__(self, path, band_numbers: Optional[Sequence[int]] = None, dn_offset: Optional[float] = None,
+                 bounds: Optional[Tuple[float, float, float, float]] = None):
+        self.path = str(path)
+        if not Path(self.path).exists() and "://" not in self.path and not self.path.startswith("/vsi"):
+            raise InputError(f"input raster not found: {self.path}")
+        try:
+            with rasterio.open(self.path) as ds:
+                self.crs = ds.crs
+                self.transform = ds.transform
+                self.full_width, self.full_height = ds.width, ds.height
+                self.nodata = ds.nodata
+                self.dtype = ds.dtypes[0]
+                descriptions = [d or "" for d in ds.descriptions]
+                tags = [ds.tags(i) for i in range(1, ds.count + 1)]
+                dataset_tags = ds.tags()
+        except RasterioIOError as exc:
+            raise InputError(f"{Path(self.path).name} is not a raster GDAL can read ({str(exc).splitlines()[0][:160]})") from None
+        if self.crs is None:
+            raise InputError(f"{Path(self.path).name} has no coordinate reference system; assign one first")
+        if self.transform.is_identity or self.transform.b != 0 or self.transform.d != 0:
+            if self.transform.is_identity:
+                raise InputError(f"{Path(self.path).name} has no georeferencing (identity geotransform)")
+            raise InputError(f"{Path(self.path).name} is rotated; warp it to a north-up grid first")
+        self.plan: InputPlan = plan_input(descriptions, tags, dataset_tags, self.dtype, band_numbers, dn_offset)
+        self.area = self._area(bounds)
+        self._local = threading.local()
+        self._handles: List = []
+        self._lock = threading.Lock()
+
+    # --- geometry -------------------------------------------------------
+    def _area(self, bounds) -> Area:
+        if bounds is None:
+            return Area(0, 0, self.full_height, self.full_width)
+        xmin, ymin, xmax, ymax = bounds
+        inv = ~self.transform
+        cols, rows = zip(*(inv * (x, y) for x in (xmin, xmax) for y in (ymin, ymax)))
+        c0, c1 = max(0, math.floor(min(cols))), min(self.full_width, math.ceil(max(cols)))
+        r0, r1 = max(0, math.floor(min(rows))), min(self.full_height, math.ceil(max(rows)))
+        if c1 <= c0 or r1 <= r0:
+            raise InputError(f"the processing extent {bounds} does not overlap {Path(self.path).name}")
+        return Area(r0, c0, r1 - r0, c1 - c0)
+
+    @property
+    def width(self) -> int:
+        return self.area.width
+
+    @property
+    def height(self) -> int:
+        return self.area.height
+
+    def area_transform(self, stride: int = 1) -> Affine:
+        """Transform of the processed area at ``stride`` x the input pixel size (same origin)."""
+        return self.transform * Affine.translation(self.area.col_off, self.area.row_off) * Affine.scale(stride)
+
+    # --- reading --------------------------------------------------------
+    def _dataset(self):
+        ds = getattr(self._local, "ds", None)
+        if ds is None:
+            ds = rasterio.open(self.path)
+            self._local.ds = ds
+            with self._lock:
+                self._handles.append(ds)
+        return ds
+
+    def read(self, y0: int, x0: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(bands, size, size) float32 values and a (size, size) validity mask for
+        the window at area pixel (y0, x0).  Parts outside the area are filled by
+        mirroring and marked invalid; invalid pixels hold 0, never NaN."""
+        h = min(size, self.height - y0)
+        w = min(size, self.width - x0)
+        win = Window(self.area.col_off + x0, self.area.row_off + y0, w, h)
+        data = self._dataset().read(self.plan.band_indexes, window=win, out_dtype="float32")
+        valid = np.isfinite(data).all(axis=0)
+        if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
+            valid &= (data != self.nodata).all(axis=0)
+        if self.plan.zero_is_nodata:
+            valid &= (data != 0).all(axis=0)
+        data[:, ~valid] = 0.0
+        if h < size or w < size:
+            mode = "reflect" if h > 1 and w > 1 and size - h < h and size - w < w else "edge"
+            data = np.pad(data, ((0, 0), (0, size - h), (0, size - w)), mode=mode)
+            valid = np.pad(valid, ((0, size - h), (0, size - w)), constant_values=False)
+        return data, valid
+
+    def close(self) -> None:
+        with self._lock:
+            for ds in self._handles:
+                ds.close()
+            self._handles.clear()
+        self._local = threading.local()
+
+
+class AtomicRaster:
+    """A GeoTIFF written to a temporary file and renamed into place on ``commit``.
+
+    All calls must come from one thread (the engine's writer thread).
+    """
+
+    def __init__(self, path, width: int, height: int, count: int, crs, transform: Affine,
+                 descriptions: Optional[Sequence[str]] = None, nodata: float = float("nan")):
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.stem + ".", suffix=".partial.tif")
+        os.close(fd)
+        self.tmp = Path(tmp)
+        profile = dict(driver="GTiff", width=width, height=height, count=count, dtype="float32", crs=crs,
+                       transform=transform, nodata=nodata, compress="deflate", predictor=3,
+                       BIGTIFF="IF_SAFER")
+        if width >= 16 and height >= 16:
+            profile.update(tiled=True, blockxsize=256 if width >= 256 else 16 * (width // 16),
+                           blockysize=256 if height >= 256 else 16 * (height // 16))
+        self.ds = rasterio.open(self.tmp, "w", **profile)
+        for i, text in enumerate(descriptions or [], 1):
+            self.ds.set_band_description(i, text)
+
+    def write_rows(self, row0: int, array: np.ndarray) -> None:
+        """Write a (count, rows, width) block starting at output row ``row0``."""
+        self.ds.write(array.astype(np.float32, copy=False), window=Window(0, row0, array.shape[2], array.shape[1]))
+
+    def commit(self) -> Path:
+        self.ds.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        try:
+            self.ds.close()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+
+
+def check_writable(path) -> Path:
+    """Fail early, before any compute, if the output cannot be written there."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        raise InputError(f"output {path.name} must be a GeoTIFF (.tif)")
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder, not a file")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".menet-write-check.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write output to {parent}: {exc.strerror or exc}") from None
+    return path
+
+
+def raster_profile(path) -> Dict:
+    """Georeferencing of a raster, for tests and reports."""
+    with rasterio.open(path) as ds:
+        return {"crs": ds.crs, "transform": ds.transform, "width": ds.width, "height": ds.height,
+                "count": ds.count, "nodata": ds.nodata, "dtype": ds.dtypes[0]}
