@@ -1,0 +1,115 @@
+"""Command line for headless and server use: ``python -m menet_qgis COMMAND``.
+
+Errors print one line (``menet_qgis: error: ...``) and exit with status 2;
+nothing half-written is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .core.stages import STAGE_NAMES, stage_table
+from .resources import default_model_path
+
+
+class CliReporter:
+    """Prints engine messages to stderr; progress as a single updating percentage."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._last = -1
+
+    def info(self, message):
+        if not self.quiet:
+            print(message, file=sys.stderr)
+
+    def warn(self, message):
+        print("WARNING: " + message, file=sys.stderr)
+
+    def progress(self, percent):
+        step = int(percent) // 10
+        if not self.quiet and step != self._last:
+            self._last = step
+            print(f"  {int(percent)}%", file=sys.stderr)
+
+    def cancelled(self):
+        return False
+
+
+def _int_list(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m menet_qgis", description="ME-Net mangrove extraction")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    stages = sub.add_parser("stages", help="print the ResNet-101 stage table")
+    stages.add_argument("--window", type=int, default=256, help="window size for the map-size column")
+
+    predict = sub.add_parser("predict", help="mangrove probability (and stage layers) for rasters")
+    predict.add_argument("inputs", nargs="+", help="input rasters (Sentinel-2 bands or an 11-band ME-Net stack)")
+    predict.add_argument("--model", help=f"checkpoint (default: {default_model_path().name} shipped with the plugin)")
+    predict.add_argument("--out-dir", required=True, help="writes <input stem>_probability.tif here")
+    predict.add_argument("--stages", default="", help=f"comma-separated stages to write ({','.join(STAGE_NAMES)})")
+    predict.add_argument("--stage-mode", choices=["compact", "all"], default="compact",
+                         help="compact = mean/max/std of channels (3 bands); all = every channel")
+    predict.add_argument("--window", type=int, default=256)
+    predict.add_argument("--overlap", type=int, default=64)
+    predict.add_argument("--batch-size", type=int, default=0, help="0 = automatic")
+    predict.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    predict.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12, e.g. 1,2,3,4,5,6")
+    predict.add_argument("--dn-offset", type=float, help="DN offset when product metadata has none (-1000 for baseline 04.00+)")
+    predict.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def cmd_stages(args) -> int:
+    print(stage_table(args.window))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .core import checkpoint, engine, raster_io
+    model_path = Path(args.model) if args.model else default_model_path()
+    if not args.model and not model_path.is_file():
+        raise ValueError(f"no --model given and no default model installed at {model_path}")
+    bundle = checkpoint.load(model_path)
+    reporter = CliReporter(args.quiet)
+    if not bundle.trained:
+        reporter.warn(f"model {model_path.name} is UNTRAINED (random weights): outputs only test the pipeline")
+    options = engine.EngineOptions(window=args.window, overlap=args.overlap, batch_size=args.batch_size,
+                                   device=args.device, stages=[s for s in args.stages.split(",") if s],
+                                   stage_mode=args.stage_mode)
+    out_dir = Path(args.out_dir)
+    sources = [raster_io.RasterInput(p, band_numbers=args.bands, dn_offset=args.dn_offset) for p in args.inputs]
+    stems = [Path(p).stem for p in args.inputs]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
+    summary = []
+    for source, stem in zip(sources, stems):
+        result = engine.extract(bundle, source, out_dir / f"{stem}_probability.tif", options, reporter)
+        summary.append({"input": source.path, "probability": str(result.probability),
+                        "stages": {k: str(v) for k, v in result.stages.items()},
+                        "device": result.device, "windows": result.windows, "seconds": round(result.seconds, 2)})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+COMMANDS = {"stages": cmd_stages, "predict": cmd_predict}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("menet_qgis: cancelled; no output was kept", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"menet_qgis: error: {exc}", file=sys.stderr)
+        return 2

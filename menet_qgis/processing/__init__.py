@@ -1,0 +1,1 @@
+"""Thin QGIS Processing layer: the provider and one algorithm per file."""

@@ -1,0 +1,24 @@
+"""The "ME-Net" Processing provider (id ``menet``)."""
+from qgis.core import QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
+
+from ..resources import icon_path
+from .extract_mangroves import ExtractMangrovesAlgorithm
+
+
+class MENetProvider(QgsProcessingProvider):
+    def id(self):
+        return "menet"
+
+    def name(self):
+        return "ME-Net"
+
+    def longName(self):  # noqa: N802
+        return "ME-Net mangrove extraction"
+
+    def icon(self):
+        return QIcon(str(icon_path()))
+
+    def loadAlgorithms(self):  # noqa: N802
+        for alg in (ExtractMangrovesAlgorithm(),):
+            self.addAlgorithm(alg)
