@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12, e.g. 1,2,3,4,5,6")
     predict.add_argument("--dn-offset", type=float, help="DN offset when product metadata has none (-1000 for baseline 04.00+)")
     predict.add_argument("--quiet", action="store_true")
+
+    train = sub.add_parser("train", help="train ME-Net on labelled windows; writes a checkpoint")
+    train.add_argument("--tiles", required=True, help="folder of image/mask pairs (tile_NNNN.tif + mask_NNNN.tif)")
+    train.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--val-fraction", type=float, default=0.2)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    train.add_argument("--imagenet-weights", help="torchvision ResNet-101 ImageNet .pth (optional)")
+    train.add_argument("--history", help="also write the per-epoch log as JSON here")
     return parser
 
 
@@ -99,7 +111,25 @@ def cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"stages": cmd_stages, "predict": cmd_predict}
+def cmd_train(args) -> int:
+    from .core import training
+    from .core.checkpoint import save
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out.name} must end in .pt")
+    tiles = training.load_tile_folder(args.tiles)
+    options = training.TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                    val_fraction=args.val_fraction, seed=args.seed, device=args.device,
+                                    imagenet_weights=args.imagenet_weights, save_best_to=str(out))
+    result = training.train(tiles, options, CliReporter())
+    save(result.bundle, out, half=True)
+    if args.history:
+        Path(args.history).write_text(json.dumps(result.history, indent=2))
+    print(json.dumps({"checkpoint": str(out), "best": result.best}, indent=2))
+    return 0
+
+
+COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "train": cmd_train}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -143,21 +143,20 @@ class StripStitcher:
         self.valid[r:r + s, c:c + s] |= valid
 
     def flush_until(self, row_end_px: Optional[int] = None) -> None:
-        """Write and drop strip rows above input row ``row_end_px`` (all rows if None)."""
+        """Write and drop strip rows above input row ``row_end_px`` (all rows if None).
+        Rows no window touched (skipped no-data windows) come out as no-data."""
         end = self.out_h if row_end_px is None else min(self.out_h, row_end_px // self.stride)
-        n = end - self.top
-        if n <= 0:
-            return
-        ok = self.valid[:n] & (self.wsum[:n] > 0)
-        block = np.full((self.channels, n, self.out_w), np.nan, np.float32)
-        np.divide(self.acc[:, :n, :self.out_w], np.maximum(self.wsum[:n, :self.out_w], 1e-12),
-                  out=block, where=ok[None, :, :self.out_w])
-        self.sink.write_rows(self.top, block)
-        for arr in (self.acc, self.wsum, self.valid):
-            view = arr if arr.ndim == 3 else arr[None]
-            view[:, :self.size - n] = view[:, n:].copy()
-            view[:, self.size - n:] = 0
-        self.top = end
+        while self.top < end:
+            n = min(end - self.top, self.size)
+            ok = self.valid[:n, :self.out_w] & (self.wsum[:n, :self.out_w] > 0)
+            block = np.full((self.channels, n, self.out_w), np.nan, np.float32)
+            np.divide(self.acc[:, :n, :self.out_w], np.maximum(self.wsum[:n, :self.out_w], 1e-12),
+                      out=block, where=ok[None])
+            self.sink.write_rows(self.top, block)
+            for arr in (self.acc, self.wsum[None], self.valid[None]):
+                arr[:, :self.size - n] = arr[:, n:].copy()
+                arr[:, self.size - n:] = 0
+            self.top += n
 
 
 class SinkThread:
@@ -186,10 +185,14 @@ class SinkThread:
         self.jobs.put(job)
 
     def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
+        """Finish queued jobs; re-raise the first error a job hit."""
+        self.stop()
         if self.error is not None:
             raise self.error
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
 
 
 # --- the engine -----------------------------------------------------------------
@@ -288,14 +291,9 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
         sink.close()
     except BaseException:
         readers.shutdown(wait=True, cancel_futures=True)
-        try:
-            sink.jobs.put(lambda: [r.discard() for r in created])
-            sink.close()
-        except BaseException:
-            pass
-        for r in created:
-            if r.tmp.exists():
-                r.tmp.unlink()
+        sink.stop()  # the sink thread has ended: its rasters can be discarded from here
+        for raster in created:
+            raster.discard()
         source.close()
         raise
     readers.shutdown(wait=True)

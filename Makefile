@@ -1,0 +1,56 @@
+# ME-Net for QGIS.  `make test` and `make run` install whatever is missing first
+# (Debian packages as root, then a virtual environment at .venv).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SITE := $(CURDIR)/$(VENV)/lib/python3.11/site-packages
+APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio python3-gdal python3-venv python3-sklearn
+PIP_PACKAGES := torch==2.14.1 torchvision==0.29.1 pytest pytest-qgis
+VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
+# Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
+QGIS_PROCESS := /usr/bin/qgis_process.bin
+export QT_QPA_PLATFORM := offscreen
+export QGIS_PLUGINPATH := $(CURDIR)/build/plugins
+export XDG_DATA_HOME := $(CURDIR)/build/qgis-profile
+export XDG_RUNTIME_DIR := $(CURDIR)/build/runtime
+export PYTHONPATH := $(SITE)
+
+.PHONY: setup plugin test run package bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: Makefile
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q $(PIP_PACKAGES)
+	touch $@
+
+# The plugin folder QGIS loads: package + metadata.txt + resources (symlinks, always current).
+plugin: setup
+	@rm -rf build/plugins && mkdir -p build/plugins/menet_qgis $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
+	@for f in menet_qgis/* metadata.txt resources; do ln -s "$(CURDIR)/$$f" build/plugins/menet_qgis/; done
+	@$(QGIS_PROCESS) plugins enable menet_qgis >/dev/null 2>&1
+	@$(QGIS_PROCESS) list 2>/dev/null | grep -q "menet:extractmangroves" || { echo "menet provider did not load in qgis_process"; exit 1; }
+
+test: plugin
+	$(PY) -m pytest -q tests
+
+run: plugin
+	$(PY) scripts/run_demo.py
+
+package: setup
+	rm -rf build/package && mkdir -p build/package/menet_qgis dist
+	cp -r menet_qgis/. build/package/menet_qgis/
+	cp metadata.txt build/package/menet_qgis/
+	cp -r resources build/package/menet_qgis/resources
+	find build/package -name __pycache__ -prune -exec rm -rf {} +
+	cd build/package && rm -f ../../dist/menet_qgis-$(VERSION).zip && $(CURDIR)/$(PY) -m zipfile -c ../../dist/menet_qgis-$(VERSION).zip menet_qgis
+	@echo "built dist/menet_qgis-$(VERSION).zip (QGIS: Plugins > Manage and Install > Install from ZIP)"
+
+bench: plugin
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist

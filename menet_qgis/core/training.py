@@ -1,0 +1,316 @@
+"""Train ME-Net on labelled Sentinel-2 windows and keep the best checkpoint.
+
+What real labels look like is handled here: soft mask values (mangrove means
+>= 0.5), NaN pixels (ignored by the loss and the scores), windows present more
+than once (kept once), class imbalance (positive-class weight + Dice loss).
+Validation windows are chosen by *location*: windows that overlap or touch go
+to the same side, so no place is seen in both training and validation.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+
+from . import channels as ch
+from .checkpoint import ModelBundle, new_bundle, save
+from .engine import Cancelled, Reporter, prepare_batch
+from .metrics import Confusion
+from .model import load_imagenet_state
+from .raster_io import RasterInput
+
+
+@dataclass
+class TileSet:
+    """Labelled windows in memory: reflectance (N, 6, H, W), labels and validity (N, H, W)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    bounds: List[Tuple[float, float, float, float]]
+    names: List[str]
+    crs: Optional[str] = None
+    duplicates_dropped: int = 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def subset(self, idx: Sequence[int]) -> "TileSet":
+        idx = list(idx)
+        return TileSet(self.images[idx], self.labels[idx], self.valid[idx], [self.bounds[i] for i in idx],
+                       [self.names[i] for i in idx], self.crs)
+
+
+def _read_reflectance(path: str) -> Tuple[np.ndarray, np.ndarray, Tuple, str]:
+    """Six source bands as reflectance + validity, using the same band mapping as inference."""
+    src = RasterInput(path)
+    if src.plan.kind != "sentinel2":
+        raise ValueError(f"{Path(path).name}: training needs Sentinel-2 bands, not a ready-made 11-band stack")
+    data, valid = src.read(0, 0, max(src.width, src.height))
+    data = (data[:, :src.height, :src.width] + src.plan.offset) * src.plan.scale
+    valid = valid[:src.height, :src.width]
+    data[:, ~valid] = np.nan
+    with rasterio.open(path) as ds:
+        bounds, crs = tuple(ds.bounds), ds.crs.to_string()
+    src.close()
+    return data.astype(np.float32), valid, bounds, crs
+
+
+def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[str, str] = ("tile_", "mask_")) -> TileSet:
+    """Image/mask pairs such as ``tile_0001.tif`` + ``mask_0001.tif``; duplicates kept once."""
+    paths = sorted(glob.glob(str(Path(folder) / image_glob)))
+    if not paths:
+        raise ValueError(f"no training tiles matching {image_glob} in {folder}")
+    images, labels, valid, bounds, names = [], [], [], [], []
+    seen, dropped, crs = set(), 0, None
+    for path in paths:
+        mask_path = str(Path(path).parent / Path(path).name.replace(*mask_prefix, 1))
+        if not Path(mask_path).is_file():
+            raise ValueError(f"no mask {Path(mask_path).name} for {Path(path).name}")
+        img, ok, b, crs = _read_reflectance(path)
+        key = tuple(round(v, 3) for v in b)
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        with rasterio.open(mask_path) as ds:
+            mask = ds.read(1, out_dtype="float32")
+        if mask.shape != ok.shape:
+            raise ValueError(f"{Path(mask_path).name} is {mask.shape}, its image {ok.shape}")
+        ok &= np.isfinite(mask)
+        images.append(img)
+        labels.append((np.nan_to_num(mask, nan=0.0) >= 0.5).astype(np.float32))
+        valid.append(ok)
+        bounds.append(b)
+        names.append(Path(path).name)
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"training tiles differ in size: {sorted(shapes)}")
+    return TileSet(np.stack(images), np.stack(labels), np.stack(valid), bounds, names, crs, dropped)
+
+
+def location_groups(bounds: Sequence[Tuple[float, float, float, float]], block: float = 3840.0) -> List[int]:
+    """Group windows that share a place: footprints that overlap, or centres in the
+    same ``block`` x ``block`` map-unit square (spatial blocking against leakage
+    between neighbouring windows)."""
+    n = len(bounds)
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    b = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
+    for i in range(n):
+        overlap = (b[:, 0] < b[i, 2]) & (b[:, 2] > b[i, 0]) & (b[:, 1] < b[i, 3]) & (b[:, 3] > b[i, 1])
+        for j in np.nonzero(overlap)[0]:
+            parent[find(int(j))] = find(i)
+    if block > 0:
+        cells: Dict[Tuple[int, int], int] = {}
+        for i in range(n):
+            cell = (int((b[i, 0] + b[i, 2]) / 2 // block), int((b[i, 1] + b[i, 3]) / 2 // block))
+            if cell in cells:
+                parent[find(i)] = find(cells[cell])
+            else:
+                cells[cell] = i
+    return [find(i) for i in range(n)]
+
+
+def spatial_split(bounds, val_fraction: float = 0.2, seed: int = 0, block: float = 3840.0) -> Tuple[List[int], List[int]]:
+    """Whole location groups go to validation until ``val_fraction`` of windows is reached."""
+    groups = location_groups(bounds, block)
+    members: Dict[int, List[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = sorted(members)
+    random.Random(seed).shuffle(keys)
+    target = max(1, int(round(val_fraction * len(bounds))))
+    val: List[int] = []
+    for k in keys:
+        if len(val) >= target:
+            break
+        if len(val) + len(members[k]) <= target * 1.2 or not val:
+            val.extend(members[k])
+    val_set = set(val)
+    return [i for i in range(len(bounds)) if i not in val_set], sorted(val)
+
+
+def fit_statistics(tiles: TileSet, max_pixels: int = 500_000, seed: int = 0):
+    """PCA basis and per-channel mean/std from valid training pixels (fitted once, stored)."""
+    pixels = tiles.images.transpose(0, 2, 3, 1)[tiles.valid]
+    rng = np.random.default_rng(seed)
+    if len(pixels) > max_pixels:
+        pixels = pixels[rng.choice(len(pixels), max_pixels, replace=False)]
+    pca = ch.PCABasis.fit(pixels)
+    chans = ch.compute_channels(torch.from_numpy(pixels.T.copy()).view(1, 6, -1, 1), pca)[0, :, :, 0].numpy()
+    mean, std = chans.mean(axis=1), chans.std(axis=1)
+    return pca, mean.tolist(), np.maximum(std, 1e-6).tolist()
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of overhead imagery (k in 0..7), on the last two axes."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    head_width: int = 64
+    imagenet_weights: Optional[str] = None
+    threads: int = 0
+    save_best_to: Optional[str] = None   # write the best checkpoint as soon as it improves
+
+
+@dataclass
+class TrainResult:
+    bundle: ModelBundle
+    history: List[Dict] = field(default_factory=list)
+    best: Dict = field(default_factory=dict)
+    train_windows: int = 0
+    val_windows: int = 0
+
+
+def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """BCE (positives weighted) + soft Dice, both over valid pixels only."""
+    logits, v = logits[:, 0].float(), valid.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
+                                             pos_weight=torch.tensor(pos_weight, device=logits.device))
+    bce = (bce * v).sum() / v.sum().clamp(min=1)
+    prob = torch.sigmoid(logits) * v
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + (target * v).sum() + 1)
+    return bce + dice
+
+
+def evaluate(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16, threshold: float = 0.5) -> Confusion:
+    plan = _REFLECTANCE_PLAN
+    model = bundle.model.eval()
+    conf = Confusion()
+    with torch.inference_mode():
+        for i in range(0, len(tiles), batch_size):
+            raw = torch.from_numpy(np.nan_to_num(tiles.images[i:i + batch_size])).to(device)
+            valid = torch.from_numpy(tiles.valid[i:i + batch_size]).to(device)
+            prob = torch.sigmoid(model(prepare_batch(raw, valid, bundle, plan)).float())[:, 0].cpu().numpy()
+            ok = tiles.valid[i:i + batch_size]
+            conf.add(prob[ok] >= threshold, tiles.labels[i:i + batch_size][ok] >= 0.5)
+    return conf
+
+
+class _Plan:
+    kind, offset, scale = "sentinel2", 0.0, 1.0
+
+
+_REFLECTANCE_PLAN = _Plan()
+
+
+def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Reporter = Reporter(),
+          val_tiles: Optional[TileSet] = None) -> TrainResult:
+    """Train from scratch (or ImageNet init); returns the best-on-validation bundle."""
+    from .device import choose_device
+    random.seed(options.seed)
+    np.random.seed(options.seed)
+    torch.manual_seed(options.seed)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device, device_text = choose_device(options.device)
+    if val_tiles is None:
+        train_idx, val_idx = spatial_split(tiles.bounds, options.val_fraction, options.seed)
+        train_set, val_set = tiles.subset(train_idx), tiles.subset(val_idx)
+    else:
+        train_set, val_set = tiles, val_tiles
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError("need at least one training and one validation window")
+    reporter.info(f"device: {device_text}")
+    reporter.info(f"windows: {len(train_set)} train, {len(val_set)} validation (split by location); "
+                  f"{tiles.duplicates_dropped} duplicated windows dropped")
+    imagenet = load_imagenet_state(options.imagenet_weights, reporter.info)
+    bundle = new_bundle(options.head_width, imagenet, seed=options.seed)
+    bundle.pca, bundle.norm_mean, bundle.norm_std = fit_statistics(train_set, seed=options.seed)
+    bundle.window_size = 256
+    pos = float(train_set.labels[train_set.valid].mean())
+    pos_weight = float(min(10.0, (1 - pos) / max(pos, 1e-6)))
+    reporter.info(f"mangrove share of valid training pixels {pos:.3f}; positive-class weight {pos_weight:.2f}")
+    model = bundle.model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / options.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=options.lr, total_steps=options.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(options.seed)
+    images = torch.from_numpy(np.nan_to_num(train_set.images))
+    labels, valid = torch.from_numpy(train_set.labels), torch.from_numpy(train_set.valid)
+    best_state, best, history = None, {"f1": -1.0}, []
+    t0 = time.perf_counter()
+    for epoch in range(1, options.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_set), generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, len(order), options.batch_size):
+            idx = order[start:start + options.batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            ks = torch.randint(0, 8, (len(idx),), generator=gen).tolist()
+            xb = torch.stack([dihedral(images[i], k) for i, k in zip(idx.tolist(), ks)]).to(device)
+            yb = torch.stack([dihedral(labels[i], k) for i, k in zip(idx.tolist(), ks)]).to(device)
+            vb = torch.stack([dihedral(valid[i], k) for i, k in zip(idx.tolist(), ks)]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(prepare_batch(xb, vb, bundle, _REFLECTANCE_PLAN))
+            loss = masked_loss(logits, yb, vb, pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            count += len(idx)
+            if reporter.cancelled():
+                raise Cancelled("training cancelled")
+        scores = evaluate(bundle, val_set, device).scores()
+        row = {"epoch": epoch, "loss": total / max(count, 1), "val_f1": scores["f1"], "val_iou": scores["iou"],
+               "val_kappa": scores["kappa"], "seconds": round(time.perf_counter() - t0, 1)}
+        history.append(row)
+        reporter.info(f"epoch {epoch}/{options.epochs}: loss {row['loss']:.4f}, validation F1 {scores['f1']:.4f}, "
+                      f"IoU {scores['iou']:.4f}, kappa {scores['kappa']:.4f} ({row['seconds']:.0f} s)")
+        if scores["f1"] > best["f1"]:
+            best = dict(scores, epoch=epoch)
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if options.save_best_to:
+                _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0)
+                save(bundle, options.save_best_to, half=True)
+        reporter.progress(100.0 * epoch / options.epochs)
+    model.load_state_dict(best_state)
+    model.cpu().eval()
+    _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0)
+    bundle.training["history"] = history
+    return TrainResult(bundle, history, best, len(train_set), len(val_set))
+
+
+def _describe(bundle, options, train_set, val_set, best, imagenet: bool, device_text: str, t0: float) -> None:
+    """Training metadata the checkpoint carries (plain types only)."""
+    bundle.training = {
+        "trained": True,
+        "note": (f"trained {time.strftime('%Y-%m-%d')} on {len(train_set)} windows, "
+                 f"best validation F1 {best['f1']:.4f} (epoch {best['epoch']})"),
+        "epochs": options.epochs, "best_epoch": best["epoch"], "seed": options.seed, "device": device_text,
+        "lr": options.lr, "batch_size": options.batch_size,
+        "train_windows": len(train_set), "val_windows": len(val_set), "val_names": list(val_set.names),
+        "validation": {k: float(v) for k, v in best.items() if k != "epoch"},
+        "initialisation": "ImageNet (conv1 = RGB mean)" if imagenet else "random (no ImageNet weights)",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

@@ -1,0 +1,65 @@
+"""Shared fixtures: small checkpoints made here, the plugin staged for qgis_process."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, SCENE
+
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def untrained_path(tmp_path_factory) -> Path:
+    """An untrained ME-Net checkpoint (random weights, seed 0) in fp16, as shipped models are."""
+    from menet_qgis.core import checkpoint
+    path = tmp_path_factory.mktemp("models") / "untrained.pt"
+    checkpoint.save(checkpoint.new_bundle(seed=0), path, half=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundle(untrained_path):
+    from menet_qgis.core import checkpoint
+    return checkpoint.load(untrained_path)
+
+
+@pytest.fixture(scope="session")
+def qgis_env(tmp_path_factory) -> dict:
+    """Environment for a qgis_process subprocess that loads this checkout as a plugin."""
+    base = tmp_path_factory.mktemp("qgis")
+    plugin = base / "plugins" / "menet_qgis"
+    plugin.mkdir(parents=True)
+    for item in list((ROOT / "menet_qgis").iterdir()) + [ROOT / "metadata.txt", ROOT / "resources"]:
+        if item.name != "__pycache__":
+            (plugin / item.name).symlink_to(item)
+    runtime = base / "runtime"
+    runtime.mkdir(mode=0o700)
+    site = [p for p in sys.path if p.endswith("site-packages") and "/.venv/" in p]
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", QGIS_PLUGINPATH=str(base / "plugins"),
+               XDG_DATA_HOME=str(base / "profile"), XDG_RUNTIME_DIR=str(runtime),
+               PYTHONPATH=os.pathsep.join(site + [os.environ.get("PYTHONPATH", "")]))
+    from helpers import qgis_process
+    enabled = qgis_process(["plugins", "enable", "menet_qgis"], env)
+    assert enabled.returncode == 0, enabled.stdout + enabled.stderr
+    return env
+
+
+@pytest.fixture
+def scene():
+    if not SCENE.is_file():
+        pytest.skip(f"real Sentinel-2 scene not available at {SCENE}")
+    return SCENE
+
+
+@pytest.fixture(scope="session")
+def menet_provider(qgis_processing):
+    """Register the provider the way the plugin's initProcessing does."""
+    from menet_qgis.plugin import MENetPlugin
+    plugin = MENetPlugin(None)
+    plugin.initProcessing()
+    yield plugin.provider
+    plugin.unload()
