@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     train.add_argument("--imagenet-weights", help="torchvision ResNet-101 ImageNet .pth (optional)")
     train.add_argument("--history", help="also write the per-epoch log as JSON here")
+
+    assess = sub.add_parser("assess", help="accuracy of a map against a reference, next to MVI and random forest")
+    assess.add_argument("prediction", nargs="?", help="probability or 0/1 mask raster")
+    assess.add_argument("--reference", help="reference: mask raster (mangrove >= 0.5) or polygon file")
+    assess.add_argument("--area", help="polygon file: assess only inside it")
+    assess.add_argument("--threshold", type=float, default=0.5)
+    assess.add_argument("--image", help="the Sentinel-2 raster: also score MVI (and the forest) on the same pixels")
+    assess.add_argument("--tiles", help="tile folder: train the random-forest baseline on it; without a "
+                        "prediction, score --model on its own validation windows next to both baselines")
+    assess.add_argument("--model", help="checkpoint (with --tiles and no prediction)")
+    assess.add_argument("--report", help="write an HTML report here")
+    assess.add_argument("--table", help="write a CSV table here")
     return parser
 
 
@@ -86,6 +98,11 @@ def cmd_stages(args) -> int:
 
 def cmd_predict(args) -> int:
     from .core import checkpoint, engine, raster_io
+    # Cheap checks first: every input, then the model, before any compute.
+    sources = [raster_io.RasterInput(p, band_numbers=args.bands, dn_offset=args.dn_offset) for p in args.inputs]
+    stems = [Path(p).stem for p in args.inputs]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
     model_path = Path(args.model) if args.model else default_model_path()
     if not args.model and not model_path.is_file():
         raise ValueError(f"no --model given and no default model installed at {model_path}")
@@ -97,10 +114,6 @@ def cmd_predict(args) -> int:
                                    device=args.device, stages=[s for s in args.stages.split(",") if s],
                                    stage_mode=args.stage_mode)
     out_dir = Path(args.out_dir)
-    sources = [raster_io.RasterInput(p, band_numbers=args.bands, dn_offset=args.dn_offset) for p in args.inputs]
-    stems = [Path(p).stem for p in args.inputs]
-    if len(set(stems)) != len(stems):
-        raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
     summary = []
     for source, stem in zip(sources, stems):
         result = engine.extract(bundle, source, out_dir / f"{stem}_probability.tif", options, reporter)
@@ -129,7 +142,44 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "train": cmd_train}
+def cmd_assess(args) -> int:
+    from .core import assessment
+    if args.prediction:
+        if not args.reference:
+            raise ValueError("--reference is required with a prediction raster")
+        import rasterio
+        with rasterio.open(args.prediction) as ds:
+            crs = ds.crs
+        is_raster = Path(args.reference).suffix.lower() in (".tif", ".tiff", ".vrt", ".img")
+        forest = None
+        if args.tiles:
+            from .core import training
+            tiles = training.load_tile_folder(args.tiles)
+            forest = assessment.train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid],
+                                                    tiles.labels[tiles.valid])
+        results = assessment.assess_rasters(
+            args.prediction, reference=args.reference if is_raster else None,
+            reference_polygons=None if is_raster else assessment.read_polygons(args.reference, crs),
+            area_polygons=assessment.read_polygons(args.area, crs) if args.area else None,
+            threshold=args.threshold, name=Path(args.prediction).name, image=args.image, forest=forest)
+    else:
+        if not (args.tiles and args.model):
+            raise ValueError("give a prediction raster, or --tiles and --model to score a model on its validation split")
+        from .core import checkpoint, training
+        bundle = checkpoint.load(args.model)
+        names = bundle.training.get("val_names")
+        if not names:
+            raise ValueError(f"{Path(args.model).name} records no validation windows")
+        results = assessment.compare_on_tiles(bundle, training.load_tile_folder(args.tiles), names)
+    if args.report:
+        Path(args.report).write_text(assessment.html_report(results))
+    if args.table:
+        assessment.write_table(results, args.table)
+    print(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
+
+
+COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "train": cmd_train, "assess": cmd_assess}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -98,6 +98,44 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     return TileSet(np.stack(images), np.stack(labels), np.stack(valid), bounds, names, crs, dropped)
 
 
+def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygons_by_image=None,
+                       tile: int = 128) -> TileSet:
+    """Training windows cut from whole rasters: labels from a mask raster (mangrove >= 0.5,
+    resampled nearest onto each image's grid) or from polygons (GeoJSON-like dicts in each
+    image's CRS, ``polygons_by_image[i]``).  Windows without valid labelled pixels are dropped."""
+    from .assessment import burn_polygons, read_on_grid
+    if (mask is None) == (polygons_by_image is None):
+        raise ValueError("give the labels either as a mask raster or as polygons")
+    images_out, labels, valid, bounds, names = [], [], [], [], []
+    crs = None
+    for k, path in enumerate(images):
+        data, ok, _b, crs = _read_reflectance(path)
+        with rasterio.open(path) as ds:
+            if mask is not None:
+                ref = read_on_grid(mask, ds)
+                ok &= np.isfinite(ref)
+                lab = np.nan_to_num(ref) >= 0.5
+            else:
+                lab = burn_polygons(polygons_by_image[k], ds)
+            transform = ds.transform
+        h, w = ok.shape
+        for y0 in range(0, h - tile + 1, tile):
+            for x0 in range(0, w - tile + 1, tile):
+                v = ok[y0:y0 + tile, x0:x0 + tile]
+                if v.mean() < 0.5:
+                    continue
+                images_out.append(data[:, y0:y0 + tile, x0:x0 + tile])
+                labels.append(lab[y0:y0 + tile, x0:x0 + tile].astype(np.float32))
+                valid.append(v)
+                x_min, y_max = transform * (x0, y0)
+                x_max, y_min = transform * (x0 + tile, y0 + tile)
+                bounds.append((x_min, y_min, x_max, y_max))
+                names.append(f"{Path(path).stem}@{y0},{x0}")
+    if not images_out:
+        raise ValueError(f"no {tile} x {tile} px window with valid pixels and labels in the given rasters")
+    return TileSet(np.stack(images_out), np.stack(labels), np.stack(valid), bounds, names, crs)
+
+
 def location_groups(bounds: Sequence[Tuple[float, float, float, float]], block: float = 3840.0) -> List[int]:
     """Group windows that share a place: footprints that overlap, or centres in the
     same ``block`` x ``block`` map-unit square (spatial blocking against leakage

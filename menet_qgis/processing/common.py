@@ -92,3 +92,19 @@ class GroupInserter(QgsProcessingLayerPostProcessorInterface):
         if node is not None and node.parent() is not group:
             group.addChildNode(node.clone())
             node.parent().removeChildNode(node)
+
+
+def polygons_as_geojson(source, target_crs, context) -> list:
+    """Features of a QGIS feature source as GeoJSON-like dicts in ``target_crs``."""
+    import json
+
+    from qgis.core import QgsCoordinateTransform, QgsFeatureRequest
+    transform = QgsCoordinateTransform(source.sourceCrs(), target_crs, context.transformContext())
+    shapes = []
+    for feature in source.getFeatures(QgsFeatureRequest()):
+        geom = feature.geometry()
+        if geom.isNull() or geom.isEmpty():
+            continue
+        geom.transform(transform)
+        shapes.append(json.loads(geom.asJson()))
+    return shapes

@@ -3,7 +3,9 @@ from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from ..resources import icon_path
+from .assess_accuracy import AssessAccuracyAlgorithm
 from .extract_mangroves import ExtractMangrovesAlgorithm
+from .train_menet import TrainMENetAlgorithm
 
 
 class MENetProvider(QgsProcessingProvider):
@@ -20,5 +22,5 @@ class MENetProvider(QgsProcessingProvider):
         return QIcon(str(icon_path()))
 
     def loadAlgorithms(self):  # noqa: N802
-        for alg in (ExtractMangrovesAlgorithm(),):
+        for alg in (ExtractMangrovesAlgorithm(), TrainMENetAlgorithm(), AssessAccuracyAlgorithm()):
             self.addAlgorithm(alg)

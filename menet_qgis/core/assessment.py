@@ -1,0 +1,244 @@
+"""Accuracy of a mangrove map against a reference, and the two simple baselines.
+
+A prediction (probability or 0/1 mask raster) is compared with a reference
+(raster mask, or polygons already burnt into one) on the prediction's grid,
+optionally only inside an area mask.  Baselines for the same pixels: the MVI
+index with its published thresholds (Baloloy et al. 2020) and a per-pixel
+random forest (scikit-learn), so every model report stands next to them.
+"""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.features import rasterize
+from rasterio.vrt import WarpedVRT
+
+from . import channels as ch
+from .metrics import Confusion
+
+MVI_RANGE = (4.5, 16.5)
+
+
+@dataclass
+class Assessment:
+    name: str
+    confusion: Confusion
+    pixel_area_ha: float
+    threshold: float = 0.5
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def scores(self) -> Dict[str, float]:
+        return self.confusion.scores()
+
+    def area_ha(self) -> Dict[str, float]:
+        c = self.confusion
+        return {"predicted_mangrove_ha": (c.tp + c.fp) * self.pixel_area_ha,
+                "reference_mangrove_ha": (c.tp + c.fn) * self.pixel_area_ha}
+
+    def to_dict(self) -> Dict:
+        return {"name": self.name, "threshold": self.threshold, **self.scores, **self.area_ha(),
+                "confusion": self.confusion.to_dict(), "pixels": self.confusion.total}
+
+
+def mvi(green: np.ndarray, nir: np.ndarray, swir1: np.ndarray) -> np.ndarray:
+    """Mangrove vegetation index |NIR - G| / |SWIR1 - G| (0 where the denominator is 0)."""
+    den = np.abs(swir1 - green)
+    return np.divide(np.abs(nir - green), den, out=np.zeros_like(den, dtype=np.float64), where=den > ch.EPS)
+
+
+def mvi_mangrove(green, nir, swir1) -> np.ndarray:
+    value = mvi(green, nir, swir1)
+    return (value >= MVI_RANGE[0]) & (value <= MVI_RANGE[1])
+
+
+def pixel_features(bands: np.ndarray) -> np.ndarray:
+    """(6, N) reflectance (B2, B3, B4, B8, B11, B12) -> (N, 9): the bands, NDVI, MNDWI, MVI
+    (the random forest's 9 features in ../shared/data/jambeli/README.md)."""
+    b2, b3, b4, b8, b11, b12 = bands.astype(np.float64)
+    ratio = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=np.abs(b) > ch.EPS)  # noqa: E731
+    return np.stack([b2, b3, b4, b8, b11, b12, ratio(b8 - b4, b8 + b4), ratio(b3 - b11, b3 + b11),
+                     mvi(b3, b8, b11)], axis=1)
+
+
+def train_random_forest(bands: np.ndarray, labels: np.ndarray, trees: int = 100, seed: int = 0,
+                        max_samples: int = 200_000):
+    """Per-pixel random forest on (6, N) reflectance and (N,) labels."""
+    from sklearn.ensemble import RandomForestClassifier
+    x, y = pixel_features(bands), labels.astype(bool)
+    rng = np.random.default_rng(seed)
+    if len(y) > max_samples:
+        pick = rng.choice(len(y), max_samples, replace=False)
+        x, y = x[pick], y[pick]
+    forest = RandomForestClassifier(n_estimators=trees, n_jobs=-1, random_state=seed)
+    return forest.fit(x, y)
+
+
+def read_on_grid(path, like: rasterio.io.DatasetReader, band: int = 1) -> np.ndarray:
+    """Band of ``path`` resampled (nearest) onto the grid of ``like``; NaN where it has no data."""
+    with rasterio.open(path) as src:
+        if src.crs is None:
+            raise ValueError(f"{Path(path).name} has no coordinate reference system")
+        with WarpedVRT(src, crs=like.crs, transform=like.transform, width=like.width, height=like.height,
+                       resampling=Resampling.nearest, src_nodata=src.nodata, nodata=np.nan, dtype="float32") as vrt:
+            return vrt.read(band)
+
+
+def burn_polygons(geometries: Sequence[Dict], like) -> np.ndarray:
+    """GeoJSON-like polygons (in ``like``'s CRS) -> bool mask on ``like``'s grid."""
+    if not geometries:
+        return np.zeros((like.height, like.width), bool)
+    return rasterize([(g, 1) for g in geometries], out_shape=(like.height, like.width), transform=like.transform,
+                     fill=0, dtype="uint8", all_touched=False).astype(bool)
+
+
+def read_polygons(path, target_crs) -> List[Dict]:
+    """Polygons of a vector file (any OGR format) as GeoJSON-like dicts in ``target_crs``."""
+    from osgeo import ogr, osr
+    ds = ogr.Open(str(path))
+    if ds is None:
+        raise ValueError(f"{Path(path).name} is not a vector file OGR can read")
+    layer = ds.GetLayer(0)
+    target = osr.SpatialReference()
+    target.ImportFromWkt(rasterio.crs.CRS.from_user_input(target_crs).to_wkt())
+    target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    source = layer.GetSpatialRef()
+    if source is None:
+        raise ValueError(f"{Path(path).name} has no coordinate reference system")
+    source.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    transform = osr.CoordinateTransformation(source, target)
+    shapes = []
+    for feature in layer:
+        geom = feature.GetGeometryRef()
+        if geom is None:
+            continue
+        geom = geom.Clone()
+        geom.Transform(transform)
+        shapes.append(json.loads(geom.ExportToJson()))
+    return shapes
+
+
+def baseline_maps(image, like, forest=None) -> Dict[str, np.ndarray]:
+    """MVI (and random-forest, if a fitted forest is given) mangrove masks of a
+    Sentinel-2 raster on ``like``'s grid, for scoring on the same pixels."""
+    from .raster_io import RasterInput
+    src = RasterInput(image)
+    if src.plan.kind != "sentinel2":
+        raise ValueError("baselines need a Sentinel-2 raster with B2, B3, B4, B8, B11, B12")
+    bands = np.stack([read_on_grid(image, like, b) for b in src.plan.band_indexes])
+    bands = (bands + src.plan.offset) * src.plan.scale
+    maps = {"mvi": mvi_mangrove(bands[1], bands[3], bands[4])}
+    if forest is not None:
+        flat = np.nan_to_num(bands.reshape(6, -1))
+        maps["random_forest"] = forest.predict(pixel_features(flat)).reshape(bands.shape[1:]).astype(bool)
+    maps["_valid"] = np.isfinite(bands).all(axis=0)
+    return maps
+
+
+def assess_rasters(prediction, reference: Optional[str] = None, reference_polygons: Optional[Sequence[Dict]] = None,
+                   area_polygons: Optional[Sequence[Dict]] = None, threshold: float = 0.5,
+                   name: str = "prediction", image: Optional[str] = None, forest=None) -> List[Assessment]:
+    """Score ``prediction`` (probability or mask, band 1) against a reference mask raster
+    (mangrove = value >= 0.5) or reference polygons, inside ``area_polygons`` if given.
+    With ``image`` (the Sentinel-2 raster), the MVI baseline (and the random forest,
+    when one is given) are scored on exactly the same pixels."""
+    if (reference is None) == (reference_polygons is None):
+        raise ValueError("give exactly one reference: a mask raster or polygons")
+    with rasterio.open(prediction) as pred:
+        if pred.crs is None:
+            raise ValueError(f"{Path(prediction).name} has no coordinate reference system")
+        values = pred.read(1, out_dtype="float32", masked=True).filled(np.nan)
+        if reference is not None:
+            ref_values = read_on_grid(reference, pred)
+            ref_valid = np.isfinite(ref_values)
+            ref = np.nan_to_num(ref_values) >= 0.5
+        else:
+            ref = burn_polygons(reference_polygons, pred)
+            ref_valid = np.ones_like(ref)
+        inside = burn_polygons(area_polygons, pred) if area_polygons else np.ones_like(ref)
+        pixel_ha = abs(pred.transform.a * pred.transform.e) / 10000.0
+        baselines = baseline_maps(image, pred, forest) if image else {}
+    counted = np.isfinite(values) & ref_valid & inside & baselines.pop("_valid", True)
+    if not counted.any():
+        raise ValueError("prediction and reference share no valid pixels (inside the area, if one was given)")
+    note = f"{int(counted.sum())} pixels compared"
+    results = [Assessment(name, Confusion().add(values[counted] >= threshold, ref[counted]), pixel_ha, threshold,
+                          [note + f"; mangrove = prediction >= {threshold}"])]
+    labels = {"mvi": f"MVI {MVI_RANGE[0]} <= MVI <= {MVI_RANGE[1]} (Baloloy et al. 2020)",
+              "random_forest": "random forest, 9 per-pixel features"}
+    for key, mask in baselines.items():
+        results.append(Assessment(labels[key], Confusion().add(mask[counted], ref[counted]), pixel_ha, threshold, [note]))
+    return results
+
+
+def write_table(assessments: Sequence[Assessment], path) -> None:
+    """CSV, one row per method: the scores, areas and confusion counts."""
+    import csv
+    rows = [a.to_dict() for a in assessments]
+    for r in rows:
+        r.update(r.pop("confusion"))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def html_report(assessments: Sequence[Assessment], title: str = "ME-Net accuracy assessment") -> str:
+    """A small self-contained HTML page: scores table, confusion matrices, areas."""
+    keys = ["overall_accuracy", "precision", "recall", "f1", "iou", "kappa"]
+    rows = []
+    for a in assessments:
+        s, area = a.scores, a.area_ha()
+        rows.append("<tr><th>" + html.escape(a.name) + "</th>" + "".join(f"<td>{s[k]:.4f}</td>" for k in keys) +
+                    f"<td>{area['predicted_mangrove_ha']:.1f}</td><td>{area['reference_mangrove_ha']:.1f}</td></tr>")
+    confusions = []
+    for a in assessments:
+        c = a.confusion
+        confusions.append(
+            f"<h3>{html.escape(a.name)}</h3><table border=1 cellpadding=4><tr><th></th><th>reference mangrove</th>"
+            f"<th>reference other</th></tr><tr><th>predicted mangrove</th><td>{c.tp}</td><td>{c.fp}</td></tr>"
+            f"<tr><th>predicted other</th><td>{c.fn}</td><td>{c.tn}</td></tr></table>"
+            + "".join(f"<p>{html.escape(n)}</p>" for n in a.notes))
+    head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+            f"<h1>{html.escape(title)}</h1><table border=1 cellpadding=4><tr><th>method</th>{head}"
+            f"<th>predicted mangrove (ha)</th><th>reference mangrove (ha)</th></tr>{''.join(rows)}</table>"
+            f"{''.join(confusions)}<pre>{html.escape(json.dumps([a.to_dict() for a in assessments], indent=1))}</pre>"
+            "</body></html>")
+
+
+def compare_on_tiles(bundle, tiles, val_names: Sequence[str], device="cpu", trees: int = 100,
+                     seed: int = 0) -> List[Assessment]:
+    """ME-Net, MVI and a per-pixel random forest on the same validation windows.
+
+    The forest is trained on the other windows (those the model trained on);
+    every method is scored on the valid pixels of the validation windows.
+    """
+    import torch
+
+    from .training import evaluate
+    names = set(val_names)
+    val_idx = [i for i, n in enumerate(tiles.names) if n in names]
+    train_idx = [i for i, n in enumerate(tiles.names) if n not in names]
+    if not val_idx:
+        raise ValueError("none of the validation windows recorded in the model are in this tile folder")
+    val, train = tiles.subset(val_idx), tiles.subset(train_idx)
+    pixel_ha = 0.01  # 10 m Sentinel-2 pixels
+    split_note = f"{len(val_idx)} validation windows, {len(train_idx)} training windows (split stored in the model)"
+    model_conf = evaluate(bundle, val, torch.device(device))
+    val_bands = val.images.transpose(1, 0, 2, 3)[:, val.valid]
+    truth = val.labels[val.valid] >= 0.5
+    mvi_conf = Confusion().add(mvi_mangrove(val_bands[1], val_bands[3], val_bands[4]), truth)
+    forest = train_random_forest(train.images.transpose(1, 0, 2, 3)[:, train.valid], train.labels[train.valid],
+                                 trees, seed)
+    rf_conf = Confusion().add(forest.predict(pixel_features(val_bands)), truth)
+    return [Assessment("ME-Net", model_conf, pixel_ha, notes=[split_note]),
+            Assessment(f"MVI {MVI_RANGE[0]} <= MVI <= {MVI_RANGE[1]} (Baloloy et al. 2020)", mvi_conf, pixel_ha),
+            Assessment(f"random forest, {trees} trees, 9 per-pixel features", rf_conf, pixel_ha)]

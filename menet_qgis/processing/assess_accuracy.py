@@ -1,0 +1,119 @@
+"""Processing algorithm "Assess accuracy", id ``menet:assessaccuracy``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing, QgsProcessingAlgorithm,
+                       QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterLayer, QgsWkbTypes)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QIcon
+
+from ..resources import icon_path
+from .common import load_core, polygons_as_geojson, processing_errors
+
+SCORE_FIELDS = ["overall_accuracy", "precision", "recall", "f1", "iou", "kappa",
+                "predicted_mangrove_ha", "reference_mangrove_ha"]
+COUNT_FIELDS = ["tp", "fp", "fn", "tn", "pixels"]
+
+
+class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
+    PREDICTION, REFERENCE_RASTER, REFERENCE_POLYGONS = "PREDICTION", "REFERENCE_RASTER", "REFERENCE_POLYGONS"
+    AREA, THRESHOLD, IMAGE, TILE_FOLDER = "AREA", "THRESHOLD", "IMAGE", "TILE_FOLDER"
+    OUTPUT_TABLE, OUTPUT_HTML = "OUTPUT_TABLE", "OUTPUT_HTML"
+
+    def name(self):
+        return "assessaccuracy"
+
+    def displayName(self):  # noqa: N802
+        return "Assess accuracy"
+
+    def icon(self):
+        return QIcon(str(icon_path()))
+
+    def createInstance(self):  # noqa: N802
+        return AssessAccuracyAlgorithm()
+
+    def shortHelpString(self):  # noqa: N802
+        return ("<p>Scores a mangrove probability or mask raster against a reference (mask raster with mangrove = "
+                "value ≥ 0.5, or mangrove polygons), optionally only inside an area: overall accuracy, precision, "
+                "recall, F1, IoU, Cohen's kappa, the confusion matrix and mangrove area (ha) in prediction and "
+                "reference, as a table layer and an HTML report.</p>"
+                "<p>Give the <b>Sentinel-2 raster</b> the map was made from to score the MVI index "
+                "(Baloloy et al. 2020, mangrove if 4.5 ≤ MVI ≤ 16.5) on the same pixels; add a <b>tile folder</b> to "
+                "also train and score a per-pixel random forest (100 trees; 6 bands, NDVI, MNDWI, MVI).</p>")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer(self.PREDICTION, "Mangrove probability or mask"))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.REFERENCE_RASTER, "Reference mask raster",
+                                                            optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.REFERENCE_POLYGONS, "Or: reference mangrove polygons",
+                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.AREA, "Assess only inside (polygons)",
+                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Mangrove threshold",
+                                                       QgsProcessingParameterNumber.Double, 0.5, minValue=0.0,
+                                                       maxValue=1.0))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 raster for the MVI baseline",
+                                                            optional=True))
+        self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tile folder for the random-forest baseline",
+                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_TABLE, "Accuracy table",
+                                                            QgsProcessing.TypeVector))
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_HTML, "Accuracy report",
+                                                                "HTML files (*.html)", optional=True))
+        for key in ("F1", "IOU", "KAPPA", "OVERALL_ACCURACY"):
+            self.addOutput(QgsProcessingOutputNumber(key, key.replace("_", " ").title()))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        load_core()
+        from ..core import assessment, training
+        pred = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
+        ref_raster = self.parameterAsRasterLayer(parameters, self.REFERENCE_RASTER, context)
+        ref_polygons = self.parameterAsSource(parameters, self.REFERENCE_POLYGONS, context)
+        area = self.parameterAsSource(parameters, self.AREA, context)
+        image = self.parameterAsRasterLayer(parameters, self.IMAGE, context)
+        folder = self.parameterAsFile(parameters, self.TILE_FOLDER, context)
+        if (ref_raster is None) == (ref_polygons is None):
+            raise QgsProcessingException("give exactly one reference: a mask raster or polygons")
+        if folder and image is None:
+            raise QgsProcessingException("the random-forest baseline needs the Sentinel-2 raster (IMAGE) too")
+        crs = pred.crs()
+        with processing_errors():
+            forest = None
+            if folder:
+                feedback.pushInfo("training the random-forest baseline on the tile folder")
+                tiles = training.load_tile_folder(folder)
+                forest = assessment.train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid],
+                                                        tiles.labels[tiles.valid])
+            results = assessment.assess_rasters(
+                pred.source(), reference=ref_raster.source() if ref_raster else None,
+                reference_polygons=polygons_as_geojson(ref_polygons, crs, context) if ref_polygons else None,
+                area_polygons=polygons_as_geojson(area, crs, context) if area else None,
+                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context), name=pred.name(),
+                image=image.source() if image else None, forest=forest)
+        fields = QgsFields()
+        fields.append(QgsField("method", QVariant.String))
+        for name in SCORE_FIELDS:
+            fields.append(QgsField(name, QVariant.Double))
+        for name in COUNT_FIELDS:
+            fields.append(QgsField(name, QVariant.LongLong))
+        sink, table_id = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry)
+        for result in results:
+            row = result.to_dict()
+            row.update(row.pop("confusion"))
+            feature = QgsFeature(fields)
+            feature.setAttributes([row["name"]] + [row[k] for k in SCORE_FIELDS] + [row[k] for k in COUNT_FIELDS])
+            sink.addFeature(feature, QgsFeatureSink.FastInsert)
+            feedback.pushInfo(f"{row['name']}: F1 {row['f1']:.4f}, IoU {row['iou']:.4f}, kappa {row['kappa']:.4f}, "
+                              f"OA {row['overall_accuracy']:.4f}")
+        outputs = {self.OUTPUT_TABLE: table_id}
+        report = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context)
+        if report:
+            Path(report).write_text(assessment.html_report(results), encoding="utf-8")
+            outputs[self.OUTPUT_HTML] = report
+        main = results[0].scores
+        outputs.update(F1=main["f1"], IOU=main["iou"], KAPPA=main["kappa"], OVERALL_ACCURACY=main["overall_accuracy"])
+        return outputs

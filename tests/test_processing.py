@@ -1,0 +1,116 @@
+"""The algorithm inside QGIS: processing.run, loading into the project, batch rows, errors."""
+import numpy as np
+import pytest
+from qgis.core import (QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback, QgsProject,
+                       QgsRasterLayer, QgsSingleBandPseudoColorRenderer)
+
+from helpers import read, s2_reflectance, write_raster, write_s2
+from menet_qgis.core import raster_io
+
+ALG = "menet:extractmangroves"
+FAST = {"WINDOW_SIZE": 64, "OVERLAP": 32}
+
+
+class LogFeedback(QgsProcessingFeedback):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def pushInfo(self, info):  # noqa: N802
+        self.lines.append(info)
+
+    def reportError(self, error, fatalError=False):  # noqa: N802,N803
+        self.lines.append(error)
+
+
+@pytest.fixture
+def processing(menet_provider):
+    import processing as qgis_processing
+    return qgis_processing
+
+
+def test_provider_lists_the_algorithm(menet_provider):
+    ids = [a.id() for a in menet_provider.algorithms()]
+    assert "menet:extractmangroves" in ids
+    alg = menet_provider.algorithm("extractmangroves")
+    assert "stage5" in alg.shortHelpString() and "8×8×2048" in alg.shortHelpString()
+
+
+def test_processing_run_writes_georeferenced_probability(processing, untrained_path, tmp_path):
+    src = write_s2(tmp_path / "in.tif", 100, 140)
+    feedback = LogFeedback()
+    result = processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif"),
+                                  "STAGES": [1, 5], **FAST}, feedback=feedback)
+    out = raster_io.raster_profile(result["OUTPUT"])
+    inp = raster_io.raster_profile(src)
+    assert (out["crs"], out["transform"], out["width"], out["height"]) == (inp["crs"], inp["transform"], 140, 100)
+    assert sorted(p.rsplit("_", 1)[1] for p in result["STAGE_LAYERS"]) == ["stage1.tif", "stage5.tif"]
+    log = "\n".join(feedback.lines)
+    assert "device: CPU" in log and "windows:" in log and "batch size" in log and "UNTRAINED" in log
+
+
+def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path, tmp_path):
+    project = QgsProject.instance()
+    project.clear()
+    src = write_s2(tmp_path / "scene.tif", 64, 64)
+    layer = QgsRasterLayer(str(src), "scene")
+    project.addMapLayer(layer)
+    processing.runAndLoadResults(ALG, {"INPUT": layer, "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif"),
+                                       "STAGES": [0, 3], **FAST})
+    prob = [l for l in project.mapLayers().values() if l.source() == str(tmp_path / "p.tif")]
+    assert len(prob) == 1 and isinstance(prob[0].renderer(), QgsSingleBandPseudoColorRenderer)
+    assert prob[0].renderer().classificationMax() == 1.0
+    group = project.layerTreeRoot().findGroup("ME-Net stages — scene")
+    assert group is not None
+    assert sorted(child.name() for child in group.children()) == ["scene stage0", "scene stage3"]
+    project.clear()
+
+
+def test_batch_of_two_inputs(processing, menet_provider, untrained_path, tmp_path):
+    """What the batch dialog does: one algorithm, one parameter row per input."""
+    alg = menet_provider.algorithm("extractmangroves")
+    rows = [{"INPUT": str(write_s2(tmp_path / f"in{i}.tif", 70 + 10 * i, 80, seed=i)), "MODEL": str(untrained_path),
+             "OUTPUT": str(tmp_path / f"out{i}.tif"), **FAST} for i in range(2)]
+    for row in rows:
+        context = QgsProcessingContext()
+        ok, msg = alg.checkParameterValues(row, context)
+        assert ok, msg
+        results = processing.run(alg.id(), row, context=context)
+        assert results["OUTPUT"] == row["OUTPUT"]
+    shapes = [read(r["OUTPUT"]).shape for r in rows]
+    assert shapes == [(1, 70, 80), (1, 80, 80)]
+
+
+@pytest.mark.parametrize("make_input, params, message", [
+    (lambda d: write_raster(d / "rgb.tif", np.ones((3, 20, 20), "float32"), ["Red", "Green", "Blue"]), {},
+     "cannot identify Sentinel-2 bands"),
+    (lambda d: write_raster(d / "nocrs.tif", s2_reflectance(20, 20), ["Blue", "Green", "Red", "NIR", "SWIR1", "SWIR2"],
+                            crs=None), {}, "no coordinate reference system"),
+    (lambda d: write_s2(d / "ok.tif", 20, 20), {"MODEL": "/nonexistent/model.pt"}, "model file not found"),
+    (lambda d: write_s2(d / "ok.tif", 20, 20), {"EXTENT": "0,10,0,10 [EPSG:32717]"}, "does not overlap"),
+])
+def test_bad_input_raises_clear_exception_and_writes_nothing(processing, untrained_path, tmp_path, make_input,
+                                                             params, message):
+    src = make_input(tmp_path)
+    out = tmp_path / "out" / "p.tif"
+    with pytest.raises(QgsProcessingException, match=message):
+        processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(out), **FAST, **params})
+    assert not out.exists()
+
+
+def test_not_a_raster_is_refused(processing, untrained_path, tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a raster")
+    with pytest.raises(QgsProcessingException):
+        processing.run(ALG, {"INPUT": str(bad), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif")})
+
+
+def test_window_parameters_checked_at_the_edge(menet_provider, untrained_path, tmp_path):
+    alg = menet_provider.algorithm("extractmangroves")
+    params = {"INPUT": str(write_s2(tmp_path / "in.tif", 20, 20)), "OUTPUT": str(tmp_path / "p.tif"),
+              "WINDOW_SIZE": 250, "OVERLAP": 64}
+    ok, message = alg.checkParameterValues(params, QgsProcessingContext())
+    assert not ok and "multiples of 32" in message
+    params.update(WINDOW_SIZE=256, BAND_RED=3)
+    ok, message = alg.checkParameterValues(params, QgsProcessingContext())
+    assert not ok and "all six band parameters" in message

@@ -1,0 +1,52 @@
+"""Headless use: qgis_process runs the algorithm and a graphical model that chains it."""
+import json
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, crop_scene, qgis_process, read, write_s2
+from menet_qgis.core import raster_io
+
+MODEL3 = ROOT / "resources" / "models" / "mangrove_mask.model3"
+
+
+def run_json(args, env):
+    proc = qgis_process(["--json", "run", *args], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def test_qgis_process_on_a_real_sentinel2_geotiff(qgis_env, scene, untrained_path, tmp_path):
+    src = crop_scene(tmp_path / "jambeli_crop.tif", 1200, 1400, 200, 260)
+    out = tmp_path / "prob.tif"
+    result = run_json(["menet:extractmangroves", "--", f"INPUT={src}", f"MODEL={untrained_path}", f"OUTPUT={out}",
+                       "STAGES=4", "WINDOW_SIZE=128", "OVERLAP=32"], qgis_env)
+    assert result["results"]["OUTPUT"] == str(out)
+    inp, prof = raster_io.raster_profile(src), raster_io.raster_profile(out)
+    assert (prof["crs"], prof["transform"], prof["width"], prof["height"]) == \
+        (inp["crs"], inp["transform"], inp["width"], inp["height"])
+    nodata_in = ~np.isfinite(read(src)).all(axis=0)
+    assert np.array_equal(np.isnan(read(out)[0]), nodata_in)
+    assert len(result["results"]["STAGE_LAYERS"]) == 1
+
+
+def test_qgis_process_reports_bad_input_and_fails(qgis_env, untrained_path, tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a raster")
+    proc = qgis_process(["run", "menet:extractmangroves", "--", f"INPUT={bad}", f"MODEL={untrained_path}",
+                         f"OUTPUT={tmp_path / 'p.tif'}"], qgis_env)
+    assert proc.returncode != 0
+    assert not (tmp_path / "p.tif").exists()
+
+
+def test_graphical_model_chains_extract_into_core_reclassify(qgis_env, untrained_path, tmp_path):
+    src = write_s2(tmp_path / "in.tif", 90, 120)
+    out = tmp_path / "mask.tif"
+    result = run_json([str(MODEL3), "--", f"scene={src}", f"model={untrained_path}", "threshold=0.5",
+                       f"mask:mangrove_mask={out}"], qgis_env)
+    assert out.is_file(), result
+    mask = read(out)[0]
+    prof = raster_io.raster_profile(out)
+    assert (prof["width"], prof["height"]) == (120, 90)
+    assert prof["transform"] == raster_io.raster_profile(src)["transform"]
+    assert set(np.unique(mask)) <= {0, 1}
