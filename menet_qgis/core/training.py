@@ -315,7 +315,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
             if reporter.cancelled():
                 raise Cancelled("training cancelled")
