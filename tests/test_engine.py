@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import rasterio
+import torch
 from affine import Affine
 
 from helpers import S2_NAMES, read, s2_reflectance, write_raster, write_s2
@@ -177,3 +178,38 @@ def test_all_channels_stage_layer_has_every_channel(bundle, tmp_path):
     with rasterio.open(result.stages["stage4"]) as ds:
         assert (ds.count, ds.width, ds.height) == (1024, 4, 4)
         assert ds.descriptions[7] == "stage4 channel 7"
+
+
+def test_out_of_memory_retries_smaller_batches_with_same_result(bundle, tmp_path, monkeypatch):
+    """The CUDA fall-back path, exercised on the CPU: a forward of more than 2 windows 'runs out of memory'."""
+    src = write_s2(tmp_path / "in.tif", 128, 192)
+    opts = engine.EngineOptions(window=64, overlap=0, batch_size=6)
+    expected = read(engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "a.tif", opts).probability)
+    real_forward = engine._forward
+
+    def small_gpu(model, bundle_, plan, batch, *args):
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(model, bundle_, plan, batch, *args)
+
+    monkeypatch.setattr(engine, "_forward", small_gpu)
+    messages = []
+
+    class Log(engine.Reporter):
+        def info(self, message):
+            messages.append(message)
+
+    result = engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "b.tif", opts, Log())
+    assert np.allclose(read(result.probability), expected, atol=1e-4)   # batch size changes float summation order
+    assert result.batch_size <= 2
+    assert any("out of GPU memory at batch size 6; retrying with 3" in m for m in messages)
+
+
+def test_prepare_batch_runs_channels_on_the_tensor_device_and_zeroes_nodata(bundle):
+    plan = raster_io.plan_input(S2_NAMES, [{}] * 6, {}, "float32")
+    raw = torch.from_numpy(s2_reflectance(8, 8)[None])
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    x = engine.prepare_batch(raw, valid, bundle, plan)
+    assert x.shape == (1, 11, 8, 8) and torch.isfinite(x).all()
+    assert torch.count_nonzero(x[0, :, 0, 0]) == 0
