@@ -85,8 +85,6 @@ def test_nan_pixels_make_no_new_nan_elsewhere(edge_cases):
         assert np.isnan(out[CHANNEL_NAMES.index(name), 5, 2]), name
 
 
-@pytest.mark.xfail(strict=True, reason="safe_ratio treats a NaN denominator as zero, so ndvi/mndwi/wfi/mdi give 0 "
-                                       "at NaN pixels instead of the NaN compute_channels' docstring promises")
 def test_nan_pixels_stay_nan_in_every_channel(edge_cases):
     edge_cases[:, 5, 2] = np.nan
     assert np.isnan(torch_channels(edge_cases)[:, 5, 2]).all()

@@ -125,6 +125,17 @@ def test_l1c_names_and_radiometric_offset(tmp_path):
     assert (product.offset, product.offset_key, product.baseline) == (-1000.0, "RADIO_ADD_OFFSET", "04.00")
 
 
+def test_metadata_before_baseline_04_means_offset_zero(tmp_path):
+    folder = make_flat(tmp_path / "old")
+    (folder / "MTD_MSIL2A.xml").write_text(metadata_xml(baseline="02.14").replace("BOA_ADD_OFFSET", "OTHER"))
+    result = sentinel2_product.build_stack(folder, tmp_path / "stack.tif", resampling="nearest")
+    assert (result.product.offset, result.product.baseline) == (0.0, "02.14")
+    plan = RasterInput(result.path).plan
+    assert plan.offset == 0.0 and "offset from product metadata" in plan.describe()
+    (folder / "MTD_MSIL2A.xml").write_text(metadata_xml(baseline="").replace("BOA_ADD_OFFSET", "OTHER"))
+    assert sentinel2_product.find_product(folder).offset is None      # no baseline, no offset: unknown
+
+
 def test_missing_band_lists_found_and_needed(tmp_path):
     folder = make_flat(tmp_path / "flat")
     (folder / f"{PREFIX}_B12_20m.tif").unlink()
@@ -139,7 +150,7 @@ def test_missing_band_lists_found_and_needed(tmp_path):
 
 def test_two_files_for_one_band_refused(tmp_path):
     folder = make_flat(tmp_path / "flat")
-    write_band(folder / f"T17MPN_20230110T153621_B04_10m.tif", BANDS["B4"], 10)
+    write_band(folder / "T17MPN_20230110T153621_B04_10m.tif", BANDS["B4"], 10)
     with pytest.raises(ValueError, match="several B4 files at 10 m"):
         sentinel2_product.find_band_files(folder)
 
@@ -217,7 +228,7 @@ def test_clip_to_extent_snaps_outwards_to_the_10m_grid(safe, tmp_path):
         data = ds.read()
     np.testing.assert_array_equal(data[2], BANDS["B4"][9:26, 10:26])
     assert (data[4] == 2500).all()
-    with pytest.raises(ValueError, match="does not overlap the product"):
+    with pytest.raises(ValueError, match="does not overlap the raster"):
         sentinel2_product.build_stack(safe, tmp_path / "off.tif", bounds=(0, 0, 10, 10))
     assert not (tmp_path / "off.tif").exists()
 
@@ -300,10 +311,9 @@ def test_prepare_and_export_through_processing(processing, safe, untrained_path,
     from menet_qgis.processing.export_channels import ExportChannelsAlgorithm
     from menet_qgis.processing.prepare_sentinel2 import PrepareSentinel2Algorithm
 
+    assert "-1000" in PrepareSentinel2Algorithm().shortHelpString()
+    assert "<b>ndvi</b> = (B8 - B4) / (B8 + B4)" in ExportChannelsAlgorithm().shortHelpString()
     x0, y0 = ORIGIN
-    ell = {"type": "Polygon", "coordinates": [[(x0 + 50, y0 - 50), (x0 + 250, y0 - 50), (x0 + 250, y0 - 150),
-                                               (x0 + 150, y0 - 150), (x0 + 150, y0 - 350), (x0 + 50, y0 - 350),
-                                               (x0 + 50, y0 - 50)]]}
     layer = QgsVectorLayer("Polygon?crs=EPSG:4326", "clip", "memory")
     halves = [{"type": "Polygon", "coordinates": [ring]} for ring in (
         [(x0 + 50, y0 - 50), (x0 + 250, y0 - 50), (x0 + 250, y0 - 150), (x0 + 50, y0 - 150), (x0 + 50, y0 - 50)],

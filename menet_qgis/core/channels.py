@@ -77,8 +77,9 @@ def check_recipe(record: Dict) -> None:
 
 
 def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den, with 0 where |den| < EPS: no inf or NaN from a zero denominator."""
-    ok = den.abs() >= EPS
+    """num / den, with 0 where |den| < EPS: no inf or NaN from a zero denominator
+    (a NaN input still gives NaN, so no-data stays no-data)."""
+    ok = (den.abs() >= EPS) | den.isnan()
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 

@@ -87,6 +87,27 @@ def save(bundle: ModelBundle, path, half: bool = False) -> None:
 def load(path) -> ModelBundle:
     """Load and validate; every refusal is a ``CheckpointError`` naming the problem."""
     path = Path(path)
+    record = read_record(path)
+    arch = record["architecture"]
+    model = MENet(ch.N_CHANNELS, int(arch.get("head_width", DEFAULT_HEAD_WIDTH)))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in record["state_dict"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path.name}: weights do not fit {ARCHITECTURE} v{ARCHITECTURE_VERSION} ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    norm = record["normalisation"]
+    return ModelBundle(model, list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
+                       int(record.get("window_size", 256)), dict(record.get("training", {})), str(path))
+
+
+def read_pca(path) -> ch.PCABasis:
+    """The checkpoint's PCA basis, validated, without building the network."""
+    return ch.PCABasis.from_record(read_record(Path(path))["pca"])
+
+
+def read_record(path: Path) -> Dict:
+    """The checkpoint's dict after every check but the weights' fit."""
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
     try:
@@ -107,15 +128,7 @@ def load(path) -> ModelBundle:
         raise CheckpointError(f"{path.name}: {exc}") from None
     if arch.get("in_channels") != ch.N_CHANNELS:
         raise CheckpointError(f"{path.name} expects {arch.get('in_channels')} input channels, the recipe gives {ch.N_CHANNELS}")
-    norm = record["normalisation"]
-    if len(norm["mean"]) != ch.N_CHANNELS or len(norm["std"]) != ch.N_CHANNELS:
+    norm = record.get("normalisation", {})
+    if len(norm.get("mean", [])) != ch.N_CHANNELS or len(norm.get("std", [])) != ch.N_CHANNELS:
         raise CheckpointError(f"{path.name}: normalisation statistics do not have {ch.N_CHANNELS} channels")
-    model = MENet(ch.N_CHANNELS, int(arch.get("head_width", DEFAULT_HEAD_WIDTH)))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in record["state_dict"].items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path.name}: weights do not fit {ARCHITECTURE} v{ARCHITECTURE_VERSION} ({str(exc).splitlines()[0]})") from None
-    model.eval()
-    return ModelBundle(model, list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
-                       int(record.get("window_size", 256)), dict(record.get("training", {})), str(path))
+    return record

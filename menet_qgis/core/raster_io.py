@@ -7,21 +7,26 @@ run succeeds, so a cancelled or failed run never leaves a half-written layer.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.errors import RasterioIOError
-from rasterio.windows import Window
+from rasterio.windows import Window, from_bounds
 
 from .bands import InputPlan, plan_input
+
+
+#: Window edges closer than this (in pixels) to a grid line snap to it.
+SNAP_TOLERANCE = 1e-6
 
 
 class InputError(ValueError):
@@ -72,16 +77,14 @@ class RasterInput:
 
     # --- geometry -------------------------------------------------------
     def _area(self, bounds) -> Area:
+        full = Window(0, 0, self.full_width, self.full_height)
         if bounds is None:
             return Area(0, 0, self.full_height, self.full_width)
-        xmin, ymin, xmax, ymax = bounds
-        inv = ~self.transform
-        cols, rows = zip(*(inv * (x, y) for x in (xmin, xmax) for y in (ymin, ymax)))
-        c0, c1 = max(0, math.floor(min(cols))), min(self.full_width, math.ceil(max(cols)))
-        r0, r1 = max(0, math.floor(min(rows))), min(self.full_height, math.ceil(max(rows)))
-        if c1 <= c0 or r1 <= r0:
-            raise InputError(f"the processing extent {bounds} does not overlap {Path(self.path).name}")
-        return Area(r0, c0, r1 - r0, c1 - c0)
+        try:
+            win = snapped_window(self.transform, full, bounds)
+        except ValueError:
+            raise InputError(f"the processing extent {tuple(bounds)} does not overlap {Path(self.path).name}") from None
+        return Area(int(win.row_off), int(win.col_off), int(win.height), int(win.width))
 
     @property
     def width(self) -> int:
@@ -133,6 +136,39 @@ class RasterInput:
         self._local = threading.local()
 
 
+def temp_beside(path: Path) -> Path:
+    """A hidden temporary file in ``path``'s folder (same file system: the final rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem + ".", suffix=".partial.tif")
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto it only if the block succeeds."""
+    tmp = temp_beside(path)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def snapped_window(transform, within: Window, bounds: Sequence[float]) -> Window:
+    """The part of ``within`` covering ``bounds`` (xmin, ymin, xmax, ymax), grown outwards
+    to whole pixels of ``transform``'s grid; ValueError when nothing is left."""
+    w = from_bounds(*bounds, transform=transform)
+    c0 = max(within.col_off, math.floor(w.col_off + SNAP_TOLERANCE))
+    r0 = max(within.row_off, math.floor(w.row_off + SNAP_TOLERANCE))
+    c1 = min(within.col_off + within.width, math.ceil(w.col_off + w.width - SNAP_TOLERANCE))
+    r1 = min(within.row_off + within.height, math.ceil(w.row_off + w.height - SNAP_TOLERANCE))
+    if c1 <= c0 or r1 <= r0:
+        raise ValueError(f"the area {tuple(round(v, 3) for v in bounds)} does not overlap the raster "
+                         "(or the other clip area)")
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
 class AtomicRaster:
     """A GeoTIFF written to a temporary file and renamed into place on ``commit``.
 
@@ -142,9 +178,7 @@ class AtomicRaster:
     def __init__(self, path, width: int, height: int, count: int, crs, transform: Affine,
                  descriptions: Optional[Sequence[str]] = None, nodata: float = float("nan")):
         self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.stem + ".", suffix=".partial.tif")
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temp_beside(self.path)
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype="float32", crs=crs,
                        transform=transform, nodata=nodata, compress="deflate", predictor=3,
                        BIGTIFF="IF_SAFER")

@@ -12,6 +12,11 @@ from qgis.PyQt.QtGui import QColor
 #: QGIS holds layer post-processors by raw pointer; Python must keep them alive.
 KEEP_ALIVE: list = []
 
+#: Explicit band numbers, in the recipe's source-band order (B2, B3, B4, B8, B11, B12).
+BAND_PARAMS = [("BAND_BLUE", "B2 blue"), ("BAND_GREEN", "B3 green"), ("BAND_RED", "B4 red"),
+               ("BAND_NIR", "B8 NIR"), ("BAND_SWIR1", "B11 SWIR-1"), ("BAND_SWIR2", "B12 SWIR-2")]
+DN_OFFSET = "DN_OFFSET"
+
 MISSING_TORCH = ("ME-Net needs PyTorch and torchvision in QGIS's Python ({error}). Install them with "
                  "'python3 -m pip install --user torch torchvision' for the Python QGIS runs, then restart QGIS.")
 
@@ -108,3 +113,43 @@ def polygons_as_geojson(source, target_crs, context) -> list:
         geom.transform(transform)
         shapes.append(json.loads(geom.asJson()))
     return shapes
+
+
+def band_parameters(parent: str) -> list:
+    """The six optional band-number parameters and DN_OFFSET, flagged advanced."""
+    from qgis.core import QgsProcessingParameterBand, QgsProcessingParameterNumber
+    params = [QgsProcessingParameterBand(key, f"Band {label} (empty = from band names)",
+                                         parentLayerParameterName=parent, optional=True)
+              for key, label in BAND_PARAMS]
+    params.append(QgsProcessingParameterNumber(
+        DN_OFFSET, "DN offset for integer input when metadata has none (-1000 for processing baseline 04.00+)",
+        QgsProcessingParameterNumber.Double, optional=True))
+    for param in params:
+        param.setFlags(param.flags() | param.FlagAdvanced)
+    return params
+
+
+def check_band_parameters(alg, parameters, context) -> Optional[str]:
+    """An error message when only some of the six band numbers are set."""
+    given = [b for b in (alg.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS) if b > 0]
+    if given and len(given) != len(BAND_PARAMS):
+        return "Set all six band parameters (B2, B3, B4, B8, B11, B12) or none"
+    return None
+
+
+def band_choice(alg, parameters, context):
+    """(band numbers or None, DN offset or None) from the band parameters."""
+    bands = [alg.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS]
+    offset = (alg.parameterAsDouble(parameters, DN_OFFSET, context)
+              if parameters.get(DN_OFFSET) not in (None, "") else None)
+    return (bands if any(bands) else None), offset
+
+
+def gdal_raster_path(alg, parameters, name: str, context) -> str:
+    """File path of a raster layer parameter; refuses layers GDAL cannot read from a file."""
+    layer = alg.parameterAsRasterLayer(parameters, name, context)
+    if layer is None or not layer.isValid():
+        raise QgsProcessingException(f"{name} is not a valid raster layer")
+    if layer.providerType() != "gdal":
+        raise QgsProcessingException(f"{name} must be a file-based (GDAL) raster, not a {layer.providerType()} layer")
+    return layer.source().split("|")[0]

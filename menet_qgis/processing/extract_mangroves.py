@@ -4,20 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingOutputMultipleLayers, QgsProcessingParameterBand,
+                       QgsProcessingException, QgsProcessingOutputMultipleLayers,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFile,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 from qgis.PyQt.QtGui import QIcon
 
 from ..resources import default_model_path, icon_path
-from .common import KEEP_ALIVE, GroupInserter, ProbabilityStyler, load_core, make_reporter, processing_errors
+from .common import (KEEP_ALIVE, GroupInserter, ProbabilityStyler, band_choice, band_parameters,
+                     check_band_parameters, gdal_raster_path, load_core, make_reporter, processing_errors)
 
 STAGE_OPTIONS = ["stage0", "stage1", "stage2", "stage3", "stage4", "stage5"]
 STAGE_MODES = ["compact (mean, max, std of channels)", "all channels"]
 DEVICES = ["auto", "cuda", "cpu"]
-BAND_PARAMS = [("BAND_BLUE", "B2 blue"), ("BAND_GREEN", "B3 green"), ("BAND_RED", "B4 red"),
-               ("BAND_NIR", "B8 NIR"), ("BAND_SWIR1", "B11 SWIR-1"), ("BAND_SWIR2", "B12 SWIR-2")]
 
 
 def resolve_model(path: str) -> Path:
@@ -33,7 +32,7 @@ def resolve_model(path: str) -> Path:
 
 class ExtractMangrovesAlgorithm(QgsProcessingAlgorithm):
     INPUT, MODEL, OUTPUT = "INPUT", "MODEL", "OUTPUT"
-    EXTENT, DN_OFFSET = "EXTENT", "DN_OFFSET"
+    EXTENT = "EXTENT"
     WINDOW_SIZE, OVERLAP, BATCH_SIZE, DEVICE = "WINDOW_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE"
     STAGES, STAGE_MODE, STAGE_FOLDER, STAGE_LAYERS = "STAGES", "STAGE_MODE", "STAGE_FOLDER", "STAGE_LAYERS"
 
@@ -81,14 +80,7 @@ class ExtractMangrovesAlgorithm(QgsProcessingAlgorithm):
                                                      allowMultiple=True, optional=True, defaultValue=[]))
         self.addParameter(QgsProcessingParameterEnum(self.STAGE_MODE, "Stage layer content", STAGE_MODES,
                                                      defaultValue=0))
-        advanced = []
-        for key, label in BAND_PARAMS:
-            advanced.append(QgsProcessingParameterBand(key, f"Band {label} (empty = from band names)",
-                                                       parentLayerParameterName=self.INPUT, optional=True))
-        advanced += [
-            QgsProcessingParameterNumber(self.DN_OFFSET, "DN offset for integer input when metadata has none "
-                                         "(-1000 for processing baseline 04.00+)", QgsProcessingParameterNumber.Double,
-                                         optional=True),
+        advanced = band_parameters(self.INPUT) + [
             QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px, multiple of 32)",
                                          QgsProcessingParameterNumber.Integer, 256, minValue=64, maxValue=2048),
             QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px, multiple of 32)",
@@ -112,29 +104,22 @@ class ExtractMangrovesAlgorithm(QgsProcessingAlgorithm):
         if window % 32 or overlap % 32 or overlap > window // 2:
             return False, (f"Window size ({window}) and overlap ({overlap}) must be multiples of 32 px, "
                            "with the overlap at most half the window")
-        bands = [self.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS]
-        given = [b for b in bands if b > 0]
-        if given and len(given) != len(bands):
-            return False, "Set all six band parameters (B2, B3, B4, B8, B11, B12) or none"
+        problem = check_band_parameters(self, parameters, context)
+        if problem:
+            return False, problem
         return super().checkParameterValues(parameters, context)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         checkpoint, engine, raster_io = load_core()
+        source_path = gdal_raster_path(self, parameters, self.INPUT, context)
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("INPUT is not a valid raster layer")
-        if layer.providerType() != "gdal":
-            raise QgsProcessingException(f"INPUT must be a file-based (GDAL) raster, not a {layer.providerType()} layer")
-        source_path = layer.source().split("|")[0]
-        bands = [self.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS]
+        bands, dn_offset = band_choice(self, parameters, context)
         bounds = None
         if parameters.get(self.EXTENT) not in (None, ""):
             rect = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
             if rect.isNull() or rect.isEmpty():
                 raise QgsProcessingException("the processing extent is empty")
             bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
-        dn_offset = (self.parameterAsDouble(parameters, self.DN_OFFSET, context)
-                     if parameters.get(self.DN_OFFSET) not in (None, "") else None)
         stages = [STAGE_OPTIONS[i] for i in self.parameterAsEnums(parameters, self.STAGES, context)]
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         stage_dir = self.parameterAsString(parameters, self.STAGE_FOLDER, context) or None
@@ -146,7 +131,7 @@ class ExtractMangrovesAlgorithm(QgsProcessingAlgorithm):
             stages=stages, stage_mode=["compact", "all"][self.parameterAsEnum(parameters, self.STAGE_MODE, context)])
         model_path = resolve_model(self.parameterAsFile(parameters, self.MODEL, context))
         with processing_errors():
-            source = raster_io.RasterInput(source_path, band_numbers=bands if any(bands) else None,
+            source = raster_io.RasterInput(source_path, band_numbers=bands,
                                            dn_offset=dn_offset, bounds=bounds)
             bundle = checkpoint.load(model_path)
             if not bundle.trained:

@@ -4,7 +4,9 @@ from qgis.PyQt.QtGui import QIcon
 
 from ..resources import icon_path
 from .assess_accuracy import AssessAccuracyAlgorithm
+from .export_channels import ExportChannelsAlgorithm
 from .extract_mangroves import ExtractMangrovesAlgorithm
+from .prepare_sentinel2 import PrepareSentinel2Algorithm
 from .train_menet import TrainMENetAlgorithm
 
 
@@ -22,5 +24,6 @@ class MENetProvider(QgsProcessingProvider):
         return QIcon(str(icon_path()))
 
     def loadAlgorithms(self):  # noqa: N802
-        for alg in (ExtractMangrovesAlgorithm(), TrainMENetAlgorithm(), AssessAccuracyAlgorithm()):
+        for alg in (ExtractMangrovesAlgorithm(), PrepareSentinel2Algorithm(), ExportChannelsAlgorithm(),
+                    TrainMENetAlgorithm(), AssessAccuracyAlgorithm()):
             self.addAlgorithm(alg)
