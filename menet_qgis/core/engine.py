@@ -67,6 +67,7 @@ class EngineOptions:
     stage_mode: str = "compact"    # "compact" (3 summary bands) or "all" channels
     readers: int = 2
     threads: int = 0               # CPU threads for torch; 0 = leave torch's default
+    precision: str = "auto"        # "auto" (bf16 + channels_last on CUDA, fp32 on CPU), "bf16", "fp32"
 
 
 @dataclass
@@ -234,9 +235,11 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
         size = estimate_stage_bytes(grid.width, grid.height, stages, options.stage_mode)
         reporter.info(f"stage layers {', '.join(stages)} ({options.stage_mode}): about {size / 2**20:.1f} MiB uncompressed")
 
+    fast = use_bf16(options.precision, device)
     model = bundle.model.to(device).eval()
-    if device.type == "cuda":
+    if fast:
         model = model.to(memory_format=torch.channels_last)
+        reporter.info("precision: bf16 autocast, channels_last memory format")
     sink = SinkThread()
     stitchers: Dict[str, StripStitcher] = {}
     created: List[AtomicRaster] = []
@@ -281,7 +284,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
             if batch:
                 run_count += len(batch)
                 results, batch_size = _run_batch(model, bundle, source.plan, batch, stages, options.stage_mode,
-                                                 device, batch_size, reporter)
+                                                 device, fast, batch_size, reporter)
                 sink.submit(lambda b=batch, res=results: _stitch(stitchers, b, res))
             reporter.progress(100.0 * done / len(windows))
             if reporter.cancelled():
@@ -315,7 +318,14 @@ def _stitch(stitchers: Dict[str, StripStitcher], batch, results: Dict[str, np.nd
             stitcher.add(y0, x0, values, pooled_valid(valid, stitcher.stride))
 
 
-def _forward(model, bundle, plan, batch, stages, stage_mode, device) -> Dict[str, np.ndarray]:
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast + channels_last: the fast path on CUDA; selectable on the CPU so tests cover it."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool) -> Dict[str, np.ndarray]:
     raw = torch.from_numpy(np.stack([b[2] for b in batch]))
     valid = torch.from_numpy(np.stack([b[3] for b in batch]))
     if device.type == "cuda":
@@ -324,11 +334,9 @@ def _forward(model, bundle, plan, batch, stages, stage_mode, device) -> Dict[str
     valid = valid.to(device, non_blocking=True)
     with torch.inference_mode():
         x = prepare_batch(raw, valid, bundle, plan)
-        if device.type == "cuda":
+        if fast:
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits, feats = model.forward_with_stages(x)
-        else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             logits, feats = model.forward_with_stages(x)
         out = {"probability": torch.sigmoid(logits.float())}
         for name in stages:
@@ -336,20 +344,21 @@ def _forward(model, bundle, plan, batch, stages, stage_mode, device) -> Dict[str
         return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, batch_size, reporter):
+def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, fast, batch_size, reporter):
     """Forward a batch; on CUDA out-of-memory retry in halves and keep the smaller size."""
     try:
-        return _forward(model, bundle, plan, batch, stages, stage_mode, device), batch_size
+        return _forward(model, bundle, plan, batch, stages, stage_mode, device, fast), batch_size
     except torch.OutOfMemoryError:
         if len(batch) == 1:
             raise
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         half = max(1, len(batch) // 2)
         reporter.warn(f"out of GPU memory at batch size {len(batch)}; retrying with {half}")
         parts = [batch[i:i + half] for i in range(0, len(batch), half)]
         merged: Dict[str, List[np.ndarray]] = {}
         for part in parts:
-            res, half = _run_batch(model, bundle, plan, part, stages, stage_mode, device, half, reporter)
+            res, half = _run_batch(model, bundle, plan, part, stages, stage_mode, device, fast, half, reporter)
             for k, v in res.items():
                 merged.setdefault(k, []).append(v)
         return {k: np.concatenate(v) for k, v in merged.items()}, half
