@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--imagenet-weights", help="torchvision ResNet-101 ImageNet .pth (optional)")
     train.add_argument("--history", help="also write the per-epoch log as JSON here")
 
+    prepare = sub.add_parser("prepare", help="6-band 10 m stack from an unzipped Sentinel-2 product folder")
+    prepare.add_argument("folder", help=".SAFE folder or a folder of per-band files (..._B02_10m.jp2, ...)")
+    prepare.add_argument("out", help="output GeoTIFF")
+    prepare.add_argument("--bounds", type=lambda t: [float(v) for v in t.split(",")],
+                         help="xmin,ymin,xmax,ymax in the product's CRS")
+    prepare.add_argument("--resampling", choices=["bilinear", "nearest"], default="bilinear",
+                         help="for B11/B12 from 20 m to 10 m")
+
     assess = sub.add_parser("assess", help="accuracy of a map against a reference, next to MVI and random forest")
     assess.add_argument("prediction", nargs="?", help="probability or 0/1 mask raster")
     assess.add_argument("--reference", help="reference: mask raster (mangrove >= 0.5) or polygon file")
@@ -142,6 +150,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .core import sentinel2_product
+    result = sentinel2_product.build_stack(args.folder, args.out, bounds=args.bounds, resampling=args.resampling,
+                                           reporter=CliReporter())
+    print(json.dumps({"stack": str(result.path), "width": result.width, "height": result.height,
+                      "product": result.product.describe()}, indent=2))
+    return 0
+
+
 def cmd_assess(args) -> int:
     from .core import assessment
     if args.prediction:
@@ -179,7 +196,8 @@ def cmd_assess(args) -> int:
     return 0
 
 
-COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "train": cmd_train, "assess": cmd_assess}
+COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "prepare": cmd_prepare, "train": cmd_train,
+            "assess": cmd_assess}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

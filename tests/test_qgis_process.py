@@ -50,3 +50,21 @@ def test_graphical_model_chains_extract_into_core_reclassify(qgis_env, untrained
     assert (prof["width"], prof["height"]) == (120, 90)
     assert prof["transform"] == raster_io.raster_profile(src)["transform"]
     assert set(np.unique(mask)) <= {0, 1}
+
+
+def test_whole_2020_scene_with_no_band_parameters_and_the_default_model(qgis_env, scene, tmp_path):
+    """Issue 3's must-show: the real 6-band float32 export (NaN nodata), bands found from their names."""
+    out = tmp_path / "scene_2020_probability.tif"
+    result = run_json(["menet:extractmangroves", "--", f"INPUT={scene}", f"OUTPUT={out}"], qgis_env)
+    log = result["log"]["info"] if isinstance(result.get("log"), dict) else ""
+    assert "from band descriptions" in log and "read as surface reflectance" in log
+    inp, prof = raster_io.raster_profile(scene), raster_io.raster_profile(out)
+    assert (prof["crs"], prof["transform"], prof["width"], prof["height"]) == \
+        (inp["crs"], inp["transform"], inp["width"], inp["height"])
+    nodata_in = ~np.isfinite(read(scene)).all(axis=0)
+    prob = read(out)[0]
+    assert np.array_equal(np.isnan(prob), nodata_in)
+    valid = prob[~nodata_in]
+    assert 0.0 <= valid.min() and valid.max() <= 1.0
+    share = float((valid >= 0.5).mean())
+    assert 0.02 < share < 0.8, f"implausible mangrove share {share:.3f} for the Jambelí coast"

@@ -1,6 +1,7 @@
 """From product-like folders (.SAFE tree, flat band files) to the 6-band stack and the channel export."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +355,20 @@ def test_prepare_and_export_through_processing(processing, safe, untrained_path,
         processing.run(initialised(PrepareSentinel2Algorithm), {
             "INPUT_FOLDER": str(empty), "OUTPUT": str(tmp_path / "none.tif")})
     assert not (tmp_path / "none.tif").exists()
+
+
+def test_cli_prepare_then_predict_on_the_stack(safe, untrained_path, tmp_path):
+    """Product folder -> stack -> probability, all from the command line."""
+    import json
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "menet_qgis", *map(str, a)], cwd=root,  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    prep = run("prepare", safe, tmp_path / "stack.tif")
+    assert prep.returncode == 0, prep.stderr
+    assert json.loads(prep.stdout)["stack"] == str(tmp_path / "stack.tif")
+    pred = run("predict", tmp_path / "stack.tif", "--model", untrained_path, "--out-dir", tmp_path, "--window", 64,
+               "--quiet")
+    assert pred.returncode == 0, pred.stderr
+    assert (tmp_path / "stack_probability.tif").is_file()
