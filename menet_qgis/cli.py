@@ -106,7 +106,11 @@ def cmd_stages(args) -> int:
 
 def cmd_predict(args) -> int:
     from .core import checkpoint, engine, raster_io
-    # Cheap checks first: every input, then the model, before any compute.
+    # Cheap checks first: parameters, every input, then the model, before any compute.
+    from .core.stages import parse_stage_names
+    from .core.tiling import check_window
+    check_window(args.window, args.overlap)
+    parse_stage_names([s for s in args.stages.split(",") if s])
     sources = [raster_io.RasterInput(p, band_numbers=args.bands, dn_offset=args.dn_offset) for p in args.inputs]
     stems = [Path(p).stem for p in args.inputs]
     if len(set(stems)) != len(stems):

@@ -368,7 +368,7 @@ def test_cli_prepare_then_predict_on_the_stack(safe, untrained_path, tmp_path):
     prep = run("prepare", safe, tmp_path / "stack.tif")
     assert prep.returncode == 0, prep.stderr
     assert json.loads(prep.stdout)["stack"] == str(tmp_path / "stack.tif")
-    pred = run("predict", tmp_path / "stack.tif", "--model", untrained_path, "--out-dir", tmp_path, "--window", 64,
+    pred = run("predict", tmp_path / "stack.tif", "--model", untrained_path, "--out-dir", tmp_path, "--window", 64, "--overlap", 32,
                "--quiet")
     assert pred.returncode == 0, pred.stderr
     assert (tmp_path / "stack_probability.tif").is_file()
