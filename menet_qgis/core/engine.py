@@ -14,6 +14,7 @@ whole-raster accumulators; tests check the engine against it.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -65,7 +66,7 @@ class EngineOptions:
     device: str = "auto"
     stages: Sequence[str] = ()
     stage_mode: str = "compact"    # "compact" (3 summary bands) or "all" channels
-    readers: int = 2
+    readers: int = 0               # reader threads; 0 = automatic (2 on the CPU, up to 8 with CUDA)
     threads: int = 0               # CPU threads for torch; 0 = leave torch's default
     precision: str = "auto"        # "auto" (bf16 + channels_last on CUDA, fp32 on CPU), "bf16", "fp32"
 
@@ -79,7 +80,6 @@ class ExtractionResult:
     windows_run: int = 0
     batch_size: int = 0
     seconds: float = 0.0
-    valid_fraction: float = 0.0
 
 
 # --- turning raw windows into model input -------------------------------------
@@ -262,12 +262,19 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
 
     sink.submit(open_outputs)
     windows = list(grid)
-    run_count, valid_px = 0, 0
-    readers = ThreadPoolExecutor(max_workers=max(1, options.readers), thread_name_prefix="menet-read")
+    run_count = 0
+    readers = ThreadPoolExecutor(max_workers=reader_count(options.readers, device),
+                                 thread_name_prefix="menet-read")
     pending: deque = deque()
-    next_read = 0
+    in_flight = None  # (batch, outputs): collected after the next batch is launched
+    next_read = done = 0
+
+    def finish(job):
+        batch_done, outputs = job
+        host = {k: v if isinstance(v, np.ndarray) else v.cpu().numpy() for k, v in outputs.items()}
+        sink.submit(lambda: _stitch(stitchers, batch_done, host))
+
     try:
-        done = 0
         while done < len(windows):
             while next_read < len(windows) and len(pending) < 2 * batch_size:
                 _, y0, x0 = windows[next_read]
@@ -280,15 +287,18 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
                 done += 1
                 if valid.any():  # windows of pure no-data are skipped, not run
                     batch.append((y0, x0, data, valid))
-                    valid_px += int(valid.sum())
             if batch:
                 run_count += len(batch)
-                results, batch_size = _run_batch(model, bundle, source.plan, batch, stages, options.stage_mode,
+                outputs, batch_size = _run_batch(model, bundle, source.plan, batch, stages, options.stage_mode,
                                                  device, fast, batch_size, reporter)
-                sink.submit(lambda b=batch, res=results: _stitch(stitchers, b, res))
+                if in_flight is not None:
+                    finish(in_flight)  # the device works on this batch meanwhile
+                in_flight = (batch, outputs)
             reporter.progress(100.0 * done / len(windows))
             if reporter.cancelled():
                 raise Cancelled("cancelled by the user")
+        if in_flight is not None:
+            finish(in_flight)
         sink.submit(lambda: [s.flush_until() for s in stitchers.values()])
         sink.submit(lambda: [r.commit() for r in created])
         sink.close()
@@ -302,13 +312,18 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
     readers.shutdown(wait=True)
     source.close()
     seconds = time.perf_counter() - t0
-    total_px = grid.width * grid.height
-    if valid_px == 0:
+    if run_count == 0:
         reporter.warn("the input has no valid pixels in the processed area: the output is all no-data")
     reporter.info(f"ran the model on {run_count} of {len(windows)} windows (the rest hold only no-data) "
                   f"in {seconds:.1f} s ({run_count / max(seconds, 1e-9):.2f} windows/s)")
-    return ExtractionResult(output, stage_files, device_text, len(windows), run_count, batch_size, seconds,
-                            valid_px / total_px if total_px else 0.0)
+    return ExtractionResult(output, stage_files, device_text, len(windows), run_count, batch_size, seconds)
+
+
+def reader_count(requested: int, device: torch.device) -> int:
+    """Reader threads: enough to feed a GPU, few enough not to starve torch's CPU threads."""
+    if requested > 0:
+        return requested
+    return min(8, os.cpu_count() or 2) if device.type == "cuda" else 2
 
 
 def _stitch(stitchers: Dict[str, StripStitcher], batch, results: Dict[str, np.ndarray]) -> None:
@@ -325,7 +340,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool) -> Dict[str, np.ndarray]:
+def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool) -> Dict[str, torch.Tensor]:
+    """Launch one batch; returns outputs still on the device (CUDA runs them asynchronously)."""
     raw = torch.from_numpy(np.stack([b[2] for b in batch]))
     valid = torch.from_numpy(np.stack([b[3] for b in batch]))
     if device.type == "cuda":
@@ -341,11 +357,11 @@ def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool)
         out = {"probability": torch.sigmoid(logits.float())}
         for name in stages:
             out[name] = feats[name].float() if stage_mode == "all" else compact_stage(feats[name])
-        return {k: v.cpu().numpy() for k, v in out.items()}
+        return out
 
 
 def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, fast, batch_size, reporter):
-    """Forward a batch; on CUDA out-of-memory retry in halves and keep the smaller size."""
+    """Launch a batch; on out-of-memory run it in halves (synchronously) and keep the smaller size."""
     try:
         return _forward(model, bundle, plan, batch, stages, stage_mode, device, fast), batch_size
     except torch.OutOfMemoryError:
@@ -355,12 +371,11 @@ def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, fast, bat
             torch.cuda.empty_cache()
         half = max(1, len(batch) // 2)
         reporter.warn(f"out of GPU memory at batch size {len(batch)}; retrying with {half}")
-        parts = [batch[i:i + half] for i in range(0, len(batch), half)]
         merged: Dict[str, List[np.ndarray]] = {}
-        for part in parts:
+        for part in [batch[i:i + half] for i in range(0, len(batch), half)]:
             res, half = _run_batch(model, bundle, plan, part, stages, stage_mode, device, fast, half, reporter)
             for k, v in res.items():
-                merged.setdefault(k, []).append(v)
+                merged.setdefault(k, []).append(v if isinstance(v, np.ndarray) else v.cpu().numpy())
         return {k: np.concatenate(v) for k, v in merged.items()}, half
 
 
