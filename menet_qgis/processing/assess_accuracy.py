@@ -3,23 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing, QgsProcessingAlgorithm,
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
                        QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QIcon
 
-from ..resources import icon_path
-from .common import load_core, polygons_as_geojson, processing_errors
+from .common import MENetAlgorithm, load_core, polygons_as_geojson, processing_errors
 
 SCORE_FIELDS = ["overall_accuracy", "precision", "recall", "f1", "iou", "kappa",
                 "predicted_mangrove_ha", "reference_mangrove_ha"]
 COUNT_FIELDS = ["tp", "fp", "fn", "tn", "pixels"]
 
 
-class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
+class AssessAccuracyAlgorithm(MENetAlgorithm):
     PREDICTION, REFERENCE_RASTER, REFERENCE_POLYGONS = "PREDICTION", "REFERENCE_RASTER", "REFERENCE_POLYGONS"
     AREA, THRESHOLD, IMAGE, TILE_FOLDER = "AREA", "THRESHOLD", "IMAGE", "TILE_FOLDER"
     OUTPUT_TABLE, OUTPUT_HTML = "OUTPUT_TABLE", "OUTPUT_HTML"
@@ -30,11 +28,7 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
     def displayName(self):  # noqa: N802
         return "Assess accuracy"
 
-    def icon(self):
-        return QIcon(str(icon_path()))
 
-    def createInstance(self):  # noqa: N802
-        return AssessAccuracyAlgorithm()
 
     def shortHelpString(self):  # noqa: N802
         return ("<p>Scores a mangrove probability or mask raster against a reference (mask raster with mangrove = "

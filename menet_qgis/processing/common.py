@@ -4,10 +4,13 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-from qgis.core import (QgsColorRampShader, QgsProcessingException, QgsProcessingLayerPostProcessorInterface,
+from qgis.core import (QgsColorRampShader, QgsProcessingAlgorithm, QgsProcessingException,
+                       QgsProcessingLayerPostProcessorInterface,
                        QgsProject, QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer,
                        QgsStyle)
-from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtGui import QIcon
+
+from ..resources import icon_path
 
 #: QGIS holds layer post-processors by raw pointer; Python must keep them alive.
 KEEP_ALIVE: list = []
@@ -19,6 +22,16 @@ DN_OFFSET = "DN_OFFSET"
 
 MISSING_TORCH = ("ME-Net needs PyTorch and torchvision in QGIS's Python ({error}). Install them with "
                  "'python3 -m pip install --user torch torchvision' for the Python QGIS runs, then restart QGIS.")
+
+
+class MENetAlgorithm(QgsProcessingAlgorithm):
+    """What every ME-Net algorithm shares: the icon and fresh instances for Processing."""
+
+    def icon(self):
+        return QIcon(str(icon_path()))
+
+    def createInstance(self):  # noqa: N802
+        return type(self)()
 
 
 def load_core():

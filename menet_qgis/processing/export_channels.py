@@ -1,17 +1,15 @@
 """Processing algorithm "Export ME-Net input channels", id ``menet:exportchannels``."""
 from __future__ import annotations
 
-from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterFile,
+from qgis.core import (QgsProcessingException, QgsProcessingParameterFile,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
-from qgis.PyQt.QtGui import QIcon
 
-from ..resources import icon_path
-from .common import (band_choice, band_parameters, check_band_parameters, gdal_raster_path, load_core,
-                     make_reporter, processing_errors)
+from .common import (MENetAlgorithm, band_choice, band_parameters, check_band_parameters, gdal_raster_path,
+                     load_core, make_reporter, processing_errors)
 from .extract_mangroves import resolve_model
 
 
-class ExportChannelsAlgorithm(QgsProcessingAlgorithm):
+class ExportChannelsAlgorithm(MENetAlgorithm):
     INPUT, MODEL, OUTPUT = "INPUT", "MODEL", "OUTPUT"
 
     def name(self):
@@ -23,11 +21,7 @@ class ExportChannelsAlgorithm(QgsProcessingAlgorithm):
     def shortDescription(self):  # noqa: N802
         return "The 11 channels ME-Net computes from a Sentinel-2 raster, as a float32 raster to inspect"
 
-    def icon(self):
-        return QIcon(str(icon_path()))
 
-    def createInstance(self):  # noqa: N802
-        return ExportChannelsAlgorithm()
 
     def shortHelpString(self):  # noqa: N802
         try:

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext,
+from qgis.core import (QgsProcessingContext,
                        QgsProcessingException, QgsProcessingOutputMultipleLayers,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFile,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
-from qgis.PyQt.QtGui import QIcon
 
-from ..resources import default_model_path, icon_path
-from .common import (KEEP_ALIVE, GroupInserter, ProbabilityStyler, band_choice, band_parameters,
+from ..resources import default_model_path
+from .common import (KEEP_ALIVE, GroupInserter, MENetAlgorithm, ProbabilityStyler, band_choice, band_parameters,
                      check_band_parameters, gdal_raster_path, load_core, make_reporter, processing_errors)
 
 STAGE_OPTIONS = ["stage0", "stage1", "stage2", "stage3", "stage4", "stage5"]
@@ -30,7 +29,7 @@ def resolve_model(path: str) -> Path:
     return default
 
 
-class ExtractMangrovesAlgorithm(QgsProcessingAlgorithm):
+class ExtractMangrovesAlgorithm(MENetAlgorithm):
     INPUT, MODEL, OUTPUT = "INPUT", "MODEL", "OUTPUT"
     EXTENT = "EXTENT"
     WINDOW_SIZE, OVERLAP, BATCH_SIZE, DEVICE = "WINDOW_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE"
@@ -45,11 +44,7 @@ class ExtractMangrovesAlgorithm(QgsProcessingAlgorithm):
     def shortDescription(self):  # noqa: N802
         return "Mangrove probability and ResNet-101 stage feature layers from a Sentinel-2 raster"
 
-    def icon(self):
-        return QIcon(str(icon_path()))
 
-    def createInstance(self):  # noqa: N802
-        return ExtractMangrovesAlgorithm()
 
     def shortHelpString(self):  # noqa: N802
         from ..core.stages import stage_table  # torch-free

@@ -4,18 +4,16 @@ from __future__ import annotations
 import json
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureRequest, QgsGeometry, QgsProcessing,
-                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterEnum,
+                       QgsProcessingException, QgsProcessingParameterEnum,
                        QgsProcessingParameterExtent, QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
                        QgsProcessingParameterRasterDestination)
-from qgis.PyQt.QtGui import QIcon
 
-from ..resources import icon_path
-from .common import load_core, make_reporter, processing_errors
+from .common import MENetAlgorithm, load_core, make_reporter, processing_errors
 
 RESAMPLING_OPTIONS = ["bilinear", "nearest"]
 
 
-class PrepareSentinel2Algorithm(QgsProcessingAlgorithm):
+class PrepareSentinel2Algorithm(MENetAlgorithm):
     INPUT_FOLDER, EXTENT, CLIP_LAYER, RESAMPLING, OUTPUT = "INPUT_FOLDER", "EXTENT", "CLIP_LAYER", "RESAMPLING", "OUTPUT"
 
     def name(self):
@@ -27,11 +25,7 @@ class PrepareSentinel2Algorithm(QgsProcessingAlgorithm):
     def shortDescription(self):  # noqa: N802
         return "One 6-band 10 m raster (B2, B3, B4, B8, B11, B12) from an unzipped Sentinel-2 product"
 
-    def icon(self):
-        return QIcon(str(icon_path()))
 
-    def createInstance(self):  # noqa: N802
-        return PrepareSentinel2Algorithm()
 
     def shortHelpString(self):  # noqa: N802
         return (

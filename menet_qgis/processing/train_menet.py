@@ -3,20 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
+from qgis.core import (QgsProcessing, QgsProcessingException,
                        QgsProcessingOutputNumber, QgsProcessingParameterEnum, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterMultipleLayers,
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterFeatureSource)
-from qgis.PyQt.QtGui import QIcon
 
-from ..resources import icon_path
-from .common import load_core, make_reporter, polygons_as_geojson, processing_errors
+from .common import MENetAlgorithm, load_core, make_reporter, polygons_as_geojson, processing_errors
 
 DEVICES = ["auto", "cuda", "cpu"]
 
 
-class TrainMENetAlgorithm(QgsProcessingAlgorithm):
+class TrainMENetAlgorithm(MENetAlgorithm):
     TILE_FOLDER, IMAGES, LABEL_RASTER, LABEL_POLYGONS = "TILE_FOLDER", "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS"
     EPOCHS, BATCH_SIZE, LEARNING_RATE, VAL_FRACTION = "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "VAL_FRACTION"
     SEED, DEVICE, IMAGENET_WEIGHTS, OUTPUT_MODEL = "SEED", "DEVICE", "IMAGENET_WEIGHTS", "OUTPUT_MODEL"
@@ -27,11 +25,7 @@ class TrainMENetAlgorithm(QgsProcessingAlgorithm):
     def displayName(self):  # noqa: N802
         return "Train ME-Net"
 
-    def icon(self):
-        return QIcon(str(icon_path()))
 
-    def createInstance(self):  # noqa: N802
-        return TrainMENetAlgorithm()
 
     def shortHelpString(self):  # noqa: N802
         return ("<p>Trains ME-Net on your labelled Sentinel-2 data and writes a checkpoint that "
