@@ -41,6 +41,7 @@ def qgis_env(tmp_path_factory) -> dict:
     site = [p for p in sys.path if p.endswith("site-packages") and "/.venv/" in p]
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen", QGIS_PLUGINPATH=str(base / "plugins"),
                XDG_DATA_HOME=str(base / "profile"), XDG_RUNTIME_DIR=str(runtime),
+               QGIS_CUSTOM_CONFIG_PATH=str(base / "profile"), QGIS_OPTIONS_PATH=str(base / "profile"),
                PYTHONPATH=os.pathsep.join(site + [os.environ.get("PYTHONPATH", "")]))
     from helpers import qgis_process
     enabled = qgis_process(["plugins", "enable", "menet_qgis"], env)

@@ -68,3 +68,14 @@ def test_whole_2020_scene_with_no_band_parameters_and_the_default_model(qgis_env
     assert 0.0 <= valid.min() and valid.max() <= 1.0
     share = float((valid >= 0.5).mean())
     assert 0.02 < share < 0.8, f"implausible mangrove share {share:.3f} for the Jambelí coast"
+
+
+def test_provider_loads_and_explains_when_torch_is_missing(qgis_env, tmp_path):
+    """QGIS's own Python without the venv: no torch. The toolbox still lists the algorithms."""
+    env = dict(qgis_env, PYTHONPATH="")
+    listing = qgis_process(["list"], env)
+    assert "menet:extractmangroves" in listing.stdout and "menet:trainmenet" in listing.stdout
+    src = write_s2(tmp_path / "in.tif", 20, 20)
+    proc = qgis_process(["run", "menet:extractmangroves", "--", f"INPUT={src}", f"OUTPUT={tmp_path / 'p.tif'}"], env)
+    assert proc.returncode != 0
+    assert "needs PyTorch and torchvision" in proc.stdout + proc.stderr
