@@ -1,7 +1,8 @@
 """Command line for headless and server use: ``python -m menet_qgis COMMAND``.
 
 Errors print one line (``menet_qgis: error: ...``) and exit with status 2;
-nothing half-written is left behind.
+nothing half-written is left behind (with several inputs, the outputs of the
+inputs finished before the error are kept).
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ class CliReporter:
         return False
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _int_list(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -57,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--stages", default="", help=f"comma-separated stages to write ({','.join(STAGE_NAMES)})")
     predict.add_argument("--stage-mode", choices=["compact", "all"], default="compact",
                          help="compact = mean/max/std of channels (3 bands); all = every channel")
-    predict.add_argument("--window", type=int, default=256)
+    predict.add_argument("--window", type=int, default=0, help="window size in px; 0 = the model's (256)")
     predict.add_argument("--overlap", type=int, default=64)
-    predict.add_argument("--batch-size", type=int, default=0, help="0 = automatic")
+    predict.add_argument("--batch-size", type=_non_negative, default=0, help="0 = automatic")
     predict.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     predict.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12, e.g. 1,2,3,4,5,6")
     predict.add_argument("--dn-offset", type=float, help="DN offset when product metadata has none (-1000 for baseline 04.00+)")
@@ -109,7 +117,7 @@ def cmd_predict(args) -> int:
     # Cheap checks first: parameters, every input, then the model, before any compute.
     from .core.stages import parse_stage_names
     from .core.tiling import check_window
-    check_window(args.window, args.overlap)
+    check_window(args.window or 256, args.overlap)
     parse_stage_names([s for s in args.stages.split(",") if s])
     sources = [raster_io.RasterInput(p, band_numbers=args.bands, dn_offset=args.dn_offset) for p in args.inputs]
     stems = [Path(p).stem for p in args.inputs]
@@ -143,11 +151,16 @@ def cmd_train(args) -> int:
     if out.suffix != ".pt":
         raise ValueError(f"--out {out.name} must end in .pt")
     tiles = training.load_tile_folder(args.tiles)
+    # The best-so-far checkpoint goes to a hidden file that becomes --out only at the end.
+    best_so_far = out.parent / f".{out.name}.best-so-far"
     options = training.TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-                                    imagenet_weights=args.imagenet_weights, save_best_to=str(out))
-    result = training.train(tiles, options, CliReporter())
-    save(result.bundle, out, half=True)
+                                    imagenet_weights=args.imagenet_weights, save_best_to=str(best_so_far))
+    try:
+        result = training.train(tiles, options, CliReporter())
+        save(result.bundle, out, half=True)
+    finally:
+        best_so_far.unlink(missing_ok=True)
     if args.history:
         Path(args.history).write_text(json.dumps(result.history, indent=2))
     print(json.dumps({"checkpoint": str(out), "best": result.best}, indent=2))
@@ -172,12 +185,9 @@ def cmd_assess(args) -> int:
         with rasterio.open(args.prediction) as ds:
             crs = ds.crs
         is_raster = Path(args.reference).suffix.lower() in (".tif", ".tiff", ".vrt", ".img")
-        forest = None
-        if args.tiles:
-            from .core import training
-            tiles = training.load_tile_folder(args.tiles)
-            forest = assessment.train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid],
-                                                    tiles.labels[tiles.valid])
+        if args.tiles and not args.image:
+            raise ValueError("the random-forest baseline (--tiles) needs the Sentinel-2 raster (--image) too")
+        forest = assessment.forest_from_tiles(args.tiles) if args.tiles else None
         results = assessment.assess_rasters(
             args.prediction, reference=args.reference if is_raster else None,
             reference_polygons=None if is_raster else assessment.read_polygons(args.reference, crs),
@@ -212,6 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("menet_qgis: cancelled; no output was kept", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:
-        print(f"menet_qgis: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"menet_qgis: error: {message}", file=sys.stderr)
         return 2

@@ -61,6 +61,14 @@ def test_assess_raster_reference_polygons_and_area(tmp_path):
     assert b.confusion.to_dict() == {"tp": 79, "fp": 20, "fn": 0, "tn": 100}
 
 
+def test_areas_refused_for_geographic_rasters(tmp_path):
+    from rasterio.transform import from_origin
+    prob = write_raster(tmp_path / "p.tif", np.ones((1, 5, 5), np.float32), crs="EPSG:4326",
+                        transform=from_origin(-80, -3, 0.0001, 0.0001))
+    with pytest.raises(ValueError, match="geographic coordinates"):
+        assessment.assess_rasters(prob, reference=str(prob))
+
+
 def test_baselines_scored_on_the_same_pixels(tmp_path):
     bands = s2_reflectance(40, 40)             # vegetated left half, water right half
     image = write_raster(tmp_path / "s2.tif", bands, S2_NAMES)

@@ -103,6 +103,9 @@ def edited(src, dst, **changes):
     ({"recipe": {"name": "other-recipe", "version": 3, "channels": ["a"]}}, "channel recipe other-recipe v3"),
     ({"architecture": {"name": "menet-resnet101", "version": 99, "in_channels": 11}}, "architecture menet-resnet101 v99"),
     ({"format": None}, "not an ME-Net checkpoint"),
+    ({"pca": {"mean": [0.1] * 5, "component": [0.4] * 5}}, "PCA basis does not hold 6"),
+    ({"normalisation": {"mean": [0.0] * 11, "std": [0.0] * 11}}, "not finite and positive"),
+    ({"state_dict": None}, "holds no weights"),
     ({"state_dict": {"head.classifier.weight": torch.zeros(1, 64, 1, 1)}}, "weights do not fit"),
 ])
 def test_mismatched_checkpoint_names_the_mismatch(untrained_path, tmp_path, changes, message):

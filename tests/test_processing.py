@@ -111,7 +111,7 @@ def test_window_parameters_checked_at_the_edge(menet_provider, untrained_path, t
     params = {"INPUT": str(write_s2(tmp_path / "in.tif", 20, 20)), "OUTPUT": str(tmp_path / "p.tif"),
               "WINDOW_SIZE": 250, "OVERLAP": 64}
     ok, message = alg.checkParameterValues(params, QgsProcessingContext())
-    assert not ok and "multiples of 32" in message
+    assert not ok and "multiple of 32" in message
     params.update(WINDOW_SIZE=256, BAND_RED=3)
     ok, message = alg.checkParameterValues(params, QgsProcessingContext())
     assert not ok and "all six band parameters" in message

@@ -57,6 +57,12 @@ def test_real_training_tiles_split_without_shared_windows():
         assert not overlap.any()
 
 
+def test_training_refuses_what_cannot_train(tmp_path):
+    tiles = training.load_tile_folder(make_tiles(tmp_path, n=4))
+    with pytest.raises(ValueError, match="batch size must be at least 2"):
+        training.train(tiles, training.TrainOptions(epochs=1, batch_size=1))
+
+
 def test_dihedral_covers_the_eight_symmetries():
     x = torch.arange(9.0).view(3, 3)
     outs = {tuple(training.dihedral(x, k).flatten().tolist()) for k in range(8)}

@@ -44,8 +44,9 @@ class Assessment:
                 "reference_mangrove_ha": (c.tp + c.fn) * self.pixel_area_ha}
 
     def to_dict(self) -> Dict:
+        """One flat row: scores, areas and the confusion counts."""
         return {"name": self.name, "threshold": self.threshold, **self.scores, **self.area_ha(),
-                "confusion": self.confusion.to_dict(), "pixels": self.confusion.total}
+                **self.confusion.to_dict(), "pixels": self.confusion.total}
 
 
 def mvi(green: np.ndarray, nir: np.ndarray, swir1: np.ndarray) -> np.ndarray:
@@ -66,6 +67,14 @@ def pixel_features(bands: np.ndarray) -> np.ndarray:
     ratio = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=np.abs(b) > ch.EPS)  # noqa: E731
     return np.stack([b2, b3, b4, b8, b11, b12, ratio(b8 - b4, b8 + b4), ratio(b3 - b11, b3 + b11),
                      mvi(b3, b8, b11)], axis=1)
+
+
+def forest_from_tiles(folder, trees: int = 100, seed: int = 0):
+    """Random-forest baseline trained on every valid pixel of a tile folder."""
+    from .training import load_tile_folder
+    tiles = load_tile_folder(folder)
+    return train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid], tiles.labels[tiles.valid],
+                               trees, seed)
 
 
 def train_random_forest(bands: np.ndarray, labels: np.ndarray, trees: int = 100, seed: int = 0,
@@ -163,6 +172,9 @@ def assess_rasters(prediction, reference: Optional[str] = None, reference_polygo
             ref = burn_polygons(reference_polygons, pred)
             ref_valid = np.ones_like(ref)
         inside = burn_polygons(area_polygons, pred) if area_polygons else np.ones_like(ref)
+        if pred.crs.is_geographic:
+            raise ValueError(f"{Path(prediction).name} is in geographic coordinates ({pred.crs}); areas need "
+                             "metres: reproject it to a projected CRS (e.g. its UTM zone) first")
         pixel_ha = abs(pred.transform.a * pred.transform.e) / 10000.0
         baselines = baseline_maps(image, pred, forest) if image else {}
     counted = np.isfinite(values) & ref_valid & inside & baselines.pop("_valid", True)
@@ -182,8 +194,6 @@ def write_table(assessments: Sequence[Assessment], path) -> None:
     """CSV, one row per method: the scores, areas and confusion counts."""
     import csv
     rows = [a.to_dict() for a in assessments]
-    for r in rows:
-        r.update(r.pop("confusion"))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -139,9 +139,3 @@ def default_pca() -> PCABasis:
     w = 1.0 / np.sqrt(len(SOURCE_BANDS))
     return PCABasis([0.1] * len(SOURCE_BANDS), [w] * len(SOURCE_BANDS))
 
-
-def describe(pca: Optional[PCABasis] = None) -> str:
-    lines = [f"channel recipe {RECIPE_NAME} v{RECIPE_VERSION}:"]
-    for i, ch in enumerate(CHANNELS, 1):
-        lines.append(f"  {i:2d}. {ch.name:6s} = {ch.formula}  [{ch.citation}]")
-    return "\n".join(lines)

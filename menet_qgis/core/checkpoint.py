@@ -9,6 +9,7 @@ size and the training metadata.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -131,4 +132,14 @@ def read_record(path: Path) -> Dict:
     norm = record.get("normalisation", {})
     if len(norm.get("mean", [])) != ch.N_CHANNELS or len(norm.get("std", [])) != ch.N_CHANNELS:
         raise CheckpointError(f"{path.name}: normalisation statistics do not have {ch.N_CHANNELS} channels")
+    if not all(math.isfinite(v) for v in norm["mean"]) or not all(math.isfinite(v) and v > 0 for v in norm["std"]):
+        raise CheckpointError(f"{path.name}: normalisation statistics are not finite and positive")
+    pca = record.get("pca", {})
+    n = len(ch.SOURCE_BANDS)
+    if (len(pca.get("mean", [])), len(pca.get("component", []))) != (n, n) or \
+            not all(math.isfinite(v) for v in list(pca["mean"]) + list(pca["component"])):
+        raise CheckpointError(f"{path.name}: the PCA basis does not hold {n} finite values per vector")
+    state = record.get("state_dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path.name} holds no weights (state_dict of tensors)")
     return record

@@ -30,7 +30,7 @@ import torch
 from .channels import compute_channels
 from .checkpoint import ModelBundle
 from .device import auto_batch_size, choose_device
-from .raster_io import AtomicRaster, RasterInput, check_writable
+from .raster_io import AtomicRaster, RasterInput, check_writable, commit_all
 from .stages import STAGE_BY_NAME, parse_stage_names
 from .tiling import WindowGrid, blend_weights
 
@@ -60,7 +60,7 @@ class Reporter:
 
 @dataclass
 class EngineOptions:
-    window: int = 256
+    window: int = 0                # 0 = the window size the checkpoint recommends (256)
     overlap: int = 64
     batch_size: int = 0            # 0 = automatic for the device
     device: str = "auto"
@@ -219,11 +219,14 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
     stages = parse_stage_names(options.stages)
     if options.stage_mode not in STAGE_MODES:
         raise ValueError(f"stage mode must be one of {', '.join(STAGE_MODES)}")
-    grid = WindowGrid(source.height, source.width, options.window, options.overlap)
+    if options.batch_size < 0:
+        raise ValueError(f"batch size must be 0 (automatic) or positive, got {options.batch_size}")
+    window = options.window or bundle.window_size
+    grid = WindowGrid(source.height, source.width, window, options.overlap)
     device, device_text = choose_device(options.device)
     if options.threads and device.type == "cpu":
         torch.set_num_threads(options.threads)
-    batch_size = options.batch_size or auto_batch_size(device, options.window)
+    batch_size = options.batch_size or auto_batch_size(device, window)
     stage_files = {name: check_writable(stage_path(output, stage_dir, name)) for name in stages}
 
     reporter.info(f"input: {source.path} ({source.full_width} x {source.full_height} px, {source.crs.to_string()})")
@@ -300,7 +303,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
         if in_flight is not None:
             finish(in_flight)
         sink.submit(lambda: [s.flush_until() for s in stitchers.values()])
-        sink.submit(lambda: [r.commit() for r in created])
+        sink.submit(lambda: commit_all(created))
         sink.close()
     except BaseException:
         readers.shutdown(wait=True, cancel_futures=True)

@@ -110,8 +110,8 @@ class RasterInput:
 
     def read(self, y0: int, x0: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
         """(bands, size, size) float32 values and a (size, size) validity mask for
-        the window at area pixel (y0, x0).  Parts outside the area are filled by
-        mirroring and marked invalid; invalid pixels hold 0, never NaN."""
+        the window at area pixel (y0, x0).  Parts outside the area and no-data
+        pixels are marked invalid and hold 0, never NaN."""
         h = min(size, self.height - y0)
         w = min(size, self.width - x0)
         win = Window(self.area.col_off + x0, self.area.row_off + y0, w, h)
@@ -123,8 +123,7 @@ class RasterInput:
             valid &= (data != 0).all(axis=0)
         data[:, ~valid] = 0.0
         if h < size or w < size:
-            mode = "reflect" if h > 1 and w > 1 and size - h < h and size - w < w else "edge"
-            data = np.pad(data, ((0, 0), (0, size - h), (0, size - w)), mode=mode)
+            data = np.pad(data, ((0, 0), (0, size - h), (0, size - w)))
             valid = np.pad(valid, ((0, size - h), (0, size - w)), constant_values=False)
         return data, valid
 
@@ -185,7 +184,11 @@ class AtomicRaster:
         if width >= 16 and height >= 16:
             profile.update(tiled=True, blockxsize=256 if width >= 256 else 16 * (width // 16),
                            blockysize=256 if height >= 256 else 16 * (height // 16))
-        self.ds = rasterio.open(self.tmp, "w", **profile)
+        try:
+            self.ds = rasterio.open(self.tmp, "w", **profile)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         for i, text in enumerate(descriptions or [], 1):
             self.ds.set_band_description(i, text)
 
@@ -193,17 +196,30 @@ class AtomicRaster:
         """Write a (count, rows, width) block starting at output row ``row0``."""
         self.ds.write(array.astype(np.float32, copy=False), window=Window(0, row0, array.shape[2], array.shape[1]))
 
+    def close(self) -> None:
+        """Finish writing (flushes GDAL's caches); the file is still the temporary one."""
+        if not self.ds.closed:
+            self.ds.close()
+
     def commit(self) -> Path:
-        self.ds.close()
+        self.close()
         os.replace(self.tmp, self.path)
         return self.path
 
     def discard(self) -> None:
         try:
-            self.ds.close()
+            self.close()
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self.tmp.unlink(missing_ok=True)
+
+
+def commit_all(rasters: Sequence["AtomicRaster"]) -> None:
+    """Close every output first (where writing errors show up), then rename them all
+    into place, so a failure while writing replaces none of the previous outputs."""
+    for raster in rasters:
+        raster.close()
+    for raster in rasters:
+        raster.commit()
 
 
 def check_writable(path) -> Path:

@@ -71,12 +71,13 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     if not paths:
         raise ValueError(f"no training tiles matching {image_glob} in {folder}")
     images, labels, valid, bounds, names = [], [], [], [], []
-    seen, dropped, crs = set(), 0, None
+    seen, dropped, crs, crss = set(), 0, None, set()
     for path in paths:
         mask_path = str(Path(path).parent / Path(path).name.replace(*mask_prefix, 1))
         if not Path(mask_path).is_file():
             raise ValueError(f"no mask {Path(mask_path).name} for {Path(path).name}")
         img, ok, b, crs = _read_reflectance(path)
+        crss.add(crs)
         key = tuple(round(v, 3) for v in b)
         if key in seen:
             dropped += 1
@@ -95,6 +96,11 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"training tiles differ in size: {sorted(shapes)}")
+    if images[0].shape[1] != images[0].shape[2]:
+        raise ValueError(f"training tiles must be square (90° rotations augment them), got {images[0].shape[1:]}")
+    if len(crss) != 1:
+        raise ValueError(f"training tiles are in several CRSs ({', '.join(sorted(crss))}); the location split "
+                         "compares coordinates, so reproject them to one")
     return TileSet(np.stack(images), np.stack(labels), np.stack(valid), bounds, names, crs, dropped)
 
 
@@ -136,10 +142,14 @@ def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygo
     return TileSet(np.stack(images_out), np.stack(labels), np.stack(valid), bounds, names, crs)
 
 
-def location_groups(bounds: Sequence[Tuple[float, float, float, float]], block: float = 3840.0) -> List[int]:
-    """Group windows that share a place: footprints that overlap, or centres in the
-    same ``block`` x ``block`` map-unit square (spatial blocking against leakage
-    between neighbouring windows)."""
+#: Side of the spatial blocks of the validation split, in pixels (3 windows of 128 px).
+BLOCK_PX = 384
+
+
+def location_groups(bounds: Sequence[Tuple[float, float, float, float]], block: float) -> List[int]:
+    """Group windows that share a place: footprints that overlap (share area), or
+    centres in the same ``block`` x ``block`` square of map units (spatial blocking,
+    so neighbouring windows do not land on both sides of the split)."""
     n = len(bounds)
     parent = list(range(n))
 
@@ -166,7 +176,8 @@ def location_groups(bounds: Sequence[Tuple[float, float, float, float]], block: 
 
 
 def spatial_split(bounds, val_fraction: float = 0.2, seed: int = 0, block: float = 3840.0) -> Tuple[List[int], List[int]]:
-    """Whole location groups go to validation until ``val_fraction`` of windows is reached."""
+    """Whole location groups go to validation until ``val_fraction`` of windows is
+    reached; a group that would overshoot by more than 20 % is passed over."""
     groups = location_groups(bounds, block)
     members: Dict[int, List[int]] = {}
     for i, g in enumerate(groups):
@@ -178,8 +189,10 @@ def spatial_split(bounds, val_fraction: float = 0.2, seed: int = 0, block: float
     for k in keys:
         if len(val) >= target:
             break
-        if len(val) + len(members[k]) <= target * 1.2 or not val:
+        if len(val) + len(members[k]) <= target * 1.2:
             val.extend(members[k])
+    if not val:  # every group is larger than the target: take the smallest
+        val = list(min(members.values(), key=len))
     val_set = set(val)
     return [i for i in range(len(bounds)) if i not in val_set], sorted(val)
 
@@ -269,13 +282,18 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     if options.threads:
         torch.set_num_threads(options.threads)
     device, device_text = choose_device(options.device)
+    if options.batch_size < 2:
+        raise ValueError(f"batch size must be at least 2 (batch normalisation), got {options.batch_size}")
     if val_tiles is None:
-        train_idx, val_idx = spatial_split(tiles.bounds, options.val_fraction, options.seed)
+        b = tiles.bounds[0]
+        block = BLOCK_PX * (b[2] - b[0]) / tiles.images.shape[-1]  # pixels -> map units of these tiles
+        train_idx, val_idx = spatial_split(tiles.bounds, options.val_fraction, options.seed, block)
         train_set, val_set = tiles.subset(train_idx), tiles.subset(val_idx)
     else:
         train_set, val_set = tiles, val_tiles
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError("need at least one training and one validation window")
+    if len(train_set) < 2 or len(val_set) == 0:
+        raise ValueError(f"need at least two training windows and one validation window "
+                         f"(have {len(train_set)} and {len(val_set)})")
     reporter.info(f"device: {device_text}")
     reporter.info(f"windows: {len(train_set)} train, {len(val_set)} validation (split by location); "
                   f"{tiles.duplicates_dropped} duplicated windows dropped")

@@ -10,7 +10,7 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProce
                        QgsProcessingParameterRasterLayer, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 
-from .common import MENetAlgorithm, load_core, polygons_as_geojson, processing_errors
+from .common import MENetAlgorithm, gdal_raster_path, load_core, polygons_as_geojson, processing_errors
 
 SCORE_FIELDS = ["overall_accuracy", "precision", "recall", "f1", "iou", "kappa",
                 "predicted_mangrove_ha", "reference_mangrove_ha"]
@@ -63,31 +63,31 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         load_core()
-        from ..core import assessment, training
+        from ..core import assessment
         pred = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
-        ref_raster = self.parameterAsRasterLayer(parameters, self.REFERENCE_RASTER, context)
+        pred_path = gdal_raster_path(self, parameters, self.PREDICTION, context)
+        has = lambda key: parameters.get(key) not in (None, "")  # noqa: E731
+        ref_path = gdal_raster_path(self, parameters, self.REFERENCE_RASTER, context) if has(self.REFERENCE_RASTER) else None
+        image_path = gdal_raster_path(self, parameters, self.IMAGE, context) if has(self.IMAGE) else None
         ref_polygons = self.parameterAsSource(parameters, self.REFERENCE_POLYGONS, context)
         area = self.parameterAsSource(parameters, self.AREA, context)
-        image = self.parameterAsRasterLayer(parameters, self.IMAGE, context)
         folder = self.parameterAsFile(parameters, self.TILE_FOLDER, context)
-        if (ref_raster is None) == (ref_polygons is None):
+        if (ref_path is None) == (ref_polygons is None):
             raise QgsProcessingException("give exactly one reference: a mask raster or polygons")
-        if folder and image is None:
+        if folder and image_path is None:
             raise QgsProcessingException("the random-forest baseline needs the Sentinel-2 raster (IMAGE) too")
         crs = pred.crs()
         with processing_errors():
             forest = None
             if folder:
                 feedback.pushInfo("training the random-forest baseline on the tile folder")
-                tiles = training.load_tile_folder(folder)
-                forest = assessment.train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid],
-                                                        tiles.labels[tiles.valid])
+                forest = assessment.forest_from_tiles(folder)
             results = assessment.assess_rasters(
-                pred.source(), reference=ref_raster.source() if ref_raster else None,
+                pred_path, reference=ref_path,
                 reference_polygons=polygons_as_geojson(ref_polygons, crs, context) if ref_polygons else None,
                 area_polygons=polygons_as_geojson(area, crs, context) if area else None,
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context), name=pred.name(),
-                image=image.source() if image else None, forest=forest)
+                image=image_path, forest=forest)
         fields = QgsFields()
         fields.append(QgsField("method", QVariant.String))
         for name in SCORE_FIELDS:
@@ -97,7 +97,6 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         sink, table_id = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry)
         for result in results:
             row = result.to_dict()
-            row.update(row.pop("confusion"))
             feature = QgsFeature(fields)
             feature.setAttributes([row["name"]] + [row[k] for k in SCORE_FIELDS] + [row[k] for k in COUNT_FIELDS])
             sink.addFeature(feature, QgsFeatureSink.FastInsert)

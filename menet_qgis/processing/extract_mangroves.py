@@ -9,11 +9,13 @@ from qgis.core import (QgsProcessingContext,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
+from ..core.stages import STAGE_NAMES  # torch-free, like ..core.tiling
+from ..core.tiling import check_window
 from ..resources import default_model_path
 from .common import (KEEP_ALIVE, GroupInserter, MENetAlgorithm, ProbabilityStyler, band_choice, band_parameters,
                      check_band_parameters, gdal_raster_path, load_core, make_reporter, processing_errors)
 
-STAGE_OPTIONS = ["stage0", "stage1", "stage2", "stage3", "stage4", "stage5"]
+STAGE_OPTIONS = STAGE_NAMES
 STAGE_MODES = ["compact (mean, max, std of channels)", "all channels"]
 DEVICES = ["auto", "cuda", "cpu"]
 
@@ -76,8 +78,8 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(self.STAGE_MODE, "Stage layer content", STAGE_MODES,
                                                      defaultValue=0))
         advanced = band_parameters(self.INPUT) + [
-            QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px, multiple of 32)",
-                                         QgsProcessingParameterNumber.Integer, 256, minValue=64, maxValue=2048),
+            QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px, multiple of 32; 0 = the model's, 256)",
+                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=2048),
             QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px, multiple of 32)",
                                          QgsProcessingParameterNumber.Integer, 64, minValue=0, maxValue=1024),
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = automatic)",
@@ -95,10 +97,10 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         window = self.parameterAsInt(parameters, self.WINDOW_SIZE, context)
-        overlap = self.parameterAsInt(parameters, self.OVERLAP, context)
-        if window % 32 or overlap % 32 or overlap > window // 2:
-            return False, (f"Window size ({window}) and overlap ({overlap}) must be multiples of 32 px, "
-                           "with the overlap at most half the window")
+        try:
+            check_window(window or 256, self.parameterAsInt(parameters, self.OVERLAP, context))
+        except ValueError as exc:
+            return False, str(exc)
         problem = check_band_parameters(self, parameters, context)
         if problem:
             return False, problem

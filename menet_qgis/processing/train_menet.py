@@ -9,7 +9,7 @@ from qgis.core import (QgsProcessing, QgsProcessingException,
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterFeatureSource)
 
-from .common import MENetAlgorithm, load_core, make_reporter, polygons_as_geojson, processing_errors
+from .common import MENetAlgorithm, gdal_raster_path, load_core, make_reporter, polygons_as_geojson, processing_errors
 
 DEVICES = ["auto", "cuda", "cpu"]
 
@@ -77,7 +77,8 @@ class TrainMENetAlgorithm(MENetAlgorithm):
         from ..core import training
         folder = self.parameterAsFile(parameters, self.TILE_FOLDER, context)
         images = self.parameterAsLayerList(parameters, self.IMAGES, context)
-        label_raster = self.parameterAsRasterLayer(parameters, self.LABEL_RASTER, context)
+        label_raster = (gdal_raster_path(self, parameters, self.LABEL_RASTER, context)
+                        if parameters.get(self.LABEL_RASTER) not in (None, "") else None)
         polygons = self.parameterAsSource(parameters, self.LABEL_POLYGONS, context)
         out = Path(self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context))
         if out.suffix != ".pt":
@@ -90,10 +91,10 @@ class TrainMENetAlgorithm(MENetAlgorithm):
             elif images:
                 if (label_raster is None) == (polygons is None):
                     raise QgsProcessingException("with rasters, give the labels as a mask raster or as polygons")
-                paths = [layer.source().split("|")[0] for layer in images]
+                paths = [layer.source().split("|")[0] for layer in images]  # raster layers: GDAL sources
                 by_image = ([polygons_as_geojson(polygons, layer.crs(), context) for layer in images]
                             if polygons is not None else None)
-                tiles = training.load_raster_labels(paths, label_raster.source() if label_raster else None, by_image)
+                tiles = training.load_raster_labels(paths, label_raster, by_image)
             else:
                 raise QgsProcessingException("no training data: give a tile folder, or rasters with labels")
             feedback.pushInfo(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
