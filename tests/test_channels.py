@@ -215,3 +215,11 @@ def test_dn_with_offset_tag_gives_the_same_model_input_as_reflectance(bundle, tm
     assert not valid_dn[3, 4] and valid_dn[:20, :24].sum() == 20 * 24 - 1
     np.testing.assert_allclose(x_dn, x_refl, rtol=1e-5, atol=1e-5)
     assert (x_dn[0, :, 3, 4] == 0).all()
+
+
+def test_gdal_sentinel2_driver_subdataset_names_are_opened(tmp_path):
+    """A name like SENTINEL2_L2A:...:10m:EPSG_32717 is GDAL's, not a file path: it must reach GDAL."""
+    from menet_qgis.core import raster_io
+    with pytest.raises(raster_io.InputError) as err:
+        raster_io.RasterInput(f"SENTINEL2_L2A:{tmp_path}/MTD_MSIL2A.xml:10m:EPSG_32717")
+    assert "not a raster GDAL can read" in str(err.value)

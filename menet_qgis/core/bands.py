@@ -105,7 +105,8 @@ def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], data
         if missing:
             raise BandError(f"cannot identify Sentinel-2 bands {', '.join(missing)} in this {count}-band raster "
                             f"(found {found}); ME-Net needs {', '.join(SOURCE_BANDS)} — set the band numbers "
-                            f"explicitly, or give an 11-band ME-Net stack")
+                            f"explicitly, build a 6-band stack from the product with 'Prepare Sentinel-2 stack' "
+                            f"(python -m menet_qgis prepare), or give an 11-band ME-Net stack")
         indexes, how = [by_label[b] for b in SOURCE_BANDS], "band descriptions"
     notes = [f"bands {', '.join(f'{b}=band {i}' for b, i in zip(SOURCE_BANDS, indexes))} (from {how})"]
     if dtype.startswith(("int", "uint")):

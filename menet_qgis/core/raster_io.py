@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ class RasterInput:
     def __init__(self, path, band_numbers: Optional[Sequence[int]] = None, dn_offset: Optional[float] = None,
                  bounds: Optional[Tuple[float, float, float, float]] = None):
         self.path = str(path)
-        if not Path(self.path).exists() and "://" not in self.path and not self.path.startswith("/vsi"):
+        is_gdal_name = "://" in self.path or self.path.startswith("/vsi") or re.match(r"^[A-Z0-9_]+:", self.path)
+        if not is_gdal_name and not Path(self.path).exists():
             raise InputError(f"input raster not found: {self.path}")
         try:
             with rasterio.open(self.path) as ds:
