@@ -33,6 +33,12 @@ def untrained_model(path: Path) -> Path:
     return path
 
 
+def log_lines(result: dict) -> list:
+    """qgis_process --json puts the algorithm's log under log.info, as a string or a list."""
+    info = result.get("log", {}).get("info", "") if isinstance(result.get("log"), dict) else ""
+    return info if isinstance(info, list) else info.splitlines()
+
+
 def describe(path: Path, threshold: float = 0.5) -> str:
     with rasterio.open(path) as ds:
         data = ds.read(1)
@@ -75,8 +81,8 @@ def main() -> int:
         print(proc.stdout[-4000:] + proc.stderr[-4000:], file=sys.stderr)
         return proc.returncode
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
-    log = result.get("log", {}).get("info", "") if isinstance(result.get("log"), dict) else ""
-    print("\n".join(l for l in log.splitlines() if l.startswith(("device", "windows", "ran the model", "input bands"))))
+    print("\n".join(line for line in log_lines(result)
+                    if line.startswith(("input bands", "device", "windows", "ran the model"))))
     print("\n".join(notes))
     print("outputs:")
     print(describe(Path(result["results"]["OUTPUT"])))

@@ -56,7 +56,8 @@ def test_whole_2020_scene_with_no_band_parameters_and_the_default_model(qgis_env
     """Issue 3's must-show: the real 6-band float32 export (NaN nodata), bands found from their names."""
     out = tmp_path / "scene_2020_probability.tif"
     result = run_json(["menet:extractmangroves", "--", f"INPUT={scene}", f"OUTPUT={out}"], qgis_env)
-    log = result["log"]["info"] if isinstance(result.get("log"), dict) else ""
+    info = result["log"]["info"]
+    log = "\n".join(info) if isinstance(info, list) else info
     assert "from band descriptions" in log and "read as surface reflectance" in log
     inp, prof = raster_io.raster_profile(scene), raster_io.raster_profile(out)
     assert (prof["crs"], prof["transform"], prof["width"], prof["height"]) == \

@@ -10,8 +10,6 @@ size and the training metadata.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,6 +18,7 @@ import torch
 
 from . import channels as ch
 from .model import ARCHITECTURE, ARCHITECTURE_VERSION, DEFAULT_HEAD_WIDTH, MENet
+from .raster_io import atomic_path
 
 FORMAT = "menet_qgis.checkpoint"
 FORMAT_VERSION = 1
@@ -75,14 +74,8 @@ def save(bundle: ModelBundle, path, half: bool = False) -> None:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(record, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load(path) -> ModelBundle:

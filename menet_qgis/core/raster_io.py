@@ -137,10 +137,22 @@ class RasterInput:
         self._local = threading.local()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Read once at import: ``os.umask`` can only be read by setting it, which is not thread-safe.
+UMASK = _umask()
+
+
 def temp_beside(path: Path) -> Path:
-    """A hidden temporary file in ``path``'s folder (same file system: the final rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem + ".", suffix=".partial.tif")
+    """A hidden temporary file in ``path``'s folder (same file system: the final rename is
+    atomic), with the permissions a normally created file would get (mkstemp makes 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem + ".", suffix=".partial" + path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~UMASK)
     return Path(tmp)
 
 
