@@ -34,11 +34,8 @@ def peak_rss_mb() -> float:
 
 def forward_rate(bundle, device, batch: int, window: int, seconds: float) -> float:
     """Windows/s of the model alone, input already on the device, same precision as the engine."""
-    model = bundle.model.to(device).eval()
-    x = torch.randn(batch, 11, window, window, device=device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    model = bundle.model.to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 11, window, window, device=device).contiguous(memory_format=torch.channels_last)
 
     def step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
