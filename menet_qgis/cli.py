@@ -218,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .core.raster_io import limit_gdal_cache
+        limit_gdal_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("menet_qgis: cancelled; no output was kept", file=sys.stderr)

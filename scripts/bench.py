@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="where generated rasters and outputs go (default: a temp folder)")
     a = p.parse_args(argv)
 
+    raster_io.limit_gdal_cache()  # as the CLI does (GDAL_CACHEMAX in the environment wins)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="menet-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     raster = Path(a.raster) if a.raster else work / f"synthetic_{a.size}.tif"

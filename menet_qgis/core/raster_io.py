@@ -30,6 +30,20 @@ from .bands import InputPlan, plan_input
 SNAP_TOLERANCE = 1e-6
 
 
+#: GDAL block cache for headless runs (CLI, benchmark). GDAL's default is 5 % of RAM,
+#: which on a whole tile fills with decoded input and dirty output blocks that are
+#: never needed again (each window is read once, each strip written once).
+HEADLESS_GDAL_CACHE_MB = 256
+
+
+def limit_gdal_cache(megabytes: int = HEADLESS_GDAL_CACHE_MB) -> None:
+    """Cap GDAL's block cache unless the user set GDAL_CACHEMAX.  Only for processes
+    we own: inside QGIS the cache is QGIS's (and the user's) to size."""
+    if "GDAL_CACHEMAX" not in os.environ:
+        from osgeo import gdal
+        gdal.SetCacheMax(megabytes * 2**20)
+
+
 class InputError(ValueError):
     """An input raster that cannot be processed; the message says why."""
 
