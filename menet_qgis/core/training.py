@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import channels as ch
+from .bands import InputPlan
 from .checkpoint import ModelBundle, new_bundle, save
 from .engine import Cancelled, Reporter, prepare_batch
 from .metrics import Confusion
@@ -251,6 +252,10 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return bce + dice
 
 
+#: Training windows are held as reflectance already: channels are built with no further scaling.
+_REFLECTANCE_PLAN = InputPlan("sentinel2", list(range(1, 7)))
+
+
 def evaluate(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16, threshold: float = 0.5) -> Confusion:
     plan = _REFLECTANCE_PLAN
     model = bundle.model.eval()
@@ -263,13 +268,6 @@ def evaluate(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16, 
             ok = tiles.valid[i:i + batch_size]
             conf.add(prob[ok] >= threshold, tiles.labels[i:i + batch_size][ok] >= 0.5)
     return conf
-
-
-class _Plan:
-    kind, offset, scale = "sentinel2", 0.0, 1.0
-
-
-_REFLECTANCE_PLAN = _Plan()
 
 
 def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Reporter = Reporter(),
