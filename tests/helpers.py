@@ -1,7 +1,6 @@
 """Test helpers: real GeoTIFFs with real georeferencing, written with rasterio."""
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from typing import Optional, Sequence

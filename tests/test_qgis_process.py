@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from helpers import ROOT, crop_scene, qgis_process, read, write_s2
 from menet_qgis.core import raster_io

@@ -13,7 +13,7 @@ B12 (SWIR-2), all at 10 m.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch

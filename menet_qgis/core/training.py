@@ -257,14 +257,13 @@ _REFLECTANCE_PLAN = InputPlan("sentinel2", list(range(1, 7)))
 
 
 def evaluate(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16, threshold: float = 0.5) -> Confusion:
-    plan = _REFLECTANCE_PLAN
     model = bundle.model.eval()
     conf = Confusion()
     with torch.inference_mode():
         for i in range(0, len(tiles), batch_size):
             raw = torch.from_numpy(np.nan_to_num(tiles.images[i:i + batch_size])).to(device)
             valid = torch.from_numpy(tiles.valid[i:i + batch_size]).to(device)
-            prob = torch.sigmoid(model(prepare_batch(raw, valid, bundle, plan)).float())[:, 0].cpu().numpy()
+            prob = torch.sigmoid(model(prepare_batch(raw, valid, bundle, _REFLECTANCE_PLAN)).float())[:, 0].cpu().numpy()
             ok = tiles.valid[i:i + batch_size]
             conf.add(prob[ok] >= threshold, tiles.labels[i:i + batch_size][ok] >= 0.5)
     return conf

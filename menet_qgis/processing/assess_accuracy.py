@@ -28,8 +28,6 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
     def displayName(self):  # noqa: N802
         return "Assess accuracy"
 
-
-
     def shortHelpString(self):  # noqa: N802
         return ("<p>Scores a mangrove probability or mask raster against a reference (mask raster with mangrove = "
                 "value ≥ 0.5, or mangrove polygons), optionally only inside an area: overall accuracy, precision, "

@@ -128,6 +128,13 @@ def polygons_as_geojson(source, target_crs, context) -> list:
     return shapes
 
 
+def advanced(params: list) -> list:
+    """Flag parameters as advanced (folded away in the dialog) and return them."""
+    for param in params:
+        param.setFlags(param.flags() | param.FlagAdvanced)
+    return params
+
+
 def band_parameters(parent: str) -> list:
     """The six optional band-number parameters and DN_OFFSET, flagged advanced."""
     from qgis.core import QgsProcessingParameterBand, QgsProcessingParameterNumber
@@ -137,9 +144,7 @@ def band_parameters(parent: str) -> list:
     params.append(QgsProcessingParameterNumber(
         DN_OFFSET, "DN offset for integer input when metadata has none (-1000 for processing baseline 04.00+)",
         QgsProcessingParameterNumber.Double, optional=True))
-    for param in params:
-        param.setFlags(param.flags() | param.FlagAdvanced)
-    return params
+    return advanced(params)
 
 
 def check_band_parameters(alg, parameters, context) -> Optional[str]:

@@ -21,8 +21,6 @@ class ExportChannelsAlgorithm(MENetAlgorithm):
     def shortDescription(self):  # noqa: N802
         return "The 11 channels ME-Net computes from a Sentinel-2 raster, as a float32 raster to inspect"
 
-
-
     def shortHelpString(self):  # noqa: N802
         try:
             from ..core.channels import CHANNELS

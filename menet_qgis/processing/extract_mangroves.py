@@ -12,10 +12,10 @@ from qgis.core import (QgsProcessingContext,
 from ..core.stages import STAGE_NAMES  # torch-free, like ..core.tiling
 from ..core.tiling import check_window
 from ..resources import default_model_path
-from .common import (KEEP_ALIVE, GroupInserter, MENetAlgorithm, ProbabilityStyler, band_choice, band_parameters,
-                     check_band_parameters, gdal_raster_path, load_core, make_reporter, processing_errors)
+from .common import (KEEP_ALIVE, GroupInserter, MENetAlgorithm, ProbabilityStyler, advanced, band_choice,
+                     band_parameters, check_band_parameters, gdal_raster_path, load_core, make_reporter,
+                     processing_errors)
 
-STAGE_OPTIONS = STAGE_NAMES
 STAGE_MODES = ["compact (mean, max, std of channels)", "all channels"]
 DEVICES = ["auto", "cuda", "cpu"]
 
@@ -46,8 +46,6 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
     def shortDescription(self):  # noqa: N802
         return "Mangrove probability and ResNet-101 stage feature layers from a Sentinel-2 raster"
 
-
-
     def shortHelpString(self):  # noqa: N802
         from ..core.stages import stage_table  # torch-free
         table = stage_table(256).replace("\n", "<br>")
@@ -73,11 +71,11 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         self.addParameter(QgsProcessingParameterFile(self.MODEL, "Model checkpoint (empty = default model)",
                                                      extension="pt", optional=True))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Process only this extent", optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.STAGES, "Stage feature layers to write", STAGE_OPTIONS,
+        self.addParameter(QgsProcessingParameterEnum(self.STAGES, "Stage feature layers to write", STAGE_NAMES,
                                                      allowMultiple=True, optional=True, defaultValue=[]))
         self.addParameter(QgsProcessingParameterEnum(self.STAGE_MODE, "Stage layer content", STAGE_MODES,
                                                      defaultValue=0))
-        advanced = band_parameters(self.INPUT) + [
+        for param in band_parameters(self.INPUT) + advanced([
             QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px, multiple of 32; 0 = the model's, 256)",
                                          QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=2048),
             QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px, multiple of 32)",
@@ -85,9 +83,7 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = automatic)",
                                          QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=1024),
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
-        ]
-        for param in advanced:
-            param.setFlags(param.flags() | param.FlagAdvanced)
+        ]):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Mangrove probability"))
         self.addParameter(QgsProcessingParameterFolderDestination(
@@ -117,7 +113,7 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
             if rect.isNull() or rect.isEmpty():
                 raise QgsProcessingException("the processing extent is empty")
             bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
-        stages = [STAGE_OPTIONS[i] for i in self.parameterAsEnums(parameters, self.STAGES, context)]
+        stages = [STAGE_NAMES[i] for i in self.parameterAsEnums(parameters, self.STAGES, context)]
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         stage_dir = self.parameterAsString(parameters, self.STAGE_FOLDER, context) or None
         options = engine.EngineOptions(

@@ -25,8 +25,6 @@ class PrepareSentinel2Algorithm(MENetAlgorithm):
     def shortDescription(self):  # noqa: N802
         return "One 6-band 10 m raster (B2, B3, B4, B8, B11, B12) from an unzipped Sentinel-2 product"
 
-
-
     def shortHelpString(self):  # noqa: N802
         return (
             "<p>Stacks the six bands ME-Net needs from an unzipped Sentinel-2 L2A (or L1C) product into one "

@@ -9,7 +9,8 @@ from qgis.core import (QgsProcessing, QgsProcessingException,
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterFeatureSource)
 
-from .common import MENetAlgorithm, gdal_raster_path, load_core, make_reporter, polygons_as_geojson, processing_errors
+from .common import (MENetAlgorithm, advanced, gdal_raster_path, load_core, make_reporter, polygons_as_geojson,
+                     processing_errors)
 
 DEVICES = ["auto", "cuda", "cpu"]
 
@@ -24,8 +25,6 @@ class TrainMENetAlgorithm(MENetAlgorithm):
 
     def displayName(self):  # noqa: N802
         return "Train ME-Net"
-
-
 
     def shortHelpString(self):  # noqa: N802
         return ("<p>Trains ME-Net on your labelled Sentinel-2 data and writes a checkpoint that "
@@ -52,7 +51,7 @@ class TrainMENetAlgorithm(MENetAlgorithm):
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
                                                        30, minValue=1, maxValue=1000))
-        params = [
+        for param in advanced([
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer, 8,
                                          minValue=2, maxValue=512),
             QgsProcessingParameterNumber(self.LEARNING_RATE, "Peak learning rate (one-cycle AdamW)",
@@ -63,9 +62,7 @@ class TrainMENetAlgorithm(MENetAlgorithm):
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
             QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet ResNet-101 weights (optional .pth)",
                                        extension="pth", optional=True),
-        ]
-        for param in params:
-            param.setFlags(param.flags() | param.FlagAdvanced)
+        ]):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Trained model",
                                                                 "ME-Net checkpoint (*.pt)"))
