@@ -5,7 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SITE := $(CURDIR)/$(VENV)/lib/python3.11/site-packages
 APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio python3-gdal python3-venv python3-sklearn
-PIP_PACKAGES := torch==2.14.1 torchvision==0.29.1 pytest pytest-qgis
+# torch/torchvision apart: the Debian 13 CI chroot takes Debian's own python3-torch instead.
+PIP_TORCH := torch==2.14.1 torchvision==0.29.1
+# One line per feature, so each can be added or dropped without touching the others.
+PIP_PACKAGES := pytest pytest-qgis
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
@@ -24,7 +27,7 @@ $(VENV)/.installed: Makefile
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q $(PIP_PACKAGES)
+	$(PY) -m pip install -q $(PIP_TORCH) $(PIP_PACKAGES)
 	touch $@
 
 # The plugin folder QGIS loads: package + metadata.txt + resources (symlinks, always current).
