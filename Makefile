@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SITE := $(CURDIR)/$(VENV)/lib/python3.11/site-packages
 APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio python3-gdal python3-venv python3-sklearn
+APT_PACKAGES += xvfb
 # torch/torchvision apart: the Debian 13 CI chroot takes Debian's own python3-torch instead.
 PIP_TORCH := torch==2.14.1 torchvision==0.29.1
 # One line per feature, so each can be added or dropped without touching the others.
@@ -51,6 +52,13 @@ package: setup
 	find build/package -name __pycache__ -prune -exec rm -rf {} +
 	cd build/package && rm -f ../../dist/menet_qgis-$(VERSION).zip && $(CURDIR)/$(PY) -m zipfile -c ../../dist/menet_qgis-$(VERSION).zip menet_qgis
 	@echo "built dist/menet_qgis-$(VERSION).zip (QGIS: Plugins > Manage and Install > Install from ZIP)"
+
+# The README's screenshots, from the desktop GUI test (real QGIS under Xvfb); copied only when it passes.
+.PHONY: screenshots
+screenshots: setup
+	$(PY) -m pytest -q tests/test_desktop_gui.py
+	mkdir -p docs/screenshots
+	cp build/gui/dialog_parameters.png build/gui/dialog_log.png build/gui/main_window_result.png docs/screenshots/
 
 bench: plugin
 	$(PY) scripts/bench.py $(BENCH_ARGS)
