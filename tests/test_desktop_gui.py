@@ -44,6 +44,7 @@ DISPLAY = os.environ.get("MENET_GUI_DISPLAY")
 OUT = Path(os.environ.get("MENET_GUI_OUT") or ROOT / "build" / "gui")  # screenshots; the session in OUT/session
 SESSION_TIMEOUT = float(os.environ.get("MENET_GUI_TIMEOUT", "300"))
 STARTUP_TIMEOUT = 90  # seconds until the driver's first sign of life (QGIS up, script running)
+EXIT_GRACE = 10  # seconds a process QGIS started may take to end after QGIS exited
 MODEL = ROOT / "resources" / "models" / "menet_jambeli_v1.pt"
 PROFILE = "menet-test"
 # Mangrove forest, shrimp ponds and a channel, no no-data; one 256² window keeps the CPU run short.
@@ -150,17 +151,27 @@ def gui_run():
     with x_display(work / "xvfb.log") as display, open(work / "qgis.log", "wb") as log:
         qgis = subprocess.Popen(command, env=gui_environment(display, work, config), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        returncode, left_behind = None, {}
+        marker = f"MENET_GUI_CONFIG={config}".encode()
         try:
             returncode = wait_for_qgis(qgis, started, result_path)
         finally:
-            try:  # QGIS and anything it started (a worker process, a crash reporter) go with its session
+            if returncode is not None:
+                left_behind = outliving(qgis.pid, marker, grace_s=EXIT_GRACE)
+            try:  # QGIS and anything it started (a worker process, gdb from its crash handler) go with its session
                 os.killpg(qgis.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             qgis.wait()
+            for pid in descendants(qgis.pid, marker):  # those that left the session
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     recorded = json.loads(result_path.read_text()) if result_path.is_file() else {}
     fault = work / "faulthandler.txt"
     return {"returncode": returncode, "seconds": time.monotonic() - started, "recorded": recorded,
+            "left_behind": left_behind,
             "scene": scene, "output": work / "out" / "probability.tif", "work": work,
             "fault": fault.read_text(errors="replace") if fault.is_file() else "",
             "qgis_log": (work / "qgis.log").read_text(errors="replace")}
@@ -177,8 +188,39 @@ def wait_for_qgis(qgis, started: float, result_path: Path):
                 return None
 
 
-def describe(run) -> str:
-    """What went wrong, for an assertion message: how QGIS ended, how far the driver got, the crash stack."""
+def descendants(session: int, marker: bytes) -> dict:
+    """Processes QGIS started, by pid: in its session, or (if they left it) carrying this run's environment."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session or marker in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # ended while we looked
+    found.pop(os.getpid(), None)
+    return found
+
+
+def outliving(session: int, marker: bytes, grace_s: float) -> dict:
+    """Processes QGIS started that still run ``grace_s`` after QGIS exited."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = descendants(session, marker)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def crash_stack(fault: str, lines: int = 45) -> str:
+    """The faulthandler dump without importlib's frames, which hide which import crashed."""
+    kept = [line for line in fault.splitlines() if "<frozen importlib" not in line]
+    end = kept.index("", 2) if "" in kept[2:] else len(kept)  # the first (crashing) thread only
+    return "\n".join(kept[:min(end, lines)]) or "(empty)"
+
+
+def describe(run, full: bool = False) -> str:
+    """What went wrong: how QGIS ended, how far the driver got; ``full`` adds the crash stack and QGIS's output."""
     code = run["returncode"]
     if code is None:
         ended = "QGIS hung (killed): the driver never started or the session outlived MENET_GUI_TIMEOUT"
@@ -188,21 +230,32 @@ def describe(run) -> str:
         ended = f"QGIS was killed by {signal.Signals(-code).name}{first}"
     else:
         ended = f"QGIS exited with status {code}"
-    steps = "\n  ".join(run["recorded"].get("steps", ["(no result JSON)"]))
-    return (f"{ended} after {run['seconds']:.0f} s\ndriver steps:\n  {steps}\n"
-            f"faulthandler:\n{run['fault'][-6000:] or '(empty)'}\nQGIS output (tail):\n{run['qgis_log'][-3000:]}\n"
-            f"files: {run['work']}")
+    steps = run["recorded"].get("steps", ["(no result JSON)"])
+    if not full:
+        return f"{ended} after {run['seconds']:.0f} s; driver's last step: {steps[-1].strip()}; files: {run['work']}"
+    return (f"{ended} after {run['seconds']:.0f} s\ndriver steps:\n  " + "\n  ".join(steps) +
+            f"\nfaulthandler (crashing thread first, import machinery left out):\n{crash_stack(run['fault'])}\n"
+            f"QGIS output (head):\n{run['qgis_log'][:1500]}\nfiles: {run['work']}")
 
 
 def test_qgis_survives_clicking_run(gui_run):
     """Clicking Run must never take QGIS down: it exits normally, through File › Exit, at the driver's end."""
-    assert gui_run["returncode"] == 0, describe(gui_run)
-    assert gui_run["recorded"].get("done"), describe(gui_run)
+    assert gui_run["returncode"] == 0, describe(gui_run, full=True)
+    assert gui_run["recorded"].get("done"), describe(gui_run, full=True)
+
+
+def test_no_process_outlives_qgis(gui_run):
+    """A worker (or anything else QGIS started) ends with QGIS instead of running on, unseen."""
+    assert gui_run["returncode"] is not None, describe(gui_run)
+    assert gui_run["left_behind"] == {}, f"still running {EXIT_GRACE} s after QGIS exited: {gui_run['left_behind']}"
 
 
 def test_plugin_installs_from_zip_and_dialog_defaults_to_active_layer(gui_run):
     recorded = gui_run["recorded"]
     assert recorded.get("plugin_active") and recorded.get("provider_loaded"), describe(gui_run)
+    installed = gui_run["work"] / "profiles" / "profiles" / PROFILE / "python" / "plugins" / "menet_qgis"
+    assert (installed / "metadata.txt").is_file() and not installed.is_symlink(), \
+        f"the ZIP was not unpacked into the profile: {installed}"
     assert recorded.get("input_default") == recorded.get("active_layer"), recorded
     assert recorded.get("output_opens_after_run"), recorded.get("parameters")
     assert recorded.get("run_buttons") == 1, describe(gui_run)

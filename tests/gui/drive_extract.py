@@ -27,7 +27,7 @@ os.makedirs(CONFIG["shots"], exist_ok=True)
 FAULT_LOG = open(os.path.join(os.path.dirname(CONFIG["result"]), "faulthandler.txt"), "w")
 faulthandler.enable(file=FAULT_LOG, all_threads=True)
 
-from qgis.core import Qgis, QgsApplication, QgsProject  # noqa: E402
+from qgis.core import Qgis, QgsApplication, QgsLayerTree, QgsProject  # noqa: E402
 from qgis.PyQt.QtCore import QTimer  # noqa: E402
 from qgis.PyQt.QtWidgets import QPushButton, QTextEdit  # noqa: E402
 from qgis.utils import iface  # noqa: E402
@@ -172,11 +172,15 @@ def press_run(dialog):
     grab(iface.mainWindow(), "main_window_before.png")
     finished = {}
     dialog.algorithmFinished.connect(lambda ok, results: finished.update(ok=ok, results=results))
-    buttons = [b for b in dialog.findChildren(QPushButton) if b.text().replace("&", "") == "Run" and b.isVisible()]
+    # The dialog's own accessor where QGIS has one (any UI language), else the visible button labelled Run.
+    buttons = [dialog.runButton()] if hasattr(dialog, "runButton") else [
+        b for b in dialog.findChildren(QPushButton) if b.text().replace("&", "") == "Run"]
+    buttons = [b for b in buttons if b is not None and b.isVisible() and b.isEnabled()]
     RESULT["run_buttons"] = len(buttons)
     if len(buttons) != 1:
-        step("no unique visible Run button")
+        step("no unique visible, enabled Run button")
         return quit_qgis()
+    RESULT["run_button_text"] = buttons[0].text()
     RESULT["libraries"]["before_run"] = loaded_libraries()
     step("click Run")
     buttons[0].click()
@@ -206,7 +210,7 @@ def layer_tree():
 
     def walk(node, depth):
         for child in node.children():
-            kind = "group" if child.nodeType() == child.NodeGroup else "layer"
+            kind = "group" if QgsLayerTree.isGroup(child) else "layer"
             rows.append({"depth": depth, "kind": kind, "name": child.name(), "visible": child.isVisible(),
                          "checked": child.itemVisibilityChecked(), "expanded": child.isExpanded(),
                          "source": child.layer().source() if kind == "layer" and child.layer() else None})
