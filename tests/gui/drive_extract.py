@@ -10,7 +10,7 @@ exceptions, screenshots) in a JSON file and quits QGIS.  A crash leaves a
 faulthandler traceback instead.
 
 Everything comes from the JSON file named by ``MENET_GUI_CONFIG``: ``zip``,
-``scene``, ``output``, ``model``, ``stage`` (index), ``result`` (JSON to write),
+``scene``, ``layer_name``, ``output``, ``model``, ``stage`` (index), ``result`` (JSON to write),
 ``shots`` (PNG folder), ``timeout_s``.
 """
 import faulthandler
@@ -138,7 +138,7 @@ def show_toolbox():
 
 def load_scene():
     show_toolbox()
-    layer = iface.addRasterLayer(CONFIG["scene"], "Jambeli 2020 crop")
+    layer = iface.addRasterLayer(CONFIG["scene"], CONFIG["layer_name"])
     RESULT["scene_valid"] = bool(layer and layer.isValid())
     iface.setActiveLayer(layer)
     iface.mapCanvas().setExtent(layer.extent())
