@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -232,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .core.raster_io import Terminated, limit_gdal_cache, raise_on_sigterm
-    raise_on_sigterm()  # a terminated run discards its partial outputs like a cancelled one
+    previous_sigterm = raise_on_sigterm()  # a terminated run discards its partial outputs like a cancelled one
     try:
         limit_gdal_cache()
         return COMMANDS[args.command](args)
@@ -246,3 +247,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"menet_qgis: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)

@@ -61,6 +61,12 @@ def new_bundle(head_width: int = DEFAULT_HEAD_WIDTH, imagenet_state=None, seed: 
                        training={"trained": False, "note": "untrained: random weights"})
 
 
+def saved_bytes(bundle: ModelBundle, half: bool = False) -> int:
+    """About how large ``save`` makes the file (the weights; the rest is a few KiB)."""
+    return sum(v.numel() * (2 if half and v.is_floating_point() else v.element_size())
+               for v in bundle.model.state_dict().values()) + 2**20
+
+
 def save(bundle: ModelBundle, path, half: bool = False) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -132,7 +138,7 @@ def load_weights_only(path, what: str, kind: str, error=ValueError):
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     if path.stat().st_size == 0:
-        raise error(f"{path.name} is empty (0 bytes), not a {kind}; was it cut short while copying or saving?")
+        raise error(f"{path.name} is empty (0 bytes): was it cut short while copying or saving?")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

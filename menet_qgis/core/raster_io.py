@@ -61,12 +61,13 @@ class Terminated(BaseException):
     cleanup handler runs (a BaseException, so ``except Exception`` does not eat it)."""
 
 
-def raise_on_sigterm() -> None:
+def raise_on_sigterm():
     """Turn SIGTERM into ``Terminated`` in the main thread, so a terminated run discards its
-    partial outputs like a cancelled one.  For processes we own (CLI, worker), never QGIS."""
+    partial outputs like a cancelled one.  For processes we own (CLI, worker), never QGIS.
+    Returns the previous handler (to restore with ``signal.signal``)."""
     def handler(signum, frame):
         raise Terminated(f"terminated by signal {signum}")
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)
 
 
 #: Sample dtypes Sentinel-2 products and their usual exports use: DN (uint16, also int16/int32
@@ -274,7 +275,8 @@ def check_plausible_values(source: RasterInput, warn: Callable[[str], None]) -> 
     raw = np.concatenate(samples, axis=1)
     if raw.shape[1] == 0:
         return  # no valid pixel in the sample: the engine reports an all-no-data input itself
-    seen = f"{raw.shape[1]} valid pixels in {len(rows) * len(cols)} windows sampled across it"
+    count = len(rows) * len(cols)
+    seen = f"{raw.shape[1]} valid pixels in {count} window{'s' if count != 1 else ''} sampled across it"
     if plan.scale == 1.0:  # float reflectance
         if not raw.any():
             raise InputError(f"{name} holds only zeros ({seen}): there is nothing to map. Likely an empty or "
@@ -435,6 +437,17 @@ def refuse_overwriting_inputs(outputs: Iterable, inputs: Iterable) -> None:
         if hit is not None:
             raise InputError(f"output {out} is the input {hit}: writing it would destroy the input; "
                              "choose another output path")
+
+
+def require_free_space(folder, nbytes: int, what: str) -> None:
+    """Refuse work whose result cannot be saved: ``nbytes`` must fit in ``folder``'s file system."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if nbytes > free:
+        raise InputError(f"not enough free space for {what} at {folder}: needs about {nbytes / 2**20:.0f} MiB, "
+                         f"{free / 2**20:.0f} MiB free")
 
 
 def check_free_space(needs: Dict[Path, int], reporter_warn: Callable[[str], None], what: str = "outputs",

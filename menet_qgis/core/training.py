@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from . import channels as ch
 from .bands import InputPlan
-from .checkpoint import ModelBundle, new_bundle, save
+from .checkpoint import ModelBundle, new_bundle, save, saved_bytes
 from .engine import Cancelled, Reporter, prepare_batch
 from .metrics import Confusion
 from .model import load_imagenet_state
-from .raster_io import RasterInput
+from .raster_io import RasterInput, require_free_space
 
 
 @dataclass
@@ -87,7 +87,12 @@ def check_label_coding(mask: np.ndarray, name: str) -> None:
                      f"(soft values 0-1 allowed, mangrove >= 0.5), no-data as NaN or the declared no-data value: {cause}")
 
 
-def check_both_classes(labels: np.ndarray, valid: np.ndarray, what: str) -> None:
+LABEL_HINT = "check the mask coding (1 = mangrove, 0 = other) or add labels of both classes"
+SPLIT_HINT = ("the location split left one class out of validation: raise the validation fraction, "
+              "try another seed, or add labelled windows of both classes in more places")
+
+
+def check_both_classes(labels: np.ndarray, valid: np.ndarray, what: str, hint: str = LABEL_HINT) -> None:
     """Refuse labels with no mangrove or no other pixels: nothing to learn or to validate against."""
     lab = labels[valid]
     positives = int(np.count_nonzero(lab >= 0.5))
@@ -96,8 +101,8 @@ def check_both_classes(labels: np.ndarray, valid: np.ndarray, what: str) -> None
     if positives == 0 or positives == lab.size:
         cls = "mangrove" if positives == 0 else "non-mangrove"
         raise ValueError(f"{what} hold no {cls} pixels ({lab.size} valid labelled pixels, all "
-                         f"{'other' if positives == 0 else 'mangrove'}): the scores would be degenerate; "
-                         "check the mask coding (1 = mangrove, 0 = other) or add labels of both classes")
+                         f"{'other' if positives == 0 else 'mangrove'}): the scores would be degenerate "
+                         f"and no model is saved; {hint}")
 
 
 def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[str, str] = ("tile_", "mask_")) -> TileSet:
@@ -329,13 +334,16 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     if len(train_set) < 2 or len(val_set) == 0:
         raise ValueError(f"need at least two training windows and one validation window "
                          f"(have {len(train_set)} and {len(val_set)})")
-    check_both_classes(train_set.labels, train_set.valid, "the training windows")
-    check_both_classes(val_set.labels, val_set.valid, "the validation windows (split by location)")
+    check_both_classes(train_set.labels, train_set.valid, "the training windows", SPLIT_HINT)
+    check_both_classes(val_set.labels, val_set.valid, "the validation windows", SPLIT_HINT)
     reporter.info(f"device: {device_text}")
     reporter.info(f"windows: {len(train_set)} train, {len(val_set)} validation (split by location); "
                   f"{tiles.duplicates_dropped} duplicated windows dropped")
     imagenet = load_imagenet_state(options.imagenet_weights, reporter.info)
     bundle = new_bundle(options.head_width, imagenet, seed=options.seed)
+    if options.save_best_to:  # the best-so-far copy and the final model side by side, before hours of training
+        require_free_space(Path(options.save_best_to).parent, 2 * saved_bytes(bundle, half=True),
+                           "the model (best-so-far copy and final file)")
     bundle.pca, bundle.norm_mean, bundle.norm_std = fit_statistics(train_set, seed=options.seed)
     bundle.window_size = 256
     pos = float(train_set.labels[train_set.valid].mean())
