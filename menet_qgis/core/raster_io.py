@@ -80,8 +80,12 @@ def gdal_errors() -> Iterator[List[str]]:
     """Collect GDAL's error messages (CE_Failure and worse) raised on *this thread* while
     the block runs, instead of GDAL printing them.  rasterio's ``close()`` and buffered
     ``write()`` do not raise on failed writes (a full disk), so writers check this list."""
-    from osgeo import gdal
     messages: List[str] = []
+    try:
+        from osgeo import gdal
+    except ImportError:  # no GDAL Python bindings: writes are still checked by verify_geotiff
+        yield messages
+        return
 
     def handler(err_class, err_no, message):
         if err_class >= gdal.CE_Failure:
@@ -283,10 +287,10 @@ def check_plausible_values(source: RasterInput, warn: Callable[[str], None]) -> 
                              "failed export; if 0 marks missing data, set 0 as the raster's no-data value")
         median = float(np.median(raw))
         if median > MAX_MEDIAN_REFLECTANCE:
+            cause = ("reflectance x 10000 stored as float: divide it by 10000, or store it as integer (uint16) "
+                     "so it is read as DN" if median > 100 else "reflectance in percent: divide it by 100")
             raise InputError(f"{name} is a {source.dtype} raster, read as reflectance (0-1), but its values look "
-                             f"like DN: median {median:.0f}, maximum {float(raw.max()):.0f} ({seen}). Likely "
-                             "reflectance x 10000 stored as float: divide it by 10000, or store it as integer "
-                             "(uint16) so it is read as DN")
+                             f"scaled: median {median:.4g}, maximum {float(raw.max()):.4g} ({seen}). Likely {cause}")
         return
     negative = raw < 0
     if negative.any():
