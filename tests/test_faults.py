@@ -273,6 +273,15 @@ def test_assess_report_over_an_input_is_refused(cli, tmp_path):
     assert ref.read_bytes() == before
 
 
+def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
+    from menet_qgis.core import channels, sentinel2_product
+    src = write_s2(tmp_path / "a.tif", 32, 32)
+    before = src.read_bytes()
+    with pytest.raises(raster_io.InputError, match="is the input"):
+        sentinel2_product.export_channels(src, src, channels.default_pca())
+    assert src.read_bytes() == before and partials(tmp_path) == []
+
+
 def test_hard_link_to_an_input_is_refused(tmp_path):
     a = write_s2(tmp_path / "a.tif", 16, 16)
     os.link(a, tmp_path / "b.tif")
@@ -409,12 +418,14 @@ def test_broken_checkpoints_get_one_whole_sentence(cli, untrained_path, tmp_path
         _truncated_checkpoint(model, untrained_path)
         expected = "m.pt is not a readable ME-Net checkpoint (corrupt, truncated or another format: RuntimeError: "
     src = write_s2(tmp_path / "a.tif", 32, 32)
+    old = keep(tmp_path / "out" / "a_probability.tif")
     proc = cli("predict", src, "--model", model, "--out-dir", tmp_path / "out")
     assert proc.returncode == 2
     line = error_line(proc)
     assert line.startswith("menet_qgis: error: " + expected)
     assert line.endswith((")", "?", "loaded")) and "weights_only" not in line
-    assert not marker.exists() and not (tmp_path / "out" / "a_probability.tif").exists()
+    assert not marker.exists()
+    assert (tmp_path / "out" / "a_probability.tif").read_bytes() == old and partials(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize("kind", ["empty", "malicious"])
@@ -501,3 +512,18 @@ def test_partial_files_of_live_runs_are_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_rasterio_hides_a_failed_write_that_verification_catches(small_fs, tmp_path):
+    """Why every write is checked: rasterio's write() and close() raise nothing on a full disk,
+    the file left behind is broken; verify_geotiff (run before every commit) finds it."""
+    noise = np.random.default_rng(0).random((1, 512, 512), dtype=np.float32)
+    profile = dict(driver="GTiff", width=512, height=512, count=1, dtype="float32", crs="EPSG:32717",
+                   transform=from_origin(0, 0, 10, 10), compress="deflate", tiled=True)
+    out = small_fs(512)
+    with rasterio.open(out / "x.tif", "w", **profile) as ds:  # GDAL prints errors; no exception
+        ds.write(noise)
+    assert raster_io.verify_geotiff(out / "x.tif", (1, 512, 512)) is not None
+    with rasterio.open(tmp_path / "ok.tif", "w", **profile) as ds:
+        ds.write(noise)
+    assert raster_io.verify_geotiff(tmp_path / "ok.tif", (1, 512, 512)) is None
