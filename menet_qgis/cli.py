@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -28,7 +29,8 @@ class CliReporter:
             print(message, file=sys.stderr)
 
     def warn(self, message):
-        print("WARNING: " + message, file=sys.stderr)
+        """Warnings are printed even with --quiet: they say a result may be wrong."""
+        print("warning: " + message, file=sys.stderr)
 
     def progress(self, percent):
         step = int(percent) // 10
@@ -134,6 +136,10 @@ def cmd_predict(args) -> int:
                                    device=args.device, stages=[s for s in args.stages.split(",") if s],
                                    stage_mode=args.stage_mode)
     out_dir = Path(args.out_dir)
+    stage_names = [s for s in args.stages.split(",") if s]
+    outputs = [out_dir / f"{stem}_probability.tif" for stem in stems]
+    outputs += [engine.stage_path(out, None, name) for out in outputs for name in stage_names]
+    raster_io.refuse_overwriting_inputs(outputs, [*args.inputs, model_path])
     summary = []
     for source, stem in zip(sources, stems):
         result = engine.extract(bundle, source, out_dir / f"{stem}_probability.tif", options, reporter)
@@ -150,19 +156,26 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if out.suffix != ".pt":
         raise ValueError(f"--out {out.name} must end in .pt")
-    tiles = training.load_tile_folder(args.tiles)
+    from .core import raster_io
+    inputs = [p for p in Path(args.tiles).glob("*") if p.is_file()] + [args.imagenet_weights]
+    raster_io.refuse_overwriting_inputs([out, args.history], inputs)
+    reporter = CliReporter()
     # The best-so-far checkpoint goes to a hidden file that becomes --out only at the end.
     best_so_far = out.parent / f".{out.name}.best-so-far"
+    for path in (out, best_so_far):
+        for stale in raster_io.remove_stale_partials(path):
+            reporter.info(f"removed {stale.name}: a partial file left by a run that no longer exists")
+    tiles = training.load_tile_folder(args.tiles)
     options = training.TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     val_fraction=args.val_fraction, seed=args.seed, device=args.device,
                                     imagenet_weights=args.imagenet_weights, save_best_to=str(best_so_far))
     try:
-        result = training.train(tiles, options, CliReporter())
+        result = training.train(tiles, options, reporter)
         save(result.bundle, out, half=True)
     finally:
         best_so_far.unlink(missing_ok=True)
     if args.history:
-        Path(args.history).write_text(json.dumps(result.history, indent=2))
+        raster_io.atomic_write_text(args.history, json.dumps(result.history, indent=2))
     print(json.dumps({"checkpoint": str(out), "best": result.best}, indent=2))
     return 0
 
@@ -177,7 +190,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_assess(args) -> int:
-    from .core import assessment
+    from .core import assessment, raster_io
+    raster_io.refuse_overwriting_inputs([args.report, args.table], [args.prediction, args.reference, args.area,
+                                                                    args.image, args.model])
     if args.prediction:
         if not args.reference:
             raise ValueError("--reference is required with a prediction raster")
@@ -203,7 +218,7 @@ def cmd_assess(args) -> int:
             raise ValueError(f"{Path(args.model).name} records no validation windows")
         results = assessment.compare_on_tiles(bundle, training.load_tile_folder(args.tiles), names)
     if args.report:
-        Path(args.report).write_text(assessment.html_report(results))
+        assessment.write_html(results, args.report)
     if args.table:
         assessment.write_table(results, args.table)
     print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -217,14 +232,20 @@ COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "prepare": cmd_prepare
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .core.raster_io import Terminated, limit_gdal_cache, raise_on_sigterm
+    previous_sigterm = raise_on_sigterm()  # a terminated run discards its partial outputs like a cancelled one
     try:
-        from .core.raster_io import limit_gdal_cache
         limit_gdal_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("menet_qgis: cancelled; no output was kept", file=sys.stderr)
         return 130
+    except Terminated:
+        print("menet_qgis: terminated; no output was kept", file=sys.stderr)
+        return 143
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"menet_qgis: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)

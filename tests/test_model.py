@@ -129,7 +129,7 @@ def test_checkpoint_never_unpickles_objects(tmp_path):
             return (print, ("pwned",))
     path = tmp_path / "evil.pt"
     torch.save({"format": checkpoint.FORMAT, "payload": Evil()}, path)
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
+    with pytest.raises(checkpoint.CheckpointError, match="refused: the file contains Python objects that could run code"):
         checkpoint.load(path)
 
 

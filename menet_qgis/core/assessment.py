@@ -191,13 +191,24 @@ def assess_rasters(prediction, reference: Optional[str] = None, reference_polygo
 
 
 def write_table(assessments: Sequence[Assessment], path) -> None:
-    """CSV, one row per method: the scores, areas and confusion counts."""
+    """CSV, one row per method: the scores, areas and confusion counts.  Written atomically:
+    a full disk raises WriteError and leaves any previous table as it was."""
     import csv
+    import io
+
+    from .raster_io import atomic_write_text
     rows = [a.to_dict() for a in assessments]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def write_html(assessments: Sequence[Assessment], path, title: str = "ME-Net accuracy assessment") -> None:
+    """The HTML report (``html_report``) written atomically, like ``write_table``."""
+    from .raster_io import atomic_write_text
+    atomic_write_text(path, html_report(assessments, title))
 
 
 def html_report(assessments: Sequence[Assessment], title: str = "ME-Net accuracy assessment") -> str:

@@ -70,6 +70,10 @@ class InputPlan:
     offset: float = 0.0
     zero_is_nodata: bool = False
     notes: List[str] = field(default_factory=list)
+    #: Things the user must see even in quiet runs (Reporter.warn), e.g. an assumed DN offset.
+    warnings: List[str] = field(default_factory=list)
+    #: Metadata tags every output of this input carries (how its values were read).
+    tags: Dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         return "; ".join(self.notes)
@@ -111,17 +115,25 @@ def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], data
     notes = [f"bands {', '.join(f'{b}=band {i}' for b, i in zip(SOURCE_BANDS, indexes))} (from {how})"]
     if dtype.startswith(("int", "uint")):
         meta_offset = next((float(dataset_tags[k]) for k in OFFSET_KEYS if k in dataset_tags), None)
+        warnings: List[str] = []
         if meta_offset is not None:
-            offset = meta_offset
+            offset, source = meta_offset, "product metadata"
             notes.append(f"integer DN: reflectance = (DN {offset:+g}) / 10000, offset from product metadata")
         elif dn_offset is not None:
-            offset = float(dn_offset)
+            offset, source = float(dn_offset), "the DN offset parameter"
             notes.append(f"integer DN: reflectance = (DN {offset:+g}) / 10000, offset from the parameter")
         else:
-            offset = 0.0
+            offset, source = 0.0, "assumed: no offset in the input's metadata and none given"
             notes.append("integer DN: reflectance = DN / 10000 — no offset in the metadata or parameters; "
                          "products of processing baseline 04.00 and later (after 25 Jan 2022) need offset -1000")
+            warnings.append("integer DN with no offset in the metadata and no DN offset given: reading "
+                            "reflectance = DN / 10000. Products of processing baseline 04.00 and later "
+                            "(acquired after 25 Jan 2022) need DN offset -1000, and without it the "
+                            "probabilities are wrong; set the DN offset (0 confirms none)")
         notes.append("DN 0 is no data")
-        return InputPlan("sentinel2", indexes, DN_SCALE, offset, True, notes)
+        tags = {"MENET_INPUT_VALUES": "integer DN, reflectance = (DN + offset) / 10000",
+                "MENET_DN_OFFSET": f"{offset:g} ({source})"}
+        return InputPlan("sentinel2", indexes, DN_SCALE, offset, True, notes, warnings, tags)
     notes.append(f"{dtype} values read as surface reflectance as they are")
-    return InputPlan("sentinel2", indexes, 1.0, 0.0, False, notes)
+    return InputPlan("sentinel2", indexes, 1.0, 0.0, False, notes,
+                     tags={"MENET_INPUT_VALUES": f"{dtype} surface reflectance, used as it is"})

@@ -9,7 +9,10 @@ size and the training metadata.
 """
 from __future__ import annotations
 
+import io
 import math
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -18,7 +21,7 @@ import torch
 
 from . import channels as ch
 from .model import ARCHITECTURE, ARCHITECTURE_VERSION, DEFAULT_HEAD_WIDTH, MENet
-from .raster_io import atomic_path
+from .raster_io import atomic_write_bytes
 
 FORMAT = "menet_qgis.checkpoint"
 FORMAT_VERSION = 1
@@ -58,6 +61,12 @@ def new_bundle(head_width: int = DEFAULT_HEAD_WIDTH, imagenet_state=None, seed: 
                        training={"trained": False, "note": "untrained: random weights"})
 
 
+def saved_bytes(bundle: ModelBundle, half: bool = False) -> int:
+    """About how large ``save`` makes the file (the weights; the rest is a few KiB)."""
+    return sum(v.numel() * (2 if half and v.is_floating_point() else v.element_size())
+               for v in bundle.model.state_dict().values()) + 2**20
+
+
 def save(bundle: ModelBundle, path, half: bool = False) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -74,8 +83,11 @@ def save(bundle: ModelBundle, path, half: bool = False) -> None:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+    # Serialised in memory first: torch's own file writer turns a full disk into
+    # "[enforce fail at inline_container.cc] unexpected pos"; a plain write names it.
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def load(path) -> ModelBundle:
@@ -88,7 +100,8 @@ def load(path) -> ModelBundle:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path.name}: weights do not fit {ARCHITECTURE} v{ARCHITECTURE_VERSION} ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path.name}: weights do not fit {ARCHITECTURE} v{ARCHITECTURE_VERSION} "
+                              f"({first_sentence(exc) or type(exc).__name__})") from None
     model.eval()
     norm = record["normalisation"]
     return ModelBundle(model, list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
@@ -100,14 +113,47 @@ def read_pca(path) -> ch.PCABasis:
     return ch.PCABasis.from_record(read_record(Path(path))["pca"])
 
 
+#: What we say about a file whose pickle holds anything but tensors and plain data.
+UNSAFE_PICKLE = ("refused: the file contains Python objects that could run code; "
+                 "only weights-only checkpoints are loaded")
+
+
+def first_sentence(text: str, limit: int = 240) -> str:
+    """The first sentence of an error message on one line, never cut mid-sentence
+    (a sentence longer than ``limit`` is cut at a word and marked with '…')."""
+    text = " ".join(str(text).split())
+    if not text:
+        return ""
+    match = re.match(r"(.+?[.!?])(\s|$)", text)
+    sentence = match.group(1) if match else text
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+    return sentence
+
+
+def load_weights_only(path, what: str, kind: str, error=ValueError):
+    """``torch.load(weights_only=True)`` with one-line errors: missing, empty, code-carrying
+    or unreadable files each get their own message (``error`` is the exception type raised)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise error(f"{path.name} is empty (0 bytes): was it cut short while copying or saving?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise error(f"{path.name}: {UNSAFE_PICKLE}") from None
+        raise error(f"{path.name} is not a readable {kind} ({first_sentence(exc) or type(exc).__name__})") from None
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        detail = first_sentence(exc)
+        raise error(f"{path.name} is not a readable {kind} (corrupt, truncated or another format: "
+                    f"{type(exc).__name__}{': ' + detail if detail else ''})") from None
+
+
 def read_record(path: Path) -> Dict:
     """The checkpoint's dict after every check but the weights' fit."""
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt/foreign files
-        raise CheckpointError(f"{path.name} is not a readable ME-Net checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    record = load_weights_only(path, "model file", "ME-Net checkpoint", CheckpointError)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{path.name} is not an ME-Net checkpoint (no '{FORMAT}' header)")
     if record.get("format_version") != FORMAT_VERSION:

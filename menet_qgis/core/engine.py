@@ -30,7 +30,8 @@ import torch
 from .channels import compute_channels
 from .checkpoint import ModelBundle
 from .device import auto_batch_size, choose_device
-from .raster_io import AtomicRaster, RasterInput, check_writable, commit_all
+from .raster_io import (AtomicRaster, RasterInput, check_free_space, check_plausible_values, check_writable,
+                        commit_all, refuse_overwriting_inputs, remove_stale_partials)
 from .stages import STAGE_BY_NAME, parse_stage_names
 from .tiling import WindowGrid, blend_weights
 
@@ -228,6 +229,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
         torch.set_num_threads(options.threads)
     batch_size = options.batch_size or auto_batch_size(device, window)
     stage_files = {name: check_writable(stage_path(output, stage_dir, name)) for name in stages}
+    check_outputs(bundle, source, grid, output, stage_files, options.stage_mode, reporter)
 
     reporter.info(f"input: {source.path} ({source.full_width} x {source.full_height} px, {source.crs.to_string()})")
     reporter.info(f"input bands: {source.plan.describe()}")
@@ -248,7 +250,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
 
     def open_outputs():
         prob = AtomicRaster(output, grid.width, grid.height, 1, source.crs, source.area_transform(),
-                            ["mangrove probability"])
+                            ["mangrove probability"], tags=source.plan.tags)
         created.append(prob)
         stitchers["probability"] = StripStitcher(prob, 1, 1, grid)
         for name in stages:
@@ -258,7 +260,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
                     else [f"{name} {b}" for b in COMPACT_BANDS])
             raster = AtomicRaster(stage_files[name], math.ceil(grid.width / st.stride),
                                   math.ceil(grid.height / st.stride), count, source.crs,
-                                  source.area_transform(st.stride), desc)
+                                  source.area_transform(st.stride), desc, tags=source.plan.tags)
             created.append(raster)
             stitchers[name] = StripStitcher(raster, count, st.stride, grid)
 
@@ -319,6 +321,23 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
     reporter.info(f"ran the model on {run_count} of {len(windows)} windows (the rest hold only no-data) "
                   f"in {seconds:.1f} s ({run_count / max(seconds, 1e-9):.2f} windows/s)")
     return ExtractionResult(output, stage_files, device_text, len(windows), run_count, batch_size, seconds)
+
+
+def check_outputs(bundle: ModelBundle, source: RasterInput, grid: WindowGrid, output: Path,
+                  stage_files: Dict[str, Path], stage_mode: str, reporter: Reporter) -> None:
+    """Before any compute: no output may replace an input, the values must make sense,
+    the outputs must fit on their disks; partial files of killed earlier runs are removed."""
+    refuse_overwriting_inputs([output, *stage_files.values()], [source.path, bundle.path])
+    for message in source.plan.warnings:
+        reporter.warn(message)
+    check_plausible_values(source, reporter.warn)
+    needs = {output: grid.width * grid.height * 4}
+    for name, path in stage_files.items():
+        needs[path] = estimate_stage_bytes(grid.width, grid.height, [name], stage_mode)
+    check_free_space(needs, reporter.warn, "probability and stage layers" if stage_files else "probability")
+    for path in needs:
+        for stale in remove_stale_partials(path):
+            reporter.info(f"removed {stale.name}: a partial output left by a run that no longer exists")
 
 
 def reader_count(requested: int, device: torch.device) -> int:

@@ -101,5 +101,9 @@ def load_imagenet_state(path: Optional[str] = None, log: Callable[[str], None] =
         log("no ImageNet ResNet-101 weights found (looked in "
             + ", ".join(str(p) for p in imagenet_weight_candidates()) + "): backbone starts from random init")
         return None
+    from .checkpoint import load_weights_only
+    state = load_weights_only(found, "ImageNet weight file", "torchvision ImageNet weight file")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{found.name} is not a torchvision ResNet-101 weight file (no state dict of tensors)")
     log(f"ImageNet ResNet-101 weights from {found}; conv1 = mean of the RGB kernels x 3/{N_CHANNELS}")
-    return torch.load(found, map_location="cpu", weights_only=True)
+    return state

@@ -8,14 +8,18 @@ run succeeds, so a cancelled or failed run never leaves a half-written layer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
+import shutil
+import signal
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rasterio
@@ -46,6 +50,95 @@ def limit_gdal_cache(megabytes: int = HEADLESS_GDAL_CACHE_MB) -> None:
 
 class InputError(ValueError):
     """An input raster that cannot be processed; the message says why."""
+
+
+class WriteError(OSError):
+    """An output could not be written completely; nothing was replaced."""
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM; raised in the main thread so every ``finally`` and
+    cleanup handler runs (a BaseException, so ``except Exception`` does not eat it)."""
+
+
+def raise_on_sigterm():
+    """Turn SIGTERM into ``Terminated`` in the main thread, so a terminated run discards its
+    partial outputs like a cancelled one.  For processes we own (CLI, worker), never QGIS.
+    Returns the previous handler (to restore with ``signal.signal``)."""
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+    return signal.signal(signal.SIGTERM, handler)
+
+
+#: Sample dtypes Sentinel-2 products and their usual exports use: DN (uint16, also int16/int32
+#: after some tools) and reflectance (float32/float64).
+ACCEPTED_DTYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+@contextlib.contextmanager
+def gdal_errors() -> Iterator[List[str]]:
+    """Collect GDAL's error messages (CE_Failure and worse) raised on *this thread* while
+    the block runs, instead of GDAL printing them.  rasterio's ``close()`` and buffered
+    ``write()`` do not raise on failed writes (a full disk), so writers check this list."""
+    messages: List[str] = []
+    try:
+        from osgeo import gdal
+    except ImportError:  # no GDAL Python bindings: writes are still checked by verify_geotiff
+        yield messages
+        return
+
+    def handler(err_class, err_no, message):
+        if err_class >= gdal.CE_Failure:
+            messages.append(" ".join(str(message).split()))
+
+    gdal.PushErrorHandler(handler)
+    try:
+        yield messages
+    finally:
+        gdal.PopErrorHandler()
+
+
+def _write_failure(path: Path, detail: str, errno_value: Optional[int] = None) -> WriteError:
+    """The one-line error for a failed write at ``path``; names a full disk as such."""
+    no_space = errno_value in (errno.ENOSPC, errno.EDQUOT) or "no space left" in detail.lower() \
+        or "quota" in detail.lower()
+    if not no_space:
+        try:  # GDAL's messages may be localised: ask the file system itself
+            no_space = shutil.disk_usage(path.parent).free < 2**20
+        except OSError:
+            pass
+    error = WriteError(f"no space left on device at {path} (nothing was replaced)" if no_space else
+                       f"writing {path} failed: {detail} (nothing was replaced)")
+    error.errno = errno.ENOSPC if no_space else (errno_value or errno.EIO)
+    return error
+
+
+def sync_file(path: Path) -> None:
+    """fsync: write errors that the OS reports late (network file systems) show up here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_geotiff(path: Path, expect: Tuple[int, int, int]) -> Optional[str]:
+    """A cheap check that a finished GeoTIFF is whole: it opens with the expected size and
+    band count, and every block's bytes lie inside the file.  None when fine, else why not."""
+    size = os.path.getsize(path)
+    with gdal_errors() as errors:
+        try:
+            with rasterio.open(path) as ds:
+                if (ds.count, ds.height, ds.width) != expect:
+                    return f"it has {ds.count} x {ds.height} x {ds.width} values, expected {expect}"
+                for (row, col), _ in ds.block_windows(1):
+                    offset = ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1)
+                    length = ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1)
+                    if not offset or not length or int(offset) + int(length) > size:
+                        return f"block {row},{col} was not written"
+        except RasterioIOError as exc:
+            return " ".join(str(exc).split())
+    return errors[0] if errors else None
 
 
 @dataclass(frozen=True)
@@ -79,6 +172,10 @@ class RasterInput:
                 dataset_tags = ds.tags()
         except RasterioIOError as exc:
             raise InputError(f"{Path(self.path).name} is not a raster GDAL can read ({str(exc).splitlines()[0][:160]})") from None
+        if self.dtype not in ACCEPTED_DTYPES:
+            raise InputError(f"{Path(self.path).name} holds {self.dtype} values, which no Sentinel-2 product has; "
+                             f"accepted: integer DN ({', '.join(d for d in ACCEPTED_DTYPES if 'int' in d)}) or "
+                             f"reflectance ({', '.join(d for d in ACCEPTED_DTYPES if 'float' in d)})")
         if self.crs is None:
             raise InputError(f"{Path(self.path).name} has no coordinate reference system; assign one first")
         if self.transform.is_identity or self.transform.b != 0 or self.transform.d != 0:
@@ -131,7 +228,14 @@ class RasterInput:
         h = min(size, self.height - y0)
         w = min(size, self.width - x0)
         win = Window(self.area.col_off + x0, self.area.row_off + y0, w, h)
-        data = self._dataset().read(self.plan.band_indexes, window=win, out_dtype="float32")
+        with gdal_errors() as errors:  # GDAL's 20-30 lines per bad block become one message
+            try:
+                data = self._dataset().read(self.plan.band_indexes, window=win, out_dtype="float32")
+            except RasterioIOError as exc:
+                errors.append(" ".join(str(exc).split()))
+        if errors:
+            raise InputError(f"{Path(self.path).name} is corrupt or truncated at window col {win.col_off}, "
+                             f"row {win.row_off} ({w} x {h} px): {errors[0][:200]}")
         valid = np.isfinite(data).all(axis=0)
         if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
             valid &= (data != self.nodata).all(axis=0)
@@ -151,6 +255,58 @@ class RasterInput:
         self._local = threading.local()
 
 
+#: Plausibility limits for the sampled values (reflectance; DN before the offset).
+MAX_MEDIAN_REFLECTANCE = 2.0   # scenes have median reflectance well below 1; x10000 DN give hundreds
+PLAUSIBILITY_WINDOWS = 4       # 4 x 4 windows spread over the area
+PLAUSIBILITY_SIZE = 128
+
+
+def check_plausible_values(source: RasterInput, warn: Callable[[str], None]) -> None:
+    """Read a sample of windows spread over the area before the run and check the values
+    make sense as Sentinel-2: refuse (``InputError``) where nothing sensible can come out,
+    warn where the result is doubtful.  Each message names what was seen and the likely cause."""
+    plan, name = source.plan, Path(source.path).name
+    if plan.kind != "sentinel2":
+        return  # ready-made 11-channel stacks carry indices and PCA: no single physical range
+    size = min(PLAUSIBILITY_SIZE, source.height, source.width)
+    rows = sorted({round((source.height - size) * i / max(1, PLAUSIBILITY_WINDOWS - 1)) for i in range(PLAUSIBILITY_WINDOWS)})
+    cols = sorted({round((source.width - size) * i / max(1, PLAUSIBILITY_WINDOWS - 1)) for i in range(PLAUSIBILITY_WINDOWS)})
+    samples = []
+    for y0 in rows:
+        for x0 in cols:
+            data, valid = source.read(y0, x0, size)
+            samples.append(data[:, valid])
+    raw = np.concatenate(samples, axis=1)
+    if raw.shape[1] == 0:
+        return  # no valid pixel in the sample: the engine reports an all-no-data input itself
+    count = len(rows) * len(cols)
+    seen = f"{raw.shape[1]} valid pixels in {count} window{'s' if count != 1 else ''} sampled across it"
+    if plan.scale == 1.0:  # float reflectance
+        if not raw.any():
+            raise InputError(f"{name} holds only zeros ({seen}): there is nothing to map. Likely an empty or "
+                             "failed export; if 0 marks missing data, set 0 as the raster's no-data value")
+        median = float(np.median(raw))
+        if median > MAX_MEDIAN_REFLECTANCE:
+            cause = ("reflectance x 10000 stored as float: divide it by 10000, or store it as integer (uint16) "
+                     "so it is read as DN" if median > 100 else "reflectance in percent: divide it by 100")
+            raise InputError(f"{name} is a {source.dtype} raster, read as reflectance (0-1), but its values look "
+                             f"scaled: median {median:.4g}, maximum {float(raw.max()):.4g} ({seen}). Likely {cause}")
+        return
+    negative = raw < 0
+    if negative.any():
+        share = float(negative.any(axis=0).mean())
+        values, counts = np.unique(raw[negative], return_counts=True)
+        common = float(values[counts.argmax()])
+        cause = (f"most are {common:g}, likely an undeclared no-data value: set it as the raster's no-data"
+                 if counts.max() > 0.5 * counts.sum() else
+                 "likely uint16 DN above 32767 wrapped into int16, or the offset already subtracted")
+        message = (f"{name} has negative DN in {share:.1%} of the sampled pixels (minimum {float(raw.min()):g}; "
+                   f"{seen}); Sentinel-2 DN are never negative: {cause}")
+        if share > 0.5:
+            raise InputError(message)
+        warn(message + "; these pixels give wrong probabilities")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -161,25 +317,169 @@ def _umask() -> int:
 UMASK = _umask()
 
 
+#: This machine in partial-file names (a pid means nothing on another host sharing the folder).
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _partial_prefix(path: Path) -> str:
+    return "." + path.stem + "."
+
+
 def temp_beside(path: Path) -> Path:
     """A hidden temporary file in ``path``'s folder (same file system: the final rename is
-    atomic), with the permissions a normally created file would get (mkstemp makes 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem + ".", suffix=".partial" + path.suffix)
+    atomic), with the permissions a normally created file would get (mkstemp makes 0600).
+    Its name carries host and pid (``.STEM.HOST-PID-XXXX.partial.SUFFIX``), so a later run
+    can tell a partial file of a live run from one left by a killed process."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_partial_prefix(path)}{HOST}-{os.getpid()}-",
+                               suffix=".partial" + path.suffix)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~UMASK)
     return Path(tmp)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(path) -> List[Path]:
+    """Delete partial files of ``path`` left by ended processes on this host (SIGKILL, power
+    loss); keep those of live runs.  Returns what was removed, for the caller to log."""
+    path = Path(path)
+    pattern = re.compile(re.escape(_partial_prefix(path)) + re.escape(HOST) + r"-(\d+)-[^/]*\.partial"
+                         + re.escape(path.suffix) + "$")
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            try:
+                os.remove(path.parent / name)
+                removed.append(path.parent / name)
+            except OSError:
+                pass
+    return removed
+
+
+def finish_file(tmp: Path, path: Path) -> Path:
+    """fsync ``tmp`` and rename it onto ``path``; a failure removes ``tmp`` and names the cause."""
+    try:
+        sync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_failure(path, exc.strerror or str(exc), exc.errno) from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it only if the block succeeds."""
+    """A temporary path beside ``path``, renamed onto it (after fsync) only if the block succeeds."""
+    path = Path(path)
     tmp = temp_beside(path)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        try:
+            yield Path(tmp)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _write_failure(path, exc.strerror or str(exc), exc.errno) from None
+            raise
+        finish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_bytes(path, data) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file, full write, fsync, rename.
+    A full disk raises ``WriteError`` ("no space left on device at PATH") and replaces nothing."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """``atomic_write_bytes`` for UTF-8 text (reports, tables, JSON)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def refuse_overwriting_inputs(outputs: Iterable, inputs: Iterable) -> None:
+    """Refuse a run whose output would replace one of its own inputs, before anything is written.
+    Compares real paths (symlinks resolved) and, for existing files, device + inode (hard links)."""
+    def identity(p):
+        real = os.path.realpath(os.fspath(p))
+        try:
+            st = os.stat(real)
+            return real, (st.st_dev, st.st_ino)
+        except OSError:
+            return real, None
+
+    known = {}
+    for item in inputs:
+        if item is None or "://" in os.fspath(item) or os.fspath(item).startswith("/vsi"):
+            continue
+        real, inode = identity(item)
+        known[real] = item
+        if inode is not None:
+            known[inode] = item
+    for out in outputs:
+        if out is None:
+            continue
+        real, inode = identity(out)
+        hit = known.get(real) or (known.get(inode) if inode is not None else None)
+        if hit is not None:
+            raise InputError(f"output {out} is the input {hit}: writing it would destroy the input; "
+                             "choose another output path")
+
+
+def require_free_space(folder, nbytes: int, what: str) -> None:
+    """Refuse work whose result cannot be saved: ``nbytes`` must fit in ``folder``'s file system."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if nbytes > free:
+        raise InputError(f"not enough free space for {what} at {folder}: needs about {nbytes / 2**20:.0f} MiB, "
+                         f"{free / 2**20:.0f} MiB free")
+
+
+def check_free_space(needs: Dict[Path, int], reporter_warn: Callable[[str], None], what: str = "outputs",
+                     worst_compression: float = 2.0) -> None:
+    """Compare estimated uncompressed output sizes with the free space of each target file system.
+    Refuse when even ``worst_compression``:1 (deflate on float32 rarely does better) cannot fit;
+    warn when only the uncompressed size does not fit."""
+    by_fs: Dict[int, List] = {}
+    for path, size in needs.items():
+        folder = Path(path).parent
+        try:
+            dev = os.stat(folder).st_dev
+        except OSError:
+            continue
+        entry = by_fs.setdefault(dev, [folder, 0])
+        entry[1] += size
+    for folder, size in by_fs.values():
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        if size / worst_compression > free:
+            raise InputError(f"not enough free space for the {what} at {folder}: about {size / 2**20:.0f} MiB "
+                             f"uncompressed (at least {size / worst_compression / 2**20:.0f} MiB compressed), "
+                             f"{free / 2**20:.0f} MiB free; free space or choose fewer stages / compact mode")
+        if size > free:
+            reporter_warn(f"the {what} need about {size / 2**20:.0f} MiB uncompressed and {folder} has "
+                          f"{free / 2**20:.0f} MiB free: the run only fits if compression saves the difference")
 
 
 def snapped_window(transform, within: Window, bounds: Sequence[float]) -> Window:
@@ -199,53 +499,97 @@ def snapped_window(transform, within: Window, bounds: Sequence[float]) -> Window
 class AtomicRaster:
     """A GeoTIFF written to a temporary file and renamed into place on ``commit``.
 
-    All calls must come from one thread (the engine's writer thread).
+    Every write and the final close collect GDAL's errors (rasterio raises on
+    none of them when the disk fills); ``commit`` also fsyncs and re-checks the
+    file's blocks, so a failed write removes the temporary file and leaves any
+    previous output untouched.  All calls must come from one thread (the
+    engine's writer thread).
     """
 
     def __init__(self, path, width: int, height: int, count: int, crs, transform: Affine,
-                 descriptions: Optional[Sequence[str]] = None, nodata: float = float("nan")):
+                 descriptions: Optional[Sequence[str]] = None, nodata: float = float("nan"),
+                 tags: Optional[Dict[str, str]] = None, dtype: str = "float32"):
         self.path = Path(path)
+        self.shape = (count, height, width)
+        self.dtype = np.dtype(dtype)
+        self.errors: List[str] = []
         self.tmp = temp_beside(self.path)
-        profile = dict(driver="GTiff", width=width, height=height, count=count, dtype="float32", crs=crs,
-                       transform=transform, nodata=nodata, compress="deflate", predictor=3,
-                       BIGTIFF="IF_SAFER")
+        profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=self.dtype.name, crs=crs,
+                       transform=transform, nodata=nodata, compress="deflate",
+                       predictor=3 if self.dtype.kind == "f" else 2, BIGTIFF="IF_SAFER")
         if width >= 16 and height >= 16:
             profile.update(tiled=True, blockxsize=256 if width >= 256 else 16 * (width // 16),
                            blockysize=256 if height >= 256 else 16 * (height // 16))
         try:
-            self.ds = rasterio.open(self.tmp, "w", **profile)
+            with self._checked():
+                self.ds = rasterio.open(self.tmp, "w", **profile)
+                for i, text in enumerate(descriptions or [], 1):
+                    self.ds.set_band_description(i, text)
+                if tags:
+                    self.ds.update_tags(**tags)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise
-        for i, text in enumerate(descriptions or [], 1):
-            self.ds.set_band_description(i, text)
+
+    @contextlib.contextmanager
+    def _checked(self):
+        """Run GDAL calls collecting their errors; the first one fails the write."""
+        with gdal_errors() as errors:
+            try:
+                yield
+            except (RasterioIOError, OSError) as exc:
+                errors.append(" ".join(str(exc).split()))
+        if errors:
+            self.errors.extend(errors)
+            raise _write_failure(self.path, errors[0])
 
     def write_rows(self, row0: int, array: np.ndarray) -> None:
         """Write a (count, rows, width) block starting at output row ``row0``."""
-        self.ds.write(array.astype(np.float32, copy=False), window=Window(0, row0, array.shape[2], array.shape[1]))
+        with self._checked():
+            self.ds.write(array.astype(self.dtype, copy=False),
+                          window=Window(0, row0, array.shape[2], array.shape[1]))
 
     def close(self) -> None:
-        """Finish writing (flushes GDAL's caches); the file is still the temporary one."""
+        """Finish writing (flushes GDAL's caches, where a full disk shows up); the file is
+        still the temporary one."""
         if not self.ds.closed:
-            self.ds.close()
+            with self._checked():
+                self.ds.close()
+
+    def verify(self) -> None:
+        """Closed, fsynced and whole, or ``WriteError``."""
+        self.close()
+        try:
+            sync_file(self.tmp)
+        except OSError as exc:
+            raise _write_failure(self.path, exc.strerror or str(exc), exc.errno) from None
+        problem = verify_geotiff(self.tmp, self.shape)
+        if problem:
+            raise _write_failure(self.path, problem)
 
     def commit(self) -> Path:
-        self.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.verify()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
         return self.path
 
     def discard(self) -> None:
         try:
             self.close()
+        except OSError:
+            pass  # the write failed already; the temporary file goes either way
         finally:
             self.tmp.unlink(missing_ok=True)
 
 
 def commit_all(rasters: Sequence["AtomicRaster"]) -> None:
-    """Close every output first (where writing errors show up), then rename them all
-    into place, so a failure while writing replaces none of the previous outputs."""
+    """Close and verify every output first (where writing errors show up), then rename
+    them all into place, so a failure while writing replaces none of the previous outputs."""
     for raster in rasters:
-        raster.close()
+        raster.verify()
     for raster in rasters:
         raster.commit()
 

@@ -33,7 +33,7 @@ from rasterio.windows import Window
 from .bands import ALIASES, OFFSET_KEYS, band_label
 from .channels import CHANNEL_NAMES, N_CHANNELS, SOURCE_BANDS, PCABasis, compute_channels
 from .engine import Cancelled, Reporter
-from .raster_io import AtomicRaster, RasterInput, atomic_path, check_writable, snapped_window
+from .raster_io import AtomicRaster, RasterInput, check_writable, refuse_overwriting_inputs, snapped_window
 
 #: Resolution (m) each needed band has in the product; finer copies are preferred.
 NATIVE_RESOLUTION = {"B2": 10, "B3": 10, "B4": 10, "B8": 10, "B11": 20, "B12": 20}
@@ -230,6 +230,7 @@ def build_stack(folder, out_path, bounds: Optional[Sequence[float]] = None, poly
         raise ValueError(f"the clip geometry must be a Polygon or MultiPolygon, not {polygon_geojson.get('type')}")
     out_path = check_writable(out_path)
     product = find_product(folder)
+    refuse_overwriting_inputs([out_path], product.band_files.values())
     reporter.info(product.describe())
     with contextlib.ExitStack() as stack:
         sources = {b: stack.enter_context(rasterio.open(p)) for b, p in product.band_files.items()}
@@ -245,10 +246,9 @@ def build_stack(folder, out_path, bounds: Optional[Sequence[float]] = None, poly
                                                  src_nodata=0, nodata=0))
                    for b in SOURCE_BANDS]
         width, height = int(window.width), int(window.height)
-        profile = dict(driver="GTiff", width=width, height=height, count=len(SOURCE_BANDS), dtype=ref.dtypes[0],
-                       crs=ref.crs, transform=ref.window_transform(window), nodata=0, compress="deflate",
-                       predictor=2, tiled=True, blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
-        with atomic_path(out_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        sink = AtomicRaster(out_path, width, height, len(SOURCE_BANDS), ref.crs, ref.window_transform(window),
+                            SOURCE_BANDS, nodata=0, tags=product.tags(), dtype=ref.dtypes[0])
+        try:
             for row in range(0, height, STACK_ROWS):
                 if reporter.cancelled():
                     raise Cancelled("cancelled by the user")
@@ -257,11 +257,12 @@ def build_stack(folder, out_path, bounds: Optional[Sequence[float]] = None, poly
                 block = np.stack([r.read(1, window=src_window) for r in readers])
                 if polygon_geojson is not None:
                     block[:, geometry_mask([polygon_geojson], (rows, width), ref.window_transform(src_window))] = 0
-                dst.write(block, window=Window(0, row, width, rows))
+                sink.write_rows(row, block)
                 reporter.progress(100.0 * (row + rows) / height)
-            for i, band in enumerate(SOURCE_BANDS, 1):
-                dst.set_band_description(i, band)
-            dst.update_tags(**product.tags())
+        except BaseException:
+            sink.discard()
+            raise
+        sink.commit()
     return StackResult(out_path, width, height, product)
 
 
@@ -280,9 +281,12 @@ def export_channels(raster_path, out_path, pca: PCABasis, band_numbers: Optional
         plan = source.plan
         if plan.kind != "sentinel2":
             raise ValueError(f"{Path(raster_path).name} is already an 11-channel ME-Net stack: its bands are the channels")
+        refuse_overwriting_inputs([out_path], [raster_path])
         reporter.info(f"input bands: {plan.describe()}")
+        for message in plan.warnings:
+            reporter.warn(message)
         sink = AtomicRaster(check_writable(out_path), source.width, source.height, N_CHANNELS, source.crs,
-                            source.area_transform(), CHANNEL_NAMES)
+                            source.area_transform(), CHANNEL_NAMES, tags=plan.tags)
         try:
             for y0 in range(0, source.height, EXPORT_BLOCK):
                 if reporter.cancelled():

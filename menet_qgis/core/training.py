@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from . import channels as ch
 from .bands import InputPlan
-from .checkpoint import ModelBundle, new_bundle, save
+from .checkpoint import ModelBundle, new_bundle, save, saved_bytes
 from .engine import Cancelled, Reporter, prepare_batch
 from .metrics import Confusion
 from .model import load_imagenet_state
-from .raster_io import RasterInput
+from .raster_io import RasterInput, require_free_space
 
 
 @dataclass
@@ -66,6 +66,45 @@ def _read_reflectance(path: str) -> Tuple[np.ndarray, np.ndarray, Tuple, str]:
     return data.astype(np.float32), valid, bounds, crs
 
 
+def check_label_coding(mask: np.ndarray, name: str) -> None:
+    """Labels must be mangrove = 1, other = 0 (soft values in between allowed), no-data as
+    NaN or the raster's declared no-data.  Anything else (1/2, 0/255, 0..100) is refused with
+    the values found, since guessing which value means mangrove silently trains nonsense."""
+    values = mask[np.isfinite(mask)]
+    if values.size == 0 or (values.min() >= 0 and values.max() <= 1):
+        return
+    distinct, counts = np.unique(values, return_counts=True)
+    shown = ", ".join(f"{v:g}" for v in distinct[:8]) + (f" … ({len(distinct)} distinct)" if len(distinct) > 8 else "")
+    if len(distinct) == 2 and distinct[0] >= 1:
+        cause = f"no 0 in it: which of {distinct[0]:g} and {distinct[1]:g} is mangrove?"
+    elif set(distinct.tolist()) <= {0.0, 255.0}:
+        cause = "if 255 is mangrove recode it to 1; if 255 is no data, set it as the mask's no-data value"
+    elif distinct.min() >= 0 and distinct.max() <= 100:
+        cause = "it looks like percent cover: divide by 100"
+    else:
+        cause = "recode it"
+    raise ValueError(f"mask {name} holds values {shown}; masks must be 1 = mangrove, 0 = other "
+                     f"(soft values 0-1 allowed, mangrove >= 0.5), no-data as NaN or the declared no-data value: {cause}")
+
+
+LABEL_HINT = "check the mask coding (1 = mangrove, 0 = other) or add labels of both classes"
+SPLIT_HINT = ("the location split left one class out of validation: raise the validation fraction, "
+              "try another seed, or add labelled windows of both classes in more places")
+
+
+def check_both_classes(labels: np.ndarray, valid: np.ndarray, what: str, hint: str = LABEL_HINT) -> None:
+    """Refuse labels with no mangrove or no other pixels: nothing to learn or to validate against."""
+    lab = labels[valid]
+    positives = int(np.count_nonzero(lab >= 0.5))
+    if lab.size == 0:
+        raise ValueError(f"{what} have no valid labelled pixels")
+    if positives == 0 or positives == lab.size:
+        cls = "mangrove" if positives == 0 else "non-mangrove"
+        raise ValueError(f"{what} hold no {cls} pixels ({lab.size} valid labelled pixels, all "
+                         f"{'other' if positives == 0 else 'mangrove'}): the scores would be degenerate "
+                         f"and no model is saved; {hint}")
+
+
 def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[str, str] = ("tile_", "mask_")) -> TileSet:
     """Image/mask pairs such as ``tile_0001.tif`` + ``mask_0001.tif``; duplicates kept once."""
     paths = sorted(glob.glob(str(Path(folder) / image_glob)))
@@ -85,7 +124,8 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
             continue
         seen.add(key)
         with rasterio.open(mask_path) as ds:
-            mask = ds.read(1, out_dtype="float32")
+            mask = ds.read(1, out_dtype="float32", masked=True).filled(np.nan)  # declared no-data -> NaN
+        check_label_coding(mask, Path(mask_path).name)
         if mask.shape != ok.shape:
             raise ValueError(f"{Path(mask_path).name} is {mask.shape}, its image {ok.shape}")
         ok &= np.isfinite(mask)
@@ -102,6 +142,7 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     if len(crss) != 1:
         raise ValueError(f"training tiles are in several CRSs ({', '.join(sorted(crss))}); the location split "
                          "compares coordinates, so reproject them to one")
+    check_both_classes(np.stack(labels), np.stack(valid), f"the training masks in {folder}")
     return TileSet(np.stack(images), np.stack(labels), np.stack(valid), bounds, names, crs, dropped)
 
 
@@ -120,6 +161,7 @@ def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygo
         with rasterio.open(path) as ds:
             if mask is not None:
                 ref = read_on_grid(mask, ds)
+                check_label_coding(ref, Path(mask).name)
                 ok &= np.isfinite(ref)
                 lab = np.nan_to_num(ref) >= 0.5
             else:
@@ -140,6 +182,7 @@ def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygo
                 names.append(f"{Path(path).stem}@{y0},{x0}")
     if not images_out:
         raise ValueError(f"no {tile} x {tile} px window with valid pixels and labels in the given rasters")
+    check_both_classes(np.stack(labels), np.stack(valid), "the training labels")
     return TileSet(np.stack(images_out), np.stack(labels), np.stack(valid), bounds, names, crs)
 
 
@@ -291,11 +334,16 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     if len(train_set) < 2 or len(val_set) == 0:
         raise ValueError(f"need at least two training windows and one validation window "
                          f"(have {len(train_set)} and {len(val_set)})")
+    check_both_classes(train_set.labels, train_set.valid, "the training windows", SPLIT_HINT)
+    check_both_classes(val_set.labels, val_set.valid, "the validation windows", SPLIT_HINT)
     reporter.info(f"device: {device_text}")
     reporter.info(f"windows: {len(train_set)} train, {len(val_set)} validation (split by location); "
                   f"{tiles.duplicates_dropped} duplicated windows dropped")
     imagenet = load_imagenet_state(options.imagenet_weights, reporter.info)
     bundle = new_bundle(options.head_width, imagenet, seed=options.seed)
+    if options.save_best_to:  # the best-so-far copy and the final model side by side, before hours of training
+        require_free_space(Path(options.save_best_to).parent, 2 * saved_bytes(bundle, half=True),
+                           "the model (best-so-far copy and final file)")
     bundle.pca, bundle.norm_mean, bundle.norm_std = fit_statistics(train_set, seed=options.seed)
     bundle.window_size = 256
     pos = float(train_set.labels[train_set.valid].mean())
@@ -347,6 +395,11 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                 _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0)
                 save(bundle, options.save_best_to, half=True)
         reporter.progress(100.0 * epoch / options.epochs)
+    if best_state is None or not all(math.isfinite(best[k]) for k in ("f1", "iou", "kappa")):
+        raise ValueError("validation gave no usable score (loss or scores not finite): no model was saved")
+    if best["kappa"] <= 0:
+        reporter.warn(f"the best model is no better than chance on the validation windows (kappa "
+                      f"{best['kappa']:.3f}): more epochs or more labels are needed before using it")
     model.load_state_dict(best_state)
     model.cpu().eval()
     _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0)
