@@ -15,6 +15,9 @@ import numpy as np
 
 from .stages import MAX_STRIDE
 
+#: Overlap of neighbouring windows when the user sets none (px).
+DEFAULT_OVERLAP = 64
+
 
 @dataclass(frozen=True)
 class WindowGrid:
