@@ -424,9 +424,10 @@ class OpenVinoRunner(OnnxRunner):
 
     def infer(self, x, batch_size=0):
         n = x.shape[0]
-        request, compiled = self._compiled_for((max(n, batch_size),) + x.shape[1:])
-        if n < shape[0]:
-            x = np.concatenate([x, np.zeros((shape[0] - n,) + x.shape[1:], x.dtype)])
+        size = max(n, batch_size)
+        request, compiled = self._compiled_for((size,) + x.shape[1:])
+        if n < size:
+            x = np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
         result = request.infer({0: x})
         return {name: np.array(result[compiled.output(name)][:n]) for name in self.output_names}
 
