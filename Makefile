@@ -9,6 +9,7 @@ APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio python3-gdal p
 PIP_TORCH := torch==2.14.1 torchvision==0.29.1
 # One line per feature, so each can be added or dropped without touching the others.
 PIP_PACKAGES := pytest pytest-qgis
+PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
@@ -49,6 +50,7 @@ package: setup
 	cp metadata.txt build/package/menet_qgis/
 	cp -r resources build/package/menet_qgis/resources
 	find build/package -name __pycache__ -prune -exec rm -rf {} +
+	rm -f build/package/menet_qgis/resources/models/*.probability.onnx build/package/menet_qgis/resources/models/*.stages.onnx  # export caches
 	cd build/package && rm -f ../../dist/menet_qgis-$(VERSION).zip && $(CURDIR)/$(PY) -m zipfile -c ../../dist/menet_qgis-$(VERSION).zip menet_qgis
 	@echo "built dist/menet_qgis-$(VERSION).zip (QGIS: Plugins > Manage and Install > Install from ZIP)"
 
