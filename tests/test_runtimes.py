@@ -179,3 +179,17 @@ def test_mapping_without_torch_gives_the_same_map(bundle, exported, real_crop, t
     assert proc.returncode == 2 and proc.stderr.startswith("menet_qgis: error:")
     assert "exported to ONNX once, which needs torch" in proc.stderr
     assert not (tmp_path / "fresh_out").exists() or not any((tmp_path / "fresh_out").iterdir())
+
+
+def test_cli_refuses_runtime_model_mismatches_in_one_line(exported, real_crop, tmp_path):
+    cases = [(["--model", exported["probability"].path, "--runtime", "torch"], "not torch"),
+             (["--model", exported["probability"].path, "--runtime", "onnxruntime", "--stages", "stage2"],
+              "holds no stage maps"),
+             (["--model", exported["probability"].path, "--runtime", "onnxruntime", "--device", "cuda"],
+              "runs on the CPU here")]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "menet_qgis", "predict", real_crop, "--out-dir",
+                               tmp_path / "out", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 2 and proc.stderr.startswith("menet_qgis: error:"), proc.stderr
+        assert message in proc.stderr and proc.stderr.strip().count("\n") == 0
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
