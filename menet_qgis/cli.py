@@ -147,6 +147,7 @@ def cmd_predict(args) -> int:
     if not args.model and not model_path.is_file():
         raise ValueError(f"no --model given and no default model installed at {model_path}")
     bundle = runtimes.load_model(model_path, args.runtime, args.device, stage_names)
+    runtimes.check_model_fits(bundle, args.runtime, args.device, stage_names)
     reporter = CliReporter(args.quiet)
     if not bundle.trained:
         reporter.warn(f"model {model_path.name} is UNTRAINED (random weights): outputs only test the pipeline")

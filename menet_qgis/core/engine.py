@@ -376,20 +376,15 @@ class TorchRunner:
 
 def open_runner(model, options: EngineOptions, stages: Sequence[str], reporter: Reporter):
     """The runner for ``options.runtime`` (auto: see ``runtimes.choose_runtime``); ``.why`` says why."""
-    name, why = runtimes.choose_runtime(options.runtime, options.device, runtimes.model_kind(model))
+    name, why = runtimes.check_model_fits(model, options.runtime, options.device, stages)
     if options.precision not in runtimes.PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(runtimes.PRECISIONS)}, got {options.precision!r}")
     if name == "torch":
         runner = TorchRunner(model, options, stages)
     else:
-        need = runtimes.need_for(stages)
-        if isinstance(model, runtimes.OnnxModel):
-            if need == "stages" and not model.has_stages:
-                raise ValueError(f"{Path(model.path).name} holds no stage maps: export the model with stages "
-                                 "(python -m menet_qgis export --stages)")
-        else:
+        if not isinstance(model, runtimes.OnnxModel):
             from .onnx_export import ensure_onnx
-            model = ensure_onnx(model, need, reporter)
+            model = ensure_onnx(model, runtimes.need_for(stages), reporter)
         runner = runtimes.open_onnx_runner(name, model, stages, options.stage_mode, options.threads,
                                            options.precision)
         runner.device_type = "cpu"

@@ -259,6 +259,15 @@ def choose_runtime(requested: str, device: str, kind: str) -> Tuple[str, str]:
     return "torch", f"auto: {why}; neither OpenVINO nor onnxruntime installed"
 
 
+def check_model_fits(model, runtime: str, device: str, stages: Sequence[str]) -> Tuple[str, str]:
+    """(runtime, why) for ``model``; raises before any work if the runtime cannot run it as asked."""
+    name, why = choose_runtime(runtime, device, model_kind(model))
+    if isinstance(model, OnnxModel) and stages and not model.has_stages:
+        raise ValueError(f"{Path(model.path).name} holds no stage maps: export the model with stages "
+                         "(python -m menet_qgis export --stages)")
+    return name, why
+
+
 def prepare_batch_numpy(raw: np.ndarray, valid: np.ndarray, model, plan) -> np.ndarray:
     """numpy twin of ``engine.prepare_batch``: (N, bands, H, W) raw + (N, H, W) validity ->
     normalised (N, 11, H, W) float32, exactly 0 at invalid pixels (the training mean)."""
