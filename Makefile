@@ -10,6 +10,7 @@ APT_PACKAGES += xvfb
 PIP_TORCH := torch==2.14.1 torchvision==0.29.1
 # One line per feature, so each can be added or dropped without touching the others.
 PIP_PACKAGES := pytest pytest-qgis
+PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
@@ -28,7 +29,9 @@ $(VENV)/.installed: Makefile
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q $(PIP_TORCH) $(PIP_PACKAGES)
+	@# GDAL's Python bindings are built against the distribution's numpy: pip must never replace it.
+	mkdir -p build && /usr/bin/python3 -c 'import numpy; print("numpy==" + numpy.__version__)' > build/pip-constraints.txt
+	$(PY) -m pip install -q -c build/pip-constraints.txt $(PIP_TORCH) $(PIP_PACKAGES)
 	touch $@
 
 # The plugin folder QGIS loads: package + metadata.txt + resources (symlinks, always current).
@@ -50,6 +53,7 @@ package: setup
 	cp metadata.txt build/package/menet_qgis/
 	cp -r resources build/package/menet_qgis/resources
 	find build/package -name __pycache__ -prune -exec rm -rf {} +
+	rm -f build/package/menet_qgis/resources/models/*.probability.onnx build/package/menet_qgis/resources/models/*.stages.onnx  # export caches
 	cd build/package && rm -f ../../dist/menet_qgis-$(VERSION).zip && $(CURDIR)/$(PY) -m zipfile -c ../../dist/menet_qgis-$(VERSION).zip menet_qgis
 	@echo "built dist/menet_qgis-$(VERSION).zip (QGIS: Plugins > Manage and Install > Install from ZIP)"
 

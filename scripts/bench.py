@@ -1,124 +1,268 @@
-"""Benchmark: end-to-end windows/s vs the model's forward-only ceiling, memory, device.
+"""Benchmark the runtimes in interleaved rounds: only ratios measured side by side mean anything.
 
-    .venv/bin/python scripts/bench.py [--raster PATH | --size N] [--batch-size B] [--device auto|cpu|cuda]
+    .venv/bin/python scripts/bench.py [--raster PATH | --size N] [--runtimes torch,onnxruntime,openvino]
+        [--rounds 3] [--threads N] [--threads-sweep 1,2] [--overlap 64] [--device cpu|cuda] [--json out.json]
 
-Measures, in one run and on one device: end-to-end extraction (GeoTIFF in ->
-probability GeoTIFF out) in windows/s and wall time, then the forward-only rate
-of the same model at the same batch size with inputs already on the device
-(the ceiling), their ratio, the naive fp32 batch-1 rate, peak resident memory
-of the end-to-end phase, peak GPU memory and the device name.  Prints a table
-and writes JSON (--json).
+Each round runs, one after the other: for every runtime a whole CLI process
+(``python -m menet_qgis predict RASTER --runtime R``: GeoTIFF in, probability
+GeoTIFF out; its engine windows/s, process wall time and peak RSS), then for
+every runtime its forward-only rate in this process (same batch size and
+threads, normalised real windows already in memory: the runtime's ceiling),
+then torch's naive fp32 batch-1 rate.  A, B, C, A, B, C, ...: load that comes
+and goes hits every runtime alike.  Reports medians and per-round ratios:
+end-to-end vs the runtime's own forward-only rate, vs the torch path, vs naive;
+km²/s and the implied time for a full 10980² tile; the map difference between
+each runtime and torch (max |Δp|, % pixels changing class at 0.5).
+With ``--memory-sizes 1024,4096`` it instead measures peak RSS of the CLI on
+generated rasters of those sizes (flat memory).
 """
 import argparse
 import json
-import resource
+import math
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from menet_qgis.core import checkpoint, engine, raster_io  # noqa: E402
-from menet_qgis.core.device import auto_batch_size, choose_device  # noqa: E402
+from menet_qgis.core import engine, raster_io, runtimes  # noqa: E402
+from menet_qgis.core.tiling import DEFAULT_OVERLAP, WindowGrid  # noqa: E402
 from menet_qgis.resources import default_model_path  # noqa: E402
 from synthetic_s2 import generate  # noqa: E402
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+FULL_TILE = 10980
 
 
-def forward_rate(bundle, device, batch: int, window: int, seconds: float) -> float:
-    """Windows/s of the model alone, input already on the device, same precision as the engine."""
-    model = bundle.model.to(device).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 11, window, window, device=device).contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            model.forward_with_stages(x)
-
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 2:
-        step()
-        n += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return n * batch / (time.perf_counter() - t0)
+#: Runs the CLI and prints the process's own peak RSS (VmHWM) last on stderr.  Not the
+#: rusage of wait4: Linux carries the parent's peak over fork + exec into the child's ru_maxrss.
+CLI_WITH_PEAK_RSS = ("import runpy, sys\nsys.argv[0] = 'menet_qgis'\ntry:\n"
+                     "    runpy.run_module('menet_qgis', run_name='__main__')\nfinally:\n"
+                     "    print('VmHWM_kB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], "
+                     "file=sys.stderr)\n")
 
 
-def naive_rate(bundle, device, window: int, count: int) -> float:
-    """The question's way: fp32, one window at a time, contiguous memory."""
-    model = bundle.model.to(device).float().to(memory_format=torch.contiguous_format).eval()
-    x = torch.randn(1, 11, window, window, device=device)
+def run_cli(raster, out_dir, runtime, a, extra=()):
+    """One whole `predict` process; returns its summary plus wall time and peak RSS (MB)."""
+    cmd = [sys.executable, "-c", CLI_WITH_PEAK_RSS, "predict", str(raster), "--out-dir", str(out_dir), "--quiet",
+           "--runtime", runtime, "--device", a.device, "--overlap", str(a.overlap), "--window", str(a.window),
+           "--threads", str(a.threads), "--batch-size", str(a.batch_size), *extra]
+    if a.model:
+        cmd += ["--model", str(a.model)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "stdout.json", "w") as out, open(out_dir / "stderr.txt", "w") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=out, stderr=err, cwd=ROOT)
+        wall = time.perf_counter() - t0
+    log = (out_dir / "stderr.txt").read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed: {log[-2000:]}")
+    peak_kb = int(log.rsplit("VmHWM_kB", 1)[1].split()[0])
+    summary = json.loads((out_dir / "stdout.json").read_text())[0]
+    return {"engine_s": summary["seconds"], "windows_run": summary["windows_run"], "wall_s": round(wall, 2),
+            "peak_rss_mb": round(peak_kb / 1024), "device": summary["device"],
+            "batch_size": summary["batch_size"], "probability": summary["probability"],
+            "windows_per_s": summary["windows_run"] / max(summary["seconds"], 1e-9)}
+
+
+def real_input(raster, bundle, window: int, batch: int) -> np.ndarray:
+    """``batch`` normalised windows from the raster (the most valid ones near its centre)."""
+    source = raster_io.RasterInput(raster)
+    grid = WindowGrid(source.height, source.width, window, 0)
+    picked = []
+    for _, y0, x0 in grid:
+        data, valid = source.read(y0, x0, window)
+        if valid.mean() > 0.5:
+            picked.append((data, valid))
+        if len(picked) == batch:
+            break
+    while len(picked) < batch:
+        picked.append(picked[-1] if picked else source.read(0, 0, window))
+    source.close()
+    raw, valid = np.stack([p[0] for p in picked]), np.stack([p[1] for p in picked])
+    return runtimes.prepare_batch_numpy(raw, valid, bundle, source.plan)
+
+
+class ForwardOnly:
+    """A runtime's model alone on ready input: its ceiling at this batch size and thread count."""
+
+    def __init__(self, runtime, bundle, x, threads, device):
+        self.runtime, self.x, self.threads = runtime, x, threads
+        if runtime == "torch":
+            import torch
+            self.torch = torch
+            self.device = torch.device("cuda" if device == "cuda" else "cpu")
+            self.model = bundle.model.to(self.device).eval().to(memory_format=torch.channels_last)
+            self.xt = torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
+        else:
+            from menet_qgis.core.onnx_export import ensure_onnx
+            onnx_model = ensure_onnx(bundle, "probability")
+            self.runner = runtimes.RUNNERS[runtime](onnx_model, [], "compact", threads, "fp32")
+            self.runner.prepare(x.shape[0], x.shape[-1])
+
+    def step(self):
+        if self.runtime == "torch":
+            torch = self.torch
+            if self.threads and self.device.type == "cpu":
+                torch.set_num_threads(self.threads)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                                        enabled=self.device.type == "cuda"):
+                torch.sigmoid(self.model(self.xt)).cpu()
+        else:
+            self.runner.infer(self.x, self.x.shape[0])
+
+    def rate(self, batches: int) -> float:
+        self.step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            self.step()
+        return batches * self.x.shape[0] / (time.perf_counter() - t0)
+
+
+def naive_rate(bundle, x, count: int, threads: int) -> float:
+    """The plain way: torch, fp32, one window at a time, contiguous memory."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    model = bundle.model.float().to(memory_format=torch.contiguous_format).eval()
+    one = torch.from_numpy(x[:1].copy())
     with torch.inference_mode():
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        model(one)
         t0 = time.perf_counter()
         for _ in range(count):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            model(one)
     return count / (time.perf_counter() - t0)
+
+
+def map_difference(a_path, b_path):
+    a, b = (raster_io.rasterio.open(p).read(1) for p in (a_path, b_path))
+    both = np.isfinite(a) & np.isfinite(b)
+    return {"max_abs_diff": float(np.abs(a[both] - b[both]).max()) if both.any() else 0.0,
+            "class_flips_pct": float(100.0 * ((a[both] >= 0.5) != (b[both] >= 0.5)).mean()) if both.any() else 0.0,
+            "same_nodata": bool(np.array_equal(np.isnan(a), np.isnan(b)))}
+
+
+def median(values):
+    return round(statistics.median(values), 3) if values else None
+
+
+def memory_mode(a, work) -> int:
+    rows = []
+    for size in a.memory_sizes:
+        raster = work / f"synthetic_{size}.tif"
+        if not raster.exists():
+            generate(raster, size)
+        res = run_cli(raster, work / f"mem_{size}", a.runtimes[0], a)
+        rows.append({"size": size, "runtime": a.runtimes[0], **{k: res[k] for k in
+                    ("peak_rss_mb", "wall_s", "engine_s", "windows_run")}})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    report = {"mode": "memory", "rows": rows,
+              "rss_ratio_largest_to_smallest": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}
+    print(json.dumps(report, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raster", help="input raster (default: a generated one of --size)")
-    p.add_argument("--size", type=int, default=2048, help="side of the generated raster (10980 = a full tile)")
-    p.add_argument("--model", help="checkpoint (default: the shipped model, else untrained)")
-    p.add_argument("--batch-size", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--size", type=int, default=1024, help="side of the generated raster (10980 = a full tile)")
+    p.add_argument("--model", help="checkpoint (default: the shipped model)")
+    p.add_argument("--runtimes", default="torch,onnxruntime,openvino",
+                   type=lambda t: [r for r in t.split(",") if r], help="runtimes to compare; torch first")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=0, help="0 = the engine's automatic size")
+    p.add_argument("--threads", type=int, default=0, help="0 = the runtimes' default")
+    p.add_argument("--threads-sweep", type=lambda t: [int(v) for v in t.split(",") if v], default=[],
+                   help="also measure forward-only rates at these thread counts (same rounds)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--overlap", type=int, default=0, help="0 for the rate comparison: every window is new pixels")
-    p.add_argument("--forward-seconds", type=float, default=20.0)
-    p.add_argument("--naive-windows", type=int, default=10)
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP)
+    p.add_argument("--forward-batches", type=int, default=3)
+    p.add_argument("--naive-windows", type=int, default=4)
+    p.add_argument("--memory-sizes", type=lambda t: [int(v) for v in t.split(",") if v], default=[],
+                   help="peak-RSS mode: generated rasters of these sizes through the CLI")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--workdir", help="where generated rasters and outputs go (default: a temp folder)")
     a = p.parse_args(argv)
 
-    raster_io.limit_gdal_cache()  # as the CLI does (GDAL_CACHEMAX in the environment wins)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="menet-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if a.memory_sizes:
+        return memory_mode(a, work)
     raster = Path(a.raster) if a.raster else work / f"synthetic_{a.size}.tif"
     if not raster.exists():
-        t0 = time.perf_counter()
         generate(raster, a.size)
-        print(f"generated {raster} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    from menet_qgis.core import checkpoint
     model_path = Path(a.model) if a.model else default_model_path()
-    bundle = checkpoint.load(model_path) if model_path.is_file() else checkpoint.new_bundle(seed=0)
-    device, device_text = choose_device(a.device)
-    batch = a.batch_size or auto_batch_size(device, a.window)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    bundle = checkpoint.load(model_path)
+    batch = a.batch_size or 4
+    x = real_input(raster, bundle, a.window, batch)
+    threads = a.threads or runtimes.default_threads()
+    forward = {(r, threads): ForwardOnly(r, bundle, x, threads, a.device) for r in a.runtimes}
+    for r in a.runtimes:
+        for t in a.threads_sweep:
+            forward.setdefault((r, t), ForwardOnly(r, bundle, x, t, a.device))
+    with raster_io.rasterio.open(raster) as ds:
+        pixel_km2 = abs(ds.transform.a * ds.transform.e) / 1e6
+    stride = a.window - a.overlap
+    tile_windows = len(WindowGrid(FULL_TILE, FULL_TILE, a.window, a.overlap))
 
-    source = raster_io.RasterInput(raster)
-    options = engine.EngineOptions(window=a.window, overlap=a.overlap, batch_size=batch, device=a.device)
-    t0 = time.perf_counter()
-    result = engine.extract(bundle, source, work / "bench_probability.tif", options)
-    wall = time.perf_counter() - t0
-    e2e_rss = peak_rss_mb()
-    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    e2e_rate = result.windows_run / wall
-    ceiling = forward_rate(bundle, device, result.batch_size, a.window, a.forward_seconds)
-    naive = naive_rate(bundle, device, a.window, a.naive_windows)
-    report = {
-        "device": device_text, "raster": str(raster), "width": source.width, "height": source.height,
-        "windows": result.windows, "windows_run": result.windows_run, "window": a.window, "overlap": a.overlap,
-        "batch_size": result.batch_size, "threads": torch.get_num_threads(),
-        "end_to_end_windows_per_s": round(e2e_rate, 2), "forward_only_windows_per_s": round(ceiling, 2),
-        "ratio": round(e2e_rate / ceiling, 3), "naive_fp32_batch1_windows_per_s": round(naive, 2),
-        "wall_s": round(wall, 1), "peak_rss_mb_end_to_end": round(e2e_rss), "peak_gpu_mb": gpu_peak and round(gpu_peak),
-    }
-    width = max(len(k) for k in report)
-    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in report.items()))
+    rounds = []
+    for i in range(a.rounds):
+        row = {"e2e": {}, "forward": {}}
+        for r in a.runtimes:
+            row["e2e"][r] = run_cli(raster, work / f"round{i}_{r}", r, a)
+            print(f"round {i + 1} {r}: end-to-end {row['e2e'][r]['windows_per_s']:.2f} windows/s, "
+                  f"wall {row['e2e'][r]['wall_s']} s", file=sys.stderr)
+        for (r, t), fw in forward.items():
+            row["forward"][f"{r}@{t}"] = fw.rate(a.forward_batches)
+        row["naive_torch_fp32_batch1"] = naive_rate(bundle, x, a.naive_windows, threads)
+        print(f"round {i + 1} forward-only: " + ", ".join(f"{k} {v:.2f}" for k, v in row["forward"].items())
+              + f"; naive {row['naive_torch_fp32_batch1']:.2f} windows/s", file=sys.stderr)
+        rounds.append(row)
+
+    last = rounds[-1]["e2e"]
+    summary = {}
+    for r in a.runtimes:
+        e2e = [rd["e2e"][r]["windows_per_s"] for rd in rounds]
+        fwd = [rd["forward"][f"{r}@{threads}"] for rd in rounds]
+        entry = {
+            "device": last[r]["device"], "batch_size": last[r]["batch_size"], "windows_run": last[r]["windows_run"],
+            "end_to_end_windows_per_s": median(e2e), "forward_only_windows_per_s": median(fwd),
+            "e2e_over_forward_per_round": [round(e / f, 3) for e, f in zip(e2e, fwd)],
+            "e2e_over_naive_per_round": [round(rd["e2e"][r]["windows_per_s"] / rd["naive_torch_fp32_batch1"], 3)
+                                         for rd in rounds],
+            "process_wall_s": median([rd["e2e"][r]["wall_s"] for rd in rounds]),
+            "peak_rss_mb": max(rd["e2e"][r]["peak_rss_mb"] for rd in rounds),
+            "km2_per_s": round(median(e2e) * stride * stride * pixel_km2, 3),
+            "full_tile_s_implied": round(tile_windows / median(e2e)),
+        }
+        if r != "torch" and "torch" in a.runtimes:
+            entry["e2e_over_torch_per_round"] = [round(rd["e2e"][r]["windows_per_s"] / rd["e2e"]["torch"]["windows_per_s"], 3)
+                                                 for rd in rounds]
+            entry["wall_over_torch_per_round"] = [round(rd["e2e"]["torch"]["wall_s"] / rd["e2e"][r]["wall_s"], 3)
+                                                  for rd in rounds]
+            entry["map_vs_torch"] = map_difference(last[r]["probability"], last["torch"]["probability"])
+        for key in ("e2e_over_forward_per_round", "e2e_over_naive_per_round", "e2e_over_torch_per_round",
+                    "wall_over_torch_per_round"):
+            if key in entry:
+                entry[key.replace("_per_round", "_median")] = median(entry[key])
+        summary[r] = entry
+    sweep = {k: median([rd["forward"][k] for rd in rounds]) for k in rounds[0]["forward"]}
+    report = {"raster": str(raster), "window": a.window, "overlap": a.overlap, "rounds": a.rounds,
+              "threads": threads, "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+              "naive_torch_fp32_batch1_windows_per_s": median([rd["naive_torch_fp32_batch1"] for rd in rounds]),
+              "forward_only_median_by_runtime_and_threads": sweep,
+              "full_tile_windows": tile_windows, "summary": summary, "per_round": rounds}
+    print(json.dumps({k: v for k, v in report.items() if k != "per_round"}, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     return 0

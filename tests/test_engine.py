@@ -183,7 +183,7 @@ def test_all_channels_stage_layer_has_every_channel(bundle, tmp_path):
 def test_out_of_memory_retries_smaller_batches_with_same_result(bundle, tmp_path, monkeypatch):
     """The CUDA fall-back path, exercised on the CPU: a forward of more than 2 windows 'runs out of memory'."""
     src = write_s2(tmp_path / "in.tif", 128, 192)
-    opts = engine.EngineOptions(window=64, overlap=0, batch_size=6)
+    opts = engine.EngineOptions(window=64, overlap=0, batch_size=6, runtime="torch")
     expected = read(engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "a.tif", opts).probability)
     real_forward = engine._forward
 
@@ -219,7 +219,8 @@ def test_gpu_precision_path_on_cpu_matches_fp32(bundle, tmp_path):
     """bf16 autocast + channels_last (what CUDA runs) exercised on the CPU."""
     src = write_s2(tmp_path / "in.tif", 96, 96)
     fp32 = read(engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "a.tif",
-                               engine.EngineOptions(window=64, overlap=32, precision="fp32")).probability)
+                               engine.EngineOptions(window=64, overlap=32, precision="fp32",
+                                                    runtime="torch")).probability)
     messages = []
 
     class Log(engine.Reporter):
@@ -227,7 +228,8 @@ def test_gpu_precision_path_on_cpu_matches_fp32(bundle, tmp_path):
             messages.append(message)
 
     bf16 = read(engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "b.tif",
-                               engine.EngineOptions(window=64, overlap=32, precision="bf16", stages=["stage2"]),
+                               engine.EngineOptions(window=64, overlap=32, precision="bf16", stages=["stage2"],
+                                                    runtime="torch"),
                                Log()).probability)
     assert any("bf16 autocast, channels_last" in m for m in messages)
     # bf16 keeps ~3 significant digits; through 101 random-weight layers that is a few percent

@@ -3,8 +3,10 @@
 The recipe is a named, versioned list.  A checkpoint records the recipe it was
 trained on (name, version and channel names) and ``check_recipe`` refuses a
 checkpoint made for another recipe, so a model can never be fed channels it was
-not trained on.  All formulas are written with torch so they run on the same
-device as the model (on the GPU when there is one).
+not trained on.  The formulas exist twice: with torch (``compute_channels``,
+on the model's device, the GPU when there is one) and with numpy
+(``compute_channels_numpy``, for the ONNX runtimes, so mapping on the CPU does
+not need torch).  Tests hold the two equal, NaN for NaN.
 
 Inputs are surface reflectance in [0, ~1] for the six Sentinel-2 bands the
 recipe needs: B2 (blue), B3 (green), B4 (red), B8 (NIR), B11 (SWIR-1),
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import numpy as np
-import torch
 
 #: Sentinel-2 bands the recipe is computed from, in this order.
 SOURCE_BANDS: List[str] = ["B2", "B3", "B4", "B8", "B11", "B12"]
@@ -76,9 +77,10 @@ def check_recipe(record: Dict) -> None:
             f"this plugin computes {want[0]} v{want[1]} ({', '.join(want[2])})")
 
 
-def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def safe_ratio(num: "torch.Tensor", den: "torch.Tensor") -> "torch.Tensor":
     """num / den, with 0 where |den| < EPS: no inf or NaN from a zero denominator
     (a NaN input still gives NaN, so no-data stays no-data)."""
+    import torch
     ok = (den.abs() >= EPS) | den.isnan()
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
@@ -111,14 +113,14 @@ class PCABasis:
         return cls(mean.tolist(), comp.tolist())
 
 
-def compute_channels(bands: torch.Tensor, pca: PCABasis) -> torch.Tensor:
+def compute_channels(bands: "torch.Tensor", pca: PCABasis) -> "torch.Tensor":
     """(N, 6, H, W) reflectance in SOURCE_BANDS order -> (N, 11, H, W) recipe channels.
 
     NaN inputs give NaN outputs at the same pixels (callers mask them); no new
     NaN or inf is created anywhere else.
     """
-    if bands.shape[1] != len(SOURCE_BANDS):
-        raise ValueError(f"expected {len(SOURCE_BANDS)} bands ({', '.join(SOURCE_BANDS)}), got {bands.shape[1]}")
+    import torch
+    _check_band_count(bands.shape[1])
     b2, b3, b4, b8, b11, b12 = bands.unbind(dim=1)
     mean = torch.as_tensor(pca.mean, dtype=bands.dtype, device=bands.device).view(1, -1, 1, 1)
     comp = torch.as_tensor(pca.component, dtype=bands.dtype, device=bands.device).view(1, -1, 1, 1)
@@ -132,6 +134,39 @@ def compute_channels(bands: torch.Tensor, pca: PCABasis) -> torch.Tensor:
         ((bands - mean) * comp).sum(dim=1),
     ]
     return torch.stack(channels, dim=1)
+
+
+def _check_band_count(count: int) -> None:
+    if count != len(SOURCE_BANDS):
+        raise ValueError(f"expected {len(SOURCE_BANDS)} bands ({', '.join(SOURCE_BANDS)}), got {count}")
+
+
+def safe_ratio_numpy(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``safe_ratio`` in numpy: 0 where |den| < EPS, NaN stays NaN."""
+    ok = (np.abs(den) >= EPS) | np.isnan(den)
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=ok)
+    return out
+
+
+def compute_channels_numpy(bands: np.ndarray, pca: PCABasis, out: np.ndarray = None) -> np.ndarray:
+    """``compute_channels`` in numpy (float32), for the runtimes that do not need torch:
+    (N, 6, H, W) reflectance -> (N, 11, H, W), written into ``out`` when given."""
+    _check_band_count(bands.shape[1])
+    bands = np.asarray(bands, dtype=np.float32)
+    b2, b3, b4, b8, b11, b12 = (bands[:, i] for i in range(len(SOURCE_BANDS)))
+    if out is None:
+        out = np.empty((bands.shape[0], N_CHANNELS) + bands.shape[2:], np.float32)
+    out[:, 0], out[:, 1], out[:, 2], out[:, 3], out[:, 4] = b4, b3, b2, b8, b11
+    out[:, 5] = safe_ratio_numpy(b8 - b4, b8 + b4)
+    out[:, 6] = safe_ratio_numpy(b3 - b11, b3 + b11)
+    out[:, 7] = b8 - (b4 + b2)
+    np.clip(safe_ratio_numpy(b8 - b4, b12), -RATIO_LIMIT, RATIO_LIMIT, out=out[:, 8])
+    np.clip(safe_ratio_numpy(b8 - b12, b12), -RATIO_LIMIT, RATIO_LIMIT, out=out[:, 9])
+    mean = np.asarray(pca.mean, np.float32).reshape(1, -1, 1, 1)
+    comp = np.asarray(pca.component, np.float32).reshape(1, -1, 1, 1)
+    out[:, 10] = ((bands - mean) * comp).sum(axis=1)
+    return out
 
 
 def default_pca() -> PCABasis:

@@ -2,8 +2,11 @@
 
 Three kinds of threads keep the device busy and memory bounded:
 * reader threads read windows ahead (rasterio, one dataset handle per thread);
-* the calling thread builds channels on the device, runs the model in
-  inference mode (channels_last; bf16 autocast on CUDA, fp32 on the CPU);
+* the calling thread builds channels and runs the model through a runner:
+  torch (channels on the device, inference mode, channels_last; bf16 autocast
+  on CUDA, fp32 on the CPU) or an ONNX runtime on the CPU (OpenVINO or ONNX
+  Runtime, channels in numpy; see ``runtimes.py``) — torch is imported only
+  when torch runs;
 * one sink thread blends window results into row strips and writes every
   finished strip straight to disk (so memory depends on the window size and
   the raster's width, never on its height).
@@ -25,17 +28,23 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
+from . import runtimes
 from .channels import compute_channels
-from .checkpoint import ModelBundle
-from .device import auto_batch_size, choose_device
 from .raster_io import (AtomicRaster, RasterInput, check_free_space, check_plausible_values, check_writable,
                         commit_all, refuse_overwriting_inputs, remove_stale_partials)
 from .stages import STAGE_BY_NAME, parse_stage_names
-from .tiling import WindowGrid, blend_weights
+from .tiling import DEFAULT_OVERLAP, WindowGrid, blend_weights
 
 STAGE_MODES = ("compact", "all")
+
+
+def __getattr__(name):
+    """``engine.ModelBundle`` without importing torch until someone asks for it."""
+    if name == "ModelBundle":
+        from .checkpoint import ModelBundle
+        return ModelBundle
+    raise AttributeError(name)
 COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
 
 
@@ -62,14 +71,15 @@ class Reporter:
 @dataclass
 class EngineOptions:
     window: int = 0                # 0 = the window size the checkpoint recommends (256)
-    overlap: int = 64
+    overlap: int = DEFAULT_OVERLAP
     batch_size: int = 0            # 0 = automatic for the device
     device: str = "auto"
     stages: Sequence[str] = ()
     stage_mode: str = "compact"    # "compact" (3 summary bands) or "all" channels
     readers: int = 0               # reader threads; 0 = automatic (2 on the CPU, up to 8 with CUDA)
-    threads: int = 0               # CPU threads for torch; 0 = leave torch's default
+    threads: int = 0               # CPU threads for the runtime; 0 = every core this process may use
     precision: str = "auto"        # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32"
+    runtime: str = "auto"          # "auto", "torch", "onnxruntime", "openvino" (see runtimes.choose_runtime)
 
 
 @dataclass
@@ -84,12 +94,14 @@ class ExtractionResult:
 
 
 # --- turning raw windows into model input -------------------------------------
-def prepare_batch(raw: torch.Tensor, valid: torch.Tensor, bundle: ModelBundle, plan) -> torch.Tensor:
+def prepare_batch(raw: "torch.Tensor", valid: "torch.Tensor", bundle, plan) -> "torch.Tensor":
     """(N, bands, H, W) raw values + (N, H, W) validity -> normalised (N, 11, H, W).
 
     Runs on whatever device ``raw`` is on.  Invalid pixels become exactly 0
     after normalisation (the training mean), so no-data never spreads as NaN.
+    ``runtimes.prepare_batch_numpy`` is its numpy twin.
     """
+    import torch
     x = raw
     if plan.kind == "sentinel2":
         x = compute_channels((x + plan.offset) * plan.scale, bundle.pca)
@@ -100,8 +112,9 @@ def prepare_batch(raw: torch.Tensor, valid: torch.Tensor, bundle: ModelBundle, p
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def compact_stage(features: torch.Tensor) -> torch.Tensor:
+def compact_stage(features: "torch.Tensor") -> "torch.Tensor":
     """(N, C, h, w) -> (N, 3, h, w): mean, max and standard deviation over channels."""
+    import torch
     f = features.float()
     return torch.stack([f.mean(1), f.amax(1), f.std(1)], dim=1)
 
@@ -212,9 +225,12 @@ def estimate_stage_bytes(width: int, height: int, stages: Sequence[str], mode: s
     return total
 
 
-def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOptions = EngineOptions(),
+def extract(bundle, source: RasterInput, output, options: EngineOptions = EngineOptions(),
             reporter: Reporter = Reporter(), stage_dir=None) -> ExtractionResult:
-    """Run the model over ``source`` and write the probability (and stage) GeoTIFFs."""
+    """Run the model over ``source`` and write the probability (and stage) GeoTIFFs.
+
+    ``bundle`` is a ``checkpoint.ModelBundle`` (any runtime; the ONNX runtimes
+    export it once) or a ``runtimes.OnnxModel`` (onnxruntime/openvino, no torch)."""
     t0 = time.perf_counter()
     output = check_writable(output)
     stages = parse_stage_names(options.stages)
@@ -224,26 +240,28 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
         raise ValueError(f"batch size must be 0 (automatic) or positive, got {options.batch_size}")
     window = options.window or bundle.window_size
     grid = WindowGrid(source.height, source.width, window, options.overlap)
-    device, device_text = choose_device(options.device)
-    if options.threads and device.type == "cpu":
-        torch.set_num_threads(options.threads)
-    batch_size = options.batch_size or auto_batch_size(device, window)
+    if options.threads < 0:
+        raise ValueError(f"threads must be 0 (automatic) or positive, got {options.threads}")
+    runner = open_runner(bundle, options, stages, reporter)
+    device_text = runner.description
+    batch_size = options.batch_size or runner.auto_batch_size(window)
+    runner.prepare(batch_size, window)
+    t0 = time.perf_counter()  # windows/s counts the mapping, not a one-time export or compile
     stage_files = {name: check_writable(stage_path(output, stage_dir, name)) for name in stages}
     check_outputs(bundle, source, grid, output, stage_files, options.stage_mode, reporter)
 
     reporter.info(f"input: {source.path} ({source.full_width} x {source.full_height} px, {source.crs.to_string()})")
     reporter.info(f"input bands: {source.plan.describe()}")
     reporter.info(f"model: {bundle.path or 'in memory'} — {bundle.training.get('note', '')}".rstrip(" —"))
+    reporter.info(f"runtime: {runner.runtime} ({runner.why})")
     reporter.info(f"device: {device_text}")
     reporter.info(f"windows: {len(grid)} of {grid.window}² px, overlap {grid.overlap} px, batch size {batch_size}")
     if stages:
         size = estimate_stage_bytes(grid.width, grid.height, stages, options.stage_mode)
         reporter.info(f"stage layers {', '.join(stages)} ({options.stage_mode}): about {size / 2**20:.1f} MiB uncompressed")
 
-    fast = use_bf16(options.precision, device)
-    # channels_last suits both cuDNN and oneDNN: +13 % windows/s on the 2-core CPU, more on GPUs
-    model = bundle.model.to(device).eval().to(memory_format=torch.channels_last)
-    reporter.info(f"precision: {'bf16 autocast' if fast else 'fp32'}, channels_last memory format")
+    if runner.runtime == "torch":
+        reporter.info(f"precision: {'bf16 autocast' if runner.fast else 'fp32'}, channels_last memory format")
     sink = SinkThread()
     stitchers: Dict[str, StripStitcher] = {}
     created: List[AtomicRaster] = []
@@ -267,7 +285,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
     sink.submit(open_outputs)
     windows = list(grid)
     run_count = 0
-    readers = ThreadPoolExecutor(max_workers=reader_count(options.readers, device),
+    readers = ThreadPoolExecutor(max_workers=reader_count(options.readers, runner.device_type),
                                  thread_name_prefix="menet-read")
     pending: deque = deque()
     in_flight = None  # (batch, outputs): collected after the next batch is launched
@@ -293,8 +311,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
                     batch.append((y0, x0, data, valid))
             if batch:
                 run_count += len(batch)
-                outputs, batch_size = _run_batch(model, bundle, source.plan, batch, stages, options.stage_mode,
-                                                 device, fast, batch_size, reporter)
+                outputs, batch_size = runner.run(batch, source.plan, batch_size, reporter)
                 if in_flight is not None:
                     finish(in_flight)  # the device works on this batch meanwhile
                 in_flight = (batch, outputs)
@@ -323,7 +340,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
     return ExtractionResult(output, stage_files, device_text, len(windows), run_count, batch_size, seconds)
 
 
-def check_outputs(bundle: ModelBundle, source: RasterInput, grid: WindowGrid, output: Path,
+def check_outputs(bundle, source: RasterInput, grid: WindowGrid, output: Path,
                   stage_files: Dict[str, Path], stage_mode: str, reporter: Reporter) -> None:
     """Before any compute: no output may replace an input, the values must make sense,
     the outputs must fit on their disks; partial files of killed earlier runs are removed."""
@@ -340,11 +357,58 @@ def check_outputs(bundle: ModelBundle, source: RasterInput, grid: WindowGrid, ou
             reporter.info(f"removed {stale.name}: a partial output left by a run that no longer exists")
 
 
-def reader_count(requested: int, device: torch.device) -> int:
-    """Reader threads: enough to feed a GPU, few enough not to starve torch's CPU threads."""
+def reader_count(requested: int, device_type: str) -> int:
+    """Reader threads: enough to feed a GPU, few enough not to starve the runtime's CPU threads."""
     if requested > 0:
         return requested
-    return min(8, os.cpu_count() or 2) if device.type == "cuda" else 2
+    return min(8, os.cpu_count() or 2) if device_type == "cuda" else 2
+
+
+class TorchRunner:
+    """The torch path: channels on the device, channels_last, bf16 autocast on CUDA, out-of-memory halving."""
+
+    runtime = "torch"
+
+    def __init__(self, bundle, options: EngineOptions, stages: Sequence[str]):
+        import torch
+        from .device import auto_batch_size, choose_device
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.device, self.description = choose_device(options.device)
+        self.device_type = self.device.type
+        self.fast = use_bf16(options.precision, self.device)
+        self._auto_batch_size = auto_batch_size
+        self.bundle, self.stages, self.stage_mode = bundle, list(stages), options.stage_mode
+        # channels_last suits both cuDNN and oneDNN: +13 % windows/s on the 2-core CPU, more on GPUs
+        self.model = bundle.model.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    def auto_batch_size(self, window: int) -> int:
+        return self._auto_batch_size(self.device, window)
+
+    def prepare(self, batch_size: int, window: int) -> None:
+        pass
+
+    def run(self, batch, plan, batch_size, reporter):
+        return _run_batch(self.model, self.bundle, plan, batch, self.stages, self.stage_mode, self.device,
+                          self.fast, batch_size, reporter)
+
+
+def open_runner(model, options: EngineOptions, stages: Sequence[str], reporter: Reporter):
+    """The runner for ``options.runtime`` (auto: see ``runtimes.choose_runtime``); ``.why`` says why."""
+    name, why = runtimes.check_model_fits(model, options.runtime, options.device, stages)
+    if options.precision not in runtimes.PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(runtimes.PRECISIONS)}, got {options.precision!r}")
+    if name == "torch":
+        runner = TorchRunner(model, options, stages)
+    else:
+        if not isinstance(model, runtimes.OnnxModel):
+            from .onnx_export import ensure_onnx
+            model = ensure_onnx(model, runtimes.need_for(stages), reporter)
+        runner = runtimes.open_onnx_runner(name, model, stages, options.stage_mode, options.threads,
+                                           options.precision)
+        runner.device_type = "cpu"
+    runner.why = why
+    return runner
 
 
 def _stitch(stitchers: Dict[str, StripStitcher], batch, results: Dict[str, np.ndarray]) -> None:
@@ -354,15 +418,16 @@ def _stitch(stitchers: Dict[str, StripStitcher], batch, results: Dict[str, np.nd
             stitcher.add(y0, x0, values, pooled_valid(valid, stitcher.stride))
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
+def use_bf16(precision: str, device) -> bool:
     """bf16 autocast: the fast path on CUDA; selectable on the CPU so tests cover it."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool) -> Dict[str, torch.Tensor]:
+def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool) -> Dict[str, "torch.Tensor"]:
     """Launch one batch; returns outputs still on the device (CUDA runs them asynchronously)."""
+    import torch
     raw = torch.from_numpy(np.stack([b[2] for b in batch]))
     valid = torch.from_numpy(np.stack([b[3] for b in batch]))
     if device.type == "cuda":
@@ -381,6 +446,7 @@ def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool)
 
 def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, fast, batch_size, reporter):
     """Launch a batch; on out-of-memory run it in halves (synchronously) and keep the smaller size."""
+    import torch
     try:
         return _forward(model, bundle, plan, batch, stages, stage_mode, device, fast), batch_size
     except torch.OutOfMemoryError:
@@ -398,9 +464,10 @@ def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, fast, bat
         return {k: np.concatenate(v) for k, v in merged.items()}, half
 
 
-def predict_reference(bundle: ModelBundle, source: RasterInput, window: int = 256, overlap: int = 64) -> np.ndarray:
+def predict_reference(bundle, source: RasterInput, window: int = 256, overlap: int = 64) -> np.ndarray:
     """Plain path: one window at a time, fp32 on the CPU, whole-raster accumulators.
     Returns the (height, width) probability with NaN where the input has no data."""
+    import torch
     grid = WindowGrid(source.height, source.width, window, overlap)
     weights = blend_weights(window, overlap)
     H, W = grid.row_origins[-1] + window, grid.col_origins[-1] + window

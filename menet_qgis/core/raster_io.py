@@ -44,7 +44,11 @@ def limit_gdal_cache(megabytes: int = HEADLESS_GDAL_CACHE_MB) -> None:
     """Cap GDAL's block cache unless the user set GDAL_CACHEMAX.  Only for processes
     we own: inside QGIS the cache is QGIS's (and the user's) to size."""
     if "GDAL_CACHEMAX" not in os.environ:
-        from osgeo import gdal
+        try:
+            from osgeo import gdal
+        except ImportError:  # rasterio's PyPI wheels bring GDAL without its Python bindings:
+            os.environ["GDAL_CACHEMAX"] = str(megabytes)  # read when GDAL first sizes its cache
+            return
         gdal.SetCacheMax(megabytes * 2**20)
 
 

@@ -1,0 +1,122 @@
+"""Export a checkpoint's network to ONNX once, check it against torch, cache it by sha256.
+
+Needs torch (and the ``onnx`` package to write the model record into the
+file's metadata); running the exported file does not.  The legacy TorchScript
+exporter (``dynamo=False``) is used: it exports every op of the network with
+dynamic batch/height/width in ~20 s on 2 cores, matches torch within 4e-6, and
+needs no ``onnxscript``.  Two graph variants exist per checkpoint:
+``probability`` (lean, the usual run) and ``stages`` (the probability plus
+every stage map as extra outputs).
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import channels as ch
+from .raster_io import atomic_path
+from .runtimes import (METADATA_KEY, NEEDS, OnnxModel, file_sha256, find_cached, installed, model_record,
+                       read_onnx_model, writable_cache_path)
+from .stages import STAGE_NAMES
+
+OPSET = 17
+#: Largest |torch - exported| probability difference accepted (fp32 on the CPU).
+TOLERANCE = 1e-4
+
+
+class _Exported(torch.nn.Module):
+    def __init__(self, model, with_stages: bool):
+        super().__init__()
+        self.model, self.with_stages = model, with_stages
+
+    def forward(self, x):
+        logits, stages = self.model.forward_with_stages(x)
+        prob = torch.sigmoid(logits)
+        return (prob, *[stages[name] for name in STAGE_NAMES]) if self.with_stages else prob
+
+
+def export(bundle, path, need: str = "probability", source_sha256: Optional[str] = None, window: int = 0) -> Path:
+    """Write ``bundle``'s network as ONNX to ``path`` (atomically), the model record in its metadata."""
+    if need not in NEEDS:
+        raise ValueError(f"need must be one of {', '.join(NEEDS)}")
+    import onnx
+    window = window or bundle.window_size
+    outputs = ["probability"] + (list(STAGE_NAMES) if need == "stages" else [])
+    wrapper = _Exported(bundle.model.float().cpu().eval(), need == "stages").eval()
+    example = torch.zeros(1, ch.N_CHANNELS, window, window)
+    dynamic = {name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in outputs}
+    dynamic["x"] = {0: "batch", 2: "height", 3: "width"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter announces its own deprecation
+        torch.onnx.export(wrapper, (example,), buffer, input_names=["x"], output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(model_record(bundle, outputs, source_sha256))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def check_against_torch(bundle, onnx_model: OnnxModel, x: np.ndarray, runtime: str = "") -> float:
+    """Max |probability difference| between torch and the exported model on input ``x``
+    (normalised, (N, 11, H, W)); raises if it exceeds TOLERANCE."""
+    from .runtimes import open_onnx_runner
+    runtime = runtime or ("onnxruntime" if installed("onnxruntime") else "openvino")
+    runner = open_onnx_runner(runtime, onnx_model, [], "compact", 0, "fp32")
+    got = runner.infer(x)["probability"]
+    with torch.inference_mode():
+        want = torch.sigmoid(bundle.model.float().cpu().eval()(torch.from_numpy(x))).numpy()
+    diff = float(np.abs(got - want).max())
+    if not diff <= TOLERANCE:
+        raise RuntimeError(f"the ONNX export of {Path(bundle.path or 'the model').name} differs from torch "
+                           f"by {diff:.2g} (> {TOLERANCE:g}) in {runtime}: use runtime torch")
+    return diff
+
+
+def check_input(bundle, window: int, seed: int = 0) -> np.ndarray:
+    """Two windows of plausible model input: coastal reflectance through the recipe and normalisation."""
+    from .bands import InputPlan
+    from .runtimes import prepare_batch_numpy
+    rng = np.random.default_rng(seed)
+    classes = np.array([[0.03, 0.05, 0.03, 0.28, 0.13, 0.06], [0.06, 0.07, 0.05, 0.03, 0.02, 0.01],
+                        [0.08, 0.10, 0.12, 0.18, 0.25, 0.20]], np.float32)
+    blocks = rng.integers(0, len(classes), (2, window // 32, window // 32))
+    refl = classes[blocks].transpose(0, 3, 1, 2).repeat(32, 2).repeat(32, 3)
+    refl = (refl + rng.normal(0, 0.01, refl.shape)).clip(0.001, 1).astype(np.float32)
+    plan = InputPlan(kind="sentinel2", band_indexes=[1, 2, 3, 4, 5, 6])
+    return prepare_batch_numpy(refl, np.ones((2, window, window), bool), bundle, plan)
+
+
+def ensure_onnx(bundle, need: str = "probability", reporter=None) -> OnnxModel:
+    """The cached export of ``bundle``'s checkpoint for ``need``; exported and checked the first time."""
+    if not bundle.path:
+        raise ValueError("the ONNX runtimes need a model saved to a file (the export is cached by its sha256)")
+    checkpoint = Path(bundle.path)
+    sha = file_sha256(checkpoint)
+    cached = find_cached(checkpoint, sha, need)
+    if cached is not None:
+        return read_onnx_model(cached)
+    target = writable_cache_path(checkpoint, sha, need)
+    if reporter:
+        reporter.info(f"exporting {checkpoint.name} to ONNX ({need}) once; cached as {target}")
+    export(bundle, target, need, sha)
+    model = read_onnx_model(target)
+    try:
+        diff = check_against_torch(bundle, model, check_input(bundle, bundle.window_size))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    if reporter:
+        reporter.info(f"ONNX export checked against torch: max probability difference {diff:.1e}")
+    return model
