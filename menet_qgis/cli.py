@@ -104,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--model", help="checkpoint (with --tiles and no prediction)")
     assess.add_argument("--report", help="write an HTML report here")
     assess.add_argument("--table", help="write a CSV table here")
+
+    deps = sub.add_parser("install-deps", help="create/update the managed Python environment the worker runs in")
+    deps.add_argument("--variant", choices=["cpu-light", "cpu", "cuda"], default="cpu",
+                      help="cpu-light = mapping through ONNX Runtime; cpu / cuda = + PyTorch (menet_qgis/requirements/)")
+    deps.add_argument("--wheel-folder", help="install offline from this folder of wheels (pip --no-index --find-links)")
+    deps.add_argument("--index-url", help="package index to use instead of PyPI (a mirror)")
+    deps.add_argument("--env-dir", help="where the environment goes (default: the managed environment)")
+    deps.add_argument("--python", help="Python to create the environment from (default: found automatically)")
+    deps.add_argument("--system-site-packages", action="store_true",
+                      help="let the environment see the system's packages (e.g. Debian's rasterio/GDAL)")
+    deps.add_argument("--fresh", action="store_true", help="delete the environment first")
+
+    model = sub.add_parser("install-model", help="download or copy a model, verify its sha256, store it")
+    model.add_argument("source", nargs="?", help="URL or file (default: the MENET_MODEL_URL environment variable)")
+    model.add_argument("--sha256", help="expected sha256 (default: <source>.sha256 beside it)")
+    model.add_argument("--name", help="file name to store it under (default: the source's file name)")
+    model.add_argument("--timeout", type=float, default=60, help="seconds without data before giving up")
     return parser
 
 
@@ -210,16 +227,39 @@ def cmd_assess(args) -> int:
     return 0
 
 
+def cmd_install_deps(args) -> int:
+    from . import environment_installer
+    result = environment_installer.install_environment(
+        args.variant, env_dir=args.env_dir, base_python=args.python, wheel_folder=args.wheel_folder,
+        index_url=args.index_url, system_site_packages=args.system_site_packages, fresh=args.fresh,
+        reporter=CliReporter())
+    print(json.dumps({"python": str(result.python), "variant": result.variant,
+                      "already_installed": result.already_installed, "versions": result.verification.versions,
+                      "torch_device": result.verification.torch_device,
+                      "seconds": round(result.seconds, 1)}, indent=2))
+    return 0
+
+
+def cmd_install_model(args) -> int:
+    from . import model_store
+    installed = model_store.install_model(args.source or model_store.default_model_url(), name=args.name,
+                                          sha256=args.sha256, timeout=args.timeout, reporter=CliReporter())
+    print(json.dumps({"model": str(installed.path), "sha256": installed.sha256, "bytes": installed.size},
+                     indent=2))
+    return 0
+
+
 COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "prepare": cmd_prepare, "train": cmd_train,
-            "assess": cmd_assess}
+            "assess": cmd_assess, "install-deps": cmd_install_deps, "install-model": cmd_install_model}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from .core.raster_io import limit_gdal_cache
-        limit_gdal_cache()
+        if args.command not in ("install-deps", "install-model"):  # these run on a bare Python (stdlib only)
+            from .core.raster_io import limit_gdal_cache
+            limit_gdal_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("menet_qgis: cancelled; no output was kept", file=sys.stderr)
