@@ -214,25 +214,28 @@ def env_python(env_dir: Path) -> Path:
 
 def _stop(proc: subprocess.Popen) -> None:
     """Terminate the child and everything it started (its process group), kill after a grace period."""
-    if proc.poll() is not None:
+    if os.name == "nt":
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         return
     try:
-        if os.name == "nt":
-            proc.terminate()
-        else:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(KILL_GRACE_S)
-    except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
         pass
-    if proc.poll() is None:
-        try:
-            if os.name == "nt":
-                proc.kill()
-            else:
-                os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    try:
+        proc.wait(KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # the leader is gone or stuck: nothing it started may outlive it
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def run_streaming(command: Sequence[str], reporter, on_line: Optional[Callable[[str], None]] = None,
