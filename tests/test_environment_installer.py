@@ -263,3 +263,15 @@ def test_install_dependencies_through_processing_explains_an_incomplete_wheel_fo
     assert any("Looking in links: " + str(empty) in l for l in lines)
     assert (tmp_path / "home" / "env" / "pyvenv.cfg").is_file()
     assert installer.read_install_record(tmp_path / "home" / "env") is None
+
+
+def test_cli_install_deps_error_is_one_line(tmp_path, wheels):
+    env_dir = tmp_path / "env"
+    proc = subprocess.run([sys.executable, "-m", "menet_qgis", "install-deps", "--variant", "cpu-light",
+                           "--wheel-folder", str(wheels), "--env-dir", str(env_dir)],
+                          cwd=ROOT, env=installer.child_environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("menet_qgis: error: pip could not install the requirements: ")
+    assert "numpy==1.26.4" in last
+    assert installer.read_install_record(env_dir) is None

@@ -15,8 +15,8 @@ from .. import user_paths
 from .common import MENetAlgorithm, advanced
 
 VARIANT_LABELS = ["cpu-light — mapping on the CPU through ONNX Runtime, no PyTorch (~0.3 GB)",
-                  "cpu — everything on the CPU, with PyTorch's CPU build (~1 GB)",
-                  "cuda — everything on an NVIDIA GPU, PyTorch with CUDA (~5.8 GB)"]
+                  "cpu — everything on the CPU, with PyTorch's CPU build (~1.2 GB)",
+                  "cuda — everything on an NVIDIA GPU, PyTorch with CUDA (~5.7 GB)"]
 
 
 class FeedbackReporter:
@@ -29,8 +29,7 @@ class FeedbackReporter:
         self.feedback.pushInfo(message)
 
     def warn(self, message):
-        self.feedback.pushWarning(message) if hasattr(self.feedback, "pushWarning") else \
-            self.feedback.reportError(message, fatalError=False)
+        self.feedback.pushWarning(message)
 
     def progress(self, percent):
         self.feedback.setProgress(percent)
