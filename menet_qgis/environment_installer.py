@@ -340,8 +340,11 @@ if "torch" in sys.modules:
     except BaseException as exc:
         result["errors"]["torch (tensor test)"] = type(exc).__name__ + ": " + " ".join(str(exc).split())[:300]
 if "onnxruntime" in sys.modules:
-    import onnxruntime
-    result["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    try:
+        import onnxruntime
+        result["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except BaseException as exc:
+        result["errors"]["onnxruntime (providers)"] = type(exc).__name__ + ": " + " ".join(str(exc).split())[:300]
 print("MENET-VERIFY " + json.dumps(result))
 """
 

@@ -275,3 +275,46 @@ def test_cli_install_deps_error_is_one_line(tmp_path, wheels):
     assert last.startswith("menet_qgis: error: pip could not install the requirements: ")
     assert "numpy==1.26.4" in last
     assert installer.read_install_record(env_dir) is None
+
+
+def test_install_dependencies_through_processing_installs_then_is_idempotent(menet_provider, tmp_path,
+                                                                             monkeypatch, wheels):
+    """The whole path from QGIS with the cpu-light variant's real pins, served by stand-in wheels of those exact
+    names and versions (the real wheels need the network): venv, pip, verification, record, second run."""
+    import processing
+    from qgis.core import QgsProcessingFeedback
+    monkeypatch.setenv("MENET_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "standins"
+    folder.mkdir()
+    for pin in installer.load_variant("cpu-light").requirements:
+        name, version = pin.split("==")
+        code = "def get_available_providers():\n    return ['CPUExecutionProvider']\n" if name == "onnxruntime" else ""
+        build_wheel(folder, name, version, code)
+
+    class Feedback(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.lines, self.percent = [], []
+
+        def pushInfo(self, info):  # noqa: N802
+            self.lines.append(info)
+
+        def setProgress(self, percent):  # noqa: N802
+            self.percent.append(percent)
+            super().setProgress(percent)
+
+    first = Feedback()
+    result = processing.run("menet:installdependencies", {"VARIANT": 0, "WHEEL_FOLDER": str(folder)},
+                            feedback=first)
+    env_dir = tmp_path / "home" / "env"
+    assert result["PYTHON"] == str(installer.env_python(env_dir))
+    assert result["VERSIONS"].startswith("numpy 1.26.4, rasterio 1.4.4, onnxruntime 1.32.0")
+    assert any(l.startswith("Successfully installed") for l in first.lines)
+    assert any(l.startswith("installed and verified in ") for l in first.lines)
+    assert first.percent[-1] == 100
+    assert installer.read_install_record(env_dir)["variant"] == "cpu-light"
+    again = Feedback()
+    processing.run("menet:installdependencies", {"VARIANT": 0, "WHEEL_FOLDER": str(folder)}, feedback=again)
+    assert "all 3 pinned requirements are already installed: nothing to download" in again.lines
+    assert any(l.startswith("already installed and verified in ") for l in again.lines)
+    assert not any(l.startswith("Successfully installed") for l in again.lines)
