@@ -258,8 +258,9 @@ def run_streaming(command: Sequence[str], reporter, on_line: Optional[Callable[[
     lines: "queue.Queue[Optional[str]]" = queue.Queue()
 
     def pump():
-        for line in proc.stdout:
-            lines.put(line.rstrip("\r\n"))
+        with proc.stdout:
+            for line in proc.stdout:
+                lines.put(line.rstrip("\r\n"))
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()

@@ -107,7 +107,7 @@ def test_good_download_replaces_the_model_and_records_its_hash(server, models):
 @pytest.mark.parametrize("path, sha, message", [
     ("/corrupt/model.pt", None, f"sha256 mismatch for model.pt: expected {GOOD_SHA}"),
     ("/good/model.pt", "0" * 64, "sha256 mismatch for model.pt: expected " + "0" * 64),
-    ("/truncated/model.pt", GOOD_SHA, f"truncated download from "),
+    ("/truncated/model.pt", GOOD_SHA, "truncated download from "),
     ("/missing/model.pt", GOOD_SHA, "download failed: HTTP 404 Not Found for "),
     ("/gone/model.pt", GOOD_SHA, "the server went away during the download from "),
 ], ids=["wrong-hash-from-server", "wrong-hash-given", "truncated", "404", "server-gone"])
