@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -64,6 +65,11 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
             self.close_connection = True
+        elif self.path == "/stalled/model.pt":          # sends a part, then nothing for longer than the timeout
+            self._head(len(GOOD))
+            self.wfile.write(GOOD[:1000])
+            self.wfile.flush()
+            time.sleep(3)
         else:
             self.send_error(404, "Not Found")
 
@@ -116,6 +122,33 @@ def test_failed_downloads_leave_the_previous_model(server, models, path, sha, me
         model_store.install_model(server + path, sha256=sha, timeout=5)
     text = str(err.value)
     assert message in text and "\n" not in text
+    assert_untouched(models)
+
+
+def test_stalled_download_times_out(server, models):
+    started = time.monotonic()
+    with pytest.raises(model_store.ModelStoreError, match=r"stalled: no data for 1 s; nothing was installed"):
+        model_store.install_model(f"{server}/stalled/model.pt", sha256=GOOD_SHA, timeout=1)
+    assert time.monotonic() - started < 3
+    assert_untouched(models)
+
+
+def test_cancel_during_download(server, models):
+    class CancelAfterFirstChunk:
+        def __init__(self):
+            self.calls = 0
+
+        def info(self, message):
+            pass
+
+        def progress(self, percent):
+            pass
+
+        def cancelled(self):
+            self.calls += 1
+            return self.calls > 1
+    with pytest.raises(model_store.ModelStoreError, match="cancelled: no model was installed"):
+        model_store.install_model(f"{server}/good/model.pt", timeout=5, reporter=CancelAfterFirstChunk())
     assert_untouched(models)
 
 
