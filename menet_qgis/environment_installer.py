@@ -206,8 +206,7 @@ def find_base_python(explicit: Optional[str] = None) -> Path:
                        "Debian/Ubuntu: apt install python3-venv; elsewhere install Python 3.9+ from python.org")
 
 
-def env_python(env_dir: Path) -> Path:
-    return env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+env_python = user_paths.managed_python
 
 
 # --- streaming child processes ----------------------------------------------------------------------------
@@ -501,6 +500,7 @@ def install_environment(variant: str = "cpu", env_dir=None, base_python: Optiona
         reporter.info(f"all {len(pins)} pinned requirements are already installed: nothing to download")
         reporter.progress(90)
         verification = _verify_or_fail(python, pins, reporter)
+        _warn_without_gpu(variant, verification, reporter)
         reporter.progress(100)
         return InstallResult(python, variant, verification, True, time.monotonic() - started)
 
@@ -537,6 +537,8 @@ def install_environment(variant: str = "cpu", env_dir=None, base_python: Optiona
     reporter.progress(90)
 
     verification = _verify_or_fail(python, pins, reporter)
+    _warn_without_gpu(variant, verification, reporter)
+    reporter.info(f"environment {env_dir}: {directory_size(env_dir) / 1e6:.0f} MB on disk")
     _write_record(env_dir, {"variant": variant, "requirements": pins, "python": str(python),
                             "system_site_packages": system_site_packages, "versions": verification.versions,
                             "torch_device": verification.torch_device,
@@ -563,6 +565,12 @@ def _verify_or_fail(python: Path, pins: Sequence[str], reporter) -> Verification
         raise InstallError(f"verification failed, the environment is not usable: {problems}")
     reporter.info(f"verified: {verification.summary()}")
     return verification
+
+
+def _warn_without_gpu(variant: str, verification: Verification, reporter) -> None:
+    if variant == "cuda" and not (verification.torch_device or "").startswith("cuda"):
+        reporter.warn("the cuda variant is installed, but torch sees no CUDA GPU here (driver missing or too old "
+                      "for CUDA 13?): ME-Net will run on the CPU")
 
 
 def directory_size(path: Path) -> int:

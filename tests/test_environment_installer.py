@@ -318,3 +318,22 @@ def test_install_dependencies_through_processing_installs_then_is_idempotent(men
     assert "all 3 pinned requirements are already installed: nothing to download" in again.lines
     assert any(l.startswith("already installed and verified in ") for l in again.lines)
     assert not any(l.startswith("Successfully installed") for l in again.lines)
+
+
+def test_system_site_packages_option_sees_the_distribution_and_switching_rebuilds(tmp_path, wheels):
+    """--system-site-packages: the distribution's numpy is importable; going back to isolated rebuilds the env."""
+    env_dir = tmp_path / "env"
+    log = Log()
+    installer.install_environment("cpu-light", env_dir=env_dir, wheel_folder=wheels, requirements=GOOD,
+                                  system_site_packages=True, reporter=log)
+    assert "include-system-site-packages = true" in (env_dir / "pyvenv.cfg").read_text()
+    assert any(l.startswith(f"environment {env_dir}: ") and l.endswith(" MB on disk") for l in log.lines)
+    probe = [str(installer.env_python(env_dir)), "-c", "import numpy, menet_probe_core; print(numpy.__file__)"]
+    seen = subprocess.run(probe, env=installer.child_environment(), capture_output=True, text=True, timeout=60)
+    assert seen.returncode == 0 and str(env_dir) not in seen.stdout, seen.stderr
+    log = Log()
+    installer.install_environment("cpu-light", env_dir=env_dir, wheel_folder=wheels, requirements=GOOD, reporter=log)
+    assert any("different system-site-packages choice: rebuilding" in l for l in log.lines)
+    assert "include-system-site-packages = false" in (env_dir / "pyvenv.cfg").read_text()
+    isolated = subprocess.run(probe, env=installer.child_environment(), capture_output=True, text=True, timeout=60)
+    assert "No module named 'numpy'" in isolated.stderr
