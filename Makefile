@@ -47,15 +47,9 @@ test: plugin
 run: plugin
 	$(PY) scripts/run_demo.py
 
-package: setup
-	rm -rf build/package && mkdir -p build/package/menet_qgis dist
-	cp -r menet_qgis/. build/package/menet_qgis/
-	cp metadata.txt build/package/menet_qgis/
-	cp -r resources build/package/menet_qgis/resources
-	find build/package -name __pycache__ -prune -exec rm -rf {} +
-	rm -f build/package/menet_qgis/resources/models/*.probability.onnx build/package/menet_qgis/resources/models/*.stages.onnx  # export caches
-	cd build/package && rm -f ../../dist/menet_qgis-$(VERSION).zip && $(CURDIR)/$(PY) -m zipfile -c ../../dist/menet_qgis-$(VERSION).zip menet_qgis
-	@echo "built dist/menet_qgis-$(VERSION).zip (QGIS: Plugins > Manage and Install > Install from ZIP)"
+# dist/: the plugin ZIP without weights (<= 25 MB, asserted), the model + .sha256, and an offline ZIP with the model.
+package:
+	python3 scripts/package.py
 
 # The README's screenshots, from the desktop GUI test (real QGIS under Xvfb); copied only when it passes.
 .PHONY: screenshots

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .core.runtimes import RUNTIMES
+from .core.choices import DEFAULT_OVERLAP, PRECISIONS, RUNTIMES
 from .core.stages import STAGE_NAMES, stage_table
-from .core.tiling import DEFAULT_OVERLAP
 from .resources import default_model_path
 
 
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=_non_negative, default=0,
                          help="CPU threads for the runtime; 0 = every core this process may use. On a machine "
                               "shared with other heavy jobs, fewer threads can be much faster")
-    predict.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    predict.add_argument("--precision", choices=PRECISIONS, default="auto",
                          help="auto = bf16 autocast on CUDA, fp32 on the CPU. bf16 on the CPU (openvino on a CPU "
                               "with AVX512-BF16/AMX, or torch) is about 2x faster and changes the probability by "
                               "up to ~0.02 (a few pixels in 10 000 change class at 0.5)")
@@ -126,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--model", help="checkpoint (with --tiles and no prediction)")
     assess.add_argument("--report", help="write an HTML report here")
     assess.add_argument("--table", help="write a CSV table here")
+
+    deps = sub.add_parser("install-deps", help="create/update the managed Python environment the worker runs in")
+    deps.add_argument("--variant", choices=["cpu-light", "cpu", "cuda"], default="cpu",
+                      help="cpu-light = mapping through ONNX Runtime; cpu / cuda = + PyTorch (menet_qgis/requirements/)")
+    deps.add_argument("--wheel-folder", help="install offline from this folder of wheels (pip --no-index --find-links)")
+    deps.add_argument("--index-url", help="package index to use instead of PyPI (a mirror)")
+    deps.add_argument("--env-dir", help="where the environment goes (default: the managed environment)")
+    deps.add_argument("--python", help="Python to create the environment from (default: found automatically)")
+    deps.add_argument("--system-site-packages", action="store_true",
+                      help="let the environment see the system's packages (e.g. Debian's rasterio/GDAL)")
+    deps.add_argument("--fresh", action="store_true", help="delete the environment first")
+
+    model = sub.add_parser("install-model", help="download or copy a model, verify its sha256, store it")
+    model.add_argument("source", nargs="?", help="URL or file (default: the MENET_MODEL_URL environment variable)")
+    model.add_argument("--sha256", help="expected sha256 (default: <source>.sha256 beside it)")
+    model.add_argument("--name", help="file name to store it under (default: the source's file name)")
+    model.add_argument("--timeout", type=float, default=60, help="seconds without data before giving up")
     return parser
 
 
@@ -268,17 +284,41 @@ def cmd_assess(args) -> int:
     return 0
 
 
+def cmd_install_deps(args) -> int:
+    from . import environment_installer
+    result = environment_installer.install_environment(
+        args.variant, env_dir=args.env_dir, base_python=args.python, wheel_folder=args.wheel_folder,
+        index_url=args.index_url, system_site_packages=args.system_site_packages, fresh=args.fresh,
+        reporter=CliReporter())
+    print(json.dumps({"python": str(result.python), "variant": result.variant,
+                      "already_installed": result.already_installed, "versions": result.verification.versions,
+                      "torch_device": result.verification.torch_device,
+                      "seconds": round(result.seconds, 1)}, indent=2))
+    return 0
+
+
+def cmd_install_model(args) -> int:
+    from . import model_store
+    installed = model_store.install_model(args.source or model_store.default_model_url(), name=args.name,
+                                          sha256=args.sha256, timeout=args.timeout, reporter=CliReporter())
+    print(json.dumps({"model": str(installed.path), "sha256": installed.sha256, "bytes": installed.size},
+                     indent=2))
+    return 0
+
+
 COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "export": cmd_export, "prepare": cmd_prepare, "train": cmd_train,
-            "assess": cmd_assess}
+            "assess": cmd_assess, "install-deps": cmd_install_deps, "install-model": cmd_install_model}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .core.raster_io import Terminated, limit_gdal_cache, raise_on_sigterm
+    from .core.termination import Terminated, raise_on_sigterm
     previous_sigterm = raise_on_sigterm()  # a terminated run discards its partial outputs like a cancelled one
     try:
-        limit_gdal_cache()
+        if args.command not in ("install-deps", "install-model"):  # these run on a bare Python (stdlib only)
+            from .core.raster_io import limit_gdal_cache
+            limit_gdal_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("menet_qgis: cancelled; no output was kept", file=sys.stderr)

@@ -37,8 +37,9 @@ def managed_env_dir() -> Path:
     return menet_home() / "env"
 
 
-def managed_python() -> Path:
-    env = managed_env_dir()
+def managed_python(env_dir=None) -> Path:
+    """The Python of the managed environment (or of the venv at ``env_dir``)."""
+    env = Path(env_dir) if env_dir else managed_env_dir()
     return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 

@@ -41,17 +41,3 @@ def test_errors_are_one_line_and_leave_nothing(untrained_path, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     proc = cli("predict", write_s2(tmp_path / "ok.tif", 20, 20), "--model", tmp_path / "none.pt", "--out-dir", tmp_path)
     assert proc.returncode == 2 and "model file not found" in proc.stderr
-
-
-def test_make_package_builds_an_installable_zip():
-    import zipfile
-    proc = subprocess.run(["make", "-s", "package"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    version = next(l.split("=", 1)[1] for l in (ROOT / "metadata.txt").read_text().splitlines()
-                   if l.startswith("version="))
-    with zipfile.ZipFile(ROOT / "dist" / f"menet_qgis-{version}.zip") as z:
-        names = set(z.namelist())
-    assert {"menet_qgis/__init__.py", "menet_qgis/metadata.txt", "menet_qgis/resources/icon.svg",
-            "menet_qgis/processing/provider.py", "menet_qgis/core/engine.py"} <= names
-    assert all(n.startswith("menet_qgis/") for n in names)
-    assert not any("__pycache__" in n for n in names)

@@ -32,7 +32,7 @@ def processing(menet_provider):
 def test_provider_lists_the_algorithm(menet_provider):
     ids = sorted(a.id() for a in menet_provider.algorithms())
     assert ids == ["menet:assessaccuracy", "menet:exportchannels", "menet:extractmangroves",
-                   "menet:preparesentinel2", "menet:trainmenet"]
+                   "menet:installdependencies", "menet:installmodel", "menet:preparesentinel2", "menet:trainmenet"]
     alg = menet_provider.algorithm("extractmangroves")
     assert "stage5" in alg.shortHelpString() and "8×8×2048" in alg.shortHelpString()
 

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from affine import Affine
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window, from_bounds
 
+from .termination import Terminated, raise_on_sigterm  # noqa: F401 (re-exported)
 from .bands import InputPlan, plan_input
 
 
@@ -58,20 +58,6 @@ class InputError(ValueError):
 
 class WriteError(OSError):
     """An output could not be written completely; nothing was replaced."""
-
-
-class Terminated(BaseException):
-    """The process got SIGTERM; raised in the main thread so every ``finally`` and
-    cleanup handler runs (a BaseException, so ``except Exception`` does not eat it)."""
-
-
-def raise_on_sigterm():
-    """Turn SIGTERM into ``Terminated`` in the main thread, so a terminated run discards its
-    partial outputs like a cancelled one.  For processes we own (CLI, worker), never QGIS.
-    Returns the previous handler (to restore with ``signal.signal``)."""
-    def handler(signum, frame):
-        raise Terminated(f"terminated by signal {signum}")
-    return signal.signal(signal.SIGTERM, handler)
 
 
 #: Sample dtypes Sentinel-2 products and their usual exports use: DN (uint16, also int16/int32

@@ -25,10 +25,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import channels as ch
+from .choices import PRECISIONS, RUNTIMES  # noqa: F401 (re-exported)
 from .stages import STAGE_NAMES
 
-RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16")
 #: The ONNX file's metadata_props key holding the model record (JSON).
 METADATA_KEY = "menet_qgis"
 ONNX_FORMAT = "menet_qgis.onnx"

@@ -6,6 +6,8 @@ from ..resources import icon_path
 from .assess_accuracy import AssessAccuracyAlgorithm
 from .export_channels import ExportChannelsAlgorithm
 from .extract_mangroves import ExtractMangrovesAlgorithm
+from .install_dependencies import InstallDependenciesAlgorithm
+from .install_model import InstallModelAlgorithm, register_settings, unregister_settings
 from .prepare_sentinel2 import PrepareSentinel2Algorithm
 from .train_menet import TrainMENetAlgorithm
 
@@ -23,7 +25,16 @@ class MENetProvider(QgsProcessingProvider):
     def icon(self):
         return QIcon(str(icon_path()))
 
+    def load(self):
+        register_settings(self.name())
+        self.refreshAlgorithms()
+        return True
+
+    def unload(self):
+        unregister_settings()
+
     def loadAlgorithms(self):  # noqa: N802
         for alg in (ExtractMangrovesAlgorithm(), PrepareSentinel2Algorithm(), ExportChannelsAlgorithm(),
-                    TrainMENetAlgorithm(), AssessAccuracyAlgorithm()):
+                    TrainMENetAlgorithm(), AssessAccuracyAlgorithm(),
+                    InstallDependenciesAlgorithm(), InstallModelAlgorithm()):
             self.addAlgorithm(alg)

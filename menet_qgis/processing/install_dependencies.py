@@ -1,0 +1,99 @@
+"""Processing algorithm "Install ME-Net dependencies", id ``menet:installdependencies``.
+
+Builds the plugin-managed Python environment the ME-Net worker runs in.  Runs
+inside QGIS but imports nothing heavy: ``python -m venv``, pip and the
+verification (which imports torch) are child processes whose output streams
+into the log; Cancel kills them.
+"""
+from __future__ import annotations
+
+from qgis.core import (QgsProcessingException, QgsProcessingOutputString, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterEnum, QgsProcessingParameterFile, QgsProcessingParameterString)
+
+from .. import environment_installer as installer
+from .. import user_paths
+from .common import MENetAlgorithm, advanced
+
+VARIANT_LABELS = ["cpu-light — mapping on the CPU through ONNX Runtime, no PyTorch (~0.3 GB)",
+                  "cpu — everything on the CPU, with PyTorch's CPU build (~1.2 GB)",
+                  "cuda — everything on an NVIDIA GPU, PyTorch with CUDA (~5.7 GB)"]
+
+
+class FeedbackReporter:
+    """Installer/model-store reporter that writes to QgsProcessingFeedback."""
+
+    def __init__(self, feedback):
+        self.feedback = feedback
+
+    def info(self, message):
+        self.feedback.pushInfo(message)
+
+    def warn(self, message):
+        self.feedback.pushWarning(message)
+
+    def progress(self, percent):
+        self.feedback.setProgress(percent)
+
+    def cancelled(self):
+        return self.feedback.isCanceled()
+
+
+class InstallDependenciesAlgorithm(MENetAlgorithm):
+    VARIANT, WHEEL_FOLDER, INDEX_URL, FRESH, SYSTEM_SITE = "VARIANT", "WHEEL_FOLDER", "INDEX_URL", "FRESH", "SYSTEM_SITE"
+    PYTHON, VERSIONS = "PYTHON", "VERSIONS"
+
+    def name(self):
+        return "installdependencies"
+
+    def displayName(self):  # noqa: N802
+        return "Install ME-Net dependencies"
+
+    def shortDescription(self):  # noqa: N802
+        return "Creates the Python environment ME-Net runs in (PyTorch or ONNX Runtime), in your QGIS profile"
+
+    def shortHelpString(self):  # noqa: N802
+        return (
+            "<p>Creates a Python environment for ME-Net in your QGIS profile "
+            f"(<i>{user_paths.managed_env_dir()}</i>) and installs its pinned requirements with pip. "
+            "QGIS itself never loads PyTorch: ME-Net's algorithms run in this environment's Python.</p>"
+            "<p><b>Variant</b>: <i>cpu-light</i> maps mangroves on the CPU through ONNX Runtime (smallest); "
+            "<i>cpu</i> adds PyTorch's CPU build (stage layers, training); <i>cuda</i> adds PyTorch with CUDA "
+            "for an NVIDIA GPU (large download).</p>"
+            "<p><b>Wheel folder</b> (offline machines): a folder of wheels made elsewhere with "
+            "<i>pip download -r menet_qgis/requirements/&lt;variant&gt;.txt -d wheels</i>; nothing is "
+            "downloaded. <b>Index URL</b>: a PyPI mirror to use instead.</p>"
+            "<p>Running it again is quick when everything is installed; it re-checks the environment. "
+            "It ends by importing every package in the new environment and reporting versions and the device "
+            "PyTorch sees; only an environment that passed is used.</p>")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterEnum(self.VARIANT, "Variant", VARIANT_LABELS, defaultValue=1))
+        self.addParameter(QgsProcessingParameterFile(self.WHEEL_FOLDER, "Wheel folder for offline install "
+                                                     "(empty = download)", behavior=QgsProcessingParameterFile.Folder,
+                                                     optional=True))
+        self.addParameter(QgsProcessingParameterString(self.INDEX_URL, "Package index URL (empty = PyPI)",
+                                                       optional=True))
+        for param in advanced([
+                QgsProcessingParameterBoolean(self.FRESH, "Delete the existing environment first", False),
+                QgsProcessingParameterBoolean(self.SYSTEM_SITE, "Let the environment see the system's Python "
+                                              "packages (e.g. the distribution's rasterio)", False)]):
+            self.addParameter(param)
+        self.addOutput(QgsProcessingOutputString(self.PYTHON, "Python of the environment"))
+        self.addOutput(QgsProcessingOutputString(self.VERSIONS, "Verified package versions"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        variant = installer.VARIANTS[self.parameterAsEnum(parameters, self.VARIANT, context)]
+        wheel_folder = self.parameterAsFile(parameters, self.WHEEL_FOLDER, context) or None
+        index_url = self.parameterAsString(parameters, self.INDEX_URL, context).strip() or None
+        try:
+            result = installer.install_environment(
+                variant, wheel_folder=wheel_folder, index_url=index_url,
+                fresh=self.parameterAsBoolean(parameters, self.FRESH, context),
+                system_site_packages=self.parameterAsBoolean(parameters, self.SYSTEM_SITE, context),
+                reporter=FeedbackReporter(feedback))
+        except installer.InstallError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        verification = result.verification
+        feedback.pushInfo(("already installed and verified" if result.already_installed else "installed and verified")
+                          + f" in {result.seconds:.0f} s: {verification.summary()}")
+        return {self.PYTHON: str(result.python), self.VERSIONS: verification.summary()}

@@ -1,0 +1,87 @@
+"""Processing algorithm "Install model", id ``menet:installmodel``.
+
+Downloads (or copies) a model, verifies its sha256 and stores it in the user's
+model folder; the installed ``menet_jambeli_v1.pt`` becomes MODEL's default.
+"""
+from __future__ import annotations
+
+from qgis.core import QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterString
+
+from .. import model_store, user_paths
+from ..resources import DEFAULT_MODEL_NAME
+from .common import MENetAlgorithm
+from .install_dependencies import FeedbackReporter
+
+#: Processing › Options › Providers › ME-Net: where 'Install model' downloads from by default.
+MODEL_URL_SETTING = "MENET_MODEL_URL"
+
+
+def register_settings(provider_name: str) -> None:
+    """Adds the download-location setting to the provider's options (call from the provider's load())."""
+    from processing.core.ProcessingConfig import ProcessingConfig, Setting
+    ProcessingConfig.addSetting(Setting(provider_name, MODEL_URL_SETTING,
+                                        "Model download URL for 'Install model' (no public release yet)",
+                                        model_store.default_model_url()))
+    ProcessingConfig.readSettings()
+
+
+def unregister_settings() -> None:
+    from processing.core.ProcessingConfig import ProcessingConfig
+    ProcessingConfig.removeSetting(MODEL_URL_SETTING)
+
+
+def configured_model_url() -> str:
+    """The provider setting, else MENET_MODEL_URL, else '' (the project has no public release yet)."""
+    try:
+        from processing.core.ProcessingConfig import ProcessingConfig
+        value = ProcessingConfig.getSetting(MODEL_URL_SETTING)
+    except Exception:  # noqa: BLE001 (Processing not loaded: plain default)
+        value = None
+    return (value or model_store.default_model_url() or "").strip()
+
+
+class InstallModelAlgorithm(MENetAlgorithm):
+    SOURCE, SHA256, NAME, OUTPUT = "SOURCE", "SHA256", "NAME", "OUTPUT"
+
+    def name(self):
+        return "installmodel"
+
+    def displayName(self):  # noqa: N802
+        return "Install model"
+
+    def shortDescription(self):  # noqa: N802
+        return "Downloads or copies an ME-Net model, checks its sha256 and stores it for every ME-Net algorithm"
+
+    def shortHelpString(self):  # noqa: N802
+        return (
+            "<p>Installs an ME-Net model into your model folder "
+            f"(<i>{user_paths.installed_models_dir()}</i>). Installed as <i>{DEFAULT_MODEL_NAME}</i>, it is "
+            "the model 'Extract mangroves' uses when MODEL is empty.</p>"
+            "<p><b>Source</b>: an http(s) URL or a model file (e.g. <i>menet_jambeli_v1.pt</i> next to the plugin "
+            "ZIP). Empty = the download location set in Processing › Options › Providers › ME-Net. "
+            "<b>The project has no public model release yet</b>, so that location is empty until you set it.</p>"
+            "<p><b>SHA256</b>: the expected checksum; empty = read from <i>&lt;source&gt;.sha256</i> beside it "
+            "(or the checksum the plugin knows for its default model). A file that does not match is not "
+            "installed; a download that breaks off leaves nothing behind, and a model installed before stays "
+            "as it was.</p>")
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterString(self.SOURCE, "Source: URL or model file (empty = the "
+                                                       "configured download location)",
+                                                       defaultValue=configured_model_url(), optional=True))
+        self.addParameter(QgsProcessingParameterString(self.SHA256, "SHA256 (empty = from <source>.sha256)",
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterString(self.NAME, f"Install as (empty = the source's file name, "
+                                                       f"e.g. {DEFAULT_MODEL_NAME})", optional=True))
+        self.addOutput(QgsProcessingOutputFile(self.OUTPUT, "Installed model"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        source = self.parameterAsString(parameters, self.SOURCE, context).strip() or configured_model_url()
+        sha256 = self.parameterAsString(parameters, self.SHA256, context).strip() or None
+        name = self.parameterAsString(parameters, self.NAME, context).strip() or None
+        try:
+            installed = model_store.install_model(source, name=name, sha256=sha256,
+                                                  reporter=FeedbackReporter(feedback))
+        except model_store.ModelStoreError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        return {self.OUTPUT: str(installed.path)}
