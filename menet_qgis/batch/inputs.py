@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +173,12 @@ def read_stac(path, vrt_dir: Path) -> List[Scene]:
     if not path.is_file():
         raise BatchInputError(f"STAC file not found: {path}")
     try:
-        obj = pystac.read_file(str(path.resolve()))
+        with open(path, encoding="utf-8") as fh:
+            kind = json.load(fh).get("type")
+        if kind == "FeatureCollection":
+            obj = pystac.ItemCollection.from_file(str(path.resolve()))
+        else:
+            obj = pystac.read_file(str(path.resolve()))
     except Exception as exc:  # pystac raises several types for non-STAC JSON
         raise BatchInputError(f"{path.name} is not a STAC ItemCollection, Item or Catalog "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
@@ -186,7 +192,7 @@ def read_stac(path, vrt_dir: Path) -> List[Scene]:
         raise BatchInputError(f"{path.name}: unsupported STAC object {type(obj).__name__}")
     if not items:
         raise BatchInputError(f"{path.name} holds no STAC items")
-    return [_scene_from_item(item, path.name, vrt_dir) for item in items]
+    return [_scene_from_item(item, path, vrt_dir) for item in items]
 
 
 def _asset_bands(key: str, asset: Dict) -> List[Optional[str]]:
@@ -220,8 +226,17 @@ def _dn_offset(asset: Dict, where: str) -> Optional[float]:
     return float(offset or 0.0) / scale
 
 
-def _scene_from_item(item, catalog_name: str, vrt_dir: Path) -> Scene:
-    where = f"STAC item {item.id} in {catalog_name}"
+def _asset_href(item, asset, stac_file: Path) -> str:
+    """Absolute asset href: pystac resolves it against the item's own location; items of an
+    ItemCollection have none, so relative hrefs there are taken relative to the collection file."""
+    href = asset.get_absolute_href() or asset.href
+    if not is_virtual(gdal_path(href)) and not Path(href).is_absolute():
+        href = str((stac_file.parent / href).resolve())
+    return gdal_path(href)
+
+
+def _scene_from_item(item, stac_file: Path, vrt_dir: Path) -> Scene:
+    where = f"STAC item {item.id} in {stac_file.name}"
     chosen: Dict[str, Tuple[str, int, Dict]] = {}   # S2 band -> (href, band index in asset, asset dict)
     for key, asset in item.assets.items():
         record = asset.to_dict()
@@ -229,7 +244,7 @@ def _scene_from_item(item, catalog_name: str, vrt_dir: Path) -> Scene:
             continue
         for index, band in enumerate(_asset_bands(key, record), 1):
             if band in SOURCE_BANDS:
-                candidate = (gdal_path(asset.get_absolute_href() or asset.href), index, record)
+                candidate = (_asset_href(item, asset, stac_file), index, record)
                 # prefer GeoTIFF/COG assets over others (Earth Search also lists JP2 copies)
                 current = chosen.get(band)
                 if current is None or ("tiff" in (record.get("type") or "") and "tiff" not in (current[2].get("type") or "")):
@@ -260,12 +275,13 @@ def build_band_vrt(path: Path, bands: Sequence[Tuple[str, int]], dn_offset: Opti
     tmp = path.with_name("." + path.name + ".partial")
     try:
         if len({h for h, _ in bands}) == 1:  # one multi-band asset: pick its bands
-            opts = gdal.BuildVRTOptions(bandList=[i for _, i in bands])
+            opts = gdal.BuildVRTOptions(bandList=[i for _, i in bands], strict=True)
             ds = gdal.BuildVRT(str(tmp), [bands[0][0]], options=opts)
         else:
             if any(i != 1 for _, i in bands):
                 raise BatchInputError(f"{where}: bands must be in single-band assets or all in one asset")
-            opts = gdal.BuildVRTOptions(separate=True, resolution="highest", resampleAlg="bilinear")
+            opts = gdal.BuildVRTOptions(separate=True, resolution="highest", resampleAlg="bilinear",
+                                        strict=True)
             ds = gdal.BuildVRT(str(tmp), [h for h, _ in bands], options=opts)
     except RuntimeError as exc:
         tmp.unlink(missing_ok=True)
