@@ -118,7 +118,7 @@ def mangrove_hectares(path, threshold: float) -> Optional[float]:
     return round(count * pixel_ha, 4)
 
 
-def write_cog(source: Path, target: Path, tags: Dict[str, str]) -> Path:
+def write_cog(source: Path, target: Path, tags: Dict[str, str], threads: int = 1) -> Path:
     """GeoTIFF -> Cloud-Optimized GeoTIFF with ``tags``.
 
     The engine streams strips into a tiled GeoTIFF; GDAL's COG driver can only
@@ -130,7 +130,8 @@ def write_cog(source: Path, target: Path, tags: Dict[str, str]) -> Path:
     from osgeo import gdal
     gdal.UseExceptions()
     options = gdal.TranslateOptions(format="COG", creationOptions=[
-        "COMPRESS=DEFLATE", "PREDICTOR=YES", "BIGTIFF=IF_SAFER", "RESAMPLING=AVERAGE", "OVERVIEWS=AUTO"],
+        "COMPRESS=DEFLATE", "PREDICTOR=YES", "BIGTIFF=IF_SAFER", "RESAMPLING=AVERAGE", "OVERVIEWS=AUTO",
+        f"NUM_THREADS={max(1, int(threads))}"],
         metadataOptions=[f"{k}={v}" for k, v in tags.items()])
     ds = gdal.Translate(str(target), str(source), options=options)
     if ds is None:

@@ -52,10 +52,15 @@ class BatchOptions:
 class PreloadModel(WorkerPlugin):
     """Loads the run's model when a worker (re)starts, so no scene waits for it."""
 
-    def __init__(self, path: str, sha256: str):
-        self.path, self.sha256 = path, sha256
+    def __init__(self, path: str, sha256: str, ignore_sigint: bool = False):
+        self.path, self.sha256, self.ignore_sigint = path, sha256, ignore_sigint
 
     def setup(self, worker):
+        if self.ignore_sigint and threading.current_thread() is threading.main_thread():
+            # embedded workers share the terminal's process group: Ctrl-C is the client's to handle
+            # (it cancels the run), not a signal that kills workers mid-write
+            import signal
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         model_for(self.path, self.sha256)
 
 
@@ -272,7 +277,8 @@ def _execute(manifest: RunManifest, todo, sha, threshold, options: BatchOptions,
             (f"; dashboard {client.dashboard_link}" if importlib.util.find_spec("bokeh") and client.dashboard_link
              else "; no dashboard (install bokeh for Dask's)"))
         manifest.run.update(dask_workers=len(workers), torch_threads=engine_opts["threads"])
-        client.register_plugin(PreloadModel(manifest.run["model"], sha), name="menet-preload-model")
+        client.register_plugin(PreloadModel(manifest.run["model"], sha, ignore_sigint=own_cluster is not None),
+                               name="menet-preload-model")
         cancel = Event(f"menet-cancel-{manifest.run['run_id']}", client=client)
         job = Job(manifest.run["model"], sha, engine_opts, str(manifest.out_dir), str(staging), threshold,
                   cancel.name)
@@ -337,10 +343,11 @@ def _schedule(client, job: Job, todo, options: BatchOptions, manifest: RunManife
     except KeyboardInterrupt:
         say("cancelling: running scenes stop within one batch; finished outputs are kept")
         cancel.set()
-        client.cancel([f for f in active if f.status == "pending" and not progress.starts(active[f][0].name)])
+        running = [f for f, (scene, _rec, seen) in active.items() if len(progress.starts(scene.name)) > seen]
+        client.cancel([f for f in active if f not in running])
         try:
-            wait(list(active), timeout=options.cancel_grace_s)
-        except (TimeoutError, KeyboardInterrupt):
+            wait(running, timeout=options.cancel_grace_s)
+        except (Exception, KeyboardInterrupt):  # timeout, a cancelled future, a second Ctrl-C
             pass
         for fut, (scene, rec, seen_before) in list(active.items()):
             if fut.status == "finished":

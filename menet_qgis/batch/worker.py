@@ -138,7 +138,8 @@ def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
                 "MENET_MANGROVE_HA": "" if hectares is None else f"{hectares:g}", **job.extra_tags}
         finals = output_paths(job, scene)
         staged = [result.stages[s] for s in job.engine_options.get("stages", ())] + [result.probability]
-        cogs = [write_cog(src, staging / ("cog-" + final.name), tags) for src, final in zip(staged, finals)]
+        threads = options.threads or 1
+        cogs = [write_cog(src, staging / ("cog-" + final.name), tags, threads) for src, final in zip(staged, finals)]
         for cog, final in zip(cogs, finals):
             os.replace(cog, final)
     finally:
