@@ -47,7 +47,7 @@ def file_fingerprint(path: str) -> Dict:
             raise OSError(f"cannot stat {path}")
         return {"path": path, "size": stat.size, "mtime": stat.mtime}
     if path.lower().endswith(".vrt"):  # rebuilt on every run from a STAC item: its content is what counts
-        return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+        return {"sha256": file_sha256(path)}
     st = os.stat(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -55,8 +55,8 @@ def file_fingerprint(path: str) -> Dict:
         if st.st_size > EDGE_BYTES:
             fh.seek(max(EDGE_BYTES, st.st_size - EDGE_BYTES))
             digest.update(fh.read(EDGE_BYTES))
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "edges_sha256": digest.hexdigest()}
+    # no path: the same bytes moved elsewhere (or an out-dir copied with its STAC VRTs) are still done
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges_sha256": digest.hexdigest()}
 
 
 def scene_fingerprint(scene: Scene) -> Dict:
