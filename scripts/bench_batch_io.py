@@ -54,8 +54,12 @@ def main() -> int:
         t = time.process_time()
         write_cog(Path(tmp) / "prob.tif", Path(tmp) / "cog.tif", {"K": "V"}, threads=1)
         cog_s = time.process_time() - t
+        sizes = {"input": src.stat().st_size, "probability GeoTIFF": (Path(tmp) / "prob.tif").stat().st_size,
+                 "probability COG": (Path(tmp) / "cog.tif").stat().st_size}
     for name, s in (("read windows (overlap 64)", read_s), ("write probability", write_s), ("COG translate", cog_s)):
         print(f"{name:28s} {s / mp:6.3f} CPU s/MP  -> full 10980² tile {s / mp * tile_mp:6.1f} CPU s")
+    for name, b in sizes.items():
+        print(f"{name:28s} {b / mp / 2**20:6.3f} MiB/MP   -> full 10980² tile {b / mp * tile_mp / 2**30:6.2f} GiB")
     return 0
 
 

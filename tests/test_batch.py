@@ -329,6 +329,7 @@ def test_ctrl_c_cancels_cleanly_and_a_rerun_resumes(clean_run, inputs, untrained
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not list(work.glob("*_probability.tif")) and proc.poll() is None:
         time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
@@ -357,3 +358,25 @@ def test_the_qgis_plugin_never_imports_dask():
                           env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_bad_inputs_are_refused_before_anything_runs(inputs, untrained_path, tmp_path):
+    from menet_qgis.batch.inputs import BatchInputError, collect_scenes
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(inputs["folder"] / "north.tif", other / "north.tif")
+    out = tmp_path / "out"
+    proc = cli("batch", inputs["folder"] / "north.tif", other / "north.tif", "--out-dir", out, "--model", untrained_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("menet_qgis: error: two scenes would both write "
+                                                           "north_probability.tif"), proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and not list(out.glob("*.tif"))
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("file,date\nnorth.tif,2020-01-01\n")
+    with pytest.raises(BatchInputError, match="'path' column"):
+        collect_scenes([str(bad_csv)], tmp_path / "vrt")
+    with pytest.raises(BatchInputError, match="no file matches"):
+        collect_scenes([str(tmp_path / "none" / "*.tif")], tmp_path / "vrt")
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path\nnot_there.tif\n")
+    with pytest.raises(BatchInputError, match="not_there.tif .listed in missing.csv line 2"):
+        collect_scenes([str(missing)], tmp_path / "vrt")

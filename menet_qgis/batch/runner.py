@@ -91,10 +91,9 @@ def embedded_cluster(workers: int, resources: Dict[str, float]) -> LocalCluster:
     process would share one model's torch threads and, on a GPU, each size its batch to
     70 % of the free memory)."""
     import dask
-    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                            dashboard_address=dashboard, resources=resources or None)
+                            dashboard_address=":0", resources=resources or None)
 
 
 class Progress:
@@ -294,9 +293,12 @@ def _execute(manifest: RunManifest, todo, sha, threshold, options: BatchOptions,
             client.close()
         if own_cluster is not None:
             own_cluster.close()
+        if own_cluster is not None or not manifest.run.get("cancelled"):
+            # no task of this run is left (we hold the out-dir lock): what is left was written by
+            # attempts whose worker died before their own clean-up
             shutil.rmtree(staging, ignore_errors=True)
         elif staging.is_dir() and not any(staging.iterdir()):
-            staging.rmdir()
+            staging.rmdir()  # after Ctrl-C on an existing cluster, scenes still stopping clean up themselves
         manifest.save()
 
 
