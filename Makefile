@@ -11,6 +11,8 @@ PIP_TORCH := torch==2.14.1 torchvision==0.29.1
 # One line per feature, so each can be added or dropped without touching the others.
 PIP_PACKAGES := pytest pytest-qgis
 PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2
+# batch: Dask distributed (workers, retries), pystac (STAC catalogs), tqdm (progress bars)
+PIP_PACKAGES += "dask[distributed]==2026.8.0" pystac==1.15.2 tqdm==4.70.1
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin

@@ -114,6 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--resampling", choices=["bilinear", "nearest"], default="bilinear",
                          help="for B11/B12 from 20 m to 10 m")
 
+    batch = sub.add_parser("batch", help="many scenes on Dask distributed: resumable, retried, COG outputs")
+    batch.add_argument("inputs", nargs="+", help="rasters, globs ('scenes/*.tif'), manifest CSVs (path[,date,region,"
+                       "name,bands,dn_offset]) or STAC JSON (ItemCollection, Item, static catalog)")
+    batch.add_argument("--out-dir", required=True, help="writes <scene>_probability.tif (COG), batch_summary.csv "
+                       "and batch_manifest.json here")
+    batch.add_argument("--model", help=f"checkpoint (default: {default_model_path().name} shipped with the plugin)")
+    batch.add_argument("--workers", type=_non_negative, default=0, help="worker processes of the embedded cluster; "
+                       "0 = automatic")
+    batch.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead")
+    batch.add_argument("--retries", type=_non_negative, default=2, help="further attempts for a failed scene")
+    batch.add_argument("--resources", default="", help="Dask resources per scene, e.g. GPU=1 (workers started "
+                       "with --resources GPU=1)")
+    batch.add_argument("--stages", default="", help=f"comma-separated stage layers ({','.join(STAGE_NAMES)})")
+    batch.add_argument("--stage-mode", choices=["compact", "all"], default="compact")
+    batch.add_argument("--window", type=int, default=0, help="window size in px; 0 = the model's (256)")
+    batch.add_argument("--overlap", type=int, default=64)
+    batch.add_argument("--batch-size", type=_non_negative, default=0, help="0 = automatic")
+    batch.add_argument("--threads", type=_non_negative, default=0, help="torch CPU threads per worker; "
+                       "0 = the worker's share of its host's cores")
+    batch.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    batch.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12 for scenes that "
+                       "do not name their bands")
+    batch.add_argument("--dn-offset", type=float, help="DN offset when the product metadata has none")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+
     assess = sub.add_parser("assess", help="accuracy of a map against a reference, next to MVI and random forest")
     assess.add_argument("prediction", nargs="?", help="probability or 0/1 mask raster")
     assess.add_argument("--reference", help="reference: mask raster (mangrove >= 0.5) or polygon file")
@@ -207,6 +232,43 @@ def cmd_export(args) -> int:
         diff = None
     print(json.dumps({"onnx": model.path, "outputs": model.outputs, "checked_max_difference": diff}, indent=2))
     return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import BatchOptions, run_batch
+    model_path = Path(args.model) if args.model else default_model_path()
+    if not args.model and not model_path.is_file():
+        raise ValueError(f"no --model given and no default model installed at {model_path}")
+    try:
+        resources = {k.strip(): float(v) for k, v in (p.split("=") for p in args.resources.split(",") if p)}
+    except ValueError:
+        raise ValueError(f"--resources must look like GPU=1, got {args.resources!r}") from None
+    engine_options = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
+                      "device": args.device, "stages": [s for s in args.stages.split(",") if s],
+                      "stage_mode": args.stage_mode, "threads": args.threads}
+    options = BatchOptions(workers=args.workers, scheduler=args.scheduler, retries=args.retries, resources=resources,
+                           engine_options=engine_options, band_numbers=args.bands, dn_offset=args.dn_offset,
+                           progress=not args.no_progress)
+    try:
+        manifest = run_batch(args.inputs, args.out_dir, model_path, options)
+    except KeyboardInterrupt:
+        counts = _batch_counts(Path(args.out_dir))
+        print(f"menet_qgis: cancelled ({counts}); finished outputs are kept, no partial files: "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    print(manifest.table())
+    counts = manifest.counts()
+    print(f"{len(manifest.records)} scenes: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) +
+          f"; summary {manifest.csv_path}, manifest {manifest.json_path}", file=sys.stderr)
+    return 1 if counts.get("failed") else 0
+
+
+def _batch_counts(out_dir: Path) -> str:
+    try:
+        counts = json.loads((out_dir / "batch_manifest.json").read_text())["counts"]
+        return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    except (OSError, ValueError, KeyError):
+        return "no scene finished"
 
 
 def cmd_train(args) -> int:
@@ -306,8 +368,9 @@ def cmd_install_model(args) -> int:
     return 0
 
 
-COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "export": cmd_export, "prepare": cmd_prepare, "train": cmd_train,
-            "assess": cmd_assess, "install-deps": cmd_install_deps, "install-model": cmd_install_model}
+COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "export": cmd_export, "batch": cmd_batch,
+            "prepare": cmd_prepare, "train": cmd_train, "assess": cmd_assess,
+            "install-deps": cmd_install_deps, "install-model": cmd_install_model}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
