@@ -35,6 +35,8 @@ from .stages import STAGE_BY_NAME, parse_stage_names
 from .tiling import WindowGrid, blend_weights
 
 STAGE_MODES = ("compact", "all")
+#: Seconds between "windows done, rate, time left" log lines during a run.
+PROGRESS_LOG_SECONDS = 30.0
 COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
 
 
@@ -270,6 +272,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
     pending: deque = deque()
     in_flight = None  # (batch, outputs): collected after the next batch is launched
     next_read = done = 0
+    last_log = time.perf_counter()
 
     def finish(job):
         batch_done, outputs = job
@@ -297,6 +300,7 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
                     finish(in_flight)  # the device works on this batch meanwhile
                 in_flight = (batch, outputs)
             reporter.progress(100.0 * done / len(windows))
+            last_log = _log_rate(reporter, t0, last_log, done, len(windows))
             if reporter.cancelled():
                 raise Cancelled("cancelled by the user")
         if in_flight is not None:
@@ -319,6 +323,17 @@ def extract(bundle: ModelBundle, source: RasterInput, output, options: EngineOpt
     reporter.info(f"ran the model on {run_count} of {len(windows)} windows (the rest hold only no-data) "
                   f"in {seconds:.1f} s ({run_count / max(seconds, 1e-9):.2f} windows/s)")
     return ExtractionResult(output, stage_files, device_text, len(windows), run_count, batch_size, seconds)
+
+
+def _log_rate(reporter: Reporter, t0: float, last_log: float, done: int, total: int) -> float:
+    """Every PROGRESS_LOG_SECONDS: windows done, rate and time left (the log is all a long run shows)."""
+    now = time.perf_counter()
+    if now - last_log < PROGRESS_LOG_SECONDS or done >= total:
+        return last_log
+    rate = done / max(now - t0, 1e-9)
+    reporter.info(f"{done} of {total} windows ({100.0 * done / total:.0f} %), {rate:.2f} windows/s, "
+                  f"about {(total - done) / max(rate, 1e-9):.0f} s left")
+    return now
 
 
 def reader_count(requested: int, device: torch.device) -> int:

@@ -1,4 +1,4 @@
-"""The "ME-Net" Processing provider (id ``menet``)."""
+"""The "ME-Net" Processing provider (id ``menet``) and its setting "Python with PyTorch"."""
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
@@ -8,6 +8,24 @@ from .export_channels import ExportChannelsAlgorithm
 from .extract_mangroves import ExtractMangrovesAlgorithm
 from .prepare_sentinel2 import PrepareSentinel2Algorithm
 from .train_menet import TrainMENetAlgorithm
+from .worker_client import SETTING
+
+ALGORITHMS = [
+    ExtractMangrovesAlgorithm,
+    PrepareSentinel2Algorithm,
+    ExportChannelsAlgorithm,
+    TrainMENetAlgorithm,
+    AssessAccuracyAlgorithm,
+]
+
+
+def _processing_config():
+    """processing's ProcessingConfig where the Processing plugin is there (desktop, qgis_process), else None."""
+    try:
+        from processing.core.ProcessingConfig import ProcessingConfig, Setting
+    except ImportError:
+        return None, None
+    return ProcessingConfig, Setting
 
 
 class MENetProvider(QgsProcessingProvider):
@@ -23,7 +41,22 @@ class MENetProvider(QgsProcessingProvider):
     def icon(self):
         return QIcon(str(icon_path()))
 
+    def load(self):
+        """Adds "Python with PyTorch" under Processing › Options › Providers › ME-Net."""
+        config, setting = _processing_config()
+        if config is not None:
+            config.settingIcons[self.name()] = self.icon()
+            config.addSetting(setting(self.name(), SETTING, "Python with PyTorch (empty = automatic)", "",
+                                      valuetype=setting.FILE))
+            config.readSettings()
+        self.refreshAlgorithms()
+        return True
+
+    def unload(self):
+        config, _setting = _processing_config()
+        if config is not None:
+            config.removeSetting(SETTING)
+
     def loadAlgorithms(self):  # noqa: N802
-        for alg in (ExtractMangrovesAlgorithm(), PrepareSentinel2Algorithm(), ExportChannelsAlgorithm(),
-                    TrainMENetAlgorithm(), AssessAccuracyAlgorithm()):
-            self.addAlgorithm(alg)
+        for alg in ALGORITHMS:
+            self.addAlgorithm(alg())
