@@ -105,8 +105,7 @@ def probe(python: str) -> Optional[str]:
         return None
     try:
         proc = subprocess.run([python, "-c", PROBE, str(PACKAGE_DIR.parent), "probe", *REQUIRED],
-                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS, env=worker_env(),
-                              **({"creationflags": _popen_kwargs()["creationflags"]} if os.name == "nt" else {}))
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS, env=worker_env())
     except FileNotFoundError:
         return "not found"
     except PermissionError:
@@ -206,7 +205,6 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
     ``outputs``: files the job writes, removed when the worker fails, is cancelled or dies.
     """
     python, why = choose_python()
-    feedback.pushInfo(f"ME-Net engine: {python} ({why})")
     started = time.time()
     outputs = [str(o) for o in outputs]
     try:
@@ -215,6 +213,7 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
                                 encoding="utf-8", errors="replace", bufsize=1, **_popen_kwargs())
     except OSError as exc:
         raise QgsProcessingException(f"could not start the ME-Net engine with {python}: {exc}") from None
+    feedback.pushInfo(f"ME-Net engine: {python} ({why}), process {proc.pid}")
     messages: "queue.Queue" = queue.Queue()
     tail: deque = deque(maxlen=40)
     log_tail: deque = deque(maxlen=5)
