@@ -1,8 +1,9 @@
 """The algorithm inside QGIS: processing.run, loading into the project, batch rows, errors."""
 import numpy as np
 import pytest
-from qgis.core import (QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback, QgsProject,
-                       QgsRasterLayer, QgsSingleBandPseudoColorRenderer)
+from qgis.core import (QgsLayerTreeGroup, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingFeedback, QgsProcessingOutputLayerDefinition, QgsProcessingUtils, QgsProject, QgsRasterLayer,
+                       QgsSingleBandPseudoColorRenderer)
 
 from helpers import read, s2_reflectance, write_raster, write_s2
 from menet_qgis.core import raster_io
@@ -18,6 +19,9 @@ class LogFeedback(QgsProcessingFeedback):
 
     def pushInfo(self, info):  # noqa: N802
         self.lines.append(info)
+
+    def pushWarning(self, warning):  # noqa: N802
+        self.lines.append(warning)
 
     def reportError(self, error, fatalError=False):  # noqa: N802,N803
         self.lines.append(error)
@@ -50,20 +54,51 @@ def test_processing_run_writes_georeferenced_probability(processing, untrained_p
     assert "device: CPU" in log and "windows:" in log and "batch size" in log and "UNTRAINED" in log
 
 
-def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path, tmp_path):
+def load_like_processing(context, project, order):
+    """What QGIS does with context.layersToLoadOnCompletion() after a run (any version): load each
+    layer with its type hint, add it to the project, call its post-processor.  Done here on a real
+    project so the test does not depend on the desktop's layer tree view."""
+    items = sorted(context.layersToLoadOnCompletion().items(), key=lambda kv: order(kv[0]))
+    for path, details in items:
+        assert details.layerTypeHint == QgsProcessingUtils.LayerHint.Raster or path.endswith("p.tif")
+        layer = QgsRasterLayer(path, details.name, "gdal")
+        assert layer.isValid(), path
+        project.addMapLayer(layer)
+        details.postProcessor().postProcessLayer(layer, context, QgsProcessingFeedback())
+
+
+@pytest.mark.parametrize("stages_first", [False, True])
+def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path, tmp_path, stages_first):
+    """Probability on top, named after the input, on a ramp whose 0 is not white; the stage group right
+    below it, collapsed and unchecked, stages in order with a single-band stretch — whatever order
+    QGIS loads the layers in."""
     project = QgsProject.instance()
     project.clear()
+    project.addMapLayer(QgsRasterLayer(str(write_s2(tmp_path / "other.tif", 20, 20)), "older layer"))
     src = write_s2(tmp_path / "scene.tif", 64, 64)
     layer = QgsRasterLayer(str(src), "scene")
     project.addMapLayer(layer)
-    processing.runAndLoadResults(ALG, {"INPUT": layer, "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif"),
-                                       "STAGES": [0, 3], **FAST})
-    prob = [l for l in project.mapLayers().values() if l.source() == str(tmp_path / "p.tif")]
-    assert len(prob) == 1 and isinstance(prob[0].renderer(), QgsSingleBandPseudoColorRenderer)
-    assert prob[0].renderer().classificationMax() == 1.0
-    group = project.layerTreeRoot().findGroup("ME-Net stages — scene")
-    assert group is not None
-    assert sorted(child.name() for child in group.children()) == ["scene stage0", "scene stage3"]
+    context = QgsProcessingContext()
+    context.setProject(project)
+    out = str(tmp_path / "p.tif")
+    params = {"INPUT": layer, "MODEL": str(untrained_path), "STAGES": [3, 0], **FAST,
+              "OUTPUT": QgsProcessingOutputLayerDefinition(out, project)}  # = "open output file after running"
+    processing.run(ALG, params, context=context)
+    load_like_processing(context, project, lambda path: (path == out) == stages_first)
+    root = project.layerTreeRoot()
+    top, second = root.children()[0], root.children()[1]
+    assert top.layer().source() == out and top.name() == "scene mangrove probability"
+    renderer = top.layer().renderer()
+    assert isinstance(renderer, QgsSingleBandPseudoColorRenderer) and renderer.classificationMax() == 1.0
+    zero = renderer.shader().rasterShaderFunction().colorRampItemList()[0].color
+    assert min(zero.red(), zero.green(), zero.blue()) < 128  # 0 is dark: not the white canvas
+    assert isinstance(second, QgsLayerTreeGroup) and second.name() == "ME-Net stages — scene"
+    assert not second.isExpanded() and not second.itemVisibilityChecked()
+    assert [child.name() for child in second.children()] == ["scene stage0", "scene stage3"]
+    stage_renderer = second.children()[0].layer().renderer()
+    assert isinstance(stage_renderer, QgsSingleBandPseudoColorRenderer) and stage_renderer.band() == 1
+    assert stage_renderer.classificationMax() > stage_renderer.classificationMin()
+    assert [n.name() for n in root.children()[2:]] == ["scene", "older layer"]
     project.clear()
 
 
