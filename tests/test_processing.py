@@ -150,3 +150,52 @@ def test_window_parameters_checked_at_the_edge(menet_provider, untrained_path, t
     params.update(WINDOW_SIZE=256, BAND_RED=3)
     ok, message = alg.checkParameterValues(params, QgsProcessingContext())
     assert not ok and "all six band parameters" in message
+
+
+def test_dialog_details_a_user_sees(menet_provider, tmp_path):
+    """Labels short enough for batch headers, no label saying "optional" (QGIS adds it), stage options
+    with stride and channels, a stage folder that is an input (no "[Skip output]"), tooltips."""
+    for alg in menet_provider.algorithms():
+        assert alg.shortDescription(), alg.id()
+        for param in alg.parameterDefinitions():
+            assert "optional" not in param.description().lower(), (alg.id(), param.description())
+            assert len(param.description()) <= 32, (alg.id(), param.description())
+    extract = menet_provider.algorithm("extractmangroves")
+    options = extract.parameterDefinition("STAGES").options()
+    assert options[5] == "stage5 — 1/32 resolution, 2048 channels"
+    folder = extract.parameterDefinition("STAGE_FOLDER")
+    assert not folder.isDestination() and "beside the probability" in folder.help()
+    assert "<table" in extract.shortHelpString() and "<pre>" not in extract.shortHelpString()
+
+
+def test_train_output_is_never_a_temporary_file(menet_provider):
+    from qgis.core import QgsProcessing
+    train = menet_provider.algorithm("trainmenet")
+    default = train.parameterDefinition("OUTPUT_MODEL").defaultValue()
+    assert default.endswith(".pt") and QgsProcessing.TEMPORARY_OUTPUT not in default
+    ok, message = train.checkParameterValues({"TILE_FOLDER": "/tmp", "OUTPUT_MODEL": QgsProcessing.TEMPORARY_OUTPUT},
+                                             QgsProcessingContext())
+    assert not ok and "temporary" in message
+
+
+def test_assess_refuses_the_sentinel2_image_as_the_map(menet_provider, tmp_path):
+    """The map combo box starts on the active layer, typically the Sentinel-2 image: refused before running."""
+    assess = menet_provider.algorithm("assessaccuracy")
+    image = write_s2(tmp_path / "scene.tif", 20, 20)
+    ok, message = assess.checkParameterValues({"PREDICTION": str(image), "REFERENCE_RASTER": str(image),
+                                               "OUTPUT_TABLE": str(tmp_path / "t.csv")}, QgsProcessingContext())
+    assert not ok and "has 6 bands" in message
+
+
+def test_output_may_not_overwrite_the_input(processing, untrained_path, tmp_path):
+    src = write_s2(tmp_path / "in.tif", 20, 20)
+    (tmp_path / "link.tif").symlink_to(src)
+    with pytest.raises(QgsProcessingException, match="is the input raster itself"):
+        processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "link.tif")})
+    assert read(src).shape == (6, 20, 20)
+
+
+def test_export_channels_help_lists_the_recipe():
+    from menet_qgis.core.channels import CHANNELS
+    from menet_qgis.processing.export_channels import CHANNEL_HELP
+    assert [name for name, _ in CHANNEL_HELP] == [c.name for c in CHANNELS]

@@ -54,9 +54,9 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Mangrove threshold",
                                                        QgsProcessingParameterNumber.Double, 0.5, minValue=0.0,
                                                        maxValue=1.0))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 raster for the MVI baseline",
+        self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 image (MVI baseline)",
                                                             optional=True))
-        self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tile folder for the random-forest baseline",
+        self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tiles for a random forest",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_TABLE, "Accuracy table",
                                                             QgsProcessing.TypeVector))

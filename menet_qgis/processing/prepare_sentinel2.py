@@ -41,12 +41,12 @@ class PrepareSentinel2Algorithm(MENetAlgorithm):
             "clip polygons become no data.</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterFile(self.INPUT_FOLDER, "Sentinel-2 product folder (.SAFE)",
+        self.addParameter(QgsProcessingParameterFile(self.INPUT_FOLDER, "Sentinel-2 product folder",
                                                      behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Clip to extent", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.CLIP_LAYER, "Clip to polygons",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.RESAMPLING, "Resampling of B11 and B12 (20 m) to 10 m",
+        self.addParameter(QgsProcessingParameterEnum(self.RESAMPLING, "B11/B12 resampling (20 m → 10 m)",
                                                      RESAMPLING_OPTIONS, defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Sentinel-2 stack"))
 

@@ -61,13 +61,13 @@ class TrainMENetAlgorithm(MENetAlgorithm):
         for param in advanced([
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer, 8,
                                          minValue=2, maxValue=512),
-            QgsProcessingParameterNumber(self.LEARNING_RATE, "Peak learning rate (one-cycle AdamW)",
+            QgsProcessingParameterNumber(self.LEARNING_RATE, "Peak learning rate (AdamW)",
                                          QgsProcessingParameterNumber.Double, 1e-3, minValue=1e-6, maxValue=1.0),
             QgsProcessingParameterNumber(self.VAL_FRACTION, "Validation share of windows",
                                          QgsProcessingParameterNumber.Double, 0.2, minValue=0.05, maxValue=0.5),
             QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Integer, 0),
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
-            QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet ResNet-101 weights (.pth)",
+            QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet weights (.pth)",
                                        extension="pth", optional=True),
         ]):
             self.addParameter(param)
