@@ -51,8 +51,10 @@ def resolve_model(path: Optional[str]) -> Path:
     return default
 
 
-def load_model(path: Path):
+def load_model(path: Path, reporter=None):
     """Load a checkpoint once per file version (the worker may run several jobs on one model)."""
+    import time
+
     from .core import checkpoint
     try:
         stat = os.stat(path)
@@ -61,7 +63,10 @@ def load_model(path: Path):
     key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
+        started = time.perf_counter()
         _MODEL_CACHE[key] = checkpoint.load(path)
+        if reporter is not None:
+            reporter.info(f"model {Path(path).name} loaded in {time.perf_counter() - started:.1f} s")
     return _MODEL_CACHE[key]
 
 
@@ -74,7 +79,7 @@ def extract(params: Dict, reporter) -> Dict:
                                    dn_offset=params.get("dn_offset"), bounds=tuple(bounds) if bounds else None)
     try:
         model_path = resolve_model(params.get("model"))
-        bundle = load_model(model_path)
+        bundle = load_model(model_path, reporter)
     except BaseException:
         source.close()
         raise

@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import threading
+import time
 import traceback
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
@@ -120,14 +121,18 @@ def main() -> int:
         return EXIT_ERROR
     cancel = threading.Event()
     threading.Thread(target=_watch_stdin, args=(sys.stdin, cancel), name="menet-stdin", daemon=True).start()
+    started = time.perf_counter()
     try:
         from . import jobs
         from .core.engine import Cancelled
         from .core.raster_io import limit_gdal_cache
         limit_gdal_cache()
         reporter = _reporter_class()(channel, cancel)
+        import torch
     except ImportError as exc:
         return _missing(channel, exc)
+    reporter.info(f"engine process: Python {sys.version.split()[0]}, torch {torch.__version__}, "
+                  f"started in {time.perf_counter() - started:.1f} s")
     try:
         result = jobs.run(job, params, reporter)
     except Cancelled:

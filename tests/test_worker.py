@@ -211,3 +211,22 @@ def test_qgis_process_never_imports_torch(tmp_path, untrained_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["output"] == str(tmp_path / "p.tif") and (tmp_path / "p.tif").is_file()
     assert report["heavy"] == []
+
+
+def test_long_runs_log_windows_done_rate_and_time_left(bundle, tmp_path, monkeypatch):
+    from menet_qgis.core import engine, raster_io
+
+    class Lines(engine.Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    monkeypatch.setattr(engine, "PROGRESS_LOG_SECONDS", 0.0)
+    reporter = Lines()
+    src = raster_io.RasterInput(write_s2(tmp_path / "in.tif", 128, 128))
+    engine.extract(bundle, src, tmp_path / "p.tif", engine.EngineOptions(window=64, overlap=0, batch_size=1),
+                   reporter)
+    progress = [line for line in reporter.lines if " windows/s, about " in line]
+    assert progress and progress[0].startswith("1 of 4 windows (25 %)") and progress[-1].endswith("s left")
