@@ -230,3 +230,22 @@ def test_long_runs_log_windows_done_rate_and_time_left(bundle, tmp_path, monkeyp
                    reporter)
     progress = [line for line in reporter.lines if " windows/s, about " in line]
     assert progress and progress[0].startswith("1 of 4 windows (25 %)") and progress[-1].endswith("s left")
+
+
+def test_provider_setting_comes_before_the_environment_variable(processing, tmp_path, monkeypatch):
+    """Processing › Options › Providers › ME-Net › "Python with PyTorch" is the first choice."""
+    from processing.core.ProcessingConfig import ProcessingConfig
+    from qgis.core import QgsSettings
+
+    from menet_qgis.processing.worker_client import SETTING, SETTING_KEY
+    assert SETTING in ProcessingConfig.settings  # registered by the provider: shown in the options dialog
+    monkeypatch.setenv("MENET_PYTHON", str(VENV_PYTHON))
+    settings = QgsSettings()
+    settings.setValue(SETTING_KEY, str(tmp_path / "no-such-python"))
+    try:
+        with pytest.raises(QgsProcessingException, match=r"no-such-python \(provider setting 'Python with PyTorch'\) "
+                                                         r"not found"):
+            processing.run(ALG, {"INPUT": str(write_s2(tmp_path / "in.tif", 20, 20)),
+                                 "OUTPUT": str(tmp_path / "p.tif")}, feedback=RecordingFeedback())
+    finally:
+        settings.remove(SETTING_KEY)

@@ -160,6 +160,7 @@ def load_results(context: QgsProcessingContext, probability: str, stages: Dict[s
         details = context.layerToLoadOnCompletionDetails(probability)
         details.name = f"{input_name} mangrove probability"
         details.forceName = True
+        details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
         placer = ResultLayerPlacer(layout, "probability")
         KEEP_ALIVE.append(placer)
         details.setPostProcessor(placer)

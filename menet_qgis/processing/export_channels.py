@@ -9,9 +9,9 @@ from .worker_client import run_job
 
 #: The recipe's channels (core/channels.py CHANNELS, which needs torch): name and formula for the help.
 CHANNEL_HELP = [("red", "B4"), ("green", "B3"), ("blue", "B2"), ("nir", "B8"), ("swir1", "B11"),
-                ("ndvi", "(B8 − B4) / (B8 + B4)"), ("mndwi", "(B3 − B11) / (B3 + B11)"), ("fdi", "B8 − (B4 + B2)"),
-                ("wfi", "(B8 − B4) / B12"), ("mdi", "(B8 − B12) / B12"),
-                ("pc1", "first principal component of the six bands")]
+                ("ndvi", "(B8 - B4) / (B8 + B4)"), ("mndwi", "(B3 - B11) / (B3 + B11)"), ("fdi", "B8 - (B4 + B2)"),
+                ("wfi", "(B8 - B4) / B12"), ("mdi", "(B8 - B12) / B12"),
+                ("pc1", "first principal component of B2, B3, B4, B8, B11, B12")]
 
 
 class ExportChannelsAlgorithm(MENetAlgorithm):
