@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from qgis.core import (QgsColorRampShader, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
+from qgis.core import (QgsColorRampShader, QgsProcessingAlgorithm, QgsProcessingContext,
                        QgsProcessingException, QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils,
                        QgsProject, QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle)
 from qgis.PyQt.QtGui import QIcon

@@ -37,7 +37,7 @@ from collections import deque
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from qgis.core import QgsProcessingException, QgsSettings
+from qgis.core import QgsProcessingException, QgsProcessingFeedback, QgsSettings
 
 from ..user_paths import managed_env_dir, managed_python
 
@@ -204,6 +204,8 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
 
     ``outputs``: files the job writes, removed when the worker fails, is cancelled or dies.
     """
+    if feedback is None:
+        feedback = QgsProcessingFeedback()
     python, why = choose_python()
     started = time.time()
     outputs = [str(o) for o in outputs]
