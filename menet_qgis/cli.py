@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sha256", help="expected sha256 (default: <source>.sha256 beside it)")
     model.add_argument("--name", help="file name to store it under (default: the source's file name)")
     model.add_argument("--timeout", type=float, default=60, help="seconds without data before giving up")
+
+    sub.add_parser("worker", help="run one job read as JSON from stdin, speaking JSON lines on stdout "
+                   "(what the QGIS algorithms start; see menet_qgis/worker.py)")
     return parser
 
 
@@ -176,39 +179,34 @@ def cmd_stages(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .core import engine, raster_io, runtimes
-    # Cheap checks first: parameters, every input, then the model, before any compute.
+    from . import jobs
+    from .core import engine, raster_io
     from .core.stages import parse_stage_names
     from .core.tiling import check_window
+    # Cheap checks first: parameters, every input, then the model, before any compute.
+    stages = [s for s in args.stages.split(",") if s]
     check_window(args.window or 256, args.overlap)
-    stage_names = parse_stage_names([s for s in args.stages.split(",") if s])
-    sources = [raster_io.RasterInput(p, band_numbers=args.bands, dn_offset=args.dn_offset) for p in args.inputs]
+    stages = parse_stage_names(stages)
+    for path in args.inputs:
+        raster_io.RasterInput(path, band_numbers=args.bands, dn_offset=args.dn_offset).close()
     stems = [Path(p).stem for p in args.inputs]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
-    model_path = Path(args.model) if args.model else default_model_path()
-    if not args.model and not model_path.is_file():
-        raise ValueError(f"no --model given and no default model installed at {model_path}")
-    bundle = runtimes.load_model(model_path, args.runtime, args.device, stage_names)
-    runtimes.check_model_fits(bundle, args.runtime, args.device, stage_names)
+    model_path = jobs.resolve_model(args.model)
+    outputs = [Path(args.out_dir) / f"{stem}_probability.tif" for stem in stems]
+    raster_io.refuse_overwriting_inputs(outputs + [engine.stage_path(o, None, n) for o in outputs for n in stages],
+                                        [*args.inputs, model_path])
+    jobs.load_model(model_path, None, args.runtime, args.device, stages)
+    options = dict(window=args.window, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
+                   stages=stages, stage_mode=args.stage_mode, runtime=args.runtime, threads=args.threads,
+                   precision=args.precision)
     reporter = CliReporter(args.quiet)
-    if not bundle.trained:
-        reporter.warn(f"model {model_path.name} is UNTRAINED (random weights): outputs only test the pipeline")
-    options = engine.EngineOptions(window=args.window, overlap=args.overlap, batch_size=args.batch_size,
-                                   device=args.device, stages=stage_names, stage_mode=args.stage_mode,
-                                   runtime=args.runtime, threads=args.threads, precision=args.precision)
-    out_dir = Path(args.out_dir)
-    stage_names = [s for s in args.stages.split(",") if s]
-    outputs = [out_dir / f"{stem}_probability.tif" for stem in stems]
-    outputs += [engine.stage_path(out, None, name) for out in outputs for name in stage_names]
-    raster_io.refuse_overwriting_inputs(outputs, [*args.inputs, model_path])
     summary = []
-    for source, stem in zip(sources, stems):
-        result = engine.extract(bundle, source, out_dir / f"{stem}_probability.tif", options, reporter)
-        summary.append({"input": source.path, "probability": str(result.probability),
-                        "stages": {k: str(v) for k, v in result.stages.items()},
-                        "device": result.device, "windows": result.windows, "windows_run": result.windows_run,
-                        "batch_size": result.batch_size, "seconds": round(result.seconds, 2)})
+    for path, output in zip(args.inputs, outputs):
+        result = jobs.extract({"input": path, "output": str(output), "model": str(model_path),
+                               "bands": args.bands, "dn_offset": args.dn_offset, "options": options}, reporter)
+        summary.append({"input": path, **{k: result[k] for k in ("probability", "stages", "device", "windows",
+                                                                  "windows_run", "batch_size", "seconds")}})
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -272,78 +270,41 @@ def _batch_counts(out_dir: Path) -> str:
 
 
 def cmd_train(args) -> int:
-    from .core import training
-    from .core.checkpoint import save
-    out = Path(args.out)
-    if out.suffix != ".pt":
-        raise ValueError(f"--out {out.name} must end in .pt")
-    from .core import raster_io
-    inputs = [p for p in Path(args.tiles).glob("*") if p.is_file()] + [args.imagenet_weights]
-    raster_io.refuse_overwriting_inputs([out, args.history], inputs)
-    reporter = CliReporter()
-    # The best-so-far checkpoint goes to a hidden file that becomes --out only at the end.
-    best_so_far = out.parent / f".{out.name}.best-so-far"
-    for path in (out, best_so_far):
-        for stale in raster_io.remove_stale_partials(path):
-            reporter.info(f"removed {stale.name}: a partial file left by a run that no longer exists")
-    tiles = training.load_tile_folder(args.tiles)
-    options = training.TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-                                    imagenet_weights=args.imagenet_weights, save_best_to=str(best_so_far))
-    try:
-        result = training.train(tiles, options, reporter)
-        save(result.bundle, out, half=True)
-    finally:
-        best_so_far.unlink(missing_ok=True)
-    if args.history:
-        raster_io.atomic_write_text(args.history, json.dumps(result.history, indent=2))
-    print(json.dumps({"checkpoint": str(out), "best": result.best}, indent=2))
+    from . import jobs
+    result = jobs.train({"tiles": args.tiles, "output": args.out, "epochs": args.epochs,
+                         "batch_size": args.batch_size, "lr": args.lr, "val_fraction": args.val_fraction,
+                         "seed": args.seed, "device": args.device, "imagenet_weights": args.imagenet_weights,
+                         "history": args.history}, CliReporter())
+    print(json.dumps({"checkpoint": result["checkpoint"], "best": result["best"]}, indent=2))
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from .core import sentinel2_product
-    result = sentinel2_product.build_stack(args.folder, args.out, bounds=args.bounds, resampling=args.resampling,
-                                           reporter=CliReporter())
-    print(json.dumps({"stack": str(result.path), "width": result.width, "height": result.height,
-                      "product": result.product.describe()}, indent=2))
+    from . import jobs
+    result = jobs.prepare({"folder": args.folder, "output": args.out, "bounds": args.bounds,
+                           "resampling": args.resampling}, CliReporter())
+    print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_assess(args) -> int:
-    from .core import assessment, raster_io
-    raster_io.refuse_overwriting_inputs([args.report, args.table], [args.prediction, args.reference, args.area,
-                                                                    args.image, args.model])
+    from . import jobs
+    params = {"prediction": args.prediction, "threshold": args.threshold, "image": args.image,
+              "tiles": args.tiles, "model": args.model, "report": args.report, "table": args.table,
+              "area_file": args.area}
     if args.prediction:
         if not args.reference:
             raise ValueError("--reference is required with a prediction raster")
-        import rasterio
-        with rasterio.open(args.prediction) as ds:
-            crs = ds.crs
         is_raster = Path(args.reference).suffix.lower() in (".tif", ".tiff", ".vrt", ".img")
-        if args.tiles and not args.image:
-            raise ValueError("the random-forest baseline (--tiles) needs the Sentinel-2 raster (--image) too")
-        forest = assessment.forest_from_tiles(args.tiles) if args.tiles else None
-        results = assessment.assess_rasters(
-            args.prediction, reference=args.reference if is_raster else None,
-            reference_polygons=None if is_raster else assessment.read_polygons(args.reference, crs),
-            area_polygons=assessment.read_polygons(args.area, crs) if args.area else None,
-            threshold=args.threshold, name=Path(args.prediction).name, image=args.image, forest=forest)
-    else:
-        if not (args.tiles and args.model):
-            raise ValueError("give a prediction raster, or --tiles and --model to score a model on its validation split")
-        from .core import checkpoint, training
-        bundle = checkpoint.load(args.model)
-        names = bundle.training.get("val_names")
-        if not names:
-            raise ValueError(f"{Path(args.model).name} records no validation windows")
-        results = assessment.compare_on_tiles(bundle, training.load_tile_folder(args.tiles), names)
-    if args.report:
-        assessment.write_html(results, args.report)
-    if args.table:
-        assessment.write_table(results, args.table)
-    print(json.dumps([r.to_dict() for r in results], indent=2))
+        params["reference" if is_raster else "reference_file"] = args.reference
+    result = jobs.assess(params, CliReporter(quiet=True))
+    print(json.dumps(result["results"], indent=2))
     return 0
+
+
+def cmd_worker(args) -> int:
+    from .worker import main as worker_main
+    return worker_main()
 
 
 def cmd_install_deps(args) -> int:
@@ -370,12 +331,14 @@ def cmd_install_model(args) -> int:
 
 COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "export": cmd_export, "batch": cmd_batch,
             "prepare": cmd_prepare, "train": cmd_train, "assess": cmd_assess,
-            "install-deps": cmd_install_deps, "install-model": cmd_install_model}
+            "install-deps": cmd_install_deps, "install-model": cmd_install_model, "worker": cmd_worker}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "worker":  # speaks its own protocol, errors included
+        return cmd_worker(args)
     from .core.termination import Terminated, raise_on_sigterm
     previous_sigterm = raise_on_sigterm()  # a terminated run discards its partial outputs like a cancelled one
     try:

@@ -3,7 +3,10 @@
 probability into a 0/1 mangrove mask (probability >= threshold).
 
 Run inside the project's environment:  .venv/bin/python scripts/make_example_model.py
-Open the result in QGIS's graphical modeler to see or extend the chain.
+(re-run it whenever an algorithm gains a parameter: every non-optional child
+parameter gets its default as a static value, so the model opens valid in the
+modeler).  QGIS 3.22 lists a model's inputs by name, so they are named to sort
+raster first: input, model, threshold.
 """
 import sys
 from pathlib import Path
@@ -21,7 +24,7 @@ TARGET = ROOT / "resources" / "models" / "mangrove_mask.model3"
 def build() -> QgsProcessingModelAlgorithm:
     model = QgsProcessingModelAlgorithm("Mangrove mask (ME-Net)", "ME-Net")
     model.setHelpContent({"ALG_DESC": "ME-Net mangrove probability, thresholded into a 0/1 mask by Reclassify by table."})
-    for param, pos in ((QgsProcessingParameterRasterLayer("scene", "Sentinel-2 raster"), 80),
+    for param, pos in ((QgsProcessingParameterRasterLayer("input", "Sentinel-2 raster"), 80),
                        (QgsProcessingParameterFile("model", "Model checkpoint (empty = default model)",
                                                    extension="pt", optional=True), 140),
                        (QgsProcessingParameterNumber("threshold", "Mangrove threshold",
@@ -34,7 +37,7 @@ def build() -> QgsProcessingModelAlgorithm:
     extract.setChildId("extract")
     extract.setDescription("Extract mangroves (ME-Net)")
     extract.setPosition(QPointF(380, 120))
-    extract.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("scene")])
+    extract.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("input")])
     extract.addParameterSources("MODEL", [QgsProcessingModelChildParameterSource.fromModelParameter("model")])
     model.addChildAlgorithm(extract)
 
@@ -49,17 +52,42 @@ def build() -> QgsProcessingModelAlgorithm:
     reclass.addParameterSources("RANGE_BOUNDARIES", [QgsProcessingModelChildParameterSource.fromStaticValue(1)])
     reclass.addParameterSources("NO_DATA", [QgsProcessingModelChildParameterSource.fromStaticValue(255)])
     reclass.addParameterSources("DATA_TYPE", [QgsProcessingModelChildParameterSource.fromStaticValue(0)])
+    reclass.addParameterSources("NODATA_FOR_MISSING", [QgsProcessingModelChildParameterSource.fromStaticValue(False)])
     output = QgsProcessingModelOutput("mangrove_mask", "Mangrove mask")
     output.setChildOutputName("OUTPUT")
     output.setChildId("mask")
     reclass.setModelOutputs({"mangrove_mask": output})
     model.addChildAlgorithm(reclass)
+    for child in (extract, reclass):
+        fill_mandatory_defaults(model, child.childId())
     return model
+
+
+def fill_mandatory_defaults(model: QgsProcessingModelAlgorithm, child_id: str) -> None:
+    """Every non-optional input of a child that has no source gets its default as a static value:
+    the modeler flags a mandatory parameter without a source as an error, even when it has a default."""
+    child = model.childAlgorithm(child_id)
+    alg = QgsApplication.processingRegistry().algorithmById(child.algorithmId())
+    if alg is None:
+        raise SystemExit(f"{child.algorithmId()} is not registered: run with the ME-Net provider loaded")
+    for param in alg.parameterDefinitions():
+        optional = param.flags() & param.FlagOptional
+        if optional or param.isDestination() or param.name() in child.parameterSources():
+            continue
+        child.addParameterSources(param.name(),
+                                  [QgsProcessingModelChildParameterSource.fromStaticValue(param.defaultValue())])
 
 
 if __name__ == "__main__":
     app = QgsApplication([], False)
     app.initQgis()
+    sys.path.append("/usr/share/qgis/python/plugins")
+    from processing.core.Processing import Processing
+    Processing.initialize()
+    sys.path.insert(0, str(ROOT))
+    from menet_qgis.plugin import MENetPlugin
+    plugin = MENetPlugin(None)
+    plugin.initProcessing()
     TARGET.parent.mkdir(parents=True, exist_ok=True)
     ok = build().toFile(str(TARGET))
     print(("wrote " if ok else "FAILED to write ") + str(TARGET))

@@ -1,7 +1,9 @@
 """Headless use: qgis_process runs the algorithm and a graphical model that chains it."""
 import json
+import subprocess
 
 import numpy as np
+import pytest
 
 from helpers import ROOT, crop_scene, qgis_process, read, write_s2
 from menet_qgis.core import raster_io
@@ -41,7 +43,7 @@ def test_qgis_process_reports_bad_input_and_fails(qgis_env, untrained_path, tmp_
 def test_graphical_model_chains_extract_into_core_reclassify(qgis_env, untrained_path, tmp_path):
     src = write_s2(tmp_path / "in.tif", 90, 120)
     out = tmp_path / "mask.tif"
-    result = run_json([str(MODEL3), "--", f"scene={src}", f"model={untrained_path}", "threshold=0.5",
+    result = run_json([str(MODEL3), "--", f"input={src}", f"model={untrained_path}", "threshold=0.5",
                        f"mask:mangrove_mask={out}"], qgis_env)
     assert out.is_file(), result
     mask = read(out)[0]
@@ -70,12 +72,33 @@ def test_whole_2020_scene_with_no_band_parameters_and_the_default_model(qgis_env
     assert 0.02 < share < 0.8, f"implausible mangrove share {share:.3f} for the Jambelí coast"
 
 
-def test_provider_loads_and_explains_when_torch_is_missing(qgis_env, tmp_path):
-    """QGIS's own Python without the venv: no torch. The toolbox still lists the algorithms."""
+def test_shipped_model_opens_valid_with_the_raster_first(menet_provider, tmp_path):
+    """What the graphical modeler checks when it opens the model, and the order it lists the inputs in."""
+    from qgis.core import QgsProcessingContext, QgsProcessingModelAlgorithm
+    model = QgsProcessingModelAlgorithm()
+    assert model.fromFile(str(MODEL3))
+    ok, issues = model.validate()
+    assert ok, issues
+    inputs = [p.name() for p in model.parameterDefinitions() if not p.isDestination()]
+    assert inputs == ["input", "model", "threshold"]
+    src = write_s2(tmp_path / "in.tif", 20, 20)
+    ok, message = model.checkParameterValues({"input": str(src), "threshold": 0.5,
+                                              "mask:mangrove_mask": str(tmp_path / "m.tif")}, QgsProcessingContext())
+    assert ok, message
+
+
+def test_provider_loads_and_explains_when_the_engine_python_is_missing(qgis_env, tmp_path):
+    """QGIS's own Python without the venv lists the algorithms (the provider imports nothing heavy);
+    a run whose chosen Python lacks torch says what is missing and how to install it."""
     env = dict(qgis_env, PYTHONPATH="")
     listing = qgis_process(["list"], env)
     assert "menet:extractmangroves" in listing.stdout and "menet:trainmenet" in listing.stdout
+    system = "/usr/bin/python3"
+    if subprocess.run([system, "-c", "import torch"], capture_output=True).returncode == 0:
+        pytest.skip("the system Python has torch")
     src = write_s2(tmp_path / "in.tif", 20, 20)
-    proc = qgis_process(["run", "menet:extractmangroves", "--", f"INPUT={src}", f"OUTPUT={tmp_path / 'p.tif'}"], env)
+    proc = qgis_process(["run", "menet:extractmangroves", "--", f"INPUT={src}", f"OUTPUT={tmp_path / 'p.tif'}"],
+                        dict(env, MENET_PYTHON=system))
     assert proc.returncode != 0
-    assert "needs PyTorch and torchvision" in proc.stdout + proc.stderr
+    assert "lacks torch" in proc.stdout + proc.stderr and "Install ME-Net dependencies" in proc.stdout + proc.stderr
+    assert not (tmp_path / "p.tif").exists()

@@ -45,6 +45,8 @@ def __getattr__(name):
         from .checkpoint import ModelBundle
         return ModelBundle
     raise AttributeError(name)
+#: Seconds between "windows done, rate, time left" log lines during a run.
+PROGRESS_LOG_SECONDS = 30.0
 COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
 
 
@@ -290,6 +292,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     pending: deque = deque()
     in_flight = None  # (batch, outputs): collected after the next batch is launched
     next_read = done = 0
+    last_log = time.perf_counter()
 
     def finish(job):
         batch_done, outputs = job
@@ -316,6 +319,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
                     finish(in_flight)  # the device works on this batch meanwhile
                 in_flight = (batch, outputs)
             reporter.progress(100.0 * done / len(windows))
+            last_log = _log_rate(reporter, t0, last_log, done, len(windows))
             if reporter.cancelled():
                 raise Cancelled("cancelled by the user")
         if in_flight is not None:
@@ -355,6 +359,17 @@ def check_outputs(bundle, source: RasterInput, grid: WindowGrid, output: Path,
     for path in needs:
         for stale in remove_stale_partials(path):
             reporter.info(f"removed {stale.name}: a partial output left by a run that no longer exists")
+
+
+def _log_rate(reporter: Reporter, t0: float, last_log: float, done: int, total: int) -> float:
+    """Every PROGRESS_LOG_SECONDS: windows done, rate and time left (the log is all a long run shows)."""
+    now = time.perf_counter()
+    if now - last_log < PROGRESS_LOG_SECONDS or done >= total:
+        return last_log
+    rate = done / max(now - t0, 1e-9)
+    reporter.info(f"{done} of {total} windows ({100.0 * done / total:.0f} %), {rate:.2f} windows/s, "
+                  f"about {(total - done) / max(rate, 1e-9):.0f} s left")
+    return now
 
 
 def reader_count(requested: int, device_type: str) -> int:

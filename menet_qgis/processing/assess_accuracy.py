@@ -1,8 +1,6 @@
 """Processing algorithm "Assess accuracy", id ``menet:assessaccuracy``."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
                        QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
@@ -10,7 +8,8 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProce
                        QgsProcessingParameterRasterLayer, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 
-from .common import MENetAlgorithm, gdal_raster_path, load_core, polygons_as_geojson, processing_errors
+from .common import MENetAlgorithm, gdal_raster_path, has_value, polygons_as_geojson
+from .worker_client import run_job
 
 SCORE_FIELDS = ["overall_accuracy", "precision", "recall", "f1", "iou", "kappa",
                 "predicted_mangrove_ha", "reference_mangrove_ha"]
@@ -28,6 +27,9 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
     def displayName(self):  # noqa: N802
         return "Assess accuracy"
 
+    def shortDescription(self):  # noqa: N802
+        return "Scores a mangrove map against reference data (F1, IoU, kappa, areas), next to MVI and a random forest"
+
     def shortHelpString(self):  # noqa: N802
         return ("<p>Scores a mangrove probability or mask raster against a reference (mask raster with mangrove = "
                 "value ≥ 0.5, or mangrove polygons), optionally only inside an area: overall accuracy, precision, "
@@ -35,10 +37,14 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
                 "reference, as a table layer and an HTML report.</p>"
                 "<p>Give the <b>Sentinel-2 raster</b> the map was made from to score the MVI index "
                 "(Baloloy et al. 2020, mangrove if 4.5 ≤ MVI ≤ 16.5) on the same pixels; add a <b>tile folder</b> to "
-                "also train and score a per-pixel random forest (100 trees; 6 bands, NDVI, MNDWI, MVI).</p>")
+                "also train and score a per-pixel random forest (100 trees; 6 bands, NDVI, MNDWI, MVI).</p>"
+                "<p>The map must be one band (a probability or a 0/1 mask): a multi-band raster such as the "
+                "Sentinel-2 image is refused.</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterRasterLayer(self.PREDICTION, "Mangrove probability or mask"))
+        prediction = QgsProcessingParameterRasterLayer(self.PREDICTION, "Mangrove map to assess")
+        prediction.setHelp("One band: the probability from 'Extract mangroves' or a 0/1 mask")
+        self.addParameter(prediction)
         self.addParameter(QgsProcessingParameterRasterLayer(self.REFERENCE_RASTER, "Reference mask raster",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.REFERENCE_POLYGONS, "Or: reference mangrove polygons",
@@ -48,9 +54,9 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Mangrove threshold",
                                                        QgsProcessingParameterNumber.Double, 0.5, minValue=0.0,
                                                        maxValue=1.0))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 raster for the MVI baseline",
+        self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 image (MVI baseline)",
                                                             optional=True))
-        self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tile folder for the random-forest baseline",
+        self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tiles for a random forest",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_TABLE, "Accuracy table",
                                                             QgsProcessing.TypeVector))
@@ -59,14 +65,21 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         for key in ("F1", "IOU", "KAPPA", "OVERALL_ACCURACY"):
             self.addOutput(QgsProcessingOutputNumber(key, key.replace("_", " ").title()))
 
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        # A non-optional layer parameter starts on the active layer, typically the Sentinel-2 image:
+        # refuse it here, before anything runs, with a message saying what to pick.
+        prediction = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
+        if prediction is not None and prediction.bandCount() != 1:
+            return False, (f"'{prediction.name()}' has {prediction.bandCount()} bands: choose the mangrove map to "
+                           "assess (the 1-band probability or mask), not the Sentinel-2 image")
+        return super().checkParameterValues(parameters, context)
+
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        load_core()
-        from ..core import assessment
         pred = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
         pred_path = gdal_raster_path(self, parameters, self.PREDICTION, context)
-        has = lambda key: parameters.get(key) not in (None, "")  # noqa: E731
-        ref_path = gdal_raster_path(self, parameters, self.REFERENCE_RASTER, context) if has(self.REFERENCE_RASTER) else None
-        image_path = gdal_raster_path(self, parameters, self.IMAGE, context) if has(self.IMAGE) else None
+        ref_path = (gdal_raster_path(self, parameters, self.REFERENCE_RASTER, context)
+                    if has_value(parameters, self.REFERENCE_RASTER) else None)
+        image_path = gdal_raster_path(self, parameters, self.IMAGE, context) if has_value(parameters, self.IMAGE) else None
         ref_polygons = self.parameterAsSource(parameters, self.REFERENCE_POLYGONS, context)
         area = self.parameterAsSource(parameters, self.AREA, context)
         folder = self.parameterAsFile(parameters, self.TILE_FOLDER, context)
@@ -75,17 +88,13 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         if folder and image_path is None:
             raise QgsProcessingException("the random-forest baseline needs the Sentinel-2 raster (IMAGE) too")
         crs = pred.crs()
-        with processing_errors():
-            forest = None
-            if folder:
-                feedback.pushInfo("training the random-forest baseline on the tile folder")
-                forest = assessment.forest_from_tiles(folder)
-            results = assessment.assess_rasters(
-                pred_path, reference=ref_path,
-                reference_polygons=polygons_as_geojson(ref_polygons, crs, context) if ref_polygons else None,
-                area_polygons=polygons_as_geojson(area, crs, context) if area else None,
-                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context), name=pred.name(),
-                image=image_path, forest=forest)
+        report = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context) or None
+        params = {"prediction": pred_path, "reference": ref_path, "image": image_path, "tiles": folder or None,
+                  "reference_polygons": polygons_as_geojson(ref_polygons, crs, context) if ref_polygons else None,
+                  "area_polygons": polygons_as_geojson(area, crs, context) if area else None,
+                  "threshold": self.parameterAsDouble(parameters, self.THRESHOLD, context), "name": pred.name(),
+                  "report": report}
+        rows = run_job("assess", params, feedback, outputs=[report] if report else [])["results"]
         fields = QgsFields()
         fields.append(QgsField("method", QVariant.String))
         for name in SCORE_FIELDS:
@@ -93,18 +102,13 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         for name in COUNT_FIELDS:
             fields.append(QgsField(name, QVariant.LongLong))
         sink, table_id = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry)
-        for result in results:
-            row = result.to_dict()
+        for row in rows:
             feature = QgsFeature(fields)
             feature.setAttributes([row["name"]] + [row[k] for k in SCORE_FIELDS] + [row[k] for k in COUNT_FIELDS])
             sink.addFeature(feature, QgsFeatureSink.FastInsert)
-            feedback.pushInfo(f"{row['name']}: F1 {row['f1']:.4f}, IoU {row['iou']:.4f}, kappa {row['kappa']:.4f}, "
-                              f"OA {row['overall_accuracy']:.4f}")
         outputs = {self.OUTPUT_TABLE: table_id}
-        report = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context)
         if report:
-            Path(report).write_text(assessment.html_report(results), encoding="utf-8")
             outputs[self.OUTPUT_HTML] = report
-        main = results[0].scores
+        main = rows[0]
         outputs.update(F1=main["f1"], IOU=main["iou"], KAPPA=main["kappa"], OVERALL_ACCURACY=main["overall_accuracy"])
         return outputs

@@ -1,13 +1,16 @@
-"""Pieces every ME-Net algorithm shares: feedback bridge, error translation, layer styling."""
+"""Pieces every ME-Net algorithm shares: parameters, layer styling and placement in the layer tree.
+
+Nothing here (or anywhere in the QGIS process) imports torch or rasterio: the
+algorithms run the core in a worker process (``worker_client.run_job``).
+"""
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+import os
+from typing import Dict, List, Optional
 
-from qgis.core import (QgsColorRampShader, QgsProcessingAlgorithm, QgsProcessingException,
-                       QgsProcessingLayerPostProcessorInterface,
-                       QgsProject, QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer,
-                       QgsStyle)
+from qgis.core import (QgsColorRampShader, QgsProcessingAlgorithm, QgsProcessingContext,
+                       QgsProcessingException, QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils,
+                       QgsProject, QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle)
 from qgis.PyQt.QtGui import QIcon
 
 from ..resources import icon_path
@@ -19,9 +22,10 @@ KEEP_ALIVE: list = []
 BAND_PARAMS = [("BAND_BLUE", "B2 blue"), ("BAND_GREEN", "B3 green"), ("BAND_RED", "B4 red"),
                ("BAND_NIR", "B8 NIR"), ("BAND_SWIR1", "B11 SWIR-1"), ("BAND_SWIR2", "B12 SWIR-2")]
 DN_OFFSET = "DN_OFFSET"
-
-MISSING_TORCH = ("ME-Net needs PyTorch and torchvision in QGIS's Python ({error}). Install them with "
-                 "'python3 -m pip install --user torch torchvision' for the Python QGIS runs, then restart QGIS.")
+DEVICES = ["auto", "cuda", "cpu"]
+#: Probability ramp: viridis starts at dark purple, so 0 stands out from no-data and the white canvas.
+PROBABILITY_RAMP = "Viridis"
+STAGE_RAMP = "Magma"
 
 
 class MENetAlgorithm(QgsProcessingAlgorithm):
@@ -34,82 +38,148 @@ class MENetAlgorithm(QgsProcessingAlgorithm):
         return type(self)()
 
 
-def load_core():
-    """Import the core lazily so the provider loads (and explains) without torch."""
-    try:
-        from ..core import checkpoint, engine, raster_io  # noqa: F401
-    except ImportError as exc:
-        raise QgsProcessingException(MISSING_TORCH.format(error=exc)) from None
-    return checkpoint, engine, raster_io
+def has_value(parameters: Dict, key: str) -> bool:
+    return parameters.get(key) not in (None, "")
 
 
-@contextlib.contextmanager
-def processing_errors() -> Iterator[None]:
-    """Turn the core's errors into one-line QgsProcessingExceptions."""
-    try:
-        yield
-    except QgsProcessingException:
-        raise
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        raise QgsProcessingException(str(exc)) from None
+def same_file(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
 
 
-def make_reporter(feedback):
-    """A core Reporter that forwards to QgsProcessingFeedback."""
-    from ..core.engine import Reporter
-
-    class FeedbackReporter(Reporter):
-        def info(self, message):
-            feedback.pushInfo(message)
-
-        def warn(self, message):
-            feedback.reportError(message, fatalError=False)
-
-        def progress(self, percent):
-            feedback.setProgress(percent)
-
-        def cancelled(self):
-            return feedback.isCanceled()
-
-    return FeedbackReporter()
+def refuse_overwriting_input(output: str, inputs: Dict[str, Optional[str]]) -> None:
+    """The output must not be one of the inputs (it would be replaced while being read)."""
+    for name, path in inputs.items():
+        if path and same_file(output, path):
+            raise QgsProcessingException(f"the output {output} is the {name} itself: choose another file")
 
 
-class ProbabilityStyler(QgsProcessingLayerPostProcessorInterface):
-    """Styles the probability layer with a 0-1 colour ramp once QGIS loads it."""
+def _ramp_shader(minimum: float, maximum: float, ramp_name: str, classes: int = 5) -> QgsRasterShader:
+    ramp = QgsStyle.defaultStyle().colorRamp(ramp_name)
+    shader_fn = QgsColorRampShader(minimum, maximum, ramp)
+    shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
+    shader_fn.classifyColorRamp(classes, -1)
+    shader = QgsRasterShader()
+    shader.setRasterShaderFunction(shader_fn)
+    return shader
+
+
+def style_probability(layer: QgsRasterLayer) -> None:
+    """0-1 viridis ramp on band 1 (no-data stays transparent)."""
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, _ramp_shader(0.0, 1.0, PROBABILITY_RAMP))
+    renderer.setClassificationMin(0.0)
+    renderer.setClassificationMax(1.0)
+    layer.setRenderer(renderer)
+    layer.triggerRepaint()
+
+
+def style_stage(layer: QgsRasterLayer) -> None:
+    """Band 1 (the mean activation in compact mode) on a ramp stretched over its 2-98 % range,
+    instead of QGIS's default RGB of mean/max/std (noise for stage3, black for stage5)."""
+    provider = layer.dataProvider()
+    low, high = provider.cumulativeCut(1, 0.02, 0.98, layer.extent(), 250000)
+    if not (high > low):
+        high = low + 1.0
+    renderer = QgsSingleBandPseudoColorRenderer(provider, 1, _ramp_shader(low, high, STAGE_RAMP))
+    renderer.setClassificationMin(low)
+    renderer.setClassificationMax(high)
+    layer.setRenderer(renderer)
+    layer.triggerRepaint()
+
+
+class ResultLayout:
+    """Where one run's layers go in the layer tree: the probability on top of its branch, the stage
+    group right below it — collapsed and unchecked, so it never covers the result — with the stages
+    in stage order.  Post-processors run per layer in an order QGIS chooses; each calls ``arrange``,
+    which puts whatever has been loaded so far in place."""
+
+    def __init__(self, group_name: str, stage_names: List[str]):
+        self.group_name, self.stage_names = group_name, list(stage_names)
+        self.probability_id: Optional[str] = None
+        self.stage_ids: Dict[str, str] = {}
+
+    def arrange(self, project: QgsProject) -> None:
+        root = project.layerTreeRoot()
+        prob = root.findLayer(self.probability_id) if self.probability_id else None
+        parent = prob.parent() if prob is not None else root
+        if prob is not None:
+            prob = _move(prob, parent, 0)
+        if not self.stage_ids:
+            return
+        group = parent.findGroup(self.group_name)
+        if group is None:
+            group = parent.insertGroup(1 if prob is not None else 0, self.group_name)
+        elif prob is not None and parent.children().index(group) != 1:
+            group = _move(group, parent, 1)
+        for position, name in enumerate(n for n in self.stage_names if n in self.stage_ids):
+            node = root.findLayer(self.stage_ids[name])
+            if node is not None:
+                _move(node, group, position)
+        group.setExpanded(False)
+        group.setItemVisibilityChecked(False)
+
+
+def _move(node, parent, index: int):
+    """Put a layer-tree node at ``index`` under ``parent``; returns the node now in the tree.
+    The clone goes in before the original leaves, so QGIS never drops the layer."""
+    if node.parent() is parent and parent.children().index(node) == index:
+        return node
+    clone = node.clone()
+    old_parent = node.parent()
+    if old_parent is parent and parent.children().index(node) < index:
+        index += 1
+    parent.insertChildNode(index, clone)
+    old_parent.removeChildNode(node)
+    return clone
+
+
+class ResultLayerPlacer(QgsProcessingLayerPostProcessorInterface):
+    """Styles one loaded result layer (probability or a stage) and places it with ``ResultLayout``."""
+
+    def __init__(self, layout: ResultLayout, role: str):
+        super().__init__()
+        self.layout, self.role = layout, role
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if not isinstance(layer, QgsRasterLayer):
             return
-        ramp = QgsStyle.defaultStyle().colorRamp("Greens") or QgsStyle.defaultStyle().colorRamp("Viridis")
-        shader_fn = QgsColorRampShader(0.0, 1.0, ramp)
-        shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
-        shader_fn.classifyColorRamp(5, -1)
-        shader = QgsRasterShader()
-        shader.setRasterShaderFunction(shader_fn)
-        renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, shader)
-        renderer.setClassificationMin(0.0)
-        renderer.setClassificationMax(1.0)
-        layer.setRenderer(renderer)
-        layer.triggerRepaint()
+        if self.role == "probability":
+            style_probability(layer)
+            self.layout.probability_id = layer.id()
+        else:
+            style_stage(layer)
+            self.layout.stage_ids[self.role] = layer.id()
+        project = context.project() or QgsProject.instance()
+        self.layout.arrange(project)
 
 
-class GroupInserter(QgsProcessingLayerPostProcessorInterface):
-    """Moves a loaded layer into a named layer group (QGIS 3.22 has no groupName on LayerDetails)."""
+def load_results(context: QgsProcessingContext, probability: str, stages: Dict[str, str], input_name: str) -> None:
+    """Name, style and place the probability layer (when the user asked to load it) and load the
+    stage layers — explicitly as rasters, so QGIS does not try OGR on them first."""
+    layout = ResultLayout(f"ME-Net stages — {input_name}", list(stages))
+    if context.willLoadLayerOnCompletion(probability):
+        details = context.layerToLoadOnCompletionDetails(probability)
+        details.name = f"{input_name} mangrove probability"
+        details.forceName = True
+        details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
+        placer = ResultLayerPlacer(layout, "probability")
+        KEEP_ALIVE.append(placer)
+        details.setPostProcessor(placer)
+        _sort_key(details, 0)
+    for order, (name, path) in enumerate(stages.items(), 1):
+        details = QgsProcessingContext.LayerDetails(f"{input_name} {name}", context.project(), name)
+        details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
+        details.forceName = True
+        placer = ResultLayerPlacer(layout, name)
+        KEEP_ALIVE.append(placer)
+        details.setPostProcessor(placer)
+        _sort_key(details, order)
+        context.addLayerToLoadOnCompletion(path, details)
 
-    def __init__(self, group_name: str):
-        super().__init__()
-        self.group_name = group_name
 
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802
-        project: Optional[QgsProject] = context.project()
-        if project is None:
-            return
-        root = project.layerTreeRoot()
-        group = root.findGroup(self.group_name) or root.insertGroup(0, self.group_name)
-        node = root.findLayer(layer.id())
-        if node is not None and node.parent() is not group:
-            group.addChildNode(node.clone())
-            node.parent().removeChildNode(node)
+def _sort_key(details, order: int) -> None:
+    """QGIS 3.32+ orders result layers itself (layerSortKey); 3.22 relies on ResultLayout."""
+    if hasattr(details, "layerSortKey"):
+        details.layerSortKey = order
 
 
 def polygons_as_geojson(source, target_crs, context) -> list:
@@ -136,14 +206,19 @@ def advanced(params: list) -> list:
 
 
 def band_parameters(parent: str) -> list:
-    """The six optional band-number parameters and DN_OFFSET, flagged advanced."""
+    """The six optional band-number parameters and DN_OFFSET, flagged advanced (short labels for
+    batch headers; the detail is in each parameter's help tooltip)."""
     from qgis.core import QgsProcessingParameterBand, QgsProcessingParameterNumber
-    params = [QgsProcessingParameterBand(key, f"Band {label} (empty = from band names)",
-                                         parentLayerParameterName=parent, optional=True)
-              for key, label in BAND_PARAMS]
-    params.append(QgsProcessingParameterNumber(
-        DN_OFFSET, "DN offset for integer input when metadata has none (-1000 for processing baseline 04.00+)",
-        QgsProcessingParameterNumber.Double, optional=True))
+    params = []
+    for key, label in BAND_PARAMS:
+        param = QgsProcessingParameterBand(key, f"Band {label}", parentLayerParameterName=parent, optional=True)
+        param.setHelp(f"Band number of {label} when the file does not name its bands; set all six or none "
+                      "(empty = found from the band names)")
+        params.append(param)
+    offset = QgsProcessingParameterNumber(DN_OFFSET, "DN offset", QgsProcessingParameterNumber.Double, optional=True)
+    offset.setHelp("Added to integer DN before dividing by 10000 when the product metadata has no offset "
+                   "(-1000 for processing baseline 04.00 and later)")
+    params.append(offset)
     return advanced(params)
 
 

@@ -1,12 +1,17 @@
 """Processing algorithm "Export ME-Net input channels", id ``menet:exportchannels``."""
 from __future__ import annotations
 
-from qgis.core import (QgsProcessingException, QgsProcessingParameterFile,
-                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
+from qgis.core import QgsProcessingParameterFile, QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer
 
 from .common import (MENetAlgorithm, band_choice, band_parameters, check_band_parameters, gdal_raster_path,
-                     load_core, make_reporter, processing_errors)
-from .extract_mangroves import resolve_model
+                     refuse_overwriting_input)
+from .worker_client import run_job
+
+#: The recipe's channels (core/channels.py CHANNELS, which needs torch): name and formula for the help.
+CHANNEL_HELP = [("red", "B4"), ("green", "B3"), ("blue", "B2"), ("nir", "B8"), ("swir1", "B11"),
+                ("ndvi", "(B8 - B4) / (B8 + B4)"), ("mndwi", "(B3 - B11) / (B3 + B11)"), ("fdi", "B8 - (B4 + B2)"),
+                ("wfi", "(B8 - B4) / B12"), ("mdi", "(B8 - B12) / B12"),
+                ("pc1", "first principal component of B2, B3, B4, B8, B11, B12")]
 
 
 class ExportChannelsAlgorithm(MENetAlgorithm):
@@ -22,11 +27,7 @@ class ExportChannelsAlgorithm(MENetAlgorithm):
         return "The 11 channels ME-Net computes from a Sentinel-2 raster, as a float32 raster to inspect"
 
     def shortHelpString(self):  # noqa: N802
-        try:
-            from ..core.channels import CHANNELS
-        except ImportError:  # no torch: processAlgorithm explains how to install it
-            CHANNELS = ()
-        rows = "".join(f"<li><b>{c.name}</b> = {c.formula}</li>" for c in CHANNELS)
+        rows = "".join(f"<li><b>{name}</b> = {formula}</li>" for name, formula in CHANNEL_HELP)
         return (
             "<p>Writes the channels exactly as 'Extract mangroves (ME-Net)' computes them before normalisation: "
             "bands identified and DN scaled to reflectance the same way, one float32 band per channel "
@@ -37,8 +38,9 @@ class ExportChannelsAlgorithm(MENetAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Sentinel-2 raster"))
-        self.addParameter(QgsProcessingParameterFile(self.MODEL, "Model checkpoint (empty = default model)",
-                                                     extension="pt", optional=True))
+        model = QgsProcessingParameterFile(self.MODEL, "Model checkpoint", extension="pt", optional=True)
+        model.setHelp("Its PCA basis gives pc1; empty = the default model")
+        self.addParameter(model)
         for param in band_parameters(self.INPUT):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "ME-Net input channels"))
@@ -50,18 +52,11 @@ class ExportChannelsAlgorithm(MENetAlgorithm):
         return super().checkParameterValues(parameters, context)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        checkpoint, engine, _raster_io = load_core()
-        from ..core import sentinel2_product
-
         source_path = gdal_raster_path(self, parameters, self.INPUT, context)
         bands, dn_offset = band_choice(self, parameters, context)
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        model_path = resolve_model(self.parameterAsFile(parameters, self.MODEL, context))
-        with processing_errors():
-            pca = checkpoint.read_pca(model_path)
-            try:
-                path = sentinel2_product.export_channels(source_path, output, pca, bands, dn_offset,
-                                                         make_reporter(feedback))
-            except engine.Cancelled:
-                raise QgsProcessingException("cancelled: no output was written") from None
-        return {self.OUTPUT: str(path)}
+        refuse_overwriting_input(output, {"input raster": source_path})
+        run_job("export_channels", {"input": source_path, "output": output, "bands": bands, "dn_offset": dn_offset,
+                                    "model": self.parameterAsFile(parameters, self.MODEL, context) or None},
+                feedback, outputs=[output])
+        return {self.OUTPUT: output}

@@ -3,32 +3,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingOutputMultipleLayers,
-                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFile,
-                       QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
+from qgis.core import (QgsProcessingException, QgsProcessingOutputMultipleLayers, QgsProcessingParameterEnum,
+                       QgsProcessingParameterExtent, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
-from ..core.stages import STAGE_NAMES  # torch-free, like ..core.tiling
+from ..core.stages import STAGES, STAGE_NAMES  # torch-free, like ..core.tiling
 from ..core.tiling import check_window
-from ..resources import default_model_path
-from .common import (KEEP_ALIVE, GroupInserter, MENetAlgorithm, ProbabilityStyler, advanced, band_choice,
-                     band_parameters, check_band_parameters, gdal_raster_path, load_core, make_reporter,
-                     processing_errors)
+from .common import (DEVICES, MENetAlgorithm, advanced, band_choice, band_parameters, check_band_parameters,
+                     gdal_raster_path, has_value, load_results, refuse_overwriting_input)
+from .worker_client import run_job
 
 STAGE_MODES = ["compact (mean, max, std of channels)", "all channels"]
-DEVICES = ["auto", "cuda", "cpu"]
+#: What the stage selector lists: the name with its stride and channel count.
+STAGE_OPTIONS = [f"{s.name} — 1/{s.stride} resolution, {s.channels} channels" for s in STAGES]
 
 
-def resolve_model(path: str) -> Path:
-    """The user's model file, else the default model shipped with the plugin."""
-    if path:
-        return Path(path)
-    default = default_model_path()
-    if not default.is_file():
-        raise QgsProcessingException(f"no model given and no default model installed at {default}; "
-                                     "train one with 'Train ME-Net' and pass it as MODEL")
-    return default
+def stage_table_html(window: int = 256) -> str:
+    """The stage table, compact enough for the help panel at the dialog's default size."""
+    rows = "".join(f"<tr><td>{s.name}</td><td>{s.node}</td><td>{s.stride}</td><td>{s.channels}</td>"
+                   f"<td>{s.map_size(window)}×{s.map_size(window)}×{s.channels}</td></tr>" for s in STAGES)
+    return ("<table border='0' cellspacing='0' cellpadding='2'><tr><th>stage</th><th>node</th><th>stride</th>"
+            f"<th>ch.</th><th>map at {window}²</th></tr>{rows}</table>")
 
 
 class ExtractMangrovesAlgorithm(MENetAlgorithm):
@@ -47,48 +42,47 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         return "Mangrove probability and ResNet-101 stage feature layers from a Sentinel-2 raster"
 
     def shortHelpString(self):  # noqa: N802
-        from ..core.stages import stage_table  # torch-free
-        table = stage_table(256).replace("\n", "<br>")
         return (
-            "<p>Runs ME-Net — a ResNet-101 encoder (11-channel conv1) whose stage maps feed the ME-Net head — "
-            "over the raster in overlapping windows, on the GPU when torch sees one, and writes a float32 "
-            "mangrove probability (0–1) on exactly the input grid; no-data where the input has none.</p>"
-            "<p><b>Input</b>: a Sentinel-2 raster whose bands are named (Blue, Green, Red, NIR, SWIR1, SWIR2 or "
-            "B2…B12; set the six band parameters when they are not), integer DN or reflectance, or an 11-band "
-            "ME-Net stack. <b>Model</b>: a checkpoint from 'Train ME-Net'; empty = the default model.</p>"
-            "<p><b>Window size / overlap</b>: multiples of 32 px; overlaps are blended with linear weights "
-            "(no seams). <b>Batch size</b> 0 = automatic (smaller on GPU out-of-memory).</p>"
-            "<p><b>Stage layers</b>: each chosen stage is written as a GeoTIFF at its own resolution (input "
-            "pixel × stride, same origin). <i>Compact</i> writes 3 bands per stage — mean, maximum and "
-            "standard deviation over the stage's channels, a summary one can look at; <i>all channels</i> "
-            "writes every channel (size estimated in the log first).</p>"
-            f"<pre>{table}</pre>"
-            "<p>stage4/stage5 are 16×16×1024 and 8×8×2048 at 256² (stock ResNet-101), not the 8×8×1024 / 4×4×2048 "
-            "of the paper's figure, which implies one more downsampling that no public code explains.</p>")
+            "<p>Runs ME-Net (ResNet-101 encoder + ME-Net head) over the raster in overlapping windows — on the "
+            "GPU when there is one — and writes a mangrove probability (0–1) on exactly the input grid.</p>"
+            "<p><b>Input</b>: Sentinel-2 bands named Blue…SWIR2 or B2…B12 (else set the six band numbers), DN or "
+            "reflectance; or an 11-band ME-Net stack. <b>Model</b>: empty = the default model.</p>"
+            "<p><b>Window / overlap</b>: multiples of 32 px, blended without seams. <b>Batch size</b> 0 = "
+            "automatic.</p>"
+            "<p><b>Stage layers</b>: each chosen stage as a GeoTIFF at its own resolution; <i>compact</i> = 3 "
+            "bands (mean, max, std over channels), <i>all channels</i> = every channel (large). Empty stage "
+            "folder = beside the probability.</p>"
+            f"{stage_table_html()}"
+            "<p>stage4/5 follow stock ResNet-101 (16² and 8² at 256²), not the paper figure's 8² / 4².</p>"
+            "<p>The engine runs in its own Python process (see the log for which Python).</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Sentinel-2 raster"))
-        self.addParameter(QgsProcessingParameterFile(self.MODEL, "Model checkpoint (empty = default model)",
-                                                     extension="pt", optional=True))
+        model = QgsProcessingParameterFile(self.MODEL, "Model checkpoint", extension="pt", optional=True)
+        model.setHelp("An ME-Net checkpoint (.pt) from 'Train ME-Net'; empty = the default model")
+        self.addParameter(model)
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Process only this extent", optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.STAGES, "Stage feature layers to write", STAGE_NAMES,
+        self.addParameter(QgsProcessingParameterEnum(self.STAGES, "Stage layers", STAGE_OPTIONS,
                                                      allowMultiple=True, optional=True, defaultValue=[]))
         self.addParameter(QgsProcessingParameterEnum(self.STAGE_MODE, "Stage layer content", STAGE_MODES,
                                                      defaultValue=0))
-        for param in band_parameters(self.INPUT) + advanced([
-            QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px, multiple of 32; 0 = the model's, 256)",
-                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=2048),
-            QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px, multiple of 32)",
-                                         QgsProcessingParameterNumber.Integer, 64, minValue=0, maxValue=1024),
-            QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = automatic)",
-                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=1024),
-            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
-        ]):
+        folder = QgsProcessingParameterFile(self.STAGE_FOLDER, "Stage layer folder",
+                                            behavior=QgsProcessingParameterFile.Folder, optional=True)
+        folder.setHelp("Where stage layers are written as <probability name>_stageN.tif; empty = beside the "
+                       "probability")
+        window = QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px)",
+                                              QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=2048)
+        window.setHelp("Multiple of 32; 0 = the model's recommendation (256)")
+        overlap = QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px)",
+                                               QgsProcessingParameterNumber.Integer, 64, minValue=0, maxValue=1024)
+        overlap.setHelp("Multiple of 32, less than the window size; overlaps are blended")
+        batch = QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer, 0,
+                                             minValue=0, maxValue=1024)
+        batch.setHelp("Windows per forward pass; 0 = automatic (halved on GPU out-of-memory)")
+        for param in advanced([folder]) + band_parameters(self.INPUT) + advanced([
+                window, overlap, batch, QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)]):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Mangrove probability"))
-        self.addParameter(QgsProcessingParameterFolderDestination(
-            self.STAGE_FOLDER, "Folder for stage layers (empty = beside the probability)", optional=True,
-            createByDefault=False))
         self.addOutput(QgsProcessingOutputMultipleLayers(self.STAGE_LAYERS, "Stage feature layers"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
@@ -103,51 +97,36 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         return super().checkParameterValues(parameters, context)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        checkpoint, engine, raster_io = load_core()
         source_path = gdal_raster_path(self, parameters, self.INPUT, context)
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         bands, dn_offset = band_choice(self, parameters, context)
         bounds = None
-        if parameters.get(self.EXTENT) not in (None, ""):
+        if has_value(parameters, self.EXTENT):
             rect = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
             if rect.isNull() or rect.isEmpty():
                 raise QgsProcessingException("the processing extent is empty")
-            bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
+            bounds = [rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()]
         stages = [STAGE_NAMES[i] for i in self.parameterAsEnums(parameters, self.STAGES, context)]
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        stage_dir = self.parameterAsString(parameters, self.STAGE_FOLDER, context) or None
-        options = engine.EngineOptions(
-            window=self.parameterAsInt(parameters, self.WINDOW_SIZE, context),
-            overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
-            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-            device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-            stages=stages, stage_mode=["compact", "all"][self.parameterAsEnum(parameters, self.STAGE_MODE, context)])
-        model_path = resolve_model(self.parameterAsFile(parameters, self.MODEL, context))
-        with processing_errors():
-            source = raster_io.RasterInput(source_path, band_numbers=bands,
-                                           dn_offset=dn_offset, bounds=bounds)
-            bundle = checkpoint.load(model_path)
-            if not bundle.trained:
-                feedback.reportError(f"model {model_path.name} is UNTRAINED (random weights): the probability "
-                                     "is meaningless; use it only to test the pipeline", fatalError=False)
-            try:
-                result = engine.extract(bundle, source, output, options, make_reporter(feedback), stage_dir)
-            except engine.Cancelled:
-                raise QgsProcessingException("cancelled: no output was written") from None
-        self._load_stage_layers(result, context, layer.name())
-        return {self.OUTPUT: str(result.probability),
-                self.STAGE_LAYERS: [str(p) for p in result.stages.values()]}
+        stage_dir = self.parameterAsFile(parameters, self.STAGE_FOLDER, context) or None
+        refuse_overwriting_input(output, {"input raster": source_path})
+        params = {
+            "input": source_path, "output": output, "bands": bands, "dn_offset": dn_offset, "bounds": bounds,
+            "model": self.parameterAsFile(parameters, self.MODEL, context) or None, "stage_dir": stage_dir,
+            "options": {
+                "window": self.parameterAsInt(parameters, self.WINDOW_SIZE, context),
+                "overlap": self.parameterAsInt(parameters, self.OVERLAP, context),
+                "batch_size": self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                "device": DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+                "stages": stages,
+                "stage_mode": ["compact", "all"][self.parameterAsEnum(parameters, self.STAGE_MODE, context)]}}
+        params["options"].update(self.extra_engine_options(parameters, context))
+        folder = Path(stage_dir) if stage_dir else Path(output).parent
+        expected = [output] + [str(folder / f"{Path(output).stem}_{name}.tif") for name in stages]
+        result = run_job("extract", params, feedback, outputs=expected)
+        load_results(context, output, result.get("stages", {}), layer.name())
+        return {self.OUTPUT: output, self.STAGE_LAYERS: list(result.get("stages", {}).values())}
 
-    def _load_stage_layers(self, result, context: QgsProcessingContext, input_name: str):
-        """Style the probability layer when it loads; load stage layers into one group."""
-        if context.willLoadLayerOnCompletion(str(result.probability)):
-            styler = ProbabilityStyler()
-            KEEP_ALIVE.append(styler)
-            context.layerToLoadOnCompletionDetails(str(result.probability)).setPostProcessor(styler)
-        group = f"ME-Net stages — {input_name}"
-        for name, path in result.stages.items():
-            inserter = GroupInserter(group)
-            KEEP_ALIVE.append(inserter)
-            details = QgsProcessingContext.LayerDetails(f"{input_name} {name}", context.project(), name)
-            details.setPostProcessor(inserter)
-            context.addLayerToLoadOnCompletion(str(path), details)
+    def extra_engine_options(self, parameters, context) -> dict:
+        """More EngineOptions fields from parameters (e.g. runtime, threads) — passed through unchanged."""
+        return {}

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsFeatureRequest, QgsGeometry, QgsProcessing,
-                       QgsProcessingException, QgsProcessingParameterEnum,
-                       QgsProcessingParameterExtent, QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
-                       QgsProcessingParameterRasterDestination)
+from qgis.core import (QgsFeatureRequest, QgsGeometry, QgsProcessing, QgsProcessingException,
+                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSource,
+                       QgsProcessingParameterFile, QgsProcessingParameterRasterDestination)
 
-from .common import MENetAlgorithm, load_core, make_reporter, processing_errors
+from .common import MENetAlgorithm, has_value
+from .worker_client import run_job
 
 RESAMPLING_OPTIONS = ["bilinear", "nearest"]
 
@@ -41,52 +41,35 @@ class PrepareSentinel2Algorithm(MENetAlgorithm):
             "clip polygons become no data.</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterFile(self.INPUT_FOLDER, "Sentinel-2 product folder (.SAFE)",
+        self.addParameter(QgsProcessingParameterFile(self.INPUT_FOLDER, "Sentinel-2 product folder",
                                                      behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Clip to extent", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.CLIP_LAYER, "Clip to polygons",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.RESAMPLING, "Resampling of B11 and B12 (20 m) to 10 m",
+        self.addParameter(QgsProcessingParameterEnum(self.RESAMPLING, "B11/B12 resampling (20 m → 10 m)",
                                                      RESAMPLING_OPTIONS, defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Sentinel-2 stack"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        _checkpoint, engine, _raster_io = load_core()
-        from ..core import sentinel2_product
-
         folder = self.parameterAsFile(parameters, self.INPUT_FOLDER, context)
         resampling = RESAMPLING_OPTIONS[self.parameterAsEnum(parameters, self.RESAMPLING, context)]
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        with processing_errors():
-            product = sentinel2_product.find_product(folder)
-            crs = QgsCoordinateReferenceSystem.fromWkt(product.crs.to_wkt())
-            bounds = self._bounds(parameters, context, crs)
-            polygon = self._polygon(parameters, context, crs)
-            try:
-                result = sentinel2_product.build_stack(folder, output, bounds, polygon, resampling,
-                                                       make_reporter(feedback))
-            except engine.Cancelled:
-                raise QgsProcessingException("cancelled: no output was written") from None
-        feedback.pushInfo(f"wrote {result.width} x {result.height} px, bands B2, B3, B4, B8, B11, B12 "
-                          f"(B11, B12 resampled {resampling}) to {result.path}")
-        return {self.OUTPUT: str(result.path)}
-
-    def _bounds(self, parameters, context, crs):
-        """The EXTENT parameter in the product CRS, or None."""
-        if parameters.get(self.EXTENT) in (None, ""):
-            return None
-        rect = self.parameterAsExtent(parameters, self.EXTENT, context, crs)
-        if rect.isNull() or rect.isEmpty():
-            raise QgsProcessingException("the clip extent is empty")
-        return rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()
-
-    def _polygon(self, parameters, context, crs):
-        """The clip layer's polygons dissolved into one GeoJSON geometry in the product CRS, or None."""
+        params = {"folder": folder, "output": output, "resampling": resampling}
+        if has_value(parameters, self.EXTENT):
+            rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+            if rect.isNull() or rect.isEmpty():
+                raise QgsProcessingException("the clip extent is empty")
+            params["bounds"] = [rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()]
+            params["bounds_crs"] = self.parameterAsExtentCrs(parameters, self.EXTENT, context).toWkt()
         source = self.parameterAsSource(parameters, self.CLIP_LAYER, context)
-        if source is None:
-            return None
-        request = QgsFeatureRequest().setDestinationCrs(crs, context.transformContext())
-        geometry = QgsGeometry.unaryUnion([f.geometry() for f in source.getFeatures(request) if f.hasGeometry()])
-        if geometry.isNull() or geometry.isEmpty():
-            raise QgsProcessingException("the clip layer has no polygons")
-        return json.loads(geometry.asJson())
+        if source is not None:
+            # dissolved here, in the layer's CRS; the worker reprojects it into the product's
+            geometry = QgsGeometry.unaryUnion([f.geometry() for f in source.getFeatures(QgsFeatureRequest())
+                                               if f.hasGeometry()])
+            if geometry.isNull() or geometry.isEmpty():
+                raise QgsProcessingException("the clip layer has no polygons")
+            params["polygon"] = json.loads(geometry.asJson())
+            params["polygon_crs"] = source.sourceCrs().toWkt()
+        result = run_job("prepare", params, feedback, outputs=[output])
+        feedback.pushInfo(result.get("product", ""))
+        return {self.OUTPUT: output}

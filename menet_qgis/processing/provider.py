@@ -1,4 +1,4 @@
-"""The "ME-Net" Processing provider (id ``menet``)."""
+"""The "ME-Net" Processing provider (id ``menet``) and its setting "Python with PyTorch"."""
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
@@ -10,6 +10,26 @@ from .install_dependencies import InstallDependenciesAlgorithm
 from .install_model import InstallModelAlgorithm, register_settings, unregister_settings
 from .prepare_sentinel2 import PrepareSentinel2Algorithm
 from .train_menet import TrainMENetAlgorithm
+from .worker_client import SETTING
+
+ALGORITHMS = [
+    ExtractMangrovesAlgorithm,
+    PrepareSentinel2Algorithm,
+    ExportChannelsAlgorithm,
+    TrainMENetAlgorithm,
+    AssessAccuracyAlgorithm,
+    InstallDependenciesAlgorithm,
+    InstallModelAlgorithm,
+]
+
+
+def _processing_config():
+    """processing's ProcessingConfig where the Processing plugin is there (desktop, qgis_process), else None."""
+    try:
+        from processing.core.ProcessingConfig import ProcessingConfig, Setting
+    except ImportError:
+        return None, None
+    return ProcessingConfig, Setting
 
 
 class MENetProvider(QgsProcessingProvider):
@@ -27,14 +47,22 @@ class MENetProvider(QgsProcessingProvider):
 
     def load(self):
         register_settings(self.name())
+        """Adds "Python with PyTorch" under Processing › Options › Providers › ME-Net."""
+        config, setting = _processing_config()
+        if config is not None:
+            config.settingIcons[self.name()] = self.icon()
+            config.addSetting(setting(self.name(), SETTING, "Python with PyTorch (empty = automatic)", "",
+                                      valuetype=setting.FILE))
+            config.readSettings()
         self.refreshAlgorithms()
         return True
 
     def unload(self):
         unregister_settings()
+        config, _setting = _processing_config()
+        if config is not None:
+            config.removeSetting(SETTING)
 
     def loadAlgorithms(self):  # noqa: N802
-        for alg in (ExtractMangrovesAlgorithm(), PrepareSentinel2Algorithm(), ExportChannelsAlgorithm(),
-                    TrainMENetAlgorithm(), AssessAccuracyAlgorithm(),
-                    InstallDependenciesAlgorithm(), InstallModelAlgorithm()):
-            self.addAlgorithm(alg)
+        for alg in ALGORITHMS:
+            self.addAlgorithm(alg())

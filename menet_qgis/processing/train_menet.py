@@ -3,16 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsProcessing, QgsProcessingException,
-                       QgsProcessingOutputNumber, QgsProcessingParameterEnum, QgsProcessingParameterFile,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterMultipleLayers,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
-                       QgsProcessingParameterFeatureSource)
+from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputLayerDefinition,
+                       QgsProcessingOutputNumber, QgsProcessingParameterEnum, QgsProcessingParameterFeatureSource,
+                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
+                       QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterLayer)
 
-from .common import (MENetAlgorithm, advanced, gdal_raster_path, load_core, make_reporter, polygons_as_geojson,
-                     processing_errors)
+from .common import DEVICES, MENetAlgorithm, advanced, gdal_raster_path, has_value, polygons_as_geojson
+from .worker_client import run_job
 
-DEVICES = ["auto", "cuda", "cpu"]
+
+def default_model_output() -> str:
+    """Where a trained model goes unless the user says otherwise: a real file, never a temporary one
+    (QGIS deletes those on exit, and a trained model takes hours)."""
+    return str(Path.home() / "menet_model.pt")
 
 
 class TrainMENetAlgorithm(MENetAlgorithm):
@@ -25,6 +29,9 @@ class TrainMENetAlgorithm(MENetAlgorithm):
 
     def displayName(self):  # noqa: N802
         return "Train ME-Net"
+
+    def shortDescription(self):  # noqa: N802
+        return "Trains ME-Net on your labelled Sentinel-2 tiles, rasters or polygons; writes a model checkpoint"
 
     def shortHelpString(self):  # noqa: N802
         return ("<p>Trains ME-Net on your labelled Sentinel-2 data and writes a checkpoint that "
@@ -54,60 +61,60 @@ class TrainMENetAlgorithm(MENetAlgorithm):
         for param in advanced([
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer, 8,
                                          minValue=2, maxValue=512),
-            QgsProcessingParameterNumber(self.LEARNING_RATE, "Peak learning rate (one-cycle AdamW)",
+            QgsProcessingParameterNumber(self.LEARNING_RATE, "Peak learning rate (AdamW)",
                                          QgsProcessingParameterNumber.Double, 1e-3, minValue=1e-6, maxValue=1.0),
             QgsProcessingParameterNumber(self.VAL_FRACTION, "Validation share of windows",
                                          QgsProcessingParameterNumber.Double, 0.2, minValue=0.05, maxValue=0.5),
             QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Integer, 0),
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
-            QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet ResNet-101 weights (optional .pth)",
+            QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet weights (.pth)",
                                        extension="pth", optional=True),
         ]):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Trained model",
-                                                                "ME-Net checkpoint (*.pt)"))
+                                                                "ME-Net checkpoint (*.pt)",
+                                                                defaultValue=default_model_output()))
         for key in ("VAL_F1", "VAL_IOU", "VAL_KAPPA"):
             self.addOutput(QgsProcessingOutputNumber(key, f"Best validation {key[4:]}"))
 
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        value = parameters.get(self.OUTPUT_MODEL)
+        if isinstance(value, QgsProcessingOutputLayerDefinition):
+            value = value.sink.staticValue()
+        if value in (QgsProcessing.TEMPORARY_OUTPUT, "memory:"):
+            return False, "choose a file for the trained model: a temporary file is deleted when QGIS closes"
+        return super().checkParameterValues(parameters, context)
+
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        checkpoint, engine, _ = load_core()
-        from ..core import training
         folder = self.parameterAsFile(parameters, self.TILE_FOLDER, context)
         images = self.parameterAsLayerList(parameters, self.IMAGES, context)
         label_raster = (gdal_raster_path(self, parameters, self.LABEL_RASTER, context)
-                        if parameters.get(self.LABEL_RASTER) not in (None, "") else None)
+                        if has_value(parameters, self.LABEL_RASTER) else None)
         polygons = self.parameterAsSource(parameters, self.LABEL_POLYGONS, context)
         out = Path(self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context))
         if out.suffix != ".pt":
             raise QgsProcessingException(f"the model file {out.name} must end in .pt")
-        with processing_errors():
-            if folder and images:
-                raise QgsProcessingException("give either a tile folder or rasters with labels, not both")
-            if folder:
-                tiles = training.load_tile_folder(folder)
-            elif images:
-                if (label_raster is None) == (polygons is None):
-                    raise QgsProcessingException("with rasters, give the labels as a mask raster or as polygons")
-                paths = [layer.source().split("|")[0] for layer in images]  # raster layers: GDAL sources
-                by_image = ([polygons_as_geojson(polygons, layer.crs(), context) for layer in images]
-                            if polygons is not None else None)
-                tiles = training.load_raster_labels(paths, label_raster, by_image)
-            else:
-                raise QgsProcessingException("no training data: give a tile folder, or rasters with labels")
-            feedback.pushInfo(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
-            options = training.TrainOptions(
-                epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
-                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                lr=self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
-                val_fraction=self.parameterAsDouble(parameters, self.VAL_FRACTION, context),
-                seed=self.parameterAsInt(parameters, self.SEED, context),
-                device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-                imagenet_weights=self.parameterAsFile(parameters, self.IMAGENET_WEIGHTS, context) or None)
-            try:
-                result = training.train(tiles, options, make_reporter(feedback))
-            except engine.Cancelled:
-                raise QgsProcessingException("training cancelled: no model was written") from None
-            checkpoint.save(result.bundle, out, half=True)
-        feedback.pushInfo(f"model written to {out}")
-        return {self.OUTPUT_MODEL: str(out), "VAL_F1": result.best["f1"], "VAL_IOU": result.best["iou"],
-                "VAL_KAPPA": result.best["kappa"]}
+        if folder and images:
+            raise QgsProcessingException("give either a tile folder or rasters with labels, not both")
+        if not folder and not images:
+            raise QgsProcessingException("no training data: give a tile folder, or rasters with labels")
+        if images and (label_raster is None) == (polygons is None):
+            raise QgsProcessingException("with rasters, give the labels as a mask raster or as polygons")
+        params = {
+            "tiles": folder or None, "output": str(out),
+            "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
+            "batch_size": self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            "lr": self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
+            "val_fraction": self.parameterAsDouble(parameters, self.VAL_FRACTION, context),
+            "seed": self.parameterAsInt(parameters, self.SEED, context),
+            "device": DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+            "imagenet_weights": self.parameterAsFile(parameters, self.IMAGENET_WEIGHTS, context) or None}
+        if images:
+            params["images"] = [layer.source().split("|")[0] for layer in images]  # raster layers: GDAL sources
+            params["label_raster"] = label_raster
+            if polygons is not None:
+                params["label_polygons"] = [polygons_as_geojson(polygons, layer.crs(), context) for layer in images]
+        result = run_job("train", params, feedback, outputs=[str(out)])
+        best = result.get("best", {})
+        return {self.OUTPUT_MODEL: str(out), "VAL_F1": best.get("f1"), "VAL_IOU": best.get("iou"),
+                "VAL_KAPPA": best.get("kappa")}

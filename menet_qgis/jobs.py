@@ -1,0 +1,230 @@
+"""The five ME-Net jobs as plain functions: a JSON-able dict of parameters in, a JSON-able dict out.
+
+The CLI, the worker process the QGIS algorithms start (``worker.py``) and
+batch runners all call these, so a job behaves the same wherever it runs.
+QGIS-free; the heavy core modules (torch, rasterio) are imported inside each
+job, so a missing library surfaces as an ImportError the worker can explain.
+Errors are the core's one-line ``ValueError``/``OSError``; a cancelled job
+raises ``core.engine.Cancelled`` and leaves no output.
+
+Parameters (``None`` or absent = default):
+
+* ``extract``: input, output, model, bands (six band numbers), dn_offset,
+  bounds [xmin, ymin, xmax, ymax] in the input's CRS, stage_dir, options
+  (``EngineOptions`` fields by name: window, overlap, batch_size, device,
+  stages, stage_mode, ... — passed through, so new engine options need no
+  change here).
+* ``prepare``: folder, output, bounds + bounds_crs (WKT), polygon (GeoJSON
+  geometry) + polygon_crs (WKT), resampling.
+* ``export_channels``: input, output, model, bands, dn_offset.
+* ``train``: tiles (folder) or images (paths) with label_raster or
+  label_polygons (one list of GeoJSON geometries per image, in its CRS);
+  output (.pt), epochs, batch_size, lr, val_fraction, seed, device,
+  imagenet_weights, history (JSON path).
+* ``assess``: prediction with reference (raster path) / reference_file
+  (polygon file) / reference_polygons (GeoJSON list in the prediction's CRS),
+  area_file / area_polygons, threshold, name, image, tiles; or tiles + model
+  without a prediction (the model on its own validation windows); report
+  (HTML path), table (CSV path).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+from .resources import default_model_path
+
+#: The last checkpoint loaded: (path, mtime, size) -> bundle, so several inputs share one load.
+_MODEL_CACHE: Dict[Tuple[str, int, int], object] = {}
+
+
+def resolve_model(path: Optional[str]) -> Path:
+    """The given checkpoint, else the default model shipped with the plugin."""
+    if path:
+        return Path(path)
+    default = default_model_path()
+    if not default.is_file():
+        raise ValueError(f"no model given and no default model installed at {default}; "
+                         "train one with 'Train ME-Net' and pass it as MODEL")
+    return default
+
+
+def load_model(path: Path, reporter=None, runtime: str = "torch", device: str = "auto", stages=()):
+    """The model for ``runtime`` (a torch checkpoint, or an exported ONNX model: see core/runtimes.py),
+    loaded once per file version and runtime (the worker may run several jobs on one model)."""
+    import time
+
+    from .core import runtimes
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"model file not found: {path}") from None
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, runtime, device, tuple(stages))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        started = time.perf_counter()
+        model = runtimes.load_model(path, runtime, device, stages)
+        runtimes.check_model_fits(model, runtime, device, stages)
+        _MODEL_CACHE[key] = model
+        if reporter is not None:
+            reporter.info(f"model {Path(path).name} loaded in {time.perf_counter() - started:.1f} s")
+    return _MODEL_CACHE[key]
+
+
+def extract(params: Dict, reporter) -> Dict:
+    """Mangrove probability (and stage layers) for one raster."""
+    from .core import engine, raster_io
+    options = engine.EngineOptions(**(params.get("options") or {}))
+    bounds = params.get("bounds")
+    source = raster_io.RasterInput(params["input"], band_numbers=params.get("bands"),
+                                   dn_offset=params.get("dn_offset"), bounds=tuple(bounds) if bounds else None)
+    try:
+        model_path = resolve_model(params.get("model"))
+        bundle = load_model(model_path, reporter, options.runtime, options.device, options.stages)
+    except BaseException:
+        source.close()
+        raise
+    if not bundle.trained:
+        reporter.warn(f"model {model_path.name} is UNTRAINED (random weights): the probability is meaningless; "
+                      "use it only to test the pipeline")
+    result = engine.extract(bundle, source, params["output"], options, reporter, params.get("stage_dir"))
+    return {"probability": str(result.probability), "stages": {k: str(v) for k, v in result.stages.items()},
+            "device": result.device, "windows": result.windows, "windows_run": result.windows_run,
+            "batch_size": result.batch_size, "seconds": round(result.seconds, 2), "trained": bundle.trained}
+
+
+def prepare(params: Dict, reporter) -> Dict:
+    """The 6-band 10 m stack of an unzipped Sentinel-2 product."""
+    from rasterio.warp import transform_bounds, transform_geom
+
+    from .core import sentinel2_product
+    product = sentinel2_product.find_product(params["folder"])
+    bounds, polygon = params.get("bounds"), params.get("polygon")
+    if bounds and params.get("bounds_crs"):
+        bounds = transform_bounds(params["bounds_crs"], product.crs, *bounds)
+    if polygon and params.get("polygon_crs"):
+        polygon = transform_geom(params["polygon_crs"], product.crs, polygon)
+    result = sentinel2_product.build_stack(params["folder"], params["output"], bounds=bounds, polygon_geojson=polygon,
+                                           resampling=params.get("resampling") or "bilinear", reporter=reporter)
+    reporter.info(f"wrote {result.width} x {result.height} px, bands B2, B3, B4, B8, B11, B12 to {result.path}")
+    return {"stack": str(result.path), "width": result.width, "height": result.height,
+            "product": result.product.describe()}
+
+
+def export_channels(params: Dict, reporter) -> Dict:
+    """The 11 input channels as the model sees them (before normalisation)."""
+    from .core import checkpoint, sentinel2_product
+    model_path = resolve_model(params.get("model"))
+    if not model_path.is_file():
+        raise ValueError(f"model file not found: {model_path}")
+    path = sentinel2_product.export_channels(params["input"], params["output"], checkpoint.read_pca(model_path),
+                                             params.get("bands"), params.get("dn_offset"), reporter)
+    return {"output": str(path)}
+
+
+def train(params: Dict, reporter) -> Dict:
+    """Train ME-Net; the checkpoint appears at ``output`` only when training has finished."""
+    from .core import raster_io, training
+    from .core.checkpoint import save
+    out = Path(params["output"])
+    if out.suffix != ".pt":
+        raise ValueError(f"the model file {out.name} must end in .pt")
+    tiles_dir, images = params.get("tiles"), params.get("images")
+    if tiles_dir and images:
+        raise ValueError("give either a tile folder or rasters with labels, not both")
+    inputs = ([p for p in Path(tiles_dir).glob("*") if p.is_file()] if tiles_dir else list(images or []))
+    raster_io.refuse_overwriting_inputs([out, params.get("history")],
+                                        inputs + [params.get("label_raster"), params.get("imagenet_weights")])
+    if tiles_dir:
+        tiles = training.load_tile_folder(tiles_dir)
+    elif images:
+        label_raster, polygons = params.get("label_raster"), params.get("label_polygons")
+        if (label_raster is None) == (polygons is None):
+            raise ValueError("with rasters, give the labels as a mask raster or as polygons")
+        tiles = training.load_raster_labels(images, label_raster, polygons)
+    else:
+        raise ValueError("no training data: give a tile folder, or rasters with labels")
+    reporter.info(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
+    # The best-so-far checkpoint goes to a hidden file that becomes the output only at the end.
+    best_so_far = out.parent / f".{out.name}.best-so-far"
+    for path in (out, best_so_far):
+        for stale in raster_io.remove_stale_partials(path):
+            reporter.info(f"removed {stale.name}: a partial file left by a run that no longer exists")
+    options = training.TrainOptions(
+        epochs=int(params.get("epochs") or 30), batch_size=int(params.get("batch_size") or 8),
+        lr=float(params.get("lr") or 1e-3), val_fraction=float(params.get("val_fraction") or 0.2),
+        seed=int(params.get("seed") or 0), device=params.get("device") or "auto",
+        imagenet_weights=params.get("imagenet_weights") or None, save_best_to=str(best_so_far))
+    try:
+        result = training.train(tiles, options, reporter)
+        save(result.bundle, out, half=True)
+    finally:
+        best_so_far.unlink(missing_ok=True)
+    if params.get("history"):
+        raster_io.atomic_write_text(params["history"], json.dumps(result.history, indent=2))
+    reporter.info(f"model written to {out}")
+    return {"checkpoint": str(out), "best": result.best, "windows": len(tiles)}
+
+
+def assess(params: Dict, reporter) -> Dict:
+    """Accuracy of a map against a reference (next to MVI and a random forest), or of a model
+    on the validation windows it records."""
+    from .core import assessment, raster_io
+    prediction = params.get("prediction")
+    raster_io.refuse_overwriting_inputs(
+        [params.get("report"), params.get("table")],
+        [prediction, params.get("reference"), params.get("reference_file"), params.get("area_file"),
+         params.get("image"), params.get("model")])
+    if prediction:
+        import rasterio
+        with rasterio.open(prediction) as ds:
+            crs = ds.crs
+        reference, polygons = params.get("reference"), params.get("reference_polygons")
+        if params.get("reference_file"):
+            polygons = assessment.read_polygons(params["reference_file"], crs)
+        area = params.get("area_polygons")
+        if params.get("area_file"):
+            area = assessment.read_polygons(params["area_file"], crs)
+        if reference is None and polygons is None:
+            raise ValueError("give a reference: a mask raster or polygons")
+        if params.get("tiles") and not params.get("image"):
+            raise ValueError("the random-forest baseline (tile folder) needs the Sentinel-2 raster (image) too")
+        forest = None
+        if params.get("tiles"):
+            reporter.info("training the random-forest baseline on the tile folder")
+            forest = assessment.forest_from_tiles(params["tiles"])
+        results = assessment.assess_rasters(
+            prediction, reference=reference, reference_polygons=polygons, area_polygons=area,
+            threshold=float(params.get("threshold", 0.5)), name=params.get("name") or Path(prediction).name,
+            image=params.get("image"), forest=forest)
+    else:
+        if not (params.get("tiles") and params.get("model")):
+            raise ValueError("give a prediction raster, or a tile folder and a model to score the model on its "
+                             "validation split")
+        from .core import training
+        bundle = load_model(Path(params["model"]))
+        names = bundle.training.get("val_names")
+        if not names:
+            raise ValueError(f"{Path(params['model']).name} records no validation windows")
+        results = assessment.compare_on_tiles(bundle, training.load_tile_folder(params["tiles"]), names)
+    rows = [r.to_dict() for r in results]
+    for row in rows:
+        reporter.info(f"{row['name']}: F1 {row['f1']:.4f}, IoU {row['iou']:.4f}, kappa {row['kappa']:.4f}, "
+                      f"OA {row['overall_accuracy']:.4f}")
+    if params.get("report"):
+        assessment.write_html(results, params["report"])
+    if params.get("table"):
+        assessment.write_table(results, params["table"])
+    return {"results": rows}
+
+
+JOBS: Dict[str, Callable[[Dict, object], Dict]] = {
+    "extract": extract, "prepare": prepare, "export_channels": export_channels, "train": train, "assess": assess}
+
+
+def run(name: str, params: Dict, reporter) -> Dict:
+    if name not in JOBS:
+        raise ValueError(f"unknown job {name!r}; jobs: {', '.join(JOBS)}")
+    return JOBS[name](params, reporter)

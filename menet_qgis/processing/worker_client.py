@@ -1,0 +1,294 @@
+"""The QGIS side of the worker protocol (``menet_qgis/worker.py``): choose a Python, start
+``python -m menet_qgis worker``, relay its messages to the Processing feedback.
+
+Imports nothing heavy: the QGIS process never loads torch & co. (pip's native
+libraries clash with QGIS's own — a real QGIS window segfaults on triton's LLVM).
+
+Why ``subprocess`` with reader threads rather than QProcess/QgsBlockingProcess:
+``processAlgorithm`` runs on a worker thread (GUI) or the main thread
+(qgis_process, scripts); blocking reads on two threads plus a polling loop
+work the same on both without a Qt event loop, and give the exact exit status
+or signal of a dead worker.
+
+Which Python runs the worker, first match wins:
+1. the provider setting "Python with PyTorch" (Processing › Options › Providers › ME-Net);
+2. the ``MENET_PYTHON`` environment variable;
+3. the plugin-managed environment (``user_paths.managed_python()``, made by
+   "Install ME-Net dependencies");
+4. ``.venv`` beside the plugin's source checkout (``make setup``'s; the plugin in
+   build/plugins is symlinks into the checkout, resolved here);
+5. ``python3`` on PATH.
+1 and 2 are taken as the user's explicit choice: if that Python lacks the
+libraries the run fails and says so.  3-5 are probed (one short subprocess
+that looks the libraries up without importing them; successes cached) and the
+first with every library is used.  The log says which Python ran and why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from qgis.core import QgsProcessingException, QgsProcessingFeedback, QgsSettings
+
+from ..user_paths import managed_env_dir, managed_python
+
+#: The menet_qgis package, resolved (in a checkout's build/plugins, the checkout's).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+SETTING = "MENET_PYTHON"
+SETTING_KEY = "Processing/Configuration/" + SETTING
+ENV_VAR = "MENET_PYTHON"
+REQUIRED = ("numpy", "rasterio", "torch", "torchvision")
+MIN_PYTHON = (3, 9)
+#: Seconds a worker gets to stop after a cancel before it is killed.
+CANCEL_GRACE_SECONDS = 5.0
+PROBE_TIMEOUT_SECONDS = 60
+BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from menet_qgis.worker import main; sys.exit(main())"
+PROBE = ("import sys, json, importlib.util; sys.path.insert(0, sys.argv[1]); "
+         "print(json.dumps({'version': list(sys.version_info[:3]), "
+         "'missing': [m for m in sys.argv[3:] if importlib.util.find_spec(m) is None]}))")
+
+_GOOD_PYTHONS: Dict[str, bool] = {}  # probed successfully this session
+
+
+def install_hint() -> str:
+    venv_python = "DIR\\Scripts\\python.exe" if os.name == "nt" else "DIR/bin/python"
+    return ("Install them with the 'Install ME-Net dependencies' algorithm of the ME-Net provider (it creates "
+            f"{managed_env_dir()}), or by hand: 'python3 -m venv --system-site-packages DIR' then "
+            f"'{venv_python} -m pip install torch torchvision rasterio', and set Processing › Options › Providers › "
+            f"ME-Net › 'Python with PyTorch' (or the MENET_PYTHON environment variable) to {venv_python}.")
+
+
+def worker_env() -> Dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+    return env
+
+
+def _popen_kwargs() -> Dict:
+    if os.name == "nt":
+        return {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)}
+    return {"start_new_session": True}  # a Ctrl+C meant for qgis_process reaches the worker as a cancel instead
+
+
+def candidates() -> Tuple[List[Tuple[str, str]], bool]:
+    """[(python, why)] in the order of preference, and whether it is the user's explicit choice."""
+    setting = str(QgsSettings().value(SETTING_KEY, "") or "").strip()
+    if setting:
+        return [(setting, "provider setting 'Python with PyTorch'")], True
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return [(env, "MENET_PYTHON environment variable")], True
+    found = []
+    managed = managed_python()
+    if managed.is_file():
+        found.append((str(managed), f"plugin-managed environment {managed_env_dir()}"))
+    venv = PACKAGE_DIR.parent / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if venv.exists():
+        found.append((str(venv), f".venv of the source checkout {PACKAGE_DIR.parent}"))
+    system = shutil.which("python3") or shutil.which("python")
+    if system:
+        found.append((system, "python3 on PATH"))
+    return found, False
+
+
+def probe(python: str) -> Optional[str]:
+    """None when ``python`` has every library the engine needs, else what is wrong (one line)."""
+    if _GOOD_PYTHONS.get(python):
+        return None
+    try:
+        proc = subprocess.run([python, "-c", PROBE, str(PACKAGE_DIR.parent), "probe", *REQUIRED],
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS, env=worker_env())
+    except FileNotFoundError:
+        return "not found"
+    except PermissionError:
+        return "not executable"
+    except subprocess.TimeoutExpired:
+        return f"did not answer within {PROBE_TIMEOUT_SECONDS} s"
+    if proc.returncode != 0:
+        return f"{exit_text(proc.returncode)}: {_last_lines(proc.stderr.splitlines(), 2)}"
+    try:
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return f"did not run the check: {_last_lines((proc.stdout + proc.stderr).splitlines(), 2)}"
+    version = tuple(answer["version"])
+    if version < MIN_PYTHON:
+        return f"is Python {'.'.join(map(str, version))}; ME-Net needs {'.'.join(map(str, MIN_PYTHON))} or newer"
+    if answer["missing"]:
+        return f"lacks {', '.join(answer['missing'])}"
+    _GOOD_PYTHONS[python] = True
+    return None
+
+
+def choose_python() -> Tuple[str, str]:
+    """(python, why it was chosen); QgsProcessingException explaining what is missing when none works."""
+    found, explicit = candidates()
+    problems = []
+    for python, why in found:
+        problem = probe(python)
+        if problem is None:
+            return python, why
+        problems.append(f"{python} ({why}) {problem}")
+    tried = "; ".join(problems) if problems else "no Python found"
+    if explicit:
+        raise QgsProcessingException(f"ME-Net cannot use the Python you chose: {tried}. The engine needs "
+                                     f"{', '.join(REQUIRED)}. {install_hint()}")
+    raise QgsProcessingException(f"ME-Net needs a Python with {', '.join(REQUIRED)} to run its engine; none found "
+                                 f"(tried: {tried}). {install_hint()}")
+
+
+def exit_text(returncode: int) -> str:
+    """'killed by signal 11 (SIGSEGV)' or 'exited with status 2'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        text = f"killed by signal {-returncode} ({name})"
+        if -returncode == getattr(signal, "SIGKILL", 9):
+            text += " — possibly out of memory (the system kills the largest process when memory runs out)"
+        return text
+    if returncode > 255:  # Windows: NTSTATUS such as 0xC0000005 (access violation)
+        return f"exited with status 0x{returncode & 0xFFFFFFFF:08X}"
+    return f"exited with status {returncode}"
+
+
+def _last_lines(lines: Iterable[str], count: int) -> str:
+    kept = [line.strip() for line in lines if line.strip()][-count:]
+    return " | ".join(kept) if kept else "(no output)"
+
+
+def _read_messages(stream, messages: "queue.Queue", stray: deque) -> None:
+    for line in stream:
+        try:
+            message = json.loads(line)
+            if not isinstance(message, dict):
+                raise ValueError
+        except ValueError:
+            stray.append(line)
+            continue
+        messages.put(message)
+    messages.put(None)  # end of stream: the worker has exited or closed stdout
+
+
+def _read_lines(stream, tail: deque) -> None:
+    for line in stream:
+        tail.append(line)
+
+
+def remove_partial_outputs(outputs: Iterable[str], since: float) -> None:
+    """After a failed or cancelled run: outputs and hidden temporary files of this run (never older files)."""
+    for output in outputs:
+        path = Path(output)
+        if not path.parent.is_dir():
+            continue
+        leftovers = [path, *path.parent.glob(f".{path.stem}.*.partial{path.suffix}"),
+                     path.parent / f".{path.name}.best-so-far"]
+        for item in leftovers:
+            try:
+                if item.is_file() and item.stat().st_mtime >= since - 1:
+                    item.unlink()
+            except OSError:
+                pass
+
+
+def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Dict:
+    """Run one job in a worker process, relaying progress and log lines; returns the job's result.
+
+    ``outputs``: files the job writes, removed when the worker fails, is cancelled or dies.
+    """
+    if feedback is None:
+        feedback = QgsProcessingFeedback()
+    python, why = choose_python()
+    started = time.time()
+    outputs = [str(o) for o in outputs]
+    try:
+        proc = subprocess.Popen([python, "-c", BOOT, str(PACKAGE_DIR.parent), "worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(), text=True,
+                                encoding="utf-8", errors="replace", bufsize=1, **_popen_kwargs())
+    except OSError as exc:
+        raise QgsProcessingException(f"could not start the ME-Net engine with {python}: {exc}") from None
+    feedback.pushInfo(f"ME-Net engine: {python} ({why}), process {proc.pid}")
+    messages: "queue.Queue" = queue.Queue()
+    tail: deque = deque(maxlen=40)
+    log_tail: deque = deque(maxlen=5)
+    readers = [threading.Thread(target=_read_messages, args=(proc.stdout, messages, tail), daemon=True),
+               threading.Thread(target=_read_lines, args=(proc.stderr, tail), daemon=True)]
+    for reader in readers:
+        reader.start()
+    _send(proc, {"job": job, "params": params})
+    final: Optional[Dict] = None
+    cancel_sent_at: Optional[float] = None
+    killed = False
+    while True:
+        try:
+            message = messages.get(timeout=0.1)
+        except queue.Empty:
+            message = False
+        if feedback.isCanceled() and cancel_sent_at is None:
+            cancel_sent_at = time.monotonic()
+            feedback.pushInfo("cancelling: asking the engine to stop")
+            _send(proc, {"type": "cancel"})
+        if cancel_sent_at is not None and not killed and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
+            killed = True
+            feedback.pushInfo(f"the engine did not stop within {CANCEL_GRACE_SECONDS:g} s: stopping it")
+            proc.kill()
+        if message is None:
+            break
+        if message is False:
+            continue
+        kind = message.get("type")
+        if kind == "progress":
+            feedback.setProgress(float(message.get("percent", 0.0)))
+        elif kind == "log":
+            text, level = str(message.get("message", "")), message.get("level")
+            log_tail.append(text)
+            if level == "warning":
+                feedback.pushWarning(text)
+            elif level == "error":
+                feedback.reportError(text, False)
+            else:
+                feedback.pushInfo(text)
+        elif kind in ("result", "error", "cancelled"):
+            final = message
+    _close(proc)
+    returncode = proc.wait()
+    for reader in readers:
+        reader.join(timeout=2)
+    if final is not None and final["type"] == "result":
+        if returncode != 0:
+            feedback.pushWarning(f"the ME-Net engine {exit_text(returncode)} after finishing its job")
+        return final.get("result") or {}
+    remove_partial_outputs(outputs, started)
+    if cancel_sent_at is not None or (final is not None and final["type"] == "cancelled"):
+        raise QgsProcessingException("cancelled: no output was written")
+    if final is not None:
+        text = str(final.get("message", "unknown error"))
+        if final.get("kind") == "missing_dependency":
+            text = f"the ME-Net engine's Python ({why}) {text}. {install_hint()}"
+        raise QgsProcessingException(text)
+    last = _last_lines(list(log_tail) + list(tail), 6)
+    raise QgsProcessingException(f"the ME-Net engine ({python}) {exit_text(returncode)} without finishing; "
+                                 f"QGIS is unaffected and no output was kept. Last messages: {last}")
+
+
+def _send(proc: subprocess.Popen, message: Dict) -> None:
+    try:
+        proc.stdin.write(json.dumps(message) + "\n")
+        proc.stdin.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # the worker is gone: its exit status tells why
+
+
+def _close(proc: subprocess.Popen) -> None:
+    try:
+        proc.stdin.close()
+    except (BrokenPipeError, OSError, ValueError):
+        pass

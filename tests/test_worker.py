@@ -1,0 +1,251 @@
+"""The out-of-process engine: the JSON-lines protocol, and what QGIS sees when the worker
+succeeds, fails, is cancelled, dies, or its Python lacks torch."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from qgis.core import QgsProcessingException, QgsProcessingFeedback
+
+from helpers import ROOT, write_s2
+
+ALG = "menet:extractmangroves"
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+class RecordingFeedback(QgsProcessingFeedback):
+    """Keeps every relayed line with its level; cancels itself once a line contains ``cancel_on``."""
+
+    def __init__(self, cancel_on=None):
+        super().__init__()
+        self.lines, self.progress, self.cancel_on = [], [], cancel_on
+        self.progressChanged.connect(self.progress.append)
+        self.cancelled_at = None
+
+    def _keep(self, level, text):
+        self.lines.append((level, text))
+        if self.cancel_on and self.cancel_on in text and self.cancelled_at is None:
+            self.cancelled_at = time.monotonic()
+            self.cancel()
+
+    def pushInfo(self, info):  # noqa: N802
+        self._keep("info", info)
+
+    def pushWarning(self, warning):  # noqa: N802
+        self._keep("warning", warning)
+
+    def reportError(self, error, fatalError=False):  # noqa: N802,N803
+        self._keep("error", error)
+
+    def text(self):
+        return "\n".join(t for _, t in self.lines)
+
+
+@pytest.fixture
+def processing(menet_provider, monkeypatch):
+    import processing as qgis_processing
+    monkeypatch.delenv("MENET_PYTHON", raising=False)
+    return qgis_processing
+
+
+def start_worker():
+    return subprocess.Popen([sys.executable, "-m", "menet_qgis", "worker"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_protocol_one_real_job_in_json_lines(untrained_path, tmp_path):
+    src = write_s2(tmp_path / "in.tif", 70, 90)
+    worker = start_worker()
+    job = {"job": "extract", "params": {"input": str(src), "output": str(tmp_path / "p.tif"),
+                                        "model": str(untrained_path),
+                                        "options": {"window": 64, "overlap": 32, "stages": ["stage2"]}}}
+    worker.stdin.write(json.dumps(job) + "\n")
+    worker.stdin.flush()  # stdin stays open: closing it would mean "the client is gone, cancel"
+    out = worker.stdout.read()
+    err = worker.stderr.read()
+    worker.stdin.close()
+    worker.wait(timeout=60)
+    messages = [json.loads(line) for line in out.splitlines()]  # stdout holds protocol lines only
+    assert worker.returncode == 0, err
+    kinds = {m["type"] for m in messages}
+    assert kinds <= {"log", "progress", "result"} and messages[-1]["type"] == "result"
+    levels = {m["level"] for m in messages if m["type"] == "log"}
+    assert levels == {"info", "warning"}  # the untrained-model warning arrives as a warning
+    assert [m["percent"] for m in messages if m["type"] == "progress"][-1] == 100.0
+    result = messages[-1]["result"]
+    assert result["probability"] == str(tmp_path / "p.tif") and (tmp_path / "p.tif").is_file()
+    assert set(result["stages"]) == {"stage2"} and result["windows_run"] > 0
+
+
+def test_protocol_bad_input_is_one_error_line(tmp_path):
+    worker = start_worker()
+    job = {"job": "extract", "params": {"input": str(tmp_path / "missing.tif"), "output": str(tmp_path / "p.tif")}}
+    out, _ = worker.communicate(json.dumps(job) + "\n", timeout=600)
+    last = json.loads(out.splitlines()[-1])
+    assert worker.returncode == 1
+    assert last["type"] == "error" and last["kind"] == "input" and "not found" in last["message"]
+    assert "\n" not in last["message"]
+    worker = start_worker()
+    out, _ = worker.communicate("this is not json\n", timeout=60)
+    assert worker.returncode == 1 and json.loads(out)["type"] == "error"
+
+
+def test_closing_stdin_cancels_and_leaves_nothing(untrained_path, tmp_path):
+    """A client that dies closes the worker's stdin: the worker stops and removes its partial output."""
+    src = write_s2(tmp_path / "in.tif", 256, 256)
+    worker = start_worker()
+    job = {"job": "extract", "params": {"input": str(src), "output": str(tmp_path / "out" / "p.tif"),
+                                        "model": str(untrained_path),
+                                        "options": {"window": 64, "overlap": 0, "batch_size": 2}}}
+    (tmp_path / "out").mkdir()
+    out, _ = worker.communicate(json.dumps(job) + "\n", timeout=600)  # writes the job, then closes stdin
+    assert worker.returncode == 3 and json.loads(out.splitlines()[-1])["type"] == "cancelled"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_algorithm_log_names_the_python_and_relays_levels(processing, untrained_path, tmp_path):
+    src = write_s2(tmp_path / "in.tif", 60, 60)
+    feedback = RecordingFeedback()
+    processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif"),
+                         "WINDOW_SIZE": 64, "OVERLAP": 32}, feedback=feedback)
+    engine_line = next(t for _, t in feedback.lines if t.startswith("ME-Net engine:"))
+    assert str(VENV_PYTHON) in engine_line and ".venv of the source checkout" in engine_line
+    assert ("warning", next(t for _, t in feedback.lines if "UNTRAINED" in t)) in feedback.lines
+    assert feedback.progress and feedback.progress[-1] == 100.0
+
+
+def test_worker_killed_by_a_signal_becomes_an_exception(processing, untrained_path, tmp_path, monkeypatch):
+    crasher = tmp_path / "crashing-python"
+    crasher.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        # the probe ('probe') runs normally; the worker ('worker') dies of a segfault
+        if [ "$4" = worker ]; then kill -SEGV $$; fi
+        exec {VENV_PYTHON} "$@"
+        """))
+    crasher.chmod(0o755)
+    monkeypatch.setenv("MENET_PYTHON", str(crasher))
+    src = write_s2(tmp_path / "in.tif", 40, 40)
+    out = tmp_path / "p.tif"
+    with pytest.raises(QgsProcessingException, match=r"killed by signal 11 \(SIGSEGV\)") as caught:
+        processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(out)},
+                       feedback=RecordingFeedback())
+    assert str(crasher) in str(caught.value) and "QGIS is unaffected" in str(caught.value)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["crashing-python", "in.tif"]
+
+
+def test_cancel_mid_run_stops_the_worker_and_leaves_nothing(processing, untrained_path, tmp_path):
+    src = write_s2(tmp_path / "in.tif", 384, 384)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "p.tif"
+    feedback = RecordingFeedback(cancel_on="precision:")  # the engine's last line before the first batch
+    with pytest.raises(QgsProcessingException, match="cancelled: no output was written"):
+        processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(out),
+                             "WINDOW_SIZE": 64, "OVERLAP": 0, "BATCH_SIZE": 2, "STAGES": [3]}, feedback=feedback)
+    assert feedback.cancelled_at is not None
+    pid = int(next(t for _, t in feedback.lines if t.startswith("ME-Net engine:")).rsplit(" ", 1)[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_torch_missing_in_the_workers_python_is_explained(processing, tmp_path, monkeypatch):
+    """torch hidden by a package of that name that fails to import, first on PYTHONPATH."""
+    hide = tmp_path / "hide" / "torch"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hide.parent), os.environ.get("PYTHONPATH", "")]))
+    src = write_s2(tmp_path / "in.tif", 20, 20)
+    with pytest.raises(QgsProcessingException) as caught:
+        processing.run(ALG, {"INPUT": str(src), "OUTPUT": str(tmp_path / "p.tif")}, feedback=RecordingFeedback())
+    message = str(caught.value)
+    assert "cannot import torch" in message and "Install ME-Net dependencies" in message
+    assert "pip install torch torchvision" in message
+    assert not (tmp_path / "p.tif").exists()
+
+
+def test_explicit_python_without_torch_is_refused_with_instructions(processing, tmp_path, monkeypatch):
+    system = "/usr/bin/python3"
+    if subprocess.run([system, "-c", "import torch"], capture_output=True).returncode == 0:
+        pytest.skip("the system Python has torch")
+    monkeypatch.setenv("MENET_PYTHON", system)
+    src = write_s2(tmp_path / "in.tif", 20, 20)
+    with pytest.raises(QgsProcessingException) as caught:
+        processing.run(ALG, {"INPUT": str(src), "OUTPUT": str(tmp_path / "p.tif")}, feedback=RecordingFeedback())
+    message = str(caught.value)
+    assert f"{system} (MENET_PYTHON environment variable) lacks torch" in message
+    assert "Install ME-Net dependencies" in message and "Python with PyTorch" in message
+
+
+def test_qgis_process_never_imports_torch(tmp_path, untrained_path):
+    """A fresh QGIS process (the pytest process imports torch through other tests) runs Extract
+    through the worker; afterwards none of the heavy libraries is in its sys.modules."""
+    src = write_s2(tmp_path / "in.tif", 40, 50)
+    script = tmp_path / "fresh_qgis.py"
+    script.write_text(textwrap.dedent(f"""\
+        import json, sys
+        from qgis.core import QgsApplication
+        app = QgsApplication([], False)
+        app.initQgis()
+        sys.path.append("/usr/share/qgis/python/plugins")
+        from processing.core.Processing import Processing
+        Processing.initialize()
+        import processing
+        sys.path.insert(0, {str(ROOT)!r})
+        from menet_qgis.plugin import MENetPlugin
+        plugin = MENetPlugin(None)
+        plugin.initProcessing()
+        result = processing.run("menet:extractmangroves", {{"INPUT": {str(src)!r}, "MODEL": {str(untrained_path)!r},
+                                "OUTPUT": {str(tmp_path / "p.tif")!r}, "WINDOW_SIZE": 64, "OVERLAP": 32}})
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in
+                       ("torch", "torchvision", "triton", "rasterio", "onnxruntime", "openvino", "dask")
+                       or m in ("menet_qgis.core.engine", "menet_qgis.core.raster_io", "menet_qgis.core.checkpoint"))
+        print(json.dumps({{"output": result["OUTPUT"], "heavy": heavy}}))
+        """))
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    env.pop("MENET_PYTHON", None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["output"] == str(tmp_path / "p.tif") and (tmp_path / "p.tif").is_file()
+    assert report["heavy"] == []
+
+
+def test_long_runs_log_windows_done_rate_and_time_left(bundle, tmp_path, monkeypatch):
+    from menet_qgis.core import engine, raster_io
+
+    class Lines(engine.Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    monkeypatch.setattr(engine, "PROGRESS_LOG_SECONDS", 0.0)
+    reporter = Lines()
+    src = raster_io.RasterInput(write_s2(tmp_path / "in.tif", 128, 128))
+    engine.extract(bundle, src, tmp_path / "p.tif", engine.EngineOptions(window=64, overlap=0, batch_size=1),
+                   reporter)
+    progress = [line for line in reporter.lines if " windows/s, about " in line]
+    assert progress and progress[0].startswith("1 of 4 windows (25 %)") and progress[-1].endswith("s left")
+
+
+def test_provider_setting_comes_before_the_environment_variable(processing, tmp_path, monkeypatch):
+    """Processing › Options › Providers › ME-Net › "Python with PyTorch" is the first choice."""
+    from processing.core.ProcessingConfig import ProcessingConfig
+    from qgis.core import QgsSettings
+
+    from menet_qgis.processing.worker_client import SETTING, SETTING_KEY
+    assert SETTING in ProcessingConfig.settings  # registered by the provider: shown in the options dialog
+    monkeypatch.setenv("MENET_PYTHON", str(VENV_PYTHON))
+    settings = QgsSettings()
+    settings.setValue(SETTING_KEY, str(tmp_path / "no-such-python"))
+    try:
+        with pytest.raises(QgsProcessingException, match=r"no-such-python \(provider setting 'Python with PyTorch'\) "
+                                                         r"not found"):
+            processing.run(ALG, {"INPUT": str(write_s2(tmp_path / "in.tif", 20, 20)),
+                                 "OUTPUT": str(tmp_path / "p.tif")}, feedback=RecordingFeedback())
+    finally:
+        settings.remove(SETTING_KEY)
