@@ -152,16 +152,18 @@ def test_cancel_mid_run_stops_the_worker_and_leaves_nothing(processing, untraine
 
 
 def test_torch_missing_in_the_workers_python_is_explained(processing, tmp_path, monkeypatch):
-    """torch hidden by a package of that name that fails to import, first on PYTHONPATH."""
-    hide = tmp_path / "hide" / "torch"
-    hide.mkdir(parents=True)
-    (hide / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hide.parent), os.environ.get("PYTHONPATH", "")]))
+    """torch and the CPU runtimes hidden by packages of those names that fail to import, first on
+    PYTHONPATH (works wherever they are installed)."""
+    for name in ("torch", "onnxruntime", "openvino"):
+        hide = tmp_path / "hide" / name
+        hide.mkdir(parents=True)
+        (hide / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", name='{name}')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "hide"), os.environ.get("PYTHONPATH", "")]))
     src = write_s2(tmp_path / "in.tif", 20, 20)
     with pytest.raises(QgsProcessingException) as caught:
         processing.run(ALG, {"INPUT": str(src), "OUTPUT": str(tmp_path / "p.tif")}, feedback=RecordingFeedback())
     message = str(caught.value)
-    assert "cannot import torch" in message and "Install ME-Net dependencies" in message
+    assert "cannot import" in message and "Install ME-Net dependencies" in message
     assert "pip install torch torchvision" in message
     assert not (tmp_path / "p.tif").exists()
 

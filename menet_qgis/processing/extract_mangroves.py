@@ -7,6 +7,7 @@ from qgis.core import (QgsProcessingException, QgsProcessingOutputMultipleLayers
                        QgsProcessingParameterExtent, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
+from ..core.choices import DEFAULT_OVERLAP, PRECISIONS, RUNTIMES  # stdlib only
 from ..core.stages import STAGES, STAGE_NAMES  # torch-free, like ..core.tiling
 from ..core.tiling import check_window
 from .common import (DEVICES, MENetAlgorithm, advanced, band_choice, band_parameters, check_band_parameters,
@@ -30,6 +31,7 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
     INPUT, MODEL, OUTPUT = "INPUT", "MODEL", "OUTPUT"
     EXTENT = "EXTENT"
     WINDOW_SIZE, OVERLAP, BATCH_SIZE, DEVICE = "WINDOW_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE"
+    RUNTIME, THREADS, PRECISION = "RUNTIME", "THREADS", "PRECISION"
     STAGES, STAGE_MODE, STAGE_FOLDER, STAGE_LAYERS = "STAGES", "STAGE_MODE", "STAGE_FOLDER", "STAGE_LAYERS"
 
     def name(self):
@@ -58,8 +60,10 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Sentinel-2 raster"))
-        model = QgsProcessingParameterFile(self.MODEL, "Model checkpoint", extension="pt", optional=True)
-        model.setHelp("An ME-Net checkpoint (.pt) from 'Train ME-Net'; empty = the default model")
+        model = QgsProcessingParameterFile(self.MODEL, "Model checkpoint", optional=True,
+                                           fileFilter="ME-Net models (*.pt *.onnx)")
+        model.setHelp("An ME-Net checkpoint (.pt) from 'Train ME-Net', or one exported to ONNX (.onnx: maps "
+                      "without PyTorch); empty = the default model")
         self.addParameter(model)
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Process only this extent", optional=True))
         self.addParameter(QgsProcessingParameterEnum(self.STAGES, "Stage layers", STAGE_OPTIONS,
@@ -74,13 +78,26 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
                                               QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=2048)
         window.setHelp("Multiple of 32; 0 = the model's recommendation (256)")
         overlap = QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px)",
-                                               QgsProcessingParameterNumber.Integer, 64, minValue=0, maxValue=1024)
+                                               QgsProcessingParameterNumber.Integer, DEFAULT_OVERLAP, minValue=0,
+                                               maxValue=1024)
         overlap.setHelp("Multiple of 32, less than the window size; overlaps are blended")
         batch = QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer, 0,
                                              minValue=0, maxValue=1024)
         batch.setHelp("Windows per forward pass; 0 = automatic (halved on GPU out-of-memory)")
+        runtime = QgsProcessingParameterEnum(self.RUNTIME, "Runtime", list(RUNTIMES), defaultValue=0)
+        runtime.setHelp("auto = PyTorch on a CUDA GPU, else OpenVINO if installed, else ONNX Runtime, else "
+                        "PyTorch (the log says which and why). The ONNX runtimes map 2-4x faster on a CPU and "
+                        "need no PyTorch once the model is exported (done once, cached)")
+        threads = QgsProcessingParameterNumber(self.THREADS, "CPU threads", QgsProcessingParameterNumber.Integer, 0,
+                                               minValue=0, maxValue=256)
+        threads.setHelp("Threads of the runtime on the CPU; 0 = every core the process may use")
+        precision = QgsProcessingParameterEnum(self.PRECISION, "Precision", list(PRECISIONS), defaultValue=0)
+        precision.setHelp("auto = bf16 on CUDA, fp32 on the CPU. bf16 on the CPU (OpenVINO on CPUs with "
+                          "AVX512-BF16/AMX, or PyTorch) is about 2x faster; probabilities change by up to ~0.02 "
+                          "and a few pixels in 10,000 change class")
         for param in advanced([folder]) + band_parameters(self.INPUT) + advanced([
-                window, overlap, batch, QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)]):
+                window, overlap, batch, QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+                runtime, threads, precision]):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Mangrove probability"))
         self.addOutput(QgsProcessingOutputMultipleLayers(self.STAGE_LAYERS, "Stage feature layers"))
@@ -128,5 +145,7 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         return {self.OUTPUT: output, self.STAGE_LAYERS: list(result.get("stages", {}).values())}
 
     def extra_engine_options(self, parameters, context) -> dict:
-        """More EngineOptions fields from parameters (e.g. runtime, threads) — passed through unchanged."""
-        return {}
+        """The runtime fields of EngineOptions (see core/runtimes.py)."""
+        return {"runtime": RUNTIMES[self.parameterAsEnum(parameters, self.RUNTIME, context)],
+                "threads": self.parameterAsInt(parameters, self.THREADS, context),
+                "precision": PRECISIONS[self.parameterAsEnum(parameters, self.PRECISION, context)]}

@@ -46,7 +46,9 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SETTING = "MENET_PYTHON"
 SETTING_KEY = "Processing/Configuration/" + SETTING
 ENV_VAR = "MENET_PYTHON"
-REQUIRED = ("numpy", "rasterio", "torch", "torchvision")
+REQUIRED = ("numpy", "rasterio")
+#: The engine runs the model with one of these (torch also trains; the others only map, on the CPU).
+RUNTIME_MODULES = ("torch", "onnxruntime", "openvino")
 MIN_PYTHON = (3, 9)
 #: Seconds a worker gets to stop after a cancel before it is killed.
 CANCEL_GRACE_SECONDS = 5.0
@@ -55,6 +57,7 @@ BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from menet_qgis.worker impo
 PROBE = ("import sys, json, importlib.util; sys.path.insert(0, sys.argv[1]); "
          "print(json.dumps({'version': list(sys.version_info[:3]), "
          "'missing': [m for m in sys.argv[3:] if importlib.util.find_spec(m) is None]}))")
+NEEDS = f"{', '.join(REQUIRED)} and one of {', '.join(RUNTIME_MODULES)} (torch with torchvision to train)"
 
 _GOOD_PYTHONS: Dict[str, bool] = {}  # probed successfully this session
 
@@ -67,9 +70,13 @@ def install_hint() -> str:
             f"ME-Net › 'Python with PyTorch' (or the MENET_PYTHON environment variable) to {venv_python}.")
 
 
-def worker_env() -> Dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-    return env
+def worker_env(python: str = "") -> Dict[str, str]:
+    """The worker's environment.  The managed environment is isolated: QGIS's PYTHONPATH/PYTHONHOME and
+    the user's ~/.local site would shadow its pinned packages (see environment_installer)."""
+    if python and Path(python) == managed_python():
+        from ..environment_installer import child_environment
+        return child_environment()
+    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
 
 
 def _popen_kwargs() -> Dict:
@@ -87,8 +94,9 @@ def candidates() -> Tuple[List[Tuple[str, str]], bool]:
     if env:
         return [(env, "MENET_PYTHON environment variable")], True
     found = []
+    from ..environment_installer import read_install_record
     managed = managed_python()
-    if managed.is_file():
+    if managed.is_file() and read_install_record() is not None:  # only an install that passed its check
         found.append((str(managed), f"plugin-managed environment {managed_env_dir()}"))
     venv = PACKAGE_DIR.parent / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     if venv.exists():
@@ -104,8 +112,8 @@ def probe(python: str) -> Optional[str]:
     if _GOOD_PYTHONS.get(python):
         return None
     try:
-        proc = subprocess.run([python, "-c", PROBE, str(PACKAGE_DIR.parent), "probe", *REQUIRED],
-                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS, env=worker_env())
+        proc = subprocess.run([python, "-c", PROBE, str(PACKAGE_DIR.parent), "probe", *REQUIRED, *RUNTIME_MODULES],
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS, env=worker_env(python))
     except FileNotFoundError:
         return "not found"
     except PermissionError:
@@ -121,8 +129,11 @@ def probe(python: str) -> Optional[str]:
     version = tuple(answer["version"])
     if version < MIN_PYTHON:
         return f"is Python {'.'.join(map(str, version))}; ME-Net needs {'.'.join(map(str, MIN_PYTHON))} or newer"
-    if answer["missing"]:
-        return f"lacks {', '.join(answer['missing'])}"
+    missing = [m for m in answer["missing"] if m in REQUIRED]
+    if all(m in answer["missing"] for m in RUNTIME_MODULES):
+        missing.append(" or ".join(RUNTIME_MODULES))
+    if missing:
+        return f"lacks {', '.join(missing)}"
     _GOOD_PYTHONS[python] = True
     return None
 
@@ -139,8 +150,8 @@ def choose_python() -> Tuple[str, str]:
     tried = "; ".join(problems) if problems else "no Python found"
     if explicit:
         raise QgsProcessingException(f"ME-Net cannot use the Python you chose: {tried}. The engine needs "
-                                     f"{', '.join(REQUIRED)}. {install_hint()}")
-    raise QgsProcessingException(f"ME-Net needs a Python with {', '.join(REQUIRED)} to run its engine; none found "
+                                     f"{NEEDS}. {install_hint()}")
+    raise QgsProcessingException(f"ME-Net needs a Python with {NEEDS} to run its engine; none found "
                                  f"(tried: {tried}). {install_hint()}")
 
 
@@ -211,7 +222,7 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
     outputs = [str(o) for o in outputs]
     try:
         proc = subprocess.Popen([python, "-c", BOOT, str(PACKAGE_DIR.parent), "worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(python), text=True,
                                 encoding="utf-8", errors="replace", bufsize=1, **_popen_kwargs())
     except OSError as exc:
         raise QgsProcessingException(f"could not start the ME-Net engine with {python}: {exc}") from None
