@@ -9,7 +9,7 @@ APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio python3-gdal p
 PIP_TORCH := torch==2.14.1 torchvision==0.29.1
 # One line per feature, so each can be added or dropped without touching the others.
 PIP_PACKAGES := pytest pytest-qgis
-PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2
+PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2 ml_dtypes==0.5.4  # ml_dtypes 0.6 (onnx) would upgrade numpy past Debian's 1.24 and break rasterio
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
