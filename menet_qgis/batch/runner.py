@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from distributed import Client, Event, LocalCluster, wait
+from distributed import Client, Event, LocalCluster, as_completed
 from distributed.client import FutureCancelledError
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -324,16 +324,19 @@ def _schedule(client, job: Job, todo, options: BatchOptions, manifest: RunManife
         fut = client.submit(run_scene, scene, job, rec.result_key, key=key, pure=False,
                             resources=options.resources or None)
         active[fut] = (scene, rec, len(progress.starts(scene.name)))
+        finished.add(fut)
 
+    # on this client's own loop: distributed.wait() would use the default client's, which is
+    # another one when a process holds several clients
+    finished = as_completed(loop=client.loop)
     for scene, rec in todo:
         submit(scene, rec)
     try:
         while active:
-            try:
-                done, _ = wait(list(active), timeout=0.5, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                done = set()
+            done = finished.next_batch(block=False)
             progress.refresh()
+            if not done:
+                time.sleep(0.25)
             for fut in done:
                 scene, rec, seen_before = active.pop(fut)
                 starts = progress.starts(scene.name)[seen_before:]
@@ -348,9 +351,11 @@ def _schedule(client, job: Job, todo, options: BatchOptions, manifest: RunManife
         cancel.set()
         running = [f for f, (scene, _rec, seen) in active.items() if len(progress.starts(scene.name)) > seen]
         client.cancel([f for f in active if f not in running])
+        deadline = time.monotonic() + options.cancel_grace_s
         try:
-            wait(running, timeout=options.cancel_grace_s)
-        except (Exception, KeyboardInterrupt):  # timeout, a cancelled future, a second Ctrl-C
+            while time.monotonic() < deadline and not all(f.done() for f in running):
+                time.sleep(0.2)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
             pass
         for fut, (scene, rec, seen_before) in list(active.items()):
             if fut.status == "finished":
