@@ -140,7 +140,7 @@ def test_cancel_mid_run_stops_the_worker_and_leaves_nothing(processing, untraine
     src = write_s2(tmp_path / "in.tif", 384, 384)
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "p.tif"
-    feedback = RecordingFeedback(cancel_on="precision:")  # the engine's last line before the first batch
+    feedback = RecordingFeedback(cancel_on="windows:")  # logged by the engine before the first batch
     with pytest.raises(QgsProcessingException, match="cancelled: no output was written"):
         processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(out),
                              "WINDOW_SIZE": 64, "OVERLAP": 0, "BATCH_SIZE": 2, "STAGES": [3]}, feedback=feedback)
