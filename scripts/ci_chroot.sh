@@ -15,7 +15,8 @@
 # the tarball restores it in seconds, and a changed package list builds a new one.
 # The checkout and ../shared are bind-mounted at their own paths, with /proc /sys /dev /dev/pts /dev/shm;
 # everything is unmounted on exit, whatever happens.  The suite runs under `env -i`: nothing from the
-# host's environment (PATH, PIP_*, PYTHONPATH, ...) leaks in except DISPLAY/XAUTHORITY and CI.
+# host's environment (PATH, PIP_*, PYTHONPATH, ...) leaks in except CI, DISPLAY/XAUTHORITY (with
+# /tmp/.X11-unix bound) and MENET_* (the tests' own settings, e.g. MENET_GUI_DISPLAY).
 set -euo pipefail
 
 SUITE=${1:-trixie}
@@ -61,6 +62,7 @@ fi
 
 APT_LIST="$(make_var APT_PACKAGES) $CHROOT_EXTRA"
 PIP_LIST=$(make_var PIP_PACKAGES)
+read -r -a PIP_WORDS <<< "$PIP_LIST"  # words, not globs: "dask[distributed]==..." stays as written
 MIRROR=$(debian_mirror)
 KEY=$(printf '%s\n' "$RECIPE" "$SUITE" "$APT_LIST" "$PIP_LIST" | sha256sum | cut -c1-12)
 ROOT="$CACHE/$SUITE-$KEY"
@@ -110,7 +112,10 @@ remove_tree() {
 }
 
 in_root() {  # run a command inside the chroot with a clean environment
-  env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+  local passed=() name
+  # The project's own knobs (MENET_GUI_DISPLAY, MENET_GUI_TIMEOUT, ...) pass through, nothing else.
+  for name in $(compgen -e); do [[ $name == MENET_* && $name != MENET_CI_* ]] && passed+=("$name=${!name}"); done
+  env -i "${passed[@]}" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
     DEBIAN_FRONTEND=noninteractive PIP_CERT=/etc/menet-host-ca.crt SSL_CERT_FILE=/etc/menet-host-ca.crt \
     REQUESTS_CA_BUNDLE=/etc/menet-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
     ${CI:+CI=$CI} ${DISPLAY:+DISPLAY=$DISPLAY} ${XAUTHORITY:+XAUTHORITY=$XAUTHORITY} \
@@ -129,6 +134,8 @@ build_root() {
   bind "$CACHE/apt-archives" /var/cache/apt/archives
   echo 'force-unsafe-io' > "$ROOT/etc/dpkg/dpkg.cfg.d/menet-ci-unsafe-io"
   printf 'APT::Install-Recommends "false";\nAPT::Keep-Downloaded-Packages "true";\n' > "$ROOT/etc/apt/apt.conf.d/90menet-ci"
+  # sid's Release file carries a Valid-Until; a mirror snapshot older than that (as here) is refused.
+  [[ $SUITE == sid ]] && echo 'Acquire::Check-Valid-Until "false";' >> "$ROOT/etc/apt/apt.conf.d/90menet-ci"
   log "apt-get install: $APT_LIST"
   in_root apt-get update -qq
   # shellcheck disable=SC2086
@@ -136,8 +143,7 @@ build_root() {
     || { tail -n 30 "$CACHE/$SUITE-apt.log" >&2; log "apt-get install failed"; exit 1; }
   log "venv $VENV + pip: $PIP_LIST"
   in_root /usr/bin/python3 -m venv --system-site-packages "$VENV"
-  # shellcheck disable=SC2086
-  in_root "$VENV/bin/python" -m pip install -q $PIP_LIST
+  in_root "$VENV/bin/python" -m pip install -q "${PIP_WORDS[@]}"
   touch "$ROOT$VENV/.installed"
   in_root apt-get clean
   unmount_all
