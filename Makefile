@@ -58,7 +58,7 @@ package: setup
 	cp metadata.txt build/package/menet_qgis/
 	cp -r resources build/package/menet_qgis/resources
 	find build/package -name __pycache__ -prune -exec rm -rf {} +
-	cd build/package && rm -f ../../dist/menet_qgis-$(VERSION).zip && $(CURDIR)/$(PY) -m zipfile -c ../../dist/menet_qgis-$(VERSION).zip menet_qgis
+	cd build/package && rm -f ../../dist/menet_qgis-$(VERSION).zip && $(abspath $(PY)) -m zipfile -c ../../dist/menet_qgis-$(VERSION).zip menet_qgis
 	@echo "built dist/menet_qgis-$(VERSION).zip (QGIS: Plugins > Manage and Install > Install from ZIP)"
 
 bench: plugin

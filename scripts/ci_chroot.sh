@@ -18,7 +18,9 @@
 # host's environment (PATH, PIP_*, PYTHONPATH, ...) leaks in except CI, DISPLAY/XAUTHORITY (with
 # /tmp/.X11-unix bound) and MENET_* (the tests' own settings, e.g. MENET_GUI_DISPLAY).
 set -euo pipefail
-
+# The whole script is one block, read before it runs: editing or checking out another version of this
+# file while a run is going (the suite takes a while) cannot change what the run executes.
+{
 SUITE=${1:-trixie}
 [[ $# -gt 0 ]] && shift
 case "$SUITE" in
@@ -188,3 +190,4 @@ status=0
 in_root /bin/bash -c 'cd "$1" && shift && exec "$@"' run "$CHECKOUT" "$@" </dev/null || status=$?
 log "ran in $(( SECONDS - t1 )) s (exit $status); total $(( SECONDS - t0 )) s"
 exit $status
+}
