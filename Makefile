@@ -1,8 +1,8 @@
 # ME-Net for QGIS.  `make test` and `make run` install whatever is missing first
 # (Debian packages as root, then a virtual environment at .venv).
 SHELL := /bin/bash
-# VENV may be given on the command line (the CI chroot uses its own, outside the checkout).
-VENV := .venv
+# VENV may be given on the command line or in the environment (the CI chroot has its own, outside the checkout).
+VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON_VERSION := $(shell /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 SITE := $(abspath $(VENV))/lib/python$(PYTHON_VERSION)/site-packages

@@ -120,6 +120,7 @@ in_root() {  # run a command inside the chroot with a clean environment
   env -i "${passed[@]}" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
     DEBIAN_FRONTEND=noninteractive PIP_CERT=/etc/menet-host-ca.crt SSL_CERT_FILE=/etc/menet-host-ca.crt \
     REQUESTS_CA_BUNDLE=/etc/menet-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
+    VENV="$VENV" \
     ${CI:+CI=$CI} ${DISPLAY:+DISPLAY=$DISPLAY} ${XAUTHORITY:+XAUTHORITY=$XAUTHORITY} \
     chroot "$ROOT" "$@"
 }
@@ -147,7 +148,7 @@ build_root() {
   in_root /usr/bin/python3 -m venv --system-site-packages "$VENV"
   in_root "$VENV/bin/python" -m pip install -q "${PIP_WORDS[@]}"
   touch "$ROOT$VENV/.installed"
-  in_root apt-get clean
+  # (no apt-get clean: the archives are the host's cache, bound in, kept for the next build)
   unmount_all
   rm -f "$ROOT/etc/dpkg/dpkg.cfg.d/menet-ci-unsafe-io"
   ROOT=$final

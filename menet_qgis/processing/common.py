@@ -5,7 +5,7 @@ import contextlib
 from typing import Iterator, Optional
 
 from qgis.core import (QgsColorRampShader, QgsProcessingAlgorithm, QgsProcessingException,
-                       QgsProcessingLayerPostProcessorInterface,
+                       QgsProcessingLayerPostProcessorInterface, QgsProcessingParameterDefinition,
                        QgsProject, QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer,
                        QgsStyle)
 from qgis.PyQt.QtGui import QIcon
@@ -82,7 +82,7 @@ class ProbabilityStyler(QgsProcessingLayerPostProcessorInterface):
             return
         ramp = QgsStyle.defaultStyle().colorRamp("Greens") or QgsStyle.defaultStyle().colorRamp("Viridis")
         shader_fn = QgsColorRampShader(0.0, 1.0, ramp)
-        shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
+        shader_fn.setColorRampType(QgsColorRampShader.Type.Interpolated)
         shader_fn.classifyColorRamp(5, -1)
         shader = QgsRasterShader()
         shader.setRasterShaderFunction(shader_fn)
@@ -131,7 +131,7 @@ def polygons_as_geojson(source, target_crs, context) -> list:
 def advanced(params: list) -> list:
     """Flag parameters as advanced (folded away in the dialog) and return them."""
     for param in params:
-        param.setFlags(param.flags() | param.FlagAdvanced)
+        param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
     return params
 
 
@@ -143,7 +143,7 @@ def band_parameters(parent: str) -> list:
               for key, label in BAND_PARAMS]
     params.append(QgsProcessingParameterNumber(
         DN_OFFSET, "DN offset for integer input when metadata has none (-1000 for processing baseline 04.00+)",
-        QgsProcessingParameterNumber.Double, optional=True))
+        QgsProcessingParameterNumber.Type.Double, optional=True))
     return advanced(params)
 
 

@@ -77,11 +77,11 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
                                                      defaultValue=0))
         for param in band_parameters(self.INPUT) + advanced([
             QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px, multiple of 32; 0 = the model's, 256)",
-                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=2048),
+                                         QgsProcessingParameterNumber.Type.Integer, 0, minValue=0, maxValue=2048),
             QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px, multiple of 32)",
-                                         QgsProcessingParameterNumber.Integer, 64, minValue=0, maxValue=1024),
+                                         QgsProcessingParameterNumber.Type.Integer, 64, minValue=0, maxValue=1024),
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = automatic)",
-                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=1024),
+                                         QgsProcessingParameterNumber.Type.Integer, 0, minValue=0, maxValue=1024),
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
         ]):
             self.addParameter(param)
