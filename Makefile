@@ -1,9 +1,11 @@
 # ME-Net for QGIS.  `make test` and `make run` install whatever is missing first
 # (Debian packages as root, then a virtual environment at .venv).
 SHELL := /bin/bash
-VENV := .venv
+# VENV may be given on the command line or in the environment (the CI chroot has its own, outside the checkout).
+VENV ?= .venv
 PY := $(VENV)/bin/python
-SITE := $(CURDIR)/$(VENV)/lib/python3.11/site-packages
+PYTHON_VERSION := $(shell /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+SITE := $(abspath $(VENV))/lib/python$(PYTHON_VERSION)/site-packages
 APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio python3-gdal python3-venv python3-sklearn
 APT_PACKAGES += xvfb
 # torch/torchvision apart: the Debian 13 CI chroot takes Debian's own python3-torch instead.
@@ -22,7 +24,7 @@ export XDG_DATA_HOME := $(CURDIR)/build/qgis-profile
 export XDG_RUNTIME_DIR := $(CURDIR)/build/runtime
 export PYTHONPATH := $(SITE)
 
-.PHONY: setup plugin test run package bench clean
+.PHONY: setup plugin test test-trixie test-sid run package bench clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +48,13 @@ plugin: setup
 test: plugin
 	$(PY) -m pytest -q tests
 
+# The suite on newer QGIS in a Debian chroot (root; see scripts/ci_chroot.sh). .ci/run runs test-trixie.
+test-trixie:
+	scripts/ci_chroot.sh trixie
+
+test-sid:
+	scripts/ci_chroot.sh sid
+
 run: plugin
 	$(PY) scripts/run_demo.py
 
@@ -65,3 +74,7 @@ bench: plugin
 
 clean:
 	rm -rf build dist
+
+# `make -s print-PIP_PACKAGES`: a variable's value, for scripts (the CI chroot reads its package lists here).
+print-%:
+	@echo $($*)

@@ -28,7 +28,7 @@ def build() -> QgsProcessingModelAlgorithm:
                        (QgsProcessingParameterFile("model", "Model checkpoint (empty = default model)",
                                                    extension="pt", optional=True), 140),
                        (QgsProcessingParameterNumber("threshold", "Mangrove threshold",
-                                                     QgsProcessingParameterNumber.Double, 0.5, False, 0.0, 1.0), 200)):
+                                                     QgsProcessingParameterNumber.Type.Double, 0.5, False, 0.0, 1.0), 200)):
         component = QgsProcessingModelParameter(param.name())
         component.setPosition(QPointF(120, pos))
         model.addModelParameter(param, component)

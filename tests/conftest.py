@@ -38,7 +38,7 @@ def qgis_env(tmp_path_factory) -> dict:
             (plugin / item.name).symlink_to(item)
     runtime = base / "runtime"
     runtime.mkdir(mode=0o700)
-    site = [p for p in sys.path if p.endswith("site-packages") and "/.venv/" in p]
+    site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix + "/")]  # the venv's
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen", QGIS_PLUGINPATH=str(base / "plugins"),
                XDG_DATA_HOME=str(base / "profile"), XDG_RUNTIME_DIR=str(runtime),
                QGIS_CUSTOM_CONFIG_PATH=str(base / "profile"), QGIS_OPTIONS_PATH=str(base / "profile"),

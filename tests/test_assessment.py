@@ -5,6 +5,7 @@ from osgeo import ogr, osr
 
 from helpers import S2_NAMES, s2_reflectance, write_raster
 from menet_qgis.core import assessment
+from menet_qgis.core.compat import osgeo_exceptions
 from menet_qgis.core.metrics import Confusion
 
 
@@ -27,16 +28,17 @@ def test_mvi_published_thresholds():
 
 
 def polygon_file(path, wkt_polygons, epsg=32717):
-    drv = ogr.GetDriverByName("GPKG")
-    ds = drv.CreateDataSource(str(path))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(epsg)
-    layer = ds.CreateLayer("labels", srs, ogr.wkbPolygon)
-    for wkt in wkt_polygons:
-        f = ogr.Feature(layer.GetLayerDefn())
-        f.SetGeometry(ogr.CreateGeometryFromWkt(wkt))
-        layer.CreateFeature(f)
-    ds = None
+    with osgeo_exceptions():
+        drv = ogr.GetDriverByName("GPKG")
+        ds = drv.CreateDataSource(str(path))
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(epsg)
+        layer = ds.CreateLayer("labels", srs, ogr.wkbPolygon)
+        for wkt in wkt_polygons:
+            f = ogr.Feature(layer.GetLayerDefn())
+            f.SetGeometry(ogr.CreateGeometryFromWkt(wkt))
+            layer.CreateFeature(f)
+        ds = None
     return path
 
 

@@ -13,6 +13,7 @@ from rasterio.warp import transform_geom
 
 from helpers import UTM17S, read
 from menet_qgis.core import engine, sentinel2_product
+from menet_qgis.core.compat import apply
 from menet_qgis.core.channels import CHANNEL_NAMES, SOURCE_BANDS, compute_channels, default_pca
 from menet_qgis.core.raster_io import RasterInput
 
@@ -247,7 +248,7 @@ def test_clip_to_polygon_sets_outside_pixels_to_nodata(safe, tmp_path):
     inside = np.zeros(data.shape[1:], bool)
     for r in range(data.shape[1]):
         for c in range(data.shape[2]):
-            x, y = transform * (c + 0.5, r + 0.5)
+            x, y = apply(transform, c + 0.5, r + 0.5)
             inside[r, c] = shape.Contains(ogr.CreateGeometryFromWkt(f"POINT ({x} {y})"))
     assert 100 < inside.sum() < inside.size
     assert (data[:, ~inside] == 0).all()

@@ -21,6 +21,7 @@ from rasterio.features import rasterize
 from rasterio.vrt import WarpedVRT
 
 from . import channels as ch
+from .compat import osgeo_exceptions
 from .metrics import Confusion
 
 MVI_RANGE = (4.5, 16.5)
@@ -111,26 +112,34 @@ def burn_polygons(geometries: Sequence[Dict], like) -> np.ndarray:
 def read_polygons(path, target_crs) -> List[Dict]:
     """Polygons of a vector file (any OGR format) as GeoJSON-like dicts in ``target_crs``."""
     from osgeo import ogr, osr
-    ds = ogr.Open(str(path))
-    if ds is None:
-        raise ValueError(f"{Path(path).name} is not a vector file OGR can read")
-    layer = ds.GetLayer(0)
-    target = osr.SpatialReference()
-    target.ImportFromWkt(rasterio.crs.CRS.from_user_input(target_crs).to_wkt())
-    target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    source = layer.GetSpatialRef()
-    if source is None:
-        raise ValueError(f"{Path(path).name} has no coordinate reference system")
-    source.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    transform = osr.CoordinateTransformation(source, target)
-    shapes = []
-    for feature in layer:
-        geom = feature.GetGeometryRef()
-        if geom is None:
-            continue
-        geom = geom.Clone()
-        geom.Transform(transform)
-        shapes.append(json.loads(geom.ExportToJson()))
+    name = Path(path).name
+    with osgeo_exceptions():
+        try:
+            ds = ogr.Open(str(path))
+        except RuntimeError:
+            ds = None
+        if ds is None:
+            raise ValueError(f"{name} is not a vector file OGR can read")
+        try:
+            layer = ds.GetLayer(0)
+            target = osr.SpatialReference()
+            target.ImportFromWkt(rasterio.crs.CRS.from_user_input(target_crs).to_wkt())
+            target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            source = layer.GetSpatialRef()
+            if source is None:
+                raise ValueError(f"{name} has no coordinate reference system")
+            source.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            transform = osr.CoordinateTransformation(source, target)
+            shapes = []
+            for feature in layer:
+                geom = feature.GetGeometryRef()
+                if geom is None:
+                    continue
+                geom = geom.Clone()
+                geom.Transform(transform)
+                shapes.append(json.loads(geom.ExportToJson()))
+        except RuntimeError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     return shapes
 
 

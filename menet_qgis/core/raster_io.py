@@ -26,6 +26,7 @@ from affine import Affine
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window, from_bounds
 
+from .compat import compose
 from .termination import Terminated, raise_on_sigterm  # noqa: F401 (re-exported)
 from .bands import InputPlan, plan_input
 
@@ -199,7 +200,7 @@ class RasterInput:
 
     def area_transform(self, stride: int = 1) -> Affine:
         """Transform of the processed area at ``stride`` x the input pixel size (same origin)."""
-        return self.transform * Affine.translation(self.area.col_off, self.area.row_off) * Affine.scale(stride)
+        return compose(self.transform, Affine.translation(self.area.col_off, self.area.row_off), Affine.scale(stride))
 
     # --- reading --------------------------------------------------------
     def _dataset(self):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import channels as ch
+from .compat import apply
 from .bands import InputPlan
 from .checkpoint import ModelBundle, new_bundle, save, saved_bytes
 from .engine import Cancelled, Reporter, prepare_batch
@@ -176,8 +177,8 @@ def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygo
                 images_out.append(data[:, y0:y0 + tile, x0:x0 + tile])
                 labels.append(lab[y0:y0 + tile, x0:x0 + tile].astype(np.float32))
                 valid.append(v)
-                x_min, y_max = transform * (x0, y0)
-                x_max, y_min = transform * (x0 + tile, y0 + tile)
+                x_min, y_max = apply(transform, x0, y0)
+                x_max, y_min = apply(transform, x0 + tile, y0 + tile)
                 bounds.append((x_min, y_min, x_max, y_max))
                 names.append(f"{Path(path).stem}@{y0},{x0}")
     if not images_out:
