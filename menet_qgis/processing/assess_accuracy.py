@@ -6,8 +6,8 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProce
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
 
+from ..qgis_compat import field_type
 from .common import MENetAlgorithm, gdal_raster_path, has_value, polygons_as_geojson
 from .worker_client import run_job
 
@@ -48,18 +48,18 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.REFERENCE_RASTER, "Reference mask raster",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.REFERENCE_POLYGONS, "Or: reference mangrove polygons",
-                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
+                                                              [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.AREA, "Assess only inside (polygons)",
-                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
+                                                              [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Mangrove threshold",
-                                                       QgsProcessingParameterNumber.Double, 0.5, minValue=0.0,
+                                                       QgsProcessingParameterNumber.Type.Double, 0.5, minValue=0.0,
                                                        maxValue=1.0))
         self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 image (MVI baseline)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tiles for a random forest",
-                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_TABLE, "Accuracy table",
-                                                            QgsProcessing.TypeVector))
+                                                            QgsProcessing.SourceType.TypeVector))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_HTML, "Accuracy report",
                                                                 "HTML files (*.html)", optional=True))
         for key in ("F1", "IOU", "KAPPA", "OVERALL_ACCURACY"):
@@ -96,16 +96,16 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
                   "report": report}
         rows = run_job("assess", params, feedback, outputs=[report] if report else [])["results"]
         fields = QgsFields()
-        fields.append(QgsField("method", QVariant.String))
+        fields.append(QgsField("method", field_type("String")))
         for name in SCORE_FIELDS:
-            fields.append(QgsField(name, QVariant.Double))
+            fields.append(QgsField(name, field_type("Double")))
         for name in COUNT_FIELDS:
-            fields.append(QgsField(name, QVariant.LongLong))
-        sink, table_id = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry)
+            fields.append(QgsField(name, field_type("LongLong")))
+        sink, table_id = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.Type.NoGeometry)
         for row in rows:
             feature = QgsFeature(fields)
             feature.setAttributes([row["name"]] + [row[k] for k in SCORE_FIELDS] + [row[k] for k in COUNT_FIELDS])
-            sink.addFeature(feature, QgsFeatureSink.FastInsert)
+            sink.addFeature(feature, QgsFeatureSink.Flag.FastInsert)
         outputs = {self.OUTPUT_TABLE: table_id}
         if report:
             outputs[self.OUTPUT_HTML] = report

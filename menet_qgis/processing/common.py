@@ -56,7 +56,7 @@ def refuse_overwriting_input(output: str, inputs: Dict[str, Optional[str]]) -> N
 def _ramp_shader(minimum: float, maximum: float, ramp_name: str, classes: int = 5) -> QgsRasterShader:
     ramp = QgsStyle.defaultStyle().colorRamp(ramp_name)
     shader_fn = QgsColorRampShader(minimum, maximum, ramp)
-    shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
+    shader_fn.setColorRampType(QgsColorRampShader.Type.Interpolated)
     shader_fn.classifyColorRamp(classes, -1)
     shader = QgsRasterShader()
     shader.setRasterShaderFunction(shader_fn)
@@ -215,7 +215,7 @@ def band_parameters(parent: str) -> list:
         param.setHelp(f"Band number of {label} when the file does not name its bands; set all six or none "
                       "(empty = found from the band names)")
         params.append(param)
-    offset = QgsProcessingParameterNumber(DN_OFFSET, "DN offset", QgsProcessingParameterNumber.Double, optional=True)
+    offset = QgsProcessingParameterNumber(DN_OFFSET, "DN offset", QgsProcessingParameterNumber.Type.Double, optional=True)
     offset.setHelp("Added to integer DN before dividing by 10000 when the product metadata has no offset "
                    "(-1000 for processing baseline 04.00 and later)")
     params.append(offset)

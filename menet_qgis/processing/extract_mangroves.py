@@ -71,24 +71,24 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(self.STAGE_MODE, "Stage layer content", STAGE_MODES,
                                                      defaultValue=0))
         folder = QgsProcessingParameterFile(self.STAGE_FOLDER, "Stage layer folder",
-                                            behavior=QgsProcessingParameterFile.Folder, optional=True)
+                                            behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True)
         folder.setHelp("Where stage layers are written as <probability name>_stageN.tif; empty = beside the "
                        "probability")
         window = QgsProcessingParameterNumber(self.WINDOW_SIZE, "Window size (px)",
-                                              QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=2048)
+                                              QgsProcessingParameterNumber.Type.Integer, 0, minValue=0, maxValue=2048)
         window.setHelp("Multiple of 32; 0 = the model's recommendation (256)")
         overlap = QgsProcessingParameterNumber(self.OVERLAP, "Window overlap (px)",
-                                               QgsProcessingParameterNumber.Integer, DEFAULT_OVERLAP, minValue=0,
+                                               QgsProcessingParameterNumber.Type.Integer, DEFAULT_OVERLAP, minValue=0,
                                                maxValue=1024)
         overlap.setHelp("Multiple of 32, less than the window size; overlaps are blended")
-        batch = QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer, 0,
+        batch = QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Type.Integer, 0,
                                              minValue=0, maxValue=1024)
         batch.setHelp("Windows per forward pass; 0 = automatic (halved on GPU out-of-memory)")
         runtime = QgsProcessingParameterEnum(self.RUNTIME, "Runtime", list(RUNTIMES), defaultValue=0)
         runtime.setHelp("auto = PyTorch on a CUDA GPU, else OpenVINO if installed, else ONNX Runtime, else "
                         "PyTorch (the log says which and why). The ONNX runtimes map 2-4x faster on a CPU and "
                         "need no PyTorch once the model is exported (done once, cached)")
-        threads = QgsProcessingParameterNumber(self.THREADS, "CPU threads", QgsProcessingParameterNumber.Integer, 0,
+        threads = QgsProcessingParameterNumber(self.THREADS, "CPU threads", QgsProcessingParameterNumber.Type.Integer, 0,
                                                minValue=0, maxValue=256)
         threads.setHelp("Threads of the runtime on the CPU; 0 = every core the process may use")
         precision = QgsProcessingParameterEnum(self.PRECISION, "Precision", list(PRECISIONS), defaultValue=0)

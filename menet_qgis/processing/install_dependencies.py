@@ -69,7 +69,7 @@ class InstallDependenciesAlgorithm(MENetAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterEnum(self.VARIANT, "Variant", VARIANT_LABELS, defaultValue=1))
         self.addParameter(QgsProcessingParameterFile(self.WHEEL_FOLDER, "Wheel folder for offline install "
-                                                     "(empty = download)", behavior=QgsProcessingParameterFile.Folder,
+                                                     "(empty = download)", behavior=QgsProcessingParameterFile.Behavior.Folder,
                                                      optional=True))
         self.addParameter(QgsProcessingParameterString(self.INDEX_URL, "Package index URL (empty = PyPI)",
                                                        optional=True))

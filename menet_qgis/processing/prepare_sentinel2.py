@@ -42,10 +42,10 @@ class PrepareSentinel2Algorithm(MENetAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(self.INPUT_FOLDER, "Sentinel-2 product folder",
-                                                     behavior=QgsProcessingParameterFile.Folder))
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Clip to extent", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.CLIP_LAYER, "Clip to polygons",
-                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
+                                                              [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterEnum(self.RESAMPLING, "B11/B12 resampling (20 m → 10 m)",
                                                      RESAMPLING_OPTIONS, defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Sentinel-2 stack"))

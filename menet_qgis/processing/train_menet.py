@@ -49,23 +49,23 @@ class TrainMENetAlgorithm(MENetAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Folder of image/mask tile pairs",
-                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(self.IMAGES, "Or: Sentinel-2 rasters",
-                                                               QgsProcessing.TypeRaster, optional=True))
+                                                               QgsProcessing.SourceType.TypeRaster, optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.LABEL_RASTER, "Labels as a mask raster",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.LABEL_POLYGONS, "Labels as mangrove polygons",
-                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
+                                                              [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Type.Integer,
                                                        30, minValue=1, maxValue=1000))
         for param in advanced([
-            QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer, 8,
+            QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Type.Integer, 8,
                                          minValue=2, maxValue=512),
             QgsProcessingParameterNumber(self.LEARNING_RATE, "Peak learning rate (AdamW)",
-                                         QgsProcessingParameterNumber.Double, 1e-3, minValue=1e-6, maxValue=1.0),
+                                         QgsProcessingParameterNumber.Type.Double, 1e-3, minValue=1e-6, maxValue=1.0),
             QgsProcessingParameterNumber(self.VAL_FRACTION, "Validation share of windows",
-                                         QgsProcessingParameterNumber.Double, 0.2, minValue=0.05, maxValue=0.5),
-            QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Integer, 0),
+                                         QgsProcessingParameterNumber.Type.Double, 0.2, minValue=0.05, maxValue=0.5),
+            QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Type.Integer, 0),
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
             QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet weights (.pth)",
                                        extension="pth", optional=True),
