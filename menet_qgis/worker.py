@@ -110,6 +110,18 @@ def _missing(channel: Channel, exc: ImportError) -> int:
     return EXIT_ERROR
 
 
+def _runtime_versions() -> str:
+    """Installed runtimes and their versions, read from package metadata (importing torch costs seconds)."""
+    from importlib import metadata
+    found = []
+    for name in ("torch", "onnxruntime", "openvino"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found) or "no runtime installed"
+
+
 def main() -> int:
     channel = Channel()
     first = sys.stdin.readline()
@@ -126,16 +138,17 @@ def main() -> int:
         from . import jobs
         from .core.engine import Cancelled
         from .core.raster_io import limit_gdal_cache
+        from .core.termination import Terminated, raise_on_sigterm
         limit_gdal_cache()
+        raise_on_sigterm()  # a terminated worker discards its partial outputs like a cancelled one
         reporter = _reporter_class()(channel, cancel)
-        import torch
     except ImportError as exc:
         return _missing(channel, exc)
-    reporter.info(f"engine process: Python {sys.version.split()[0]}, torch {torch.__version__}, "
+    reporter.info(f"engine process: Python {sys.version.split()[0]}, {_runtime_versions()}, "
                   f"started in {time.perf_counter() - started:.1f} s")
     try:
         result = jobs.run(job, params, reporter)
-    except Cancelled:
+    except (Cancelled, Terminated):
         channel.send(type="cancelled", message="cancelled: no output was written")
         return EXIT_CANCELLED
     except ImportError as exc:
