@@ -322,8 +322,9 @@ def test_corrupt_scene_fails_after_retries_without_stopping_the_others(inputs, u
 def test_ctrl_c_cancels_cleanly_and_a_rerun_resumes(clean_run, inputs, untrained_path, tmp_path):
     out, _ = clean_run
     work = tmp_path / "out"
+    # one torch thread, as in the clean run: other thread counts change the last bits (~1e-6)
     args = ["batch", inputs["manifest"], inputs["dn"], inputs["stac"], "--out-dir", work, "--model", untrained_path,
-            "--workers", 1, "--no-progress", *OPTIONS]
+            "--workers", 1, "--threads", 1, "--no-progress", *OPTIONS]
     proc = subprocess.Popen([sys.executable, "-m", "menet_qgis", *map(str, args)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 600
