@@ -18,7 +18,6 @@ generated rasters of those sizes (flat memory).
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
