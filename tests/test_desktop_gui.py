@@ -18,7 +18,7 @@ Environment (all optional, for CI chroots and other QGIS versions):
 (default: built here by the project's packaging); ``MENET_GUI_OUT`` where
 screenshots go (default build/gui; the session's files — profile, scene,
 output, result.json, faulthandler.txt, qgis.log — in its ``session/``);
-``MENET_GUI_TIMEOUT`` seconds for the whole QGIS session (default 300).
+``MENET_GUI_TIMEOUT`` seconds for the whole QGIS session (default 420).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ QGIS = os.environ.get("MENET_GUI_QGIS") or shutil.which("qgis")
 XVFB = os.environ.get("MENET_GUI_XVFB") or shutil.which("Xvfb")
 DISPLAY = os.environ.get("MENET_GUI_DISPLAY")
 OUT = Path(os.environ.get("MENET_GUI_OUT") or ROOT / "build" / "gui")  # screenshots; the session in OUT/session
-SESSION_TIMEOUT = float(os.environ.get("MENET_GUI_TIMEOUT", "300"))
+SESSION_TIMEOUT = float(os.environ.get("MENET_GUI_TIMEOUT", "420"))
 STARTUP_TIMEOUT = 90  # seconds until the driver's first sign of life (QGIS up, script running)
 EXIT_GRACE = 10  # seconds a process QGIS started may take to end after QGIS exited
 MODEL = ROOT / "resources" / "models" / "menet_jambeli_v1.pt"

@@ -157,8 +157,10 @@ def open_dialog(layer):
     RESULT["input_default"] = value.id() if hasattr(value, "id") else value
     RESULT["active_layer"] = layer.id()
     # MODEL is given explicitly: the checkout's model works whether or not the ZIP ships one.
+    # RUNTIME 1 = torch: the library that crashed QGIS when imported in its own process, now in the
+    # engine's; it also skips the one-time ONNX export the automatic CPU runtime would start with.
     dialog.setParameters({"OUTPUT": CONFIG["output"], "STAGES": [CONFIG["stage"]], "MODEL": CONFIG["model"],
-                          "DEVICE": 2})
+                          "DEVICE": 2, "RUNTIME": 1})
     parameters = dialog.createProcessingParameters()
     RESULT["parameters"] = {k: str(v) for k, v in parameters.items()}
     output = parameters.get("OUTPUT")
