@@ -26,8 +26,11 @@ def register_settings(provider_name: str) -> None:
 
 
 def unregister_settings() -> None:
+    """Removes the setting; a no-op when it is already gone (QGIS may unload the provider twice at exit,
+    and an exception there becomes a modal error dialog that blocks QGIS from closing)."""
     from processing.core.ProcessingConfig import ProcessingConfig
-    ProcessingConfig.removeSetting(MODEL_URL_SETTING)
+    if MODEL_URL_SETTING in ProcessingConfig.settings:
+        ProcessingConfig.removeSetting(MODEL_URL_SETTING)
 
 
 def configured_model_url() -> str:

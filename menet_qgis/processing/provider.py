@@ -60,7 +60,7 @@ class MENetProvider(QgsProcessingProvider):
     def unload(self):
         unregister_settings()
         config, _setting = _processing_config()
-        if config is not None:
+        if config is not None and SETTING in config.settings:  # already gone when unloaded twice
             config.removeSetting(SETTING)
 
     def loadAlgorithms(self):  # noqa: N802
