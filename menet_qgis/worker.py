@@ -124,7 +124,12 @@ def _runtime_versions() -> str:
 
 def main() -> int:
     channel = Channel()
-    first = sys.stdin.readline()
+    # The protocol reads fd 0 through a private file object and sys.stdin becomes /dev/null: a library
+    # that forks (OpenVINO's telemetry does) closes sys.stdin in the child, which would deadlock on the
+    # lock our reader thread holds while it waits for a cancel line.
+    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    sys.stdin = open(os.devnull, "r")
+    first = requests.readline()
     try:
         request = json.loads(first)
         job, params = request["job"], request.get("params") or {}
@@ -132,7 +137,7 @@ def main() -> int:
         channel.send(type="error", kind="input", message=f"bad job line on stdin: {first.strip()[:200]!r}")
         return EXIT_ERROR
     cancel = threading.Event()
-    threading.Thread(target=_watch_stdin, args=(sys.stdin, cancel), name="menet-stdin", daemon=True).start()
+    threading.Thread(target=_watch_stdin, args=(requests, cancel), name="menet-stdin", daemon=True).start()
     started = time.perf_counter()
     try:
         from . import jobs
