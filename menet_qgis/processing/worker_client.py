@@ -52,6 +52,8 @@ RUNTIME_MODULES = ("torch", "onnxruntime", "openvino")
 MIN_PYTHON = (3, 9)
 #: Seconds a worker gets to stop after a cancel before it is killed.
 CANCEL_GRACE_SECONDS = 5.0
+#: Seconds the engine gets to exit after its final message before its process group is ended.
+EXIT_GRACE_SECONDS = 15.0
 PROBE_TIMEOUT_SECONDS = 60
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from menet_qgis.worker import main; sys.exit(main())"
 PROBE = ("import sys, json, importlib.util; sys.path.insert(0, sys.argv[1]); "
@@ -236,6 +238,7 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
         reader.start()
     _send(proc, {"job": job, "params": params})
     final: Optional[Dict] = None
+    final_at = 0.0
     cancel_sent_at: Optional[float] = None
     killed = False
     while True:
@@ -253,6 +256,11 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
             proc.kill()
         if message is None:
             break
+        if final is not None and time.monotonic() - final_at > EXIT_GRACE_SECONDS:
+            # The job is over but its output pipe stays open (a process the engine forked still holds
+            # it): stop waiting for end-of-stream and end the engine's whole process group.
+            _kill_group(proc)
+            break
         if message is False:
             continue
         kind = message.get("type")
@@ -268,7 +276,7 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
             else:
                 feedback.pushInfo(text)
         elif kind in ("result", "error", "cancelled"):
-            final = message
+            final, final_at = message, time.monotonic()
     _close(proc)
     returncode = proc.wait()
     for reader in readers:
@@ -296,6 +304,17 @@ def _send(proc: subprocess.Popen, message: Dict) -> None:
         proc.stdin.flush()
     except (BrokenPipeError, OSError, ValueError):
         pass  # the worker is gone: its exit status tells why
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the engine and whatever it started (it leads its own session on POSIX)."""
+    try:
+        if os.name == "nt":
+            proc.kill()
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
 
 
 def _close(proc: subprocess.Popen) -> None:
