@@ -1,4 +1,6 @@
 """Encoder stages, conv1 mean initialisation, checkpoints that load or refuse clearly."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,7 @@ def test_imagenet_file_found_in_torch_hub_cache(tmp_path, monkeypatch):
 
 
 def test_checkpoint_round_trip_in_half_precision(bundle, tmp_path):
+    bundle = copy.deepcopy(bundle)  # the fixture is shared by the session: other tests map with it
     bundle.norm_mean = list(np.linspace(-1, 1, 11))
     path = tmp_path / "m.pt"
     checkpoint.save(bundle, path, half=True)

@@ -142,6 +142,8 @@ def read_onnx_model(path) -> OnnxModel:
     text = None
     try:
         text = _metadata_from_file(path)
+    except ImportError:
+        raise  # a runtime that is there but does not import: a missing dependency, not a bad file
     except Exception as exc:  # runtimes raise their own types for foreign files
         raise ValueError(f"{path.name} is not a readable ONNX model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]})") from None

@@ -68,15 +68,18 @@ class InstallDependenciesAlgorithm(MENetAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterEnum(self.VARIANT, "Variant", VARIANT_LABELS, defaultValue=1))
-        self.addParameter(QgsProcessingParameterFile(self.WHEEL_FOLDER, "Wheel folder for offline install "
-                                                     "(empty = download)", behavior=QgsProcessingParameterFile.Behavior.Folder,
-                                                     optional=True))
-        self.addParameter(QgsProcessingParameterString(self.INDEX_URL, "Package index URL (empty = PyPI)",
-                                                       optional=True))
-        for param in advanced([
-                QgsProcessingParameterBoolean(self.FRESH, "Delete the existing environment first", False),
-                QgsProcessingParameterBoolean(self.SYSTEM_SITE, "Let the environment see the system's Python "
-                                              "packages (e.g. the distribution's rasterio)", False)]):
+        wheels = QgsProcessingParameterFile(self.WHEEL_FOLDER, "Wheel folder (offline)",
+                                            behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True)
+        wheels.setHelp("A folder of wheels for machines without internet (pip --no-index --find-links); "
+                       "empty = download")
+        index = QgsProcessingParameterString(self.INDEX_URL, "Package index URL", optional=True)
+        index.setHelp("A PyPI mirror to use instead of PyPI; empty = PyPI")
+        fresh = QgsProcessingParameterBoolean(self.FRESH, "Delete the environment first", False)
+        fresh.setHelp("Start from an empty environment (e.g. to shrink a cuda environment to cpu)")
+        system = QgsProcessingParameterBoolean(self.SYSTEM_SITE, "See system Python packages", False)
+        system.setHelp("Let the environment see the system's Python packages (e.g. the distribution's "
+                       "rasterio/GDAL); isolated by default")
+        for param in [wheels, index] + advanced([fresh, system]):
             self.addParameter(param)
         self.addOutput(QgsProcessingOutputString(self.PYTHON, "Python of the environment"))
         self.addOutput(QgsProcessingOutputString(self.VERSIONS, "Verified package versions"))

@@ -69,13 +69,15 @@ class InstallModelAlgorithm(MENetAlgorithm):
             "as it was.</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterString(self.SOURCE, "Source: URL or model file (empty = the "
-                                                       "configured download location)",
-                                                       defaultValue=configured_model_url(), optional=True))
-        self.addParameter(QgsProcessingParameterString(self.SHA256, "SHA256 (empty = from <source>.sha256)",
-                                                       optional=True))
-        self.addParameter(QgsProcessingParameterString(self.NAME, f"Install as (empty = the source's file name, "
-                                                       f"e.g. {DEFAULT_MODEL_NAME})", optional=True))
+        source = QgsProcessingParameterString(self.SOURCE, "Source: URL or model file",
+                                              defaultValue=configured_model_url(), optional=True)
+        source.setHelp("An http(s) URL or a local .pt file; empty = the configured download location")
+        sha256 = QgsProcessingParameterString(self.SHA256, "SHA256", optional=True)
+        sha256.setHelp("Expected checksum; empty = read from <source>.sha256 beside it")
+        name = QgsProcessingParameterString(self.NAME, "Install as", optional=True)
+        name.setHelp(f"File name in the models folder; empty = the source's file name, e.g. {DEFAULT_MODEL_NAME}")
+        for param in (source, sha256, name):
+            self.addParameter(param)
         self.addOutput(QgsProcessingOutputFile(self.OUTPUT, "Installed model"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
