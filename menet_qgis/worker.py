@@ -142,6 +142,7 @@ def main() -> int:
     try:
         from . import jobs
         from .core.engine import Cancelled
+        from .core.runtimes import TorchRequired
         from .core.raster_io import limit_gdal_cache
         from .core.termination import Terminated, raise_on_sigterm
         limit_gdal_cache()
@@ -158,6 +159,10 @@ def main() -> int:
         return EXIT_CANCELLED
     except ImportError as exc:
         return _missing(channel, exc)
+    except TorchRequired as exc:
+        channel.send(type="error", kind="missing_dependency",
+                     message=f"{sys.executable} cannot import torch: {_one_line(exc)}")
+        return EXIT_ERROR
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         channel.send(type="error", kind="input", message=_one_line(exc))
         return EXIT_ERROR

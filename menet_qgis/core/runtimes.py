@@ -41,6 +41,10 @@ class RuntimeChoiceError(ValueError):
     """A runtime that cannot run this model here; the message says what to do."""
 
 
+class TorchRequired(RuntimeChoiceError):
+    """The step needs torch and this Python has none (e.g. a checkpoint never exported to ONNX)."""
+
+
 def installed(module: str) -> bool:
     """Whether ``module`` can be imported, without importing it."""
     try:
@@ -463,7 +467,7 @@ def load_model(path, runtime: str = "auto", device: str = "auto", stages: Sequen
         if cached is not None:
             return read_onnx_model(cached)
         if not torch_importable():
-            raise RuntimeChoiceError(f"{path.name} must be exported to ONNX once, which needs torch; "
+            raise TorchRequired(f"{path.name} must be exported to ONNX once, which needs torch; "
                                      f"without torch give an exported .onnx model")
     from .checkpoint import load
     return load(path)
