@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from menet_qgis.core import engine, raster_io, runtimes  # noqa: E402
+from menet_qgis.core import raster_io, runtimes  # noqa: E402
 from menet_qgis.core.tiling import DEFAULT_OVERLAP, WindowGrid  # noqa: E402
 from menet_qgis.resources import default_model_path  # noqa: E402
 from synthetic_s2 import generate  # noqa: E402

@@ -29,7 +29,7 @@ ORIGINS = [(1536, 0), (1536, 768), (1536, 1536), (1792, 384), (1792, 1152), (179
 def main() -> int:
     from distributed import Client
 
-    from helpers import SCENE, crop_scene
+    from helpers import crop_scene
     from menet_qgis.batch.runner import BatchOptions, embedded_cluster, run_batch
     from menet_qgis.resources import default_model_path
 

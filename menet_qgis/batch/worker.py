@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from .inputs import Scene
 from .manifest import RESULT_KEY_TAG, file_sha256, mangrove_hectares, write_cog
