@@ -67,20 +67,24 @@ def saved_bytes(bundle: ModelBundle, half: bool = False) -> int:
                for v in bundle.model.state_dict().values()) + 2**20
 
 
-def save(bundle: ModelBundle, path, half: bool = False) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in bundle.model.state_dict().items()}
-    record = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+def model_description(bundle: ModelBundle) -> Dict:
+    """What a model needs besides its weights (architecture, channel recipe, PCA, normalisation,
+    window), as plain types: a checkpoint stores it, and so does an ONNX export."""
+    return {
         "architecture": bundle.model.architecture_record(),
         "recipe": ch.recipe_record(),
         "pca": bundle.pca.to_record(),
         "normalisation": {"mean": [float(v) for v in bundle.norm_mean], "std": [float(v) for v in bundle.norm_std]},
         "window_size": int(bundle.window_size),
-        "training": bundle.training,
-        "state_dict": state,
     }
+
+
+def save(bundle: ModelBundle, path, half: bool = False) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in bundle.model.state_dict().items()}
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **model_description(bundle),
+              "training": bundle.training, "state_dict": state}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Serialised in memory first: torch's own file writer turns a full disk into

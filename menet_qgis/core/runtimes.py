@@ -108,13 +108,9 @@ class OnnxModel:
 
 def model_record(bundle, outputs: Sequence[str], source_sha256: Optional[str]) -> Dict:
     """The JSON stored in an exported file: everything but the weights (plain types only)."""
+    from .checkpoint import model_description  # a bundle to export means torch is there
     return {
-        "format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION,
-        "architecture": bundle.model.architecture_record(),
-        "recipe": ch.recipe_record(),
-        "pca": bundle.pca.to_record(),
-        "normalisation": {"mean": [float(v) for v in bundle.norm_mean], "std": [float(v) for v in bundle.norm_std]},
-        "window_size": int(bundle.window_size),
+        "format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, **model_description(bundle),
         "training": {k: v for k, v in bundle.training.items() if k != "val_names"},
         "outputs": list(outputs),
         "source": Path(bundle.path).name if bundle.path else None,
