@@ -314,7 +314,9 @@ def test_corrupt_scene_fails_after_retries_without_stopping_the_others(inputs, u
     rows = summary(out)
     assert rows["south"]["status"] == "ok"
     bad = rows["corrupt"]
-    assert bad["status"] == "failed" and bad["attempts"] == "2" and "is corrupt or truncated at window" in bad["note"], bad
+    assert bad["status"] == "failed" and bad["attempts"] == "2" and any(text in bad["note"] for text in
+                                                                    ("is corrupt or truncated at window",     # GDAL 3.6
+                                                                     "is not a raster GDAL can read")), bad  # GDAL 3.10 fails at open
     assert "scene corrupt: FAILED after 2 attempts" in proc.stderr
     assert not (out / "corrupt_probability.tif").exists() and not partial_files(out)
 

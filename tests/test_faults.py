@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.errors
 import rasterio.shutil
 import torch
 from rasterio.transform import from_origin
@@ -514,16 +515,21 @@ def test_partial_files_of_live_runs_are_kept(tmp_path):
         live.wait()
 
 
-def test_rasterio_hides_a_failed_write_that_verification_catches(small_fs, tmp_path):
-    """Why every write is checked: rasterio's write() and close() raise nothing on a full disk,
-    the file left behind is broken; verify_geotiff (run before every commit) finds it."""
+def test_a_failed_write_never_goes_unnoticed(small_fs, tmp_path):
+    """Why every write is checked: rasterio 1.3 (Debian 12) raises nothing from write() and close()
+    on a full disk and leaves a broken file; verify_geotiff (run before every commit) finds it.
+    Newer rasterio (Debian 13) raises: either way the failure is seen."""
     noise = np.random.default_rng(0).random((1, 512, 512), dtype=np.float32)
     profile = dict(driver="GTiff", width=512, height=512, count=1, dtype="float32", crs="EPSG:32717",
                    transform=from_origin(0, 0, 10, 10), compress="deflate", tiled=True)
     out = small_fs(512)
-    with rasterio.open(out / "x.tif", "w", **profile) as ds:  # GDAL prints errors; no exception
-        ds.write(noise)
-    assert raster_io.verify_geotiff(out / "x.tif", (1, 512, 512)) is not None
+    try:
+        with rasterio.open(out / "x.tif", "w", **profile) as ds:
+            ds.write(noise)
+        raised = False
+    except rasterio.errors.RasterioError:
+        raised = True
+    assert raised or raster_io.verify_geotiff(out / "x.tif", (1, 512, 512)) is not None
     with rasterio.open(tmp_path / "ok.tif", "w", **profile) as ds:
         ds.write(noise)
     assert raster_io.verify_geotiff(tmp_path / "ok.tif", (1, 512, 512)) is None

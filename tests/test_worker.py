@@ -16,6 +16,17 @@ ALG = "menet:extractmangroves"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 
+def checkout_venv_works() -> bool:
+    """The checkout's .venv (``make test``'s) exists and has the engine's libraries.  In the QGIS 3.40
+    chroot the suite runs from /opt/menet-venv and the host's .venv there is another Python's."""
+    return VENV_PYTHON.exists() and subprocess.run([str(VENV_PYTHON), "-c", "import numpy, rasterio"],
+                                                   capture_output=True).returncode == 0
+
+
+#: A Python with the engine's libraries: the checkout's .venv, else the one running the suite.
+ENGINE_PYTHON = VENV_PYTHON if checkout_venv_works() else Path(sys.executable)
+
+
 class RecordingFeedback(QgsProcessingFeedback):
     """Keeps every relayed line with its level; cancels itself once a line contains ``cancel_on``."""
 
@@ -112,7 +123,10 @@ def test_algorithm_log_names_the_python_and_relays_levels(processing, untrained_
     processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif"),
                          "WINDOW_SIZE": 64, "OVERLAP": 32}, feedback=feedback)
     engine_line = next(t for _, t in feedback.lines if t.startswith("ME-Net engine:"))
-    assert str(VENV_PYTHON) in engine_line and ".venv of the source checkout" in engine_line
+    if checkout_venv_works():
+        assert str(VENV_PYTHON) in engine_line and ".venv of the source checkout" in engine_line
+    else:  # no usable .venv beside the checkout: the next candidate, named with its reason
+        assert "python3 on PATH" in engine_line or "managed environment" in engine_line, engine_line
     assert ("warning", next(t for _, t in feedback.lines if "UNTRAINED" in t)) in feedback.lines
     assert feedback.progress and feedback.progress[-1] == 100.0
 
@@ -123,7 +137,7 @@ def test_worker_killed_by_a_signal_becomes_an_exception(processing, untrained_pa
         #!/bin/sh
         # the probe ('probe') runs normally; the worker ('worker') dies of a segfault
         if [ "$4" = worker ]; then kill -SEGV $$; fi
-        exec {VENV_PYTHON} "$@"
+        exec {ENGINE_PYTHON} "$@"
         """))
     crasher.chmod(0o755)
     monkeypatch.setenv("MENET_PYTHON", str(crasher))
@@ -241,7 +255,7 @@ def test_provider_setting_comes_before_the_environment_variable(processing, tmp_
 
     from menet_qgis.processing.worker_client import SETTING, SETTING_KEY
     assert SETTING in ProcessingConfig.settings  # registered by the provider: shown in the options dialog
-    monkeypatch.setenv("MENET_PYTHON", str(VENV_PYTHON))
+    monkeypatch.setenv("MENET_PYTHON", str(ENGINE_PYTHON))
     settings = QgsSettings()
     settings.setValue(SETTING_KEY, str(tmp_path / "no-such-python"))
     try:

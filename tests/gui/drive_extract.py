@@ -116,7 +116,8 @@ def install_plugin():
     import qgis.utils
     pyplugin_installer.instance().installFromZipFile(CONFIG["zip"])
     RESULT["plugin_active"] = "menet_qgis" in qgis.utils.active_plugins
-    RESULT["plugin_folder"] = os.path.join(qgis.utils.home_plugin_path, "menet_qgis")
+    # qgis.utils.home_plugin_path is gone in QGIS 3.40: the profile's plugin folder, as the installer uses it
+    RESULT["plugin_folder"] = os.path.join(QgsApplication.qgisSettingsDirPath(), "python", "plugins", "menet_qgis")
     provider = QgsApplication.processingRegistry().providerById("menet")
     RESULT["provider_loaded"] = provider is not None
     step(f"plugin active={RESULT['plugin_active']} provider={RESULT['provider_loaded']}")
