@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--quiet", action="store_true")
 
     train = sub.add_parser("train", help="train ME-Net on labelled windows; writes a checkpoint")
-    train.add_argument("--tiles", required=True, help="folder of image/mask pairs (tile_NNNN.tif + mask_NNNN.tif)")
+    train.add_argument("--tiles", required=True, action="append",
+                       help="folder of image/mask pairs (tile_NNNN.tif + mask_NNNN.tif); repeat for several sources, "
+                            "each as FOLDER[:name=N,weight=W,edge_ignore=PX,group=REGEX]")
     train.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=8)
@@ -100,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     train.add_argument("--imagenet-weights", help="torchvision ResNet-101 ImageNet .pth (optional)")
     train.add_argument("--history", help="also write the per-epoch log as JSON here")
+    train.add_argument("--recipe", type=int, choices=[1, 2], default=2,
+                       help="channel recipe version: 2 = B2,B3,B4,B8,B11 (default), 1 = also B12")
+    train.add_argument("--init", dest="init_from", help="start from this checkpoint's weights (fine-tuning)")
+    train.add_argument("--val-groups", type=lambda t: [x for x in t.split(",") if x], default=[],
+                       help="location groups used for validation, e.g. magset2:6")
+    train.add_argument("--holdout", type=lambda t: [x for x in t.split(",") if x], default=[],
+                       help="location groups or sources never trained on nor used to choose anything")
+    train.add_argument("--val-names-from", help="validate on the windows this checkpoint validated on")
+    train.add_argument("--resume", action="store_true",
+                       help="continue a stopped run from its resume state (.OUT.resume, written every epoch)")
+    train.add_argument("--threads", type=int, default=0)
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX (runs without torch; needs torch to make)")
     export.add_argument("model", nargs="?", help=f"checkpoint (.pt; default: {default_model_path().name})")
@@ -143,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("prediction", nargs="?", help="probability or 0/1 mask raster")
     assess.add_argument("--reference", help="reference: mask raster (mangrove >= 0.5) or polygon file")
     assess.add_argument("--area", help="polygon file: assess only inside it")
-    assess.add_argument("--threshold", type=float, default=0.5)
+    assess.add_argument("--threshold", type=float, default=None,
+                        help="probability that counts as mangrove (default: the model's own, stored in the map; else 0.5)")
     assess.add_argument("--image", help="the Sentinel-2 raster: also score MVI (and the forest) on the same pixels")
     assess.add_argument("--tiles", help="tile folder: train the random-forest baseline on it; without a "
                         "prediction, score --model on its own validation windows next to both baselines")
@@ -188,7 +202,7 @@ def cmd_predict(args) -> int:
     check_window(args.window or 256, args.overlap)
     stages = parse_stage_names(stages)
     for path in args.inputs:
-        raster_io.RasterInput(path, band_numbers=args.bands, dn_offset=args.dn_offset).close()
+        raster_io.check_input_exists(path)
     stems = [Path(p).stem for p in args.inputs]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
@@ -196,7 +210,9 @@ def cmd_predict(args) -> int:
     outputs = [Path(args.out_dir) / f"{stem}_probability.tif" for stem in stems]
     raster_io.refuse_overwriting_inputs(outputs + [engine.stage_path(o, None, n) for o in outputs for n in stages],
                                         [*args.inputs, model_path])
-    jobs.load_model(model_path, None, args.runtime, args.device, stages)
+    model = jobs.load_model(model_path, None, args.runtime, args.device, stages)
+    for path in args.inputs:  # the model's channel recipe says which bands each input must have
+        raster_io.RasterInput(path, band_numbers=args.bands, dn_offset=args.dn_offset, recipe=model.recipe).close()
     options = dict(window=args.window, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
                    stages=stages, stage_mode=args.stage_mode, runtime=args.runtime, threads=args.threads,
                    precision=args.precision)
@@ -274,7 +290,10 @@ def cmd_train(args) -> int:
     result = jobs.train({"tiles": args.tiles, "output": args.out, "epochs": args.epochs,
                          "batch_size": args.batch_size, "lr": args.lr, "val_fraction": args.val_fraction,
                          "seed": args.seed, "device": args.device, "imagenet_weights": args.imagenet_weights,
-                         "history": args.history}, CliReporter())
+                         "history": args.history, "recipe": args.recipe, "init_from": args.init_from,
+                         "val_groups": args.val_groups, "holdout_groups": args.holdout,
+                         "val_names_from": args.val_names_from, "resume": args.resume, "threads": args.threads},
+                        CliReporter())
     print(json.dumps({"checkpoint": result["checkpoint"], "best": result["best"]}, indent=2))
     return 0
 

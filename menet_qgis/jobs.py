@@ -78,21 +78,20 @@ def extract(params: Dict, reporter) -> Dict:
     from .core import engine, raster_io
     options = engine.EngineOptions(**(params.get("options") or {}))
     bounds = params.get("bounds")
-    source = raster_io.RasterInput(params["input"], band_numbers=params.get("bands"),
-                                   dn_offset=params.get("dn_offset"), bounds=tuple(bounds) if bounds else None)
-    try:
-        model_path = resolve_model(params.get("model"))
-        bundle = load_model(model_path, reporter, options.runtime, options.device, options.stages)
-    except BaseException:
-        source.close()
-        raise
+    raster_io.check_input_exists(str(params["input"]))
+    model_path = resolve_model(params.get("model"))
+    bundle = load_model(model_path, reporter, options.runtime, options.device, options.stages)
+    # The model's channel recipe says which bands to look for in the input.
+    source = raster_io.RasterInput(params["input"], band_numbers=params.get("bands"), dn_offset=params.get("dn_offset"),
+                                   bounds=tuple(bounds) if bounds else None, recipe=bundle.recipe)
     if not bundle.trained:
         reporter.warn(f"model {model_path.name} is UNTRAINED (random weights): the probability is meaningless; "
                       "use it only to test the pipeline")
     result = engine.extract(bundle, source, params["output"], options, reporter, params.get("stage_dir"))
     return {"probability": str(result.probability), "stages": {k: str(v) for k, v in result.stages.items()},
             "device": result.device, "windows": result.windows, "windows_run": result.windows_run,
-            "batch_size": result.batch_size, "seconds": round(result.seconds, 2), "trained": bundle.trained}
+            "batch_size": result.batch_size, "seconds": round(result.seconds, 2), "trained": bundle.trained,
+            "threshold": bundle.threshold}
 
 
 def prepare(params: Dict, reporter) -> Dict:
@@ -120,7 +119,8 @@ def export_channels(params: Dict, reporter) -> Dict:
     if not model_path.is_file():
         raise ValueError(f"model file not found: {model_path}")
     path = sentinel2_product.export_channels(params["input"], params["output"], checkpoint.read_pca(model_path),
-                                             params.get("bands"), params.get("dn_offset"), reporter)
+                                             params.get("bands"), params.get("dn_offset"), reporter,
+                                             checkpoint.read_recipe(model_path))
     return {"output": str(path)}
 
 
@@ -131,41 +131,67 @@ def train(params: Dict, reporter) -> Dict:
     out = Path(params["output"])
     if out.suffix != ".pt":
         raise ValueError(f"the model file {out.name} must end in .pt")
-    tiles_dir, images = params.get("tiles"), params.get("images")
-    if tiles_dir and images:
-        raise ValueError("give either a tile folder or rasters with labels, not both")
-    inputs = ([p for p in Path(tiles_dir).glob("*") if p.is_file()] if tiles_dir else list(images or []))
+    from .core import channels
+    tiles_arg, images = params.get("tiles"), params.get("images")
+    if tiles_arg and images:
+        raise ValueError("give either tile folders or rasters with labels, not both")
+    specs = [training.SourceSpec.parse(t) for t in ([tiles_arg] if isinstance(tiles_arg, str) else tiles_arg or [])]
+    for spec in specs:
+        if not Path(spec.folder).is_dir():
+            raise ValueError(f"tile folder not found: {spec.folder}")
+    version = int(params.get("recipe") or channels.DEFAULT_RECIPE.version)
+    if version not in channels.RECIPES:
+        raise ValueError(f"unknown channel recipe version {version}; known: {', '.join(map(str, channels.RECIPES))}")
+    recipe = channels.RECIPES[version]
+    inputs = ([p for spec in specs for p in Path(spec.folder).glob("*") if p.is_file()] + list(images or []))
     raster_io.refuse_overwriting_inputs([out, params.get("history")],
-                                        inputs + [params.get("label_raster"), params.get("imagenet_weights")])
-    if tiles_dir:
-        tiles = training.load_tile_folder(tiles_dir)
+                                        inputs + [params.get("label_raster"), params.get("imagenet_weights"),
+                                                  params.get("init_from")])
+    if specs:
+        tiles = training.TileSet.concat([training.load_tile_folder(spec.folder, recipe=recipe, spec=spec,
+                                                                   log=reporter.info) for spec in specs])
     elif images:
         label_raster, polygons = params.get("label_raster"), params.get("label_polygons")
         if (label_raster is None) == (polygons is None):
             raise ValueError("with rasters, give the labels as a mask raster or as polygons")
-        tiles = training.load_raster_labels(images, label_raster, polygons)
+        tiles = training.load_raster_labels(images, label_raster, polygons, recipe=recipe)
     else:
         raise ValueError("no training data: give a tile folder, or rasters with labels")
     reporter.info(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
-    # The best-so-far checkpoint goes to a hidden file that becomes the output only at the end.
+    val_names = []
+    if params.get("val_names_from"):
+        from .core.checkpoint import read_record
+        val_names = list(read_record(Path(params["val_names_from"])).get("training", {}).get("val_names", []))
+        reporter.info(f"validation windows: the {len(val_names)} of {Path(params['val_names_from']).name} "
+                      "where their source has them")
+    # The best-so-far checkpoint goes to a hidden file that becomes the output only at the end; the resume
+    # state (after every epoch) stays until the run has finished, so a stopped run continues with resume.
     best_so_far = out.parent / f".{out.name}.best-so-far"
-    for path in (out, best_so_far):
+    resume_state = out.parent / f".{out.name}.resume"
+    for path in (out, best_so_far, resume_state):
         for stale in raster_io.remove_stale_partials(path):
             reporter.info(f"removed {stale.name}: a partial file left by a run that no longer exists")
+    if resume_state.exists() and not params.get("resume"):
+        resume_state.unlink()
     options = training.TrainOptions(
         epochs=int(params.get("epochs") or 30), batch_size=int(params.get("batch_size") or 8),
         lr=float(params.get("lr") or 1e-3), val_fraction=float(params.get("val_fraction") or 0.2),
         seed=int(params.get("seed") or 0), device=params.get("device") or "auto",
-        imagenet_weights=params.get("imagenet_weights") or None, save_best_to=str(best_so_far))
+        imagenet_weights=params.get("imagenet_weights") or None, save_best_to=str(best_so_far), recipe=recipe,
+        init_from=params.get("init_from") or None, resume_state=str(resume_state),
+        val_groups=list(params.get("val_groups") or []), holdout_groups=list(params.get("holdout_groups") or []),
+        val_names=val_names, threads=int(params.get("threads") or 0))
     try:
         result = training.train(tiles, options, reporter)
         save(result.bundle, out, half=True)
     finally:
         best_so_far.unlink(missing_ok=True)
+    resume_state.unlink(missing_ok=True)
     if params.get("history"):
         raster_io.atomic_write_text(params["history"], json.dumps(result.history, indent=2))
     reporter.info(f"model written to {out}")
-    return {"checkpoint": str(out), "best": result.best, "windows": len(tiles)}
+    return {"checkpoint": str(out), "best": result.best, "windows": len(tiles),
+            "threshold": result.bundle.threshold}
 
 
 def assess(params: Dict, reporter) -> Dict:
@@ -197,7 +223,7 @@ def assess(params: Dict, reporter) -> Dict:
             forest = assessment.forest_from_tiles(params["tiles"])
         results = assessment.assess_rasters(
             prediction, reference=reference, reference_polygons=polygons, area_polygons=area,
-            threshold=float(params.get("threshold", 0.5)), name=params.get("name") or Path(prediction).name,
+            threshold=prediction_threshold(prediction, params.get("threshold"), reporter), name=params.get("name") or Path(prediction).name,
             image=params.get("image"), forest=forest)
     else:
         if not (params.get("tiles") and params.get("model")):
@@ -208,7 +234,8 @@ def assess(params: Dict, reporter) -> Dict:
         names = bundle.training.get("val_names")
         if not names:
             raise ValueError(f"{Path(params['model']).name} records no validation windows")
-        results = assessment.compare_on_tiles(bundle, training.load_tile_folder(params["tiles"]), names)
+        tiles = training.load_tile_folder(params["tiles"], recipe=bundle.recipe)
+        results = assessment.compare_on_tiles(bundle, tiles, names)
     rows = [r.to_dict() for r in results]
     for row in rows:
         reporter.info(f"{row['name']}: F1 {row['f1']:.4f}, IoU {row['iou']:.4f}, kappa {row['kappa']:.4f}, "
@@ -218,6 +245,25 @@ def assess(params: Dict, reporter) -> Dict:
     if params.get("table"):
         assessment.write_table(results, params["table"])
     return {"results": rows}
+
+
+def prediction_threshold(prediction, given: Optional[float], reporter) -> float:
+    """The threshold to call mangrove in ``prediction``: the one given, else the model's own that the
+    probability carries (``MENET_THRESHOLD``, written by extract), else 0.5."""
+    if given is not None:
+        return float(given)
+    import rasterio
+
+    from .core.engine import THRESHOLD_TAG
+    with rasterio.open(prediction) as ds:
+        stored = ds.tags().get(THRESHOLD_TAG)
+    try:
+        value = float(stored)
+    except (TypeError, ValueError):
+        reporter.info(f"mangrove = prediction >= 0.5 ({Path(prediction).name} carries no model threshold)")
+        return 0.5
+    reporter.info(f"mangrove = prediction >= {value:g}: the threshold of the model that made it ({THRESHOLD_TAG})")
+    return value
 
 
 JOBS: Dict[str, Callable[[Dict, object], Dict]] = {

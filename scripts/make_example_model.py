@@ -1,6 +1,7 @@
 """Writes resources/models/mangrove_mask.model3: a graphical model that chains
 "Extract mangroves (ME-Net)" into QGIS's core "Reclassify by table" to turn the
-probability into a 0/1 mangrove mask (probability >= threshold).
+probability into a 0/1 mangrove mask (probability >= threshold; empty threshold = the
+model's own, chosen on its validation data, which Extract returns as its THRESHOLD output).
 
 Run inside the project's environment:  .venv/bin/python scripts/make_example_model.py
 (re-run it whenever an algorithm gains a parameter: every non-optional child
@@ -11,7 +12,7 @@ raster first: input, model, threshold.
 import sys
 from pathlib import Path
 
-from qgis.core import (QgsApplication, QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
+from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
                        QgsProcessingModelChildParameterSource, QgsProcessingModelOutput,
                        QgsProcessingModelParameter, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterFile)
@@ -27,8 +28,8 @@ def build() -> QgsProcessingModelAlgorithm:
     for param, pos in ((QgsProcessingParameterRasterLayer("input", "Sentinel-2 raster"), 80),
                        (QgsProcessingParameterFile("model", "Model checkpoint (empty = default model)",
                                                    extension="pt", optional=True), 140),
-                       (QgsProcessingParameterNumber("threshold", "Mangrove threshold",
-                                                     QgsProcessingParameterNumber.Type.Double, 0.5, False, 0.0, 1.0), 200)):
+                       (QgsProcessingParameterNumber("threshold", "Mangrove threshold (empty = the model's own)",
+                                                     QgsProcessingParameterNumber.Type.Double, None, True, 0.0, 1.0), 200)):
         component = QgsProcessingModelParameter(param.name())
         component.setPosition(QPointF(120, pos))
         model.addModelParameter(param, component)
@@ -47,8 +48,10 @@ def build() -> QgsProcessingModelAlgorithm:
     reclass.setPosition(QPointF(640, 120))
     reclass.addParameterSources("INPUT_RASTER", [QgsProcessingModelChildParameterSource.fromChildOutput("extract", "OUTPUT")])
     reclass.addParameterSources("RASTER_BAND", [QgsProcessingModelChildParameterSource.fromStaticValue(1)])
+    # Child outputs are expression variables named <child description>_<output>, made safe.
+    chosen = "coalesce(@threshold, @Extract_mangroves__ME-Net__THRESHOLD)"
     reclass.addParameterSources("TABLE", [QgsProcessingModelChildParameterSource.fromExpression(
-        "array(0, @threshold, 0, @threshold, 1, 1)")])
+        f"array(0, {chosen}, 0, {chosen}, 1, 1)")])
     reclass.addParameterSources("RANGE_BOUNDARIES", [QgsProcessingModelChildParameterSource.fromStaticValue(1)])
     reclass.addParameterSources("NO_DATA", [QgsProcessingModelChildParameterSource.fromStaticValue(255)])
     reclass.addParameterSources("DATA_TYPE", [QgsProcessingModelChildParameterSource.fromStaticValue(0)])
@@ -89,6 +92,10 @@ if __name__ == "__main__":
     plugin = MENetPlugin(None)
     plugin.initProcessing()
     TARGET.parent.mkdir(parents=True, exist_ok=True)
-    ok = build().toFile(str(TARGET))
+    built = build()
+    names = sorted(built.variablesForChildAlgorithm("mask", QgsProcessingContext()))
+    if "Extract_mangroves__ME-Net__THRESHOLD" not in names:
+        raise SystemExit(f"the threshold variable is not offered to the mask step: {names}")
+    ok = built.toFile(str(TARGET))
     print(("wrote " if ok else "FAILED to write ") + str(TARGET))
     sys.exit(0 if ok else 1)

@@ -109,7 +109,7 @@ def test_pca_fit_matches_numpy_eigendecomposition():
 
 def test_pca_record_round_trip():
     assert PCABasis.from_record(PCA.to_record()) == PCA
-    with pytest.raises(ValueError, match="expected 6 bands"):
+    with pytest.raises(ValueError, match="expects 6 bands"):
         compute_channels(torch.zeros(1, 5, 2, 2), PCA)
 
 
@@ -145,7 +145,7 @@ def test_driver_style_raster_identified_through_raster_input(tmp_path):
     names = ["B4", "B3", "B2", "B8", "B11", "B12"]
     src = write_raster(tmp_path / "s2.tif", np.full((6, 4, 4), 0.1, np.float32),
                        [f"{b}, central wavelength {w} nm" for b, w in zip(names, (665, 560, 490, 842, 1610, 2190))])
-    assert RasterInput(src).plan.band_indexes == [3, 2, 1, 4, 5, 6]
+    assert RasterInput(src, recipe=channels.RECIPE_V1).plan.band_indexes == [3, 2, 1, 4, 5, 6]
 
 
 def test_explicit_band_numbers_override_descriptions():
@@ -205,7 +205,7 @@ def test_dn_with_offset_tag_gives_the_same_model_input_as_reflectance(bundle, tm
     src_refl = write_raster(tmp_path / "refl.tif", reflectance, S2_NAMES)
     batches = []
     for path in (src_dn, src_refl):
-        source = RasterInput(path)
+        source = RasterInput(path, recipe=bundle.recipe)
         data, valid = source.read(0, 0, 32)
         batches.append((engine.prepare_batch(torch.from_numpy(data[None]), torch.from_numpy(valid[None]),
                                              bundle, source.plan).numpy(), valid))

@@ -11,6 +11,7 @@ from helpers import S2_NAMES, read, s2_reflectance, write_raster, write_s2
 from menet_qgis.core import engine, raster_io
 from menet_qgis.core.compat import compose
 from menet_qgis.core.bands import BandError
+from menet_qgis.core.channels import RECIPE_V1
 
 SMALL = engine.EngineOptions(window=64, overlap=32)
 
@@ -128,7 +129,9 @@ def test_wrong_band_count_lists_found_and_needed(tmp_path):
     with pytest.raises(BandError) as err:
         raster_io.RasterInput(src)
     text = str(err.value)
-    assert "B8, B11, B12" in text and "1:Red=B4" in text and "3-band" in text
+    assert "B8, B11 in" in text and "1:Red=B4" in text and "3-band" in text
+    with pytest.raises(BandError, match="B8, B11, B12 in .*channel recipe menet-s2 v1"):
+        raster_io.RasterInput(src, recipe=RECIPE_V1)
 
 
 def test_not_a_raster(tmp_path):
@@ -207,8 +210,8 @@ def test_out_of_memory_retries_smaller_batches_with_same_result(bundle, tmp_path
 
 
 def test_prepare_batch_runs_channels_on_the_tensor_device_and_zeroes_nodata(bundle):
-    plan = raster_io.plan_input(S2_NAMES, [{}] * 6, {}, "float32")
-    raw = torch.from_numpy(s2_reflectance(8, 8)[None])
+    plan = raster_io.plan_input(S2_NAMES, [{}] * 6, {}, "float32", recipe=bundle.recipe)
+    raw = torch.from_numpy(s2_reflectance(8, 8)[None, :5])   # B2..B11: recipe v2's bands
     valid = torch.ones(1, 8, 8, dtype=torch.bool)
     valid[0, 0, 0] = False
     x = engine.prepare_batch(raw, valid, bundle, plan)

@@ -106,7 +106,7 @@ def edited(src, dst, **changes):
     ({"recipe": {"name": "other-recipe", "version": 3, "channels": ["a"]}}, "channel recipe other-recipe v3"),
     ({"architecture": {"name": "menet-resnet101", "version": 99, "in_channels": 11}}, "architecture menet-resnet101 v99"),
     ({"format": None}, "not an ME-Net checkpoint"),
-    ({"pca": {"mean": [0.1] * 5, "component": [0.4] * 5}}, "PCA basis does not hold 6"),
+    ({"pca": {"mean": [0.1] * 4, "component": [0.4] * 4}}, "PCA basis does not hold 5"),
     ({"normalisation": {"mean": [0.0] * 11, "std": [0.0] * 11}}, "not finite and positive"),
     ({"state_dict": None}, "holds no weights"),
     ({"state_dict": {"head.classifier.weight": torch.zeros(1, 64, 1, 1)}}, "weights do not fit"),
@@ -138,6 +138,6 @@ def test_checkpoint_never_unpickles_objects(tmp_path):
 
 def test_recipe_record_is_what_checkpoints_store(untrained_path):
     record = torch.load(untrained_path, weights_only=True)
-    assert record["recipe"] == channels.recipe_record()
+    assert record["recipe"] == channels.DEFAULT_RECIPE.record()
     assert record["recipe"]["channels"] == ["red", "green", "blue", "nir", "swir1", "ndvi", "mndwi",
-                                            "fdi", "wfi", "mdi", "pc1"]
+                                            "fdi", "mvi", "mdi11", "pc1"]

@@ -105,7 +105,7 @@ def test_an_onnx_file_alone_is_a_complete_model(exported, tmp_path, monkeypatch)
     shutil.copy(exported["probability"].path, lone)   # no .json sidecar, no checkpoint beside it
     model = runtimes.read_onnx_model(lone)
     assert model.outputs == ["probability"] and model.window_size == 256 and not model.trained
-    assert len(model.norm_mean) == 11 and len(model.pca.component) == 6
+    assert len(model.norm_mean) == 11 and len(model.pca.component) == 5
     if runtimes.installed("openvino"):   # the record is read from the file by OpenVINO too
         real_installed = runtimes.installed
         monkeypatch.setattr(runtimes, "installed", lambda m: m != "onnxruntime" and real_installed(m))

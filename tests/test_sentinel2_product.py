@@ -14,7 +14,7 @@ from rasterio.warp import transform_geom
 from helpers import UTM17S, read
 from menet_qgis.core import engine, sentinel2_product
 from menet_qgis.core.compat import apply
-from menet_qgis.core.channels import CHANNEL_NAMES, SOURCE_BANDS, compute_channels, default_pca
+from menet_qgis.core.channels import CHANNEL_NAMES, DEFAULT_RECIPE, RECIPE_V1, SOURCE_BANDS, compute_channels, default_pca
 from menet_qgis.core.raster_io import RasterInput
 
 ORIGIN = (600000.0, 9700000.0)        # upper-left corner of the (small) tile
@@ -204,7 +204,7 @@ def test_bilinear_interpolates_between_neighbouring_20m_pixels(stacks):
 
 
 def test_stack_reads_as_sentinel2_input_with_the_product_offset(stacks):
-    source = RasterInput(stacks["bilinear"])
+    source = RasterInput(stacks["bilinear"], recipe=RECIPE_V1)   # B12 is found too
     assert (source.plan.kind, source.plan.band_indexes) == ("sentinel2", [1, 2, 3, 4, 5, 6])
     assert (source.plan.offset, source.plan.scale, source.plan.zero_is_nodata) == (-1000.0, 1e-4, True)
     assert "offset from product metadata" in source.plan.describe()
@@ -346,7 +346,7 @@ def test_prepare_and_export_through_processing(processing, safe, untrained_path,
     channels = processing.run(initialised(ExportChannelsAlgorithm), {
         "INPUT": result["OUTPUT"], "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "channels.tif")})
     with rasterio.open(channels["OUTPUT"]) as ds:
-        assert ds.descriptions == tuple(CHANNEL_NAMES) and ds.shape == (30, 20)
+        assert ds.descriptions == tuple(DEFAULT_RECIPE.channel_names) and ds.shape == (30, 20)  # the model's recipe
         assert np.isnan(ds.read(1)[~inside]).all() and np.isfinite(ds.read(1)[inside]).all()
 
     empty = tmp_path / "empty"

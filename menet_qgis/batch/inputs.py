@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.bands import DN_SCALE, band_label
-from ..core.channels import SOURCE_BANDS
+from ..core.channels import RECIPE_V1, RECIPE_V2
+
+#: Bands a scene must have (every recipe reads them) and the full set picked when present (B12: recipe v1).
+REQUIRED_BANDS = list(RECIPE_V2.source_bands)
+SOURCE_BANDS = list(RECIPE_V1.source_bands)
 
 #: STAC ``eo:common_name`` of each Sentinel-2 band ME-Net reads.
 COMMON_NAMES = {"blue": "B2", "green": "B3", "red": "B4", "nir": "B8", "swir16": "B11", "swir22": "B12"}
@@ -249,16 +253,18 @@ def _scene_from_item(item, stac_file: Path, vrt_dir: Path) -> Scene:
                 current = chosen.get(band)
                 if current is None or ("tiff" in (record.get("type") or "") and "tiff" not in (current[2].get("type") or "")):
                     chosen[band] = candidate
-    missing = [b for b in SOURCE_BANDS if b not in chosen]
+    missing = [b for b in REQUIRED_BANDS if b not in chosen]
     if missing:
-        raise BatchInputError(f"{where}: no asset for {', '.join(missing)} (ME-Net needs {', '.join(SOURCE_BANDS)}; "
-                              f"assets are matched by eo:bands names/common names or keys like B02, blue, swir16)")
-    picks = [chosen[b] for b in SOURCE_BANDS]
+        raise BatchInputError(f"{where}: no asset for {', '.join(missing)} (ME-Net needs {', '.join(REQUIRED_BANDS)}, "
+                              f"and B12 for models of channel recipe v1; assets are matched by eo:bands names/common "
+                              f"names or keys like B02, blue, swir16)")
+    names = [b for b in SOURCE_BANDS if b in chosen]
+    picks = [chosen[b] for b in names]
     offsets = {_dn_offset(rec, where) for _h, _i, rec in picks}
     if len(offsets) > 1:
         raise BatchInputError(f"{where}: assets carry different DN offsets {sorted(o for o in offsets if o is not None)}")
     name = safe_name(item.id)
-    vrt = build_band_vrt(Path(vrt_dir) / f"{name}.vrt", [(h, i) for h, i, _ in picks], offsets.pop(), where)
+    vrt = build_band_vrt(Path(vrt_dir) / f"{name}.vrt", [(h, i) for h, i, _ in picks], offsets.pop(), where, names)
     date = item.datetime.date().isoformat() if item.datetime else ""
     sources = tuple(dict.fromkeys(h for h, _i, _r in picks))
     return Scene(name, str(vrt), sources=(str(vrt),) + sources, date=date,
@@ -266,8 +272,9 @@ def _scene_from_item(item, stac_file: Path, vrt_dir: Path) -> Scene:
                  origin=where)
 
 
-def build_band_vrt(path: Path, bands: Sequence[Tuple[str, int]], dn_offset: Optional[float], where: str) -> Path:
-    """One VRT band per (source, band index) in B2, B3, B4, B8, B11, B12 order, on the finest grid of the
+def build_band_vrt(path: Path, bands: Sequence[Tuple[str, int]], dn_offset: Optional[float], where: str,
+                   names: Sequence[str] = SOURCE_BANDS) -> Path:
+    """One VRT band per (source, band index), described as ``names`` (B2, B3, B4, B8, B11[, B12]), on the finest grid of the
     sources (20 m bands resampled bilinearly, as *Prepare Sentinel-2 stack* does), described by band name."""
     from osgeo import gdal
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +295,7 @@ def build_band_vrt(path: Path, bands: Sequence[Tuple[str, int]], dn_offset: Opti
         raise BatchInputError(f"{where}: GDAL cannot open its assets ({str(exc).splitlines()[0][:200]})") from None
     if ds is None:
         raise BatchInputError(f"{where}: GDAL could not build a VRT of its assets")
-    for i, band in enumerate(SOURCE_BANDS, 1):
+    for i, band in enumerate(names, 1):
         ds.GetRasterBand(i).SetDescription(band)
     if dn_offset is not None:
         ds.SetMetadataItem("BOA_ADD_OFFSET", f"{dn_offset:g}")

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from ..core.choices import decision_threshold
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -190,7 +191,7 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
     model_path = Path(model_path).resolve()
     record = checkpoint.read_record(model_path)  # a bad checkpoint is refused before any cluster starts
     sha = file_sha256(model_path)
-    threshold = float(record.get("training", {}).get("threshold", 0.5))
+    threshold = decision_threshold(record.get("training", {}))  # chosen on validation when it was trained
     params = result_parameters(options.engine_options)
     records, todo = [], []
     for scene in scenes:

@@ -126,7 +126,8 @@ def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
     try:
         staging.mkdir(parents=True)
         bundle = model_for(job.model_path, job.model_sha256)
-        source = raster_io.RasterInput(scene.path, band_numbers=scene.band_numbers, dn_offset=scene.dn_offset)
+        source = raster_io.RasterInput(scene.path, band_numbers=scene.band_numbers, dn_offset=scene.dn_offset,
+                                       recipe=bundle.recipe)
         options = engine_options(job.engine_options)
         grid = WindowGrid(source.height, source.width, options.window or bundle.window_size, options.overlap)
         reporter.windows = len(grid)

@@ -62,25 +62,31 @@ def mvi_mangrove(green, nir, swir1) -> np.ndarray:
 
 
 def pixel_features(bands: np.ndarray) -> np.ndarray:
-    """(6, N) reflectance (B2, B3, B4, B8, B11, B12) -> (N, 9): the bands, NDVI, MNDWI, MVI
-    (the random forest's 9 features in ../shared/data/jambeli/README.md)."""
-    b2, b3, b4, b8, b11, b12 = bands.astype(np.float64)
+    """(B, N) reflectance (B2, B3, B4, B8, B11 and, with six bands, B12) -> (N, B + 3): the bands,
+    NDVI, MNDWI, MVI (with B12 these are the forest's 9 features in ../shared/data/jambeli/README.md;
+    without it 8, so the forest runs on every source a recipe v2 model does)."""
+    x = bands.astype(np.float64)
+    b3, b4, b8, b11 = x[1], x[2], x[3], x[4]
     ratio = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=np.abs(b) > ch.EPS)  # noqa: E731
-    return np.stack([b2, b3, b4, b8, b11, b12, ratio(b8 - b4, b8 + b4), ratio(b3 - b11, b3 + b11),
-                     mvi(b3, b8, b11)], axis=1)
+    return np.concatenate([x.T, np.stack([ratio(b8 - b4, b8 + b4), ratio(b3 - b11, b3 + b11), mvi(b3, b8, b11)],
+                                         axis=1)], axis=1)
+
+
+def forest_label(bands: int, trees: int = 100) -> str:
+    return f"random forest, {trees} trees, {bands + 3} per-pixel features"
 
 
 def forest_from_tiles(folder, trees: int = 100, seed: int = 0):
     """Random-forest baseline trained on every valid pixel of a tile folder."""
     from .training import load_tile_folder
-    tiles = load_tile_folder(folder)
+    tiles = load_tile_folder(folder, recipe=ch.RECIPE_V2)
     return train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid], tiles.labels[tiles.valid],
                                trees, seed)
 
 
 def train_random_forest(bands: np.ndarray, labels: np.ndarray, trees: int = 100, seed: int = 0,
                         max_samples: int = 200_000):
-    """Per-pixel random forest on (6, N) reflectance and (N,) labels."""
+    """Per-pixel random forest on (B, N) reflectance and (N,) labels."""
     from sklearn.ensemble import RandomForestClassifier
     x, y = pixel_features(bands), labels.astype(bool)
     rng = np.random.default_rng(seed)
@@ -147,14 +153,14 @@ def baseline_maps(image, like, forest=None) -> Dict[str, np.ndarray]:
     """MVI (and random-forest, if a fitted forest is given) mangrove masks of a
     Sentinel-2 raster on ``like``'s grid, for scoring on the same pixels."""
     from .raster_io import RasterInput
-    src = RasterInput(image)
+    src = RasterInput(image, recipe=ch.RECIPE_V2)  # the forest of forest_from_tiles reads recipe v2's bands
     if src.plan.kind != "sentinel2":
-        raise ValueError("baselines need a Sentinel-2 raster with B2, B3, B4, B8, B11, B12")
+        raise ValueError("baselines need a Sentinel-2 raster with B2, B3, B4, B8, B11")
     bands = np.stack([read_on_grid(image, like, b) for b in src.plan.band_indexes])
     bands = (bands + src.plan.offset) * src.plan.scale
     maps = {"mvi": mvi_mangrove(bands[1], bands[3], bands[4])}
     if forest is not None:
-        flat = np.nan_to_num(bands.reshape(6, -1))
+        flat = np.nan_to_num(bands.reshape(len(bands), -1))
         maps["random_forest"] = forest.predict(pixel_features(flat)).reshape(bands.shape[1:]).astype(bool)
     maps["_valid"] = np.isfinite(bands).all(axis=0)
     return maps
@@ -193,7 +199,7 @@ def assess_rasters(prediction, reference: Optional[str] = None, reference_polygo
     results = [Assessment(name, Confusion().add(values[counted] >= threshold, ref[counted]), pixel_ha, threshold,
                           [note + f"; mangrove = prediction >= {threshold}"])]
     labels = {"mvi": f"MVI {MVI_RANGE[0]} <= MVI <= {MVI_RANGE[1]} (Baloloy et al. 2020)",
-              "random_forest": "random forest, 9 per-pixel features"}
+              "random_forest": forest_label(len(ch.RECIPE_V2.source_bands))}
     for key, mask in baselines.items():
         results.append(Assessment(labels[key], Confusion().add(mask[counted], ref[counted]), pixel_ha, threshold, [note]))
     return results
@@ -262,13 +268,13 @@ def compare_on_tiles(bundle, tiles, val_names: Sequence[str], device="cpu", tree
     val, train = tiles.subset(val_idx), tiles.subset(train_idx)
     pixel_ha = 0.01  # 10 m Sentinel-2 pixels
     split_note = f"{len(val_idx)} validation windows, {len(train_idx)} training windows (split stored in the model)"
-    model_conf = evaluate(bundle, val, torch.device(device))
+    model_conf = evaluate(bundle, val, torch.device(device))  # at the model's own threshold
     val_bands = val.images.transpose(1, 0, 2, 3)[:, val.valid]
     truth = val.labels[val.valid] >= 0.5
     mvi_conf = Confusion().add(mvi_mangrove(val_bands[1], val_bands[3], val_bands[4]), truth)
     forest = train_random_forest(train.images.transpose(1, 0, 2, 3)[:, train.valid], train.labels[train.valid],
                                  trees, seed)
     rf_conf = Confusion().add(forest.predict(pixel_features(val_bands)), truth)
-    return [Assessment("ME-Net", model_conf, pixel_ha, notes=[split_note]),
+    return [Assessment("ME-Net", model_conf, pixel_ha, bundle.threshold, notes=[split_note]),
             Assessment(f"MVI {MVI_RANGE[0]} <= MVI <= {MVI_RANGE[1]} (Baloloy et al. 2020)", mvi_conf, pixel_ha),
-            Assessment(f"random forest, {trees} trees, 9 per-pixel features", rf_conf, pixel_ha)]
+            Assessment(forest_label(len(val_bands), trees), rf_conf, pixel_ha)]

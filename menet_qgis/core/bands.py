@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .channels import CHANNEL_NAMES, N_CHANNELS, SOURCE_BANDS
+from .channels import N_CHANNELS, RECIPE_V1, Recipe
 
 #: Normalised aliases (lower case, no spaces, dashes or underscores) per band.
 ALIASES: Dict[str, Sequence[str]] = {
@@ -81,15 +81,20 @@ class InputPlan:
 
 def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], dataset_tags: Dict[str, str],
                dtype: str, band_numbers: Optional[Sequence[int]] = None,
-               dn_offset: Optional[float] = None) -> InputPlan:
-    """Decide how to read a raster.  ``band_numbers`` (1-based, in B2, B3, B4,
-    B8, B11, B12 order) overrides what the file says; ``dn_offset`` is used for
-    integer DN when the product metadata carries none."""
+               dn_offset: Optional[float] = None, recipe: Recipe = RECIPE_V1) -> InputPlan:
+    """Decide how to read a raster for ``recipe`` (the model's).  ``band_numbers`` (1-based,
+    in B2, B3, B4, B8, B11, B12 order) overrides what the file says — a recipe without B12
+    takes the first five and ignores a sixth; ``dn_offset`` is used for integer DN when the
+    product metadata carries none."""
+    SOURCE_BANDS = list(recipe.source_bands)
+    CHANNEL_NAMES = recipe.channel_names
     count = len(descriptions)
     labels = [band_label(d, t) for d, t in zip(descriptions, tags)]
     found = ", ".join(f"{i}:{d or '(no description)'}" + (f"={l}" if l else "")
                       for i, (d, l) in enumerate(zip(descriptions, labels), 1))
     if band_numbers:
+        if len(band_numbers) == len(RECIPE_V1.source_bands) > len(SOURCE_BANDS):
+            band_numbers = list(band_numbers)[:len(SOURCE_BANDS)]  # B12 given, not needed by this recipe
         if len(band_numbers) != len(SOURCE_BANDS):
             raise BandError(f"give {len(SOURCE_BANDS)} band numbers ({', '.join(SOURCE_BANDS)}), got {len(band_numbers)}")
         bad = [b for b in band_numbers if not 1 <= int(b) <= count]
@@ -105,10 +110,11 @@ def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], data
         names = [normalise_name(d) for d in descriptions]
         if missing and count == N_CHANNELS and (names == CHANNEL_NAMES or not any(labels)):
             return InputPlan("stack11", list(range(1, N_CHANNELS + 1)),
-                             notes=[f"11-band raster read as a ready-made ME-Net stack ({', '.join(CHANNEL_NAMES)})"])
+                             notes=[f"11-band raster read as a ready-made ME-Net stack ({', '.join(CHANNEL_NAMES)}; "
+                                    f"recipe {recipe.label})"])
         if missing:
             raise BandError(f"cannot identify Sentinel-2 bands {', '.join(missing)} in this {count}-band raster "
-                            f"(found {found}); ME-Net needs {', '.join(SOURCE_BANDS)} — set the band numbers "
+                            f"(found {found}); this model (channel recipe {recipe.label}) needs {', '.join(SOURCE_BANDS)} — set the band numbers "
                             f"explicitly, build a 6-band stack from the product with 'Prepare Sentinel-2 stack' "
                             f"(python -m menet_qgis prepare), or give an 11-band ME-Net stack")
         indexes, how = [by_label[b] for b in SOURCE_BANDS], "band descriptions"

@@ -8,19 +8,17 @@ on the model's device, the GPU when there is one) and with numpy
 (``compute_channels_numpy``, for the ONNX runtimes, so mapping on the CPU does
 not need torch).  Tests hold the two equal, NaN for NaN.
 
-Inputs are surface reflectance in [0, ~1] for the six Sentinel-2 bands the
-recipe needs: B2 (blue), B3 (green), B4 (red), B8 (NIR), B11 (SWIR-1),
-B12 (SWIR-2), all at 10 m.
+Inputs are surface reflectance in [0, ~1] for the Sentinel-2 bands the recipe
+needs, all at 10 m: v1 reads B2 (blue), B3 (green), B4 (red), B8 (NIR), B11
+(SWIR-1) and B12 (SWIR-2); v2 the same without B12, which many exports lack.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-#: Sentinel-2 bands the recipe is computed from, in this order.
-SOURCE_BANDS: List[str] = ["B2", "B3", "B4", "B8", "B11", "B12"]
 #: Denominators smaller than this count as zero (the index is then 0, not inf).
 EPS = 1e-6
 #: Ratio indices (not bounded like normalised differences) are clipped to this.
@@ -34,9 +32,45 @@ class Channel:
     citation: str
 
 
-RECIPE_NAME = "menet-s2"
-RECIPE_VERSION = 1
-CHANNELS: Sequence[Channel] = (
+@dataclass(frozen=True)
+class Recipe:
+    """A versioned channel recipe: the Sentinel-2 bands it reads and the 11 channels it makes.
+
+    ``formulas(b, ratio, clip)`` returns the first 10 channels from ``b`` (band name ->
+    array) with backend-neutral helpers, so torch and numpy share one definition; the
+    11th channel is always PC1 of ``source_bands`` (basis stored in the checkpoint)."""
+
+    name: str
+    version: int
+    source_bands: Tuple[str, ...]
+    channels: Tuple[Channel, ...]
+    formulas: Callable
+
+    @property
+    def channel_names(self) -> List[str]:
+        return [c.name for c in self.channels]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    def record(self) -> Dict:
+        """What a checkpoint stores about the recipe (plain types only)."""
+        return {"name": self.name, "version": self.version, "channels": self.channel_names,
+                "source_bands": list(self.source_bands)}
+
+    def default_pca(self) -> "PCABasis":
+        """Equal-weight basis used only by untrained checkpoints (no training data yet)."""
+        w = 1.0 / np.sqrt(len(self.source_bands))
+        return PCABasis([0.1] * len(self.source_bands), [w] * len(self.source_bands))
+
+
+def _pc1_channel(bands: str) -> Channel:
+    return Channel("pc1", f"first principal component of {bands}",
+                   "basis fitted once on training pixels and stored in the checkpoint")
+
+
+_COMMON = (
     Channel("red", "B4", "Sentinel-2 band 4, 665 nm"),
     Channel("green", "B3", "Sentinel-2 band 3, 560 nm"),
     Channel("blue", "B2", "Sentinel-2 band 2, 490 nm"),
@@ -48,33 +82,82 @@ CHANNELS: Sequence[Channel] = (
             "Modified normalised difference water index; Xu 2006, Int. J. Remote Sens. 27(14)"),
     Channel("fdi", "B8 - (B4 + B2)",
             "Forest discrimination index NIR - (RedEdge + Blue), Bunting & Lucas 2006; "
-            "SUBSTITUTION: red-edge (B5/B6) is not among the six bands, B4 (red) stands in"),
+            "SUBSTITUTION: red-edge (B5/B6) is not among the bands, B4 (red) stands in"),
+)
+
+
+def _common_formulas(b, ratio):
+    return [b["B4"], b["B3"], b["B2"], b["B8"], b["B11"],
+            ratio(b["B8"] - b["B4"], b["B8"] + b["B4"]),
+            ratio(b["B3"] - b["B11"], b["B3"] + b["B11"]),
+            b["B8"] - (b["B4"] + b["B2"])]
+
+
+def _v1_formulas(b, ratio, clip):
+    return _common_formulas(b, ratio) + [clip(ratio(b["B8"] - b["B4"], b["B12"])),
+                                         clip(ratio(b["B8"] - b["B12"], b["B12"]))]
+
+
+def _v2_formulas(b, ratio, clip):
+    return _common_formulas(b, ratio) + [clip(ratio(b["B8"] - b["B3"], b["B11"] - b["B3"])),
+                                         clip(ratio(b["B8"] - b["B11"], b["B11"]))]
+
+
+#: The original recipe: needs B12 (SWIR-2) for WFI and MDI.  The Jambelí v1 model uses it.
+RECIPE_V1 = Recipe("menet-s2", 1, ("B2", "B3", "B4", "B8", "B11", "B12"), _COMMON + (
     Channel("wfi", "(B8 - B4) / B12",
             "Wetland forest index (NIR - Red) / SWIR-2, as listed in Tran et al. 2022, "
             "Remote Sens. 14(19) 4868 (review of mangrove indices); clipped to +-50"),
     Channel("mdi", "(B8 - B12) / B12",
             "Mangrove discrimination index (NIR - SWIR) / SWIR, Shi et al. 2016 (SWIR-2 variant); "
             "clipped to +-50"),
-    Channel("pc1", "first principal component of B2, B3, B4, B8, B11, B12",
-            "basis fitted once on training pixels and stored in the checkpoint"),
-)
-CHANNEL_NAMES: List[str] = [c.name for c in CHANNELS]
-N_CHANNELS = len(CHANNELS)
+    _pc1_channel("B2, B3, B4, B8, B11, B12"),
+), _v1_formulas)
+
+#: Only the bands every Sentinel-2 export has (no B12): MVI and the SWIR-1 MDI replace the
+#: two SWIR-2 indices, in the same places, so a v1 model is a sensible start for fine-tuning.
+RECIPE_V2 = Recipe("menet-s2", 2, ("B2", "B3", "B4", "B8", "B11"), _COMMON + (
+    Channel("mvi", "(B8 - B3) / (B11 - B3)",
+            "Mangrove vegetation index, Baloloy et al. 2020, ISPRS J. 166; clipped to +-50"),
+    Channel("mdi11", "(B8 - B11) / B11",
+            "Mangrove discrimination index (NIR - SWIR) / SWIR, Shi et al. 2016 (SWIR-1 variant); "
+            "clipped to +-50"),
+    _pc1_channel("B2, B3, B4, B8, B11"),
+), _v2_formulas)
+
+RECIPES: Dict[int, Recipe] = {r.version: r for r in (RECIPE_V1, RECIPE_V2)}
+#: The recipe new models are trained on.
+DEFAULT_RECIPE = RECIPE_V2
+#: Every recipe gives this many channels (the architecture's conv1 input).
+N_CHANNELS = 11
+assert all(len(r.channels) == N_CHANNELS for r in RECIPES.values())
+
+# The v1 names, as earlier versions of this module exported them.
+SOURCE_BANDS: List[str] = list(RECIPE_V1.source_bands)
+CHANNELS: Sequence[Channel] = RECIPE_V1.channels
+CHANNEL_NAMES: List[str] = RECIPE_V1.channel_names
+RECIPE_NAME, RECIPE_VERSION = RECIPE_V1.name, RECIPE_V1.version
 
 
-def recipe_record() -> Dict:
-    """What a checkpoint stores about the recipe (plain types only)."""
-    return {"name": RECIPE_NAME, "version": RECIPE_VERSION, "channels": list(CHANNEL_NAMES)}
+def recipe_record(recipe: Recipe = RECIPE_V1) -> Dict:
+    return recipe.record()
+
+
+def recipe_for(record: Dict) -> Recipe:
+    """The recipe a checkpoint names; ``ValueError`` naming the mismatch if this code has none like it."""
+    got = (record.get("name"), record.get("version"), list(record.get("channels", [])))
+    recipe = RECIPES.get(got[1]) if got[0] == RECIPE_V1.name else None
+    if recipe is None or got[2] != recipe.channel_names:
+        known = "; ".join(f"{r.label} ({', '.join(r.channel_names)})" for r in RECIPES.values())
+        raise ValueError(
+            f"checkpoint was made for channel recipe {got[0]} v{got[1]} ({', '.join(map(str, got[2]))}); "
+            f"this plugin computes {known}")
+    return recipe
 
 
 def check_recipe(record: Dict) -> None:
-    """Raise ``ValueError`` naming the mismatch if ``record`` is not this code's recipe."""
-    got = (record.get("name"), record.get("version"), list(record.get("channels", [])))
-    want = (RECIPE_NAME, RECIPE_VERSION, CHANNEL_NAMES)
-    if got != want:
-        raise ValueError(
-            f"checkpoint was made for channel recipe {got[0]} v{got[1]} ({', '.join(map(str, got[2]))}); "
-            f"this plugin computes {want[0]} v{want[1]} ({', '.join(want[2])})")
+    """Raise ``ValueError`` naming the mismatch if ``record`` is not a recipe this code computes."""
+    recipe_for(record)
 
 
 def safe_ratio(num: "torch.Tensor", den: "torch.Tensor") -> "torch.Tensor":
@@ -113,32 +196,28 @@ class PCABasis:
         return cls(mean.tolist(), comp.tolist())
 
 
-def compute_channels(bands: "torch.Tensor", pca: PCABasis) -> "torch.Tensor":
-    """(N, 6, H, W) reflectance in SOURCE_BANDS order -> (N, 11, H, W) recipe channels.
+def compute_channels(bands: "torch.Tensor", pca: PCABasis, recipe: Recipe = RECIPE_V1) -> "torch.Tensor":
+    """(N, B, H, W) reflectance in ``recipe.source_bands`` order -> (N, 11, H, W) recipe channels.
 
     NaN inputs give NaN outputs at the same pixels (callers mask them); no new
     NaN or inf is created anywhere else.
     """
     import torch
-    _check_band_count(bands.shape[1])
-    b2, b3, b4, b8, b11, b12 = bands.unbind(dim=1)
+    _check_band_count(bands.shape[1], recipe, len(pca.mean))
+    b = dict(zip(recipe.source_bands, bands.unbind(dim=1)))
     mean = torch.as_tensor(pca.mean, dtype=bands.dtype, device=bands.device).view(1, -1, 1, 1)
     comp = torch.as_tensor(pca.component, dtype=bands.dtype, device=bands.device).view(1, -1, 1, 1)
-    channels = [
-        b4, b3, b2, b8, b11,
-        safe_ratio(b8 - b4, b8 + b4),
-        safe_ratio(b3 - b11, b3 + b11),
-        b8 - (b4 + b2),
-        safe_ratio(b8 - b4, b12).clamp(-RATIO_LIMIT, RATIO_LIMIT),
-        safe_ratio(b8 - b12, b12).clamp(-RATIO_LIMIT, RATIO_LIMIT),
-        ((bands - mean) * comp).sum(dim=1),
-    ]
+    channels = recipe.formulas(b, safe_ratio, lambda x: x.clamp(-RATIO_LIMIT, RATIO_LIMIT))
+    channels.append(((bands - mean) * comp).sum(dim=1))
     return torch.stack(channels, dim=1)
 
 
-def _check_band_count(count: int) -> None:
-    if count != len(SOURCE_BANDS):
-        raise ValueError(f"expected {len(SOURCE_BANDS)} bands ({', '.join(SOURCE_BANDS)}), got {count}")
+def _check_band_count(count: int, recipe: Recipe, pca_bands: int) -> None:
+    if count != len(recipe.source_bands):
+        raise ValueError(f"recipe {recipe.label} expects {len(recipe.source_bands)} bands "
+                         f"({', '.join(recipe.source_bands)}), got {count}")
+    if pca_bands != count:
+        raise ValueError(f"the PCA basis has {pca_bands} bands, recipe {recipe.label} reads {count}")
 
 
 def safe_ratio_numpy(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -149,28 +228,24 @@ def safe_ratio_numpy(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def compute_channels_numpy(bands: np.ndarray, pca: PCABasis, out: np.ndarray = None) -> np.ndarray:
+def compute_channels_numpy(bands: np.ndarray, pca: PCABasis, out: np.ndarray = None,
+                           recipe: Recipe = RECIPE_V1) -> np.ndarray:
     """``compute_channels`` in numpy (float32), for the runtimes that do not need torch:
-    (N, 6, H, W) reflectance -> (N, 11, H, W), written into ``out`` when given."""
-    _check_band_count(bands.shape[1])
+    (N, B, H, W) reflectance -> (N, 11, H, W), written into ``out`` when given."""
+    _check_band_count(bands.shape[1], recipe, len(pca.mean))
     bands = np.asarray(bands, dtype=np.float32)
-    b2, b3, b4, b8, b11, b12 = (bands[:, i] for i in range(len(SOURCE_BANDS)))
+    b = {name: bands[:, i] for i, name in enumerate(recipe.source_bands)}
     if out is None:
         out = np.empty((bands.shape[0], N_CHANNELS) + bands.shape[2:], np.float32)
-    out[:, 0], out[:, 1], out[:, 2], out[:, 3], out[:, 4] = b4, b3, b2, b8, b11
-    out[:, 5] = safe_ratio_numpy(b8 - b4, b8 + b4)
-    out[:, 6] = safe_ratio_numpy(b3 - b11, b3 + b11)
-    out[:, 7] = b8 - (b4 + b2)
-    np.clip(safe_ratio_numpy(b8 - b4, b12), -RATIO_LIMIT, RATIO_LIMIT, out=out[:, 8])
-    np.clip(safe_ratio_numpy(b8 - b12, b12), -RATIO_LIMIT, RATIO_LIMIT, out=out[:, 9])
+    clip = lambda x: np.clip(x, -RATIO_LIMIT, RATIO_LIMIT, out=x)  # noqa: E731
+    for i, value in enumerate(recipe.formulas(b, safe_ratio_numpy, clip)):
+        out[:, i] = value
     mean = np.asarray(pca.mean, np.float32).reshape(1, -1, 1, 1)
     comp = np.asarray(pca.component, np.float32).reshape(1, -1, 1, 1)
-    out[:, 10] = ((bands - mean) * comp).sum(axis=1)
+    out[:, N_CHANNELS - 1] = ((bands - mean) * comp).sum(axis=1)
     return out
 
 
-def default_pca() -> PCABasis:
+def default_pca(recipe: Recipe = RECIPE_V1) -> PCABasis:
     """Equal-weight basis used only by untrained checkpoints (no training data yet)."""
-    w = 1.0 / np.sqrt(len(SOURCE_BANDS))
-    return PCABasis([0.1] * len(SOURCE_BANDS), [w] * len(SOURCE_BANDS))
-
+    return recipe.default_pca()

@@ -46,19 +46,28 @@ class ModelBundle:
     window_size: int = 256
     training: Dict = field(default_factory=dict)
     path: Optional[str] = None
+    recipe: ch.Recipe = ch.RECIPE_V1
 
     @property
     def trained(self) -> bool:
         return bool(self.training.get("trained", False))
 
+    @property
+    def threshold(self) -> float:
+        from .choices import decision_threshold
+        return decision_threshold(self.training)
 
-def new_bundle(head_width: int = DEFAULT_HEAD_WIDTH, imagenet_state=None, seed: Optional[int] = None) -> ModelBundle:
+
+
+
+def new_bundle(head_width: int = DEFAULT_HEAD_WIDTH, imagenet_state=None, seed: Optional[int] = None,
+               recipe: ch.Recipe = ch.DEFAULT_RECIPE) -> ModelBundle:
     """An untrained model with placeholder statistics (tests, demos, start of training)."""
     if seed is not None:
         torch.manual_seed(seed)
     model = MENet(ch.N_CHANNELS, head_width, imagenet_state)
-    return ModelBundle(model, list(UNTRAINED_MEAN), list(UNTRAINED_STD), ch.default_pca(),
-                       training={"trained": False, "note": "untrained: random weights"})
+    return ModelBundle(model, list(UNTRAINED_MEAN), list(UNTRAINED_STD), recipe.default_pca(),
+                       training={"trained": False, "note": "untrained: random weights"}, recipe=recipe)
 
 
 def saved_bytes(bundle: ModelBundle, half: bool = False) -> int:
@@ -72,7 +81,7 @@ def model_description(bundle: ModelBundle) -> Dict:
     window), as plain types: a checkpoint stores it, and so does an ONNX export."""
     return {
         "architecture": bundle.model.architecture_record(),
-        "recipe": ch.recipe_record(),
+        "recipe": bundle.recipe.record(),
         "pca": bundle.pca.to_record(),
         "normalisation": {"mean": [float(v) for v in bundle.norm_mean], "std": [float(v) for v in bundle.norm_std]},
         "window_size": int(bundle.window_size),
@@ -109,12 +118,18 @@ def load(path) -> ModelBundle:
     model.eval()
     norm = record["normalisation"]
     return ModelBundle(model, list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
-                       int(record.get("window_size", 256)), dict(record.get("training", {})), str(path))
+                       int(record.get("window_size", 256)), dict(record.get("training", {})), str(path),
+                       ch.recipe_for(record["recipe"]))
 
 
 def read_pca(path) -> ch.PCABasis:
     """The checkpoint's PCA basis, validated, without building the network."""
     return ch.PCABasis.from_record(read_record(Path(path))["pca"])
+
+
+def read_recipe(path) -> ch.Recipe:
+    """The checkpoint's channel recipe, validated, without building the network."""
+    return ch.recipe_for(read_record(Path(path))["recipe"])
 
 
 #: What we say about a file whose pickle holds anything but tensors and plain data.
@@ -167,7 +182,7 @@ def read_record(path: Path) -> Dict:
         raise CheckpointError(f"{path.name} is for architecture {arch.get('name')} v{arch.get('version')}, "
                               f"this plugin runs {ARCHITECTURE} v{ARCHITECTURE_VERSION}")
     try:
-        ch.check_recipe(record.get("recipe", {}))
+        recipe = ch.recipe_for(record.get("recipe", {}))
     except ValueError as exc:
         raise CheckpointError(f"{path.name}: {exc}") from None
     if arch.get("in_channels") != ch.N_CHANNELS:
@@ -178,7 +193,7 @@ def read_record(path: Path) -> Dict:
     if not all(math.isfinite(v) for v in norm["mean"]) or not all(math.isfinite(v) and v > 0 for v in norm["std"]):
         raise CheckpointError(f"{path.name}: normalisation statistics are not finite and positive")
     pca = record.get("pca", {})
-    n = len(ch.SOURCE_BANDS)
+    n = len(recipe.source_bands)
     if (len(pca.get("mean", [])), len(pca.get("component", []))) != (n, n) or \
             not all(math.isfinite(v) for v in list(pca["mean"]) + list(pca["component"])):
         raise CheckpointError(f"{path.name}: the PCA basis does not hold {n} finite values per vector")

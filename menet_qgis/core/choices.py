@@ -9,3 +9,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: windows on the Jambelí scene for the same validation F1 (0.9305 vs 0.9309) and 0.29 % of pixels
 #: changing class; 0 saves 43 % but leaves seams (max |Δp| 0.90 at window edges).  scripts/overlap_study.py.
 DEFAULT_OVERLAP = 32
+
+
+def decision_threshold(training) -> float:
+    """The probability at which a model calls a pixel mangrove: chosen on validation when it was
+    trained and stored with it (``training["threshold"]``), 0.5 for models from before that."""
+    value = training.get("threshold", 0.5)
+    return float(value) if isinstance(value, (int, float)) and 0.0 < value < 1.0 else 0.5

@@ -106,7 +106,7 @@ def prepare_batch(raw: "torch.Tensor", valid: "torch.Tensor", bundle, plan) -> "
     import torch
     x = raw
     if plan.kind == "sentinel2":
-        x = compute_channels((x + plan.offset) * plan.scale, bundle.pca)
+        x = compute_channels((x + plan.offset) * plan.scale, bundle.pca, bundle.recipe)
     mean = torch.as_tensor(bundle.norm_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(bundle.norm_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - mean) / std
@@ -227,6 +227,11 @@ def estimate_stage_bytes(width: int, height: int, stages: Sequence[str], mode: s
     return total
 
 
+#: Probability rasters carry the model's decision threshold (chosen on validation), so whatever
+#: thresholds the map later (Assess accuracy, the example model, a user) can use the model's own.
+THRESHOLD_TAG = "MENET_THRESHOLD"
+
+
 def extract(bundle, source: RasterInput, output, options: EngineOptions = EngineOptions(),
             reporter: Reporter = Reporter(), stage_dir=None) -> ExtractionResult:
     """Run the model over ``source`` and write the probability (and stage) GeoTIFFs.
@@ -234,6 +239,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     ``bundle`` is a ``checkpoint.ModelBundle`` (any runtime; the ONNX runtimes
     export it once) or a ``runtimes.OnnxModel`` (onnxruntime/openvino, no torch)."""
     t0 = time.perf_counter()
+    source.use_recipe(bundle.recipe)  # the bands this model's channel recipe reads
     output = check_writable(output)
     stages = parse_stage_names(options.stages)
     if options.stage_mode not in STAGE_MODES:
@@ -255,6 +261,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     reporter.info(f"input: {source.path} ({source.full_width} x {source.full_height} px, {source.crs.to_string()})")
     reporter.info(f"input bands: {source.plan.describe()}")
     reporter.info(f"model: {bundle.path or 'in memory'} — {bundle.training.get('note', '')}".rstrip(" —"))
+    reporter.info(f"mangrove threshold of this model: {bundle.threshold:g} (stored in the probability as {THRESHOLD_TAG})")
     reporter.info(f"runtime: {runner.runtime} ({runner.why})")
     reporter.info(f"device: {device_text}")
     reporter.info(f"windows: {len(grid)} of {grid.window}² px, overlap {grid.overlap} px, batch size {batch_size}")
@@ -270,7 +277,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
 
     def open_outputs():
         prob = AtomicRaster(output, grid.width, grid.height, 1, source.crs, source.area_transform(),
-                            ["mangrove probability"], tags=source.plan.tags)
+                            ["mangrove probability"], tags={**source.plan.tags, THRESHOLD_TAG: f"{bundle.threshold:g}"})
         created.append(prob)
         stitchers["probability"] = StripStitcher(prob, 1, 1, grid)
         for name in stages:
@@ -483,6 +490,7 @@ def predict_reference(bundle, source: RasterInput, window: int = 256, overlap: i
     """Plain path: one window at a time, fp32 on the CPU, whole-raster accumulators.
     Returns the (height, width) probability with NaN where the input has no data."""
     import torch
+    source.use_recipe(bundle.recipe)
     grid = WindowGrid(source.height, source.width, window, overlap)
     weights = blend_weights(window, overlap)
     H, W = grid.row_origins[-1] + window, grid.col_origins[-1] + window

@@ -94,7 +94,9 @@ def check_input(bundle, window: int, seed: int = 0) -> np.ndarray:
     blocks = rng.integers(0, len(classes), (2, window // 32, window // 32))
     refl = classes[blocks].transpose(0, 3, 1, 2).repeat(32, 2).repeat(32, 3)
     refl = (refl + rng.normal(0, 0.01, refl.shape)).clip(0.001, 1).astype(np.float32)
-    plan = InputPlan(kind="sentinel2", band_indexes=[1, 2, 3, 4, 5, 6])
+    from .channels import RECIPE_V1
+    refl = refl[:, [RECIPE_V1.source_bands.index(b) for b in bundle.recipe.source_bands]]
+    plan = InputPlan(kind="sentinel2", band_indexes=list(range(1, refl.shape[1] + 1)))
     return prepare_batch_numpy(refl, np.ones((2, window, window), bool), bundle, plan)
 
 

@@ -142,15 +142,27 @@ class Area:
     width: int
 
 
+def check_input_exists(path: str) -> None:
+    """``InputError`` for a local input path that does not exist (GDAL names such as /vsi… and
+    URLs are left to GDAL), before anything slow such as loading the model."""
+    is_gdal_name = "://" in path or path.startswith("/vsi") or re.match(r"^[A-Z0-9_]+:", path)
+    if not is_gdal_name and not Path(path).exists():
+        raise InputError(f"input raster not found: {path}")
+
+
 class RasterInput:
     """An opened input raster plus the plan for turning its bands into model input."""
 
     def __init__(self, path, band_numbers: Optional[Sequence[int]] = None, dn_offset: Optional[float] = None,
-                 bounds: Optional[Tuple[float, float, float, float]] = None):
+                 bounds: Optional[Tuple[float, float, float, float]] = None, recipe=None,
+                 georeferenced: bool = True):
+        """``recipe``: the model's channel recipe (which bands to find); when not given, the bands every
+        recipe reads (v2's), and ``use_recipe`` (called by the engine) re-plans for the model's.
+        ``georeferenced=False`` accepts rasters without CRS or geotransform (training tiles only:
+        maps must land on a grid)."""
+        from .channels import RECIPE_V2
         self.path = str(path)
-        is_gdal_name = "://" in self.path or self.path.startswith("/vsi") or re.match(r"^[A-Z0-9_]+:", self.path)
-        if not is_gdal_name and not Path(self.path).exists():
-            raise InputError(f"input raster not found: {self.path}")
+        check_input_exists(self.path)
         try:
             with rasterio.open(self.path) as ds:
                 self.crs = ds.crs
@@ -167,17 +179,25 @@ class RasterInput:
             raise InputError(f"{Path(self.path).name} holds {self.dtype} values, which no Sentinel-2 product has; "
                              f"accepted: integer DN ({', '.join(d for d in ACCEPTED_DTYPES if 'int' in d)}) or "
                              f"reflectance ({', '.join(d for d in ACCEPTED_DTYPES if 'float' in d)})")
-        if self.crs is None:
+        if georeferenced and self.crs is None:
             raise InputError(f"{Path(self.path).name} has no coordinate reference system; assign one first")
-        if self.transform.is_identity or self.transform.b != 0 or self.transform.d != 0:
+        if georeferenced and (self.transform.is_identity or self.transform.b != 0 or self.transform.d != 0):
             if self.transform.is_identity:
                 raise InputError(f"{Path(self.path).name} has no georeferencing (identity geotransform)")
             raise InputError(f"{Path(self.path).name} is rotated; warp it to a north-up grid first")
-        self.plan: InputPlan = plan_input(descriptions, tags, dataset_tags, self.dtype, band_numbers, dn_offset)
+        self._plan_inputs = (descriptions, tags, dataset_tags, self.dtype, band_numbers, dn_offset)
+        self.recipe = recipe or RECIPE_V2
+        self.plan: InputPlan = plan_input(*self._plan_inputs, self.recipe)
         self.area = self._area(bounds)
         self._local = threading.local()
         self._handles: List = []
         self._lock = threading.Lock()
+
+    def use_recipe(self, recipe) -> None:
+        """Plan the bands for ``recipe`` (the model's): a v1 model also needs B12 (BandError if absent)."""
+        if recipe is not self.recipe:
+            self.plan = plan_input(*self._plan_inputs, recipe)
+            self.recipe = recipe
 
     # --- geometry -------------------------------------------------------
     def _area(self, bounds) -> Area:

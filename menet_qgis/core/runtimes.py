@@ -96,10 +96,16 @@ class OnnxModel:
     training: Dict = field(default_factory=dict)
     source: Optional[str] = None          # the checkpoint it was exported from
     source_sha256: Optional[str] = None
+    recipe: ch.Recipe = ch.RECIPE_V1
 
     @property
     def trained(self) -> bool:
         return bool(self.training.get("trained", False))
+
+    @property
+    def threshold(self) -> float:
+        from .choices import decision_threshold
+        return decision_threshold(self.training)
 
     @property
     def has_stages(self) -> bool:
@@ -158,13 +164,13 @@ def read_onnx_model(path) -> OnnxModel:
         raise ValueError(f"{path.name}: ME-Net ONNX format {record.get('format')} v{record.get('format_version')}, "
                          f"this plugin reads {ONNX_FORMAT} v{ONNX_FORMAT_VERSION}")
     try:
-        ch.check_recipe(record.get("recipe", {}))
+        recipe = ch.recipe_for(record.get("recipe", {}))
     except ValueError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
     norm = record["normalisation"]
     return OnnxModel(str(path), list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
                      list(record["outputs"]), int(record.get("window_size", 256)), dict(record.get("training", {})),
-                     record.get("source"), record.get("source_sha256"))
+                     record.get("source"), record.get("source_sha256"), recipe)
 
 
 # --- the export cache ------------------------------------------------------------
@@ -274,7 +280,8 @@ def prepare_batch_numpy(raw: np.ndarray, valid: np.ndarray, model, plan) -> np.n
     normalised (N, 11, H, W) float32, exactly 0 at invalid pixels (the training mean)."""
     x = np.asarray(raw, np.float32)
     if plan.kind == "sentinel2":
-        x = ch.compute_channels_numpy((x + np.float32(plan.offset)) * np.float32(plan.scale), model.pca)
+        x = ch.compute_channels_numpy((x + np.float32(plan.offset)) * np.float32(plan.scale), model.pca,
+                                     recipe=model.recipe)
     else:
         x = x.copy()
     mean = np.asarray(model.norm_mean, np.float32).reshape(1, -1, 1, 1)

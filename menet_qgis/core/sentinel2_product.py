@@ -31,7 +31,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from .bands import ALIASES, OFFSET_KEYS, band_label
-from .channels import CHANNEL_NAMES, N_CHANNELS, SOURCE_BANDS, PCABasis, compute_channels
+from .channels import N_CHANNELS, RECIPE_V1, SOURCE_BANDS, PCABasis, Recipe, compute_channels
 from .engine import Cancelled, Reporter
 from .raster_io import AtomicRaster, RasterInput, check_writable, refuse_overwriting_inputs, snapped_window
 
@@ -268,7 +268,8 @@ def build_stack(folder, out_path, bounds: Optional[Sequence[float]] = None, poly
 
 # --- the 11 channels, for inspection ---------------------------------------------
 def export_channels(raster_path, out_path, pca: PCABasis, band_numbers: Optional[Sequence[int]] = None,
-                    dn_offset: Optional[float] = None, reporter: Reporter = Reporter()) -> Path:
+                    dn_offset: Optional[float] = None, reporter: Reporter = Reporter(),
+                    recipe: Recipe = RECIPE_V1) -> Path:
     """Write the 11 recipe channels of a Sentinel-2 raster as float32 (NaN = no data).
 
     Bands are identified and scaled exactly as for extraction (``RasterInput``
@@ -276,7 +277,7 @@ def export_channels(raster_path, out_path, pca: PCABasis, band_numbers: Optional
     normalisation.  Computed in strips of ``EXPORT_BLOCK`` rows: memory
     depends on the raster's width only.
     """
-    source = RasterInput(raster_path, band_numbers=band_numbers, dn_offset=dn_offset)
+    source = RasterInput(raster_path, band_numbers=band_numbers, dn_offset=dn_offset, recipe=recipe)
     try:
         plan = source.plan
         if plan.kind != "sentinel2":
@@ -286,7 +287,7 @@ def export_channels(raster_path, out_path, pca: PCABasis, band_numbers: Optional
         for message in plan.warnings:
             reporter.warn(message)
         sink = AtomicRaster(check_writable(out_path), source.width, source.height, N_CHANNELS, source.crs,
-                            source.area_transform(), CHANNEL_NAMES, tags=plan.tags)
+                            source.area_transform(), recipe.channel_names, tags=plan.tags)
         try:
             for y0 in range(0, source.height, EXPORT_BLOCK):
                 if reporter.cancelled():
@@ -295,7 +296,7 @@ def export_channels(raster_path, out_path, pca: PCABasis, band_numbers: Optional
                 tiles = [source.read(y0, x0, EXPORT_BLOCK) for x0 in range(0, source.width, EXPORT_BLOCK)]
                 raw = torch.from_numpy(np.stack([data for data, _ in tiles]))
                 with torch.inference_mode():
-                    values = compute_channels((raw + plan.offset) * plan.scale, pca).numpy()
+                    values = compute_channels((raw + plan.offset) * plan.scale, pca, recipe).numpy()
                 values = np.where(np.stack([ok for _, ok in tiles])[:, None], values, np.float32(np.nan))
                 strip = np.concatenate(list(values[:, :, :rows]), axis=2)[:, :, :source.width]
                 sink.write_rows(y0, strip)

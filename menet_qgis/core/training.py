@@ -9,15 +9,18 @@ to the same side, so no place is seen in both training and validation.
 from __future__ import annotations
 
 import glob
+import io
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import torch
 import torch.nn.functional as F
 
@@ -28,20 +31,37 @@ from .checkpoint import ModelBundle, new_bundle, save, saved_bytes
 from .engine import Cancelled, Reporter, prepare_batch
 from .metrics import Confusion
 from .model import load_imagenet_state
-from .raster_io import RasterInput, require_free_space
+from .raster_io import RasterInput, atomic_write_bytes, require_free_space
 
 
 @dataclass
 class TileSet:
-    """Labelled windows in memory: reflectance (N, 6, H, W), labels and validity (N, H, W)."""
+    """Labelled windows in memory: reflectance (N, B, H, W), labels and validity (N, H, W).
+
+    ``valid`` marks pixels that are scored; ``loss_valid`` those the loss sees (validity minus
+    label pixels a source's quality rules set aside, e.g. the edges of coarse labels).  Each
+    window carries its source, its location group (``source:…``: the unit of every split) and a
+    sample weight.  ``bounds`` is ``None`` for un-georeferenced windows."""
 
     images: np.ndarray
     labels: np.ndarray
     valid: np.ndarray
-    bounds: List[Tuple[float, float, float, float]]
+    bounds: List[Optional[Tuple[float, float, float, float]]]
     names: List[str]
     crs: Optional[str] = None
     duplicates_dropped: int = 0
+    sources: List[str] = field(default_factory=list)
+    groups: List[str] = field(default_factory=list)
+    weights: Optional[np.ndarray] = None
+    loss_valid: Optional[np.ndarray] = None
+    flags: List[Dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.images)
+        self.sources = self.sources or ["tiles"] * n
+        self.groups = self.groups or [f"{self.sources[i]}:{self.names[i]}" for i in range(n)]
+        self.weights = np.ones(n, np.float32) if self.weights is None else np.asarray(self.weights, np.float32)
+        self.loss_valid = self.valid.copy() if self.loss_valid is None else self.loss_valid
 
     def __len__(self):
         return len(self.images)
@@ -49,12 +69,35 @@ class TileSet:
     def subset(self, idx: Sequence[int]) -> "TileSet":
         idx = list(idx)
         return TileSet(self.images[idx], self.labels[idx], self.valid[idx], [self.bounds[i] for i in idx],
-                       [self.names[i] for i in idx], self.crs)
+                       [self.names[i] for i in idx], self.crs, 0, [self.sources[i] for i in idx],
+                       [self.groups[i] for i in idx], self.weights[idx], self.loss_valid[idx])
+
+    @classmethod
+    def concat(cls, sets: Sequence["TileSet"]) -> "TileSet":
+        """Several sources in one set (windows must share band count and size)."""
+        shapes = {t.images.shape[1:] for t in sets}
+        if len(shapes) != 1:
+            raise ValueError(f"the tile folders differ in bands or window size: {sorted(shapes)}")
+        crss = {t.crs for t in sets if t.crs}
+        return cls(np.concatenate([t.images for t in sets]), np.concatenate([t.labels for t in sets]),
+                   np.concatenate([t.valid for t in sets]), [b for t in sets for b in t.bounds],
+                   [n for t in sets for n in t.names], crss.pop() if len(crss) == 1 else None,
+                   sum(t.duplicates_dropped for t in sets), [x for t in sets for x in t.sources],
+                   [g for t in sets for g in t.groups], np.concatenate([t.weights for t in sets]),
+                   np.concatenate([t.loss_valid for t in sets]), [f for t in sets for f in t.flags])
 
 
-def _read_reflectance(path: str) -> Tuple[np.ndarray, np.ndarray, Tuple, str]:
-    """Six source bands as reflectance + validity, using the same band mapping as inference."""
-    src = RasterInput(path)
+def _read_reflectance(path: str, recipe: ch.Recipe = ch.DEFAULT_RECIPE,
+                      georeferenced: bool = True) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple], Optional[str]]:
+    """The recipe's source bands as reflectance + validity, using the same band mapping as inference;
+    bounds and CRS are ``None`` for an un-georeferenced tile when ``georeferenced`` is False."""
+    with warnings.catch_warnings():  # un-georeferenced tiles are expected here; RasterInput refuses them elsewhere
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return _read_reflectance_quietly(path, recipe, georeferenced)
+
+
+def _read_reflectance_quietly(path, recipe, georeferenced):
+    src = RasterInput(path, recipe=recipe, georeferenced=georeferenced)
     if src.plan.kind != "sentinel2":
         raise ValueError(f"{Path(path).name}: training needs Sentinel-2 bands, not a ready-made 11-band stack")
     data, valid = src.read(0, 0, max(src.width, src.height))
@@ -62,7 +105,8 @@ def _read_reflectance(path: str) -> Tuple[np.ndarray, np.ndarray, Tuple, str]:
     valid = valid[:src.height, :src.width]
     data[:, ~valid] = np.nan
     with rasterio.open(path) as ds:
-        bounds, crs = tuple(ds.bounds), ds.crs.to_string()
+        located = ds.crs is not None and not ds.transform.is_identity
+        bounds, crs = (tuple(ds.bounds), ds.crs.to_string()) if located else (None, None)
     src.close()
     return data.astype(np.float32), valid, bounds, crs
 
@@ -106,49 +150,171 @@ def check_both_classes(labels: np.ndarray, valid: np.ndarray, what: str, hint: s
                          f"and no model is saved; {hint}")
 
 
-def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[str, str] = ("tile_", "mask_")) -> TileSet:
-    """Image/mask pairs such as ``tile_0001.tif`` + ``mask_0001.tif``; duplicates kept once."""
+@dataclass
+class SourceSpec:
+    """One tile folder and how to treat it: ``weight`` scales its windows in the loss,
+    ``edge_ignore`` px on both sides of every label edge are left out of the loss (coarse or
+    misregistered labels), ``group`` is a regex whose first group names a window's location
+    (un-georeferenced tiles; georeferenced ones are grouped by their footprints)."""
+
+    folder: str
+    name: Optional[str] = None
+    weight: float = 1.0
+    edge_ignore: int = 0
+    group: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SourceSpec":
+        """``FOLDER[:key=value,...]`` with keys name, weight, edge_ignore, group."""
+        folder, _, rest = str(text).partition(":")
+        spec = cls(folder)
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or key not in ("name", "weight", "edge_ignore", "group"):
+                raise ValueError(f"tile folder option '{item}' in '{text}': use name=, weight=, edge_ignore= or group=")
+            setattr(spec, key, {"weight": float, "edge_ignore": int}.get(key, str)(value))
+        if spec.weight <= 0 or spec.edge_ignore < 0:
+            raise ValueError(f"'{text}': weight must be > 0 and edge_ignore >= 0")
+        return spec
+
+    @property
+    def source(self) -> str:
+        return self.name or Path(self.folder).name
+
+
+def label_edge_band(labels: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within ``width`` px of a mangrove/other boundary in (N, H, W) binary labels."""
+    from scipy import ndimage
+    if width <= 0:
+        return np.zeros(labels.shape, bool)
+    structure = np.zeros((1, 2 * width + 1, 2 * width + 1), bool)
+    structure[0] = True
+    lab = labels >= 0.5
+    return ndimage.binary_dilation(lab, structure) & ndimage.binary_dilation(~lab, structure)
+
+
+#: Label-noise rules (``flag_label_noise``): copies of one footprint whose masks disagree on more
+#: than this share of pixels are all dropped (which copy is right cannot be told) ...
+DUPLICATE_DISAGREEMENT = 0.02
+#: ... and a window whose mangrove label covers water or bare ground (MNDWI > 0 and NDVI < 0.1: channels
+#: and ponds inside coarse polygons) on more than this share of its mangrove pixels loses those pixels
+#: from the loss and half its weight (on MagSet-2 this flags 7 of 350 windows, on Jambelí none).
+WATER_AS_MANGROVE = 0.10
+
+
+def flag_label_noise(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, recipe: ch.Recipe) -> List[Dict]:
+    """Windows whose label contradicts the image: mangrove labelled on open water (channels and
+    ponds inside coarse polygons).  Returns one record per flagged window (index, share, decision)."""
+    idx = {b: i for i, b in enumerate(recipe.source_bands)}
+    b3, b4, b8, b11 = (images[:, idx[b]] for b in ("B3", "B4", "B8", "B11"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        water = ((b3 - b11) / (b3 + b11) > 0.0) & ((b8 - b4) / (b8 + b4) < 0.1)
+    flags = []
+    for i in range(len(images)):
+        mangrove = (labels[i] >= 0.5) & valid[i]
+        if mangrove.sum() < 100:
+            continue
+        share = float((water[i] & mangrove).sum() / mangrove.sum())
+        if share > WATER_AS_MANGROVE:
+            flags.append({"index": i, "rule": "mangrove label on water or bare ground", "share": round(share, 3),
+                          "decision": "water pixels labelled mangrove left out of the loss; window weight halved",
+                          "water": water[i] & mangrove})
+    return flags
+
+
+def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[str, str] = ("tile_", "mask_"),
+                     recipe: ch.Recipe = ch.DEFAULT_RECIPE, spec: Optional[SourceSpec] = None,
+                     log=lambda message: None) -> TileSet:
+    """Image/mask pairs such as ``tile_0001.tif`` + ``mask_0001.tif``; copies of one footprint kept
+    once (all dropped when their labels disagree); label-noise rules applied and logged."""
+    import re
+    spec = spec or SourceSpec(str(folder))
     paths = sorted(glob.glob(str(Path(folder) / image_glob)))
     if not paths:
         raise ValueError(f"no training tiles matching {image_glob} in {folder}")
     images, labels, valid, bounds, names = [], [], [], [], []
-    seen, dropped, crs, crss = set(), 0, None, set()
+    seen: Dict[Tuple, int] = {}
+    dropped, crss, conflicts = 0, set(), set()
     for path in paths:
         mask_path = str(Path(path).parent / Path(path).name.replace(*mask_prefix, 1))
         if not Path(mask_path).is_file():
             raise ValueError(f"no mask {Path(mask_path).name} for {Path(path).name}")
-        img, ok, b, crs = _read_reflectance(path)
+        img, ok, b, crs = _read_reflectance(path, recipe, georeferenced=False)
         crss.add(crs)
-        key = tuple(round(v, 3) for v in b)
-        if key in seen:
-            dropped += 1
-            continue
-        seen.add(key)
-        with rasterio.open(mask_path) as ds:
-            mask = ds.read(1, out_dtype="float32", masked=True).filled(np.nan)  # declared no-data -> NaN
+        with warnings.catch_warnings():  # masks of un-georeferenced tiles have no grid either
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(mask_path) as ds:
+                mask = ds.read(1, out_dtype="float32", masked=True).filled(np.nan)  # declared no-data -> NaN
         check_label_coding(mask, Path(mask_path).name)
         if mask.shape != ok.shape:
             raise ValueError(f"{Path(mask_path).name} is {mask.shape}, its image {ok.shape}")
         ok &= np.isfinite(mask)
+        lab = (np.nan_to_num(mask, nan=0.0) >= 0.5).astype(np.float32)
+        key = tuple(round(v, 3) for v in b) if b is not None else None
+        if key is not None and key in seen:
+            dropped += 1
+            first = seen[key]
+            both = ok & valid[first]
+            if both.any() and float((lab[both] != labels[first][both]).mean()) > DUPLICATE_DISAGREEMENT:
+                conflicts.add(first)
+            continue
+        if key is not None:
+            seen[key] = len(images)
         images.append(img)
-        labels.append((np.nan_to_num(mask, nan=0.0) >= 0.5).astype(np.float32))
+        labels.append(lab)
         valid.append(ok)
         bounds.append(b)
         names.append(Path(path).name)
+    if len(crss) != 1:
+        shown = ", ".join(sorted(c or "none" for c in crss))
+        raise ValueError(f"training tiles in {folder} are in several CRSs ({shown}); the location split "
+                         "compares coordinates, so reproject them to one (or put un-georeferenced tiles in a folder of their own)")
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"training tiles differ in size: {sorted(shapes)}")
     if images[0].shape[1] != images[0].shape[2]:
         raise ValueError(f"training tiles must be square (90° rotations augment them), got {images[0].shape[1:]}")
-    if len(crss) != 1:
-        raise ValueError(f"training tiles are in several CRSs ({', '.join(sorted(crss))}); the location split "
-                         "compares coordinates, so reproject them to one")
-    check_both_classes(np.stack(labels), np.stack(valid), f"the training masks in {folder}")
-    return TileSet(np.stack(images), np.stack(labels), np.stack(valid), bounds, names, crs, dropped)
+    flags = []
+    for i in sorted(conflicts):
+        flags.append({"window": names[i], "source": spec.source, "rule": "copies of one footprint with different labels",
+                      "decision": "dropped (every copy: which label is right cannot be told)"})
+    keep = [i for i in range(len(images)) if i not in conflicts]
+    images, labels, valid = np.stack(images)[keep], np.stack(labels)[keep], np.stack(valid)[keep]
+    bounds, names = [bounds[i] for i in keep], [names[i] for i in keep]
+    check_both_classes(labels, valid, f"the training masks in {folder}")
+    loss_valid = valid & ~label_edge_band(labels, spec.edge_ignore)
+    weights = np.full(len(images), spec.weight, np.float32)
+    for flag in flag_label_noise(images, labels, valid, recipe):
+        i = flag.pop("index")
+        loss_valid[i] &= ~flag.pop("water")
+        weights[i] *= 0.5
+        flags.append({"window": names[i], "source": spec.source, **flag})
+    crs = crss.pop()
+    if crs is not None:
+        b = bounds[0]
+        block = BLOCK_PX * (b[2] - b[0]) / images.shape[-1]  # pixels -> map units of these tiles
+        groups = [f"{spec.source}:block{g}" for g in location_groups(bounds, block)]
+    elif spec.group:
+        pattern = re.compile(spec.group)
+        groups = []
+        for n in names:
+            m = pattern.search(n)
+            if not m:
+                raise ValueError(f"{n} does not match the group pattern {spec.group!r} of {folder}")
+            groups.append(f"{spec.source}:{m.group(1) if m.groups() else m.group(0)}")
+    else:
+        groups = [f"{spec.source}:{n}" for n in names]
+        log(f"{spec.source}: tiles have no georeferencing and no group pattern: each is its own location, "
+            "so neighbouring tiles may land on both sides of the validation split")
+    for flag in flags:
+        log(f"label noise, {flag['source']} {flag['window']}: {flag['rule']}"
+            + (f" ({flag['share']:.0%} of its mangrove pixels)" if "share" in flag else "") + f" -> {flag['decision']}")
+    return TileSet(images, labels, valid, bounds, names, crs, dropped, [spec.source] * len(images), groups,
+                   weights, loss_valid, flags)
 
 
 def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygons_by_image=None,
-                       tile: int = 128) -> TileSet:
+                       tile: int = 128, recipe: ch.Recipe = ch.DEFAULT_RECIPE) -> TileSet:
     """Training windows cut from whole rasters: labels from a mask raster (mangrove >= 0.5,
     resampled nearest onto each image's grid) or from polygons (GeoJSON-like dicts in each
     image's CRS, ``polygons_by_image[i]``).  Windows without valid labelled pixels are dropped."""
@@ -158,7 +324,7 @@ def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygo
     images_out, labels, valid, bounds, names = [], [], [], [], []
     crs = None
     for k, path in enumerate(images):
-        data, ok, _b, crs = _read_reflectance(path)
+        data, ok, _b, crs = _read_reflectance(path, recipe)
         with rasterio.open(path) as ds:
             if mask is not None:
                 ref = read_on_grid(mask, ds)
@@ -242,14 +408,55 @@ def spatial_split(bounds, val_fraction: float = 0.2, seed: int = 0, block: float
     return [i for i in range(len(bounds)) if i not in val_set], sorted(val)
 
 
-def fit_statistics(tiles: TileSet, max_pixels: int = 500_000, seed: int = 0):
+def split_windows(tiles: TileSet, val_fraction: float = 0.2, seed: int = 0, val_groups: Sequence[str] = (),
+                  holdout_groups: Sequence[str] = (), val_names: Sequence[str] = ()) -> Tuple[List[int], List[int], List[int]]:
+    """(train, validation, held-out) window indexes, whole location groups at a time.
+
+    ``holdout_groups`` (group names such as ``magset2:3``, or whole sources) are never trained on
+    nor used to choose anything: they are the honest "new coast" test.  Validation is, per source:
+    the windows named in ``val_names`` (e.g. an earlier model's validation windows, to compare on
+    the same pixels), else the groups in ``val_groups``, else a draw of whole groups (georeferenced
+    tiles: footprints and 3.84 km blocks, as ``spatial_split``) until ``val_fraction`` is reached."""
+    def named(i, names):
+        return tiles.groups[i] in names or tiles.sources[i] in names
+    test = [i for i in range(len(tiles)) if named(i, holdout_groups)]
+    rest = [i for i in range(len(tiles)) if not named(i, holdout_groups)]
+    val: List[int] = []
+    names, wanted = set(val_names), set(val_groups)
+    for source in dict.fromkeys(tiles.sources[i] for i in rest):
+        members = [i for i in rest if tiles.sources[i] == source]
+        chosen = [i for i in members if tiles.names[i] in names] or [i for i in members if named(i, wanted)]
+        if not chosen and val_fraction > 0:
+            if all(tiles.bounds[i] is not None for i in members):
+                b = tiles.bounds[members[0]]
+                block = BLOCK_PX * (b[2] - b[0]) / tiles.images.shape[-1]
+                _, picked = spatial_split([tiles.bounds[i] for i in members], val_fraction, seed, block)
+            else:
+                by_group: Dict[str, List[int]] = {}
+                for k, i in enumerate(members):
+                    by_group.setdefault(tiles.groups[i], []).append(k)
+                keys = sorted(by_group)
+                random.Random(seed).shuffle(keys)
+                picked, target = [], max(1, round(val_fraction * len(members)))
+                for key in keys:
+                    if len(picked) >= target:
+                        break
+                    picked.extend(by_group[key])
+            chosen = [members[k] for k in picked]
+        val.extend(chosen)
+    val_set = set(val)
+    return [i for i in rest if i not in val_set], sorted(val), test
+
+
+def fit_statistics(tiles: TileSet, max_pixels: int = 500_000, seed: int = 0, recipe: ch.Recipe = ch.DEFAULT_RECIPE):
     """PCA basis and per-channel mean/std from valid training pixels (fitted once, stored)."""
     pixels = tiles.images.transpose(0, 2, 3, 1)[tiles.valid]
     rng = np.random.default_rng(seed)
     if len(pixels) > max_pixels:
         pixels = pixels[rng.choice(len(pixels), max_pixels, replace=False)]
     pca = ch.PCABasis.fit(pixels)
-    chans = ch.compute_channels(torch.from_numpy(pixels.T.copy()).view(1, 6, -1, 1), pca)[0, :, :, 0].numpy()
+    n = pixels.shape[1]
+    chans = ch.compute_channels(torch.from_numpy(pixels.T.copy()).view(1, n, -1, 1), pca, recipe)[0, :, :, 0].numpy()
     mean, std = chans.mean(axis=1), chans.std(axis=1)
     return pca, mean.tolist(), np.maximum(std, 1e-6).tolist()
 
@@ -274,6 +481,12 @@ class TrainOptions:
     imagenet_weights: Optional[str] = None
     threads: int = 0
     save_best_to: Optional[str] = None   # write the best checkpoint as soon as it improves
+    recipe: ch.Recipe = ch.DEFAULT_RECIPE
+    init_from: Optional[str] = None      # start from this checkpoint's weights (fine-tuning)
+    resume_state: Optional[str] = None   # written after every epoch; continued from when it exists
+    val_groups: Sequence[str] = ()
+    holdout_groups: Sequence[str] = ()
+    val_names: Sequence[str] = ()
 
 
 @dataclass
@@ -283,11 +496,17 @@ class TrainResult:
     best: Dict = field(default_factory=dict)
     train_windows: int = 0
     val_windows: int = 0
+    holdout: Optional[TileSet] = None
+    validation: Optional[TileSet] = None
 
 
-def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float) -> torch.Tensor:
-    """BCE (positives weighted) + soft Dice, both over valid pixels only."""
+def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float,
+                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """BCE (positives weighted) + soft Dice, both over valid pixels only; ``weights`` (N,) scale
+    each window's pixels (per-source weights, down-weighted noisy windows)."""
     logits, v = logits[:, 0].float(), valid.float()
+    if weights is not None:
+        v = v * weights.view(-1, 1, 1).to(v)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
                                              pos_weight=torch.tensor(pos_weight, device=logits.device))
     bce = (bce * v).sum() / v.sum().clamp(min=1)
@@ -297,39 +516,100 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
 
 
 #: Training windows are held as reflectance already: channels are built with no further scaling.
-_REFLECTANCE_PLAN = InputPlan("sentinel2", list(range(1, 7)))
+def _reflectance_plan(bands: int) -> InputPlan:
+    return InputPlan("sentinel2", list(range(1, bands + 1)))
 
 
-def evaluate(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16, threshold: float = 0.5) -> Confusion:
+#: Thresholds scanned when choosing the decision threshold on validation.
+THRESHOLD_BINS = 100
+THRESHOLD_RANGE = (0.2, 0.8)
+
+
+@dataclass
+class ProbabilityCounts:
+    """Histogram of predicted probabilities per reference class: the confusion at any threshold."""
+
+    positive: np.ndarray = field(default_factory=lambda: np.zeros(THRESHOLD_BINS, np.int64))
+    negative: np.ndarray = field(default_factory=lambda: np.zeros(THRESHOLD_BINS, np.int64))
+
+    def add(self, prob: np.ndarray, truth: np.ndarray) -> None:
+        bins = np.clip((prob * THRESHOLD_BINS).astype(np.int64), 0, THRESHOLD_BINS - 1)
+        self.positive += np.bincount(bins[truth], minlength=THRESHOLD_BINS)
+        self.negative += np.bincount(bins[~truth], minlength=THRESHOLD_BINS)
+
+    def confusion(self, threshold: float) -> Confusion:
+        k = int(round(threshold * THRESHOLD_BINS))
+        tp, fp = int(self.positive[k:].sum()), int(self.negative[k:].sum())
+        return Confusion(tp, fp, int(self.positive.sum()) - tp, int(self.negative.sum()) - fp)
+
+    def best_threshold(self) -> Tuple[float, float]:
+        """(threshold, F1) maximising F1 within THRESHOLD_RANGE (ties: the one nearest 0.5)."""
+        candidates = [k / THRESHOLD_BINS for k in range(int(THRESHOLD_RANGE[0] * THRESHOLD_BINS),
+                                                       int(THRESHOLD_RANGE[1] * THRESHOLD_BINS) + 1)]
+        scored = [(self.confusion(t).scores()["f1"], -abs(t - 0.5), t) for t in candidates]
+        f1, _, t = max(scored)
+        return t, f1
+
+
+def predict_windows(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16) -> np.ndarray:
+    """(N, H, W) mangrove probability of every window (no-data pixels included, to be masked)."""
     model = bundle.model.eval()
-    conf = Confusion()
+    plan = _reflectance_plan(tiles.images.shape[1])
+    out = np.empty(tiles.labels.shape, np.float32)
     with torch.inference_mode():
         for i in range(0, len(tiles), batch_size):
             raw = torch.from_numpy(np.nan_to_num(tiles.images[i:i + batch_size])).to(device)
             valid = torch.from_numpy(tiles.valid[i:i + batch_size]).to(device)
-            prob = torch.sigmoid(model(prepare_batch(raw, valid, bundle, _REFLECTANCE_PLAN)).float())[:, 0].cpu().numpy()
-            ok = tiles.valid[i:i + batch_size]
-            conf.add(prob[ok] >= threshold, tiles.labels[i:i + batch_size][ok] >= 0.5)
-    return conf
+            out[i:i + batch_size] = torch.sigmoid(model(prepare_batch(raw, valid, bundle, plan)).float())[:, 0].cpu().numpy()
+    return out
+
+
+def evaluate(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16,
+             threshold: Optional[float] = None) -> Confusion:
+    """Confusion on the valid pixels of ``tiles`` at ``threshold`` (default: the model's own)."""
+    threshold = bundle.threshold if threshold is None else threshold
+    prob = predict_windows(bundle, tiles, device, batch_size)
+    return Confusion().add(prob[tiles.valid] >= threshold, tiles.labels[tiles.valid] >= 0.5)
+
+
+def probability_counts(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16) -> Dict[str, ProbabilityCounts]:
+    """Probability histograms per location group and per source, plus ``"all"``."""
+    prob = predict_windows(bundle, tiles, device, batch_size)
+    counts: Dict[str, ProbabilityCounts] = {}
+    for i in range(len(tiles)):
+        ok = tiles.valid[i]
+        for key in ("all", tiles.sources[i], tiles.groups[i]):
+            counts.setdefault(key, ProbabilityCounts()).add(prob[i][ok], tiles.labels[i][ok] >= 0.5)
+    return counts
+
+
+def _set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Reporter = Reporter(),
           val_tiles: Optional[TileSet] = None) -> TrainResult:
-    """Train from scratch (or ImageNet init); returns the best-on-validation bundle."""
+    """Train from scratch, ImageNet or another checkpoint; returns the best-on-validation bundle,
+    with the decision threshold chosen on validation stored in it."""
+    from .checkpoint import load as load_checkpoint
     from .device import choose_device
-    random.seed(options.seed)
-    np.random.seed(options.seed)
-    torch.manual_seed(options.seed)
+    _set_seeds(options.seed)
     if options.threads:
         torch.set_num_threads(options.threads)
     device, device_text = choose_device(options.device)
     if options.batch_size < 2:
         raise ValueError(f"batch size must be at least 2 (batch normalisation), got {options.batch_size}")
+    if tiles.images.shape[1] != len(options.recipe.source_bands):
+        raise ValueError(f"the windows hold {tiles.images.shape[1]} bands, recipe {options.recipe.label} reads "
+                         f"{len(options.recipe.source_bands)} ({', '.join(options.recipe.source_bands)})")
+    holdout = None
     if val_tiles is None:
-        b = tiles.bounds[0]
-        block = BLOCK_PX * (b[2] - b[0]) / tiles.images.shape[-1]  # pixels -> map units of these tiles
-        train_idx, val_idx = spatial_split(tiles.bounds, options.val_fraction, options.seed, block)
+        train_idx, val_idx, test_idx = split_windows(tiles, options.val_fraction, options.seed, options.val_groups,
+                                                     options.holdout_groups, options.val_names)
         train_set, val_set = tiles.subset(train_idx), tiles.subset(val_idx)
+        holdout = tiles.subset(test_idx) if test_idx else None
     else:
         train_set, val_set = tiles, val_tiles
     if len(train_set) < 2 or len(val_set) == 0:
@@ -338,16 +618,27 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     check_both_classes(train_set.labels, train_set.valid, "the training windows", SPLIT_HINT)
     check_both_classes(val_set.labels, val_set.valid, "the validation windows", SPLIT_HINT)
     reporter.info(f"device: {device_text}")
-    reporter.info(f"windows: {len(train_set)} train, {len(val_set)} validation (split by location); "
-                  f"{tiles.duplicates_dropped} duplicated windows dropped")
-    imagenet = load_imagenet_state(options.imagenet_weights, reporter.info)
-    bundle = new_bundle(options.head_width, imagenet, seed=options.seed)
+    reporter.info(f"channel recipe: {options.recipe.label} ({', '.join(options.recipe.source_bands)})")
+    reporter.info(f"windows: {len(train_set)} train, {len(val_set)} validation (split by location)"
+                  + (f", {len(holdout)} held out ({', '.join(sorted(set(holdout.groups)))})" if holdout else "")
+                  + f"; {tiles.duplicates_dropped} duplicated windows dropped")
+    for source in dict.fromkeys(tiles.sources):
+        n_train = sum(1 for x in train_set.sources if x == source)
+        n_val = sum(1 for x in val_set.sources if x == source)
+        reporter.info(f"  {source}: {n_train} train, {n_val} validation")
+    imagenet = None if options.init_from else load_imagenet_state(options.imagenet_weights, reporter.info)
+    bundle = new_bundle(options.head_width, imagenet, seed=options.seed, recipe=options.recipe)
+    if options.init_from:
+        start = load_checkpoint(options.init_from)
+        bundle.model.load_state_dict(start.model.state_dict())
+        reporter.info(f"weights initialised from {Path(options.init_from).name} (recipe {start.recipe.label}); "
+                      "channel statistics refitted on this data")
     if options.save_best_to:  # the best-so-far copy and the final model side by side, before hours of training
         require_free_space(Path(options.save_best_to).parent, 2 * saved_bytes(bundle, half=True),
                            "the model (best-so-far copy and final file)")
-    bundle.pca, bundle.norm_mean, bundle.norm_std = fit_statistics(train_set, seed=options.seed)
+    bundle.pca, bundle.norm_mean, bundle.norm_std = fit_statistics(train_set, seed=options.seed, recipe=options.recipe)
     bundle.window_size = 256
-    pos = float(train_set.labels[train_set.valid].mean())
+    pos = float(train_set.labels[train_set.loss_valid].mean())
     pos_weight = float(min(10.0, (1 - pos) / max(pos, 1e-6)))
     reporter.info(f"mangrove share of valid training pixels {pos:.3f}; positive-class weight {pos_weight:.2f}")
     model = bundle.model.to(device)
@@ -357,13 +648,26 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                                                 pct_start=0.15)
     gen = torch.Generator().manual_seed(options.seed)
     images = torch.from_numpy(np.nan_to_num(train_set.images))
-    labels, valid = torch.from_numpy(train_set.labels), torch.from_numpy(train_set.valid)
-    best_state, best, history = None, {"f1": -1.0}, []
-    t0 = time.perf_counter()
-    for epoch in range(1, options.epochs + 1):
+    labels, valid = torch.from_numpy(train_set.labels), torch.from_numpy(train_set.loss_valid)
+    weights = torch.from_numpy(train_set.weights)
+    best_state, best, history, first_epoch = None, {"f1": -1.0}, [], 1
+    resume = Path(options.resume_state) if options.resume_state else None
+    if resume is not None and resume.is_file():
+        state = _load_resume_state(resume, options, train_set, val_set)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best, history, first_epoch = state["best"], state["history"], state["epoch"] + 1
+        best_state = state.get("best_model")
+        bundle.training = state["training"]
+        reporter.info(f"resumed from {resume.name} after epoch {state['epoch']} of {options.epochs}")
+    t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    for epoch in range(first_epoch, options.epochs + 1):
         model.train()
         order = torch.randperm(len(train_set), generator=gen)
-        total, count = 0.0, 0
+        total, count, epoch_start = 0.0, 0, time.perf_counter()
         for start in range(0, len(order), options.batch_size):
             idx = order[start:start + options.batch_size]
             if len(idx) < 2:
@@ -373,8 +677,8 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
             yb = torch.stack([dihedral(labels[i], k) for i, k in zip(idx.tolist(), ks)]).to(device)
             vb = torch.stack([dihedral(valid[i], k) for i, k in zip(idx.tolist(), ks)]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(prepare_batch(xb, vb, bundle, _REFLECTANCE_PLAN))
-            loss = masked_loss(logits, yb, vb, pos_weight)
+                logits = model(prepare_batch(xb, vb, bundle, _reflectance_plan(xb.shape[1])))
+            loss = masked_loss(logits, yb, vb, pos_weight, weights[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -383,18 +687,30 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
             count += len(idx)
             if reporter.cancelled():
                 raise Cancelled("training cancelled")
-        scores = evaluate(bundle, val_set, device).scores()
+        train_seconds = time.perf_counter() - epoch_start
+        counts = probability_counts(bundle, val_set, device)
+        threshold, f1_at = counts["all"].best_threshold()
+        scores = counts["all"].confusion(threshold).scores()
+        at_half = counts["all"].confusion(0.5).scores()
         row = {"epoch": epoch, "loss": total / max(count, 1), "val_f1": scores["f1"], "val_iou": scores["iou"],
-               "val_kappa": scores["kappa"], "seconds": round(time.perf_counter() - t0, 1)}
+               "val_kappa": scores["kappa"], "threshold": threshold, "val_f1_at_0.5": at_half["f1"],
+               "per_source_f1": {k: counts[k].confusion(threshold).scores()["f1"]
+                                 for k in dict.fromkeys(val_set.sources)},
+               "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
         history.append(row)
-        reporter.info(f"epoch {epoch}/{options.epochs}: loss {row['loss']:.4f}, validation F1 {scores['f1']:.4f}, "
-                      f"IoU {scores['iou']:.4f}, kappa {scores['kappa']:.4f} ({row['seconds']:.0f} s)")
+        reporter.info(f"epoch {epoch}/{options.epochs}: loss {row['loss']:.4f}, validation F1 {scores['f1']:.4f} "
+                      f"at threshold {threshold:.2f} ({at_half['f1']:.4f} at 0.5), IoU {scores['iou']:.4f}, "
+                      f"kappa {scores['kappa']:.4f}; "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in row["per_source_f1"].items())
+                      + f" ({train_seconds:.0f} s training, {row['seconds']:.0f} s in all)")
         if scores["f1"] > best["f1"]:
-            best = dict(scores, epoch=epoch)
+            best = dict(scores, epoch=epoch, threshold=threshold)
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             if options.save_best_to:
-                _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0)
+                _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0, holdout)
                 save(bundle, options.save_best_to, half=True)
+        if resume is not None:
+            _save_resume_state(resume, epoch, model, opt, sched, gen, best, best_state, history, bundle.training)
         reporter.progress(100.0 * epoch / options.epochs)
     if best_state is None or not all(math.isfinite(best[k]) for k in ("f1", "iou", "kappa")):
         raise ValueError("validation gave no usable score (loss or scores not finite): no model was saved")
@@ -403,21 +719,61 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                       f"{best['kappa']:.3f}): more epochs or more labels are needed before using it")
     model.load_state_dict(best_state)
     model.cpu().eval()
-    _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0)
+    _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0, holdout)
     bundle.training["history"] = history
-    return TrainResult(bundle, history, best, len(train_set), len(val_set))
+    reporter.info(f"decision threshold {best['threshold']:.2f} (chosen on validation, stored in the model)")
+    return TrainResult(bundle, history, best, len(train_set), len(val_set), holdout, val_set)
 
 
-def _describe(bundle, options, train_set, val_set, best, imagenet: bool, device_text: str, t0: float) -> None:
+def _save_resume_state(path: Path, epoch, model, opt, sched, gen, best, best_state, history, training) -> None:
+    """Everything to continue after ``epoch``: weights, optimiser, schedule, random state (weights-only pickle)."""
+    record = {"format": "menet_qgis.resume", "epoch": epoch, "model": model.state_dict(),
+              "optimizer": opt.state_dict(), "scheduler": _plain(sched.state_dict()), "generator": gen.get_state(),
+              "torch_rng": torch.get_rng_state(), "best": best, "best_model": best_state, "history": history,
+              "training": training}
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def _plain(value):
+    """A scheduler's state with anything but plain data dropped (so it loads weights-only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not callable(v)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _load_resume_state(path: Path, options: TrainOptions, train_set: TileSet, val_set: TileSet) -> Dict:
+    from .checkpoint import load_weights_only
+    state = load_weights_only(path, "resume state", "training resume state")
+    if not isinstance(state, dict) or state.get("format") != "menet_qgis.resume":
+        raise ValueError(f"{path.name} is not a training resume state")
+    done = state["training"]
+    if (done.get("train_windows"), done.get("val_windows")) not in ((len(train_set), len(val_set)), (None, None)) \
+            or state["epoch"] >= options.epochs:
+        raise ValueError(f"{path.name} belongs to another run (different windows or epochs); delete it to start over")
+    return state
+
+
+def _describe(bundle, options, train_set, val_set, best, imagenet: bool, device_text: str, t0: float,
+              holdout: Optional[TileSet] = None) -> None:
     """Training metadata the checkpoint carries (plain types only)."""
+    sources = {}
+    for name in dict.fromkeys(train_set.sources + val_set.sources):
+        sources[name] = {"train_windows": train_set.sources.count(name), "val_windows": val_set.sources.count(name)}
     bundle.training = {
         "trained": True,
         "note": (f"trained {time.strftime('%Y-%m-%d')} on {len(train_set)} windows, "
-                 f"best validation F1 {best['f1']:.4f} (epoch {best['epoch']})"),
+                 f"best validation F1 {best['f1']:.4f} (epoch {best['epoch']}, threshold {best['threshold']:.2f})"),
         "epochs": options.epochs, "best_epoch": best["epoch"], "seed": options.seed, "device": device_text,
         "lr": options.lr, "batch_size": options.batch_size,
         "train_windows": len(train_set), "val_windows": len(val_set), "val_names": list(val_set.names),
+        "sources": sources, "holdout_groups": sorted(set(holdout.groups)) if holdout is not None else [],
+        "threshold": float(best["threshold"]),
         "validation": {k: float(v) for k, v in best.items() if k != "epoch"},
-        "initialisation": "ImageNet (conv1 = RGB mean)" if imagenet else "random (no ImageNet weights)",
+        "initialisation": (f"checkpoint {Path(options.init_from).name}" if options.init_from else
+                           "ImageNet (conv1 = RGB mean)" if imagenet else "random (no ImageNet weights)"),
         "seconds": round(time.perf_counter() - t0, 1),
     }

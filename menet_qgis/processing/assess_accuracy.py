@@ -51,9 +51,11 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
                                                               [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.AREA, "Assess only inside (polygons)",
                                                               [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Mangrove threshold",
-                                                       QgsProcessingParameterNumber.Type.Double, 0.5, minValue=0.0,
-                                                       maxValue=1.0))
+        threshold = QgsProcessingParameterNumber(self.THRESHOLD, "Mangrove threshold", QgsProcessingParameterNumber.Type.Double,
+                                                 None, optional=True, minValue=0.0, maxValue=1.0)
+        threshold.setHelp("Probability that counts as mangrove; empty = the threshold of the model that made the "
+                          "map (chosen on its validation data and stored in the probability raster), else 0.5")
+        self.addParameter(threshold)
         self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 image (MVI baseline)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tiles for a random forest",
@@ -92,7 +94,8 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
         params = {"prediction": pred_path, "reference": ref_path, "image": image_path, "tiles": folder or None,
                   "reference_polygons": polygons_as_geojson(ref_polygons, crs, context) if ref_polygons else None,
                   "area_polygons": polygons_as_geojson(area, crs, context) if area else None,
-                  "threshold": self.parameterAsDouble(parameters, self.THRESHOLD, context), "name": pred.name(),
+                  "threshold": (self.parameterAsDouble(parameters, self.THRESHOLD, context)
+                                if has_value(parameters, self.THRESHOLD) else None), "name": pred.name(),
                   "report": report}
         rows = run_job("assess", params, feedback, outputs=[report] if report else [])["results"]
         fields = QgsFields()

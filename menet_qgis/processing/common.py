@@ -212,8 +212,8 @@ def band_parameters(parent: str) -> list:
     params = []
     for key, label in BAND_PARAMS:
         param = QgsProcessingParameterBand(key, f"Band {label}", parentLayerParameterName=parent, optional=True)
-        param.setHelp(f"Band number of {label} when the file does not name its bands; set all six or none "
-                      "(empty = found from the band names)")
+        param.setHelp(f"Band number of {label} when the file does not name its bands; set B2 to B11 (and B12 "
+                      "for models of channel recipe v1) or none (empty = found from the band names)")
         params.append(param)
     offset = QgsProcessingParameterNumber(DN_OFFSET, "DN offset", QgsProcessingParameterNumber.Type.Double, optional=True)
     offset.setHelp("Added to integer DN before dividing by 10000 when the product metadata has no offset "
@@ -223,16 +223,19 @@ def band_parameters(parent: str) -> list:
 
 
 def check_band_parameters(alg, parameters, context) -> Optional[str]:
-    """An error message when only some of the six band numbers are set."""
-    given = [b for b in (alg.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS) if b > 0]
-    if given and len(given) != len(BAND_PARAMS):
-        return "Set all six band parameters (B2, B3, B4, B8, B11, B12) or none"
+    """An error message when only some of the band numbers B2…B11 are set (B12 is optional: only
+    models of channel recipe v1 read it)."""
+    numbers = [alg.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS]
+    if any(numbers) and not all(numbers[:-1]):
+        return "Set the band parameters B2, B3, B4, B8 and B11 (and B12 for a recipe v1 model) or none"
     return None
 
 
 def band_choice(alg, parameters, context):
     """(band numbers or None, DN offset or None) from the band parameters."""
     bands = [alg.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS]
+    if bands and not bands[-1]:
+        bands = bands[:-1]  # no B12 given: fine for recipe v2 models (v1 ones say that B12 is missing)
     offset = (alg.parameterAsDouble(parameters, DN_OFFSET, context)
               if parameters.get(DN_OFFSET) not in (None, "") else None)
     return (bands if any(bands) else None), offset

@@ -7,11 +7,12 @@ from .common import (MENetAlgorithm, band_choice, band_parameters, check_band_pa
                      refuse_overwriting_input)
 from .worker_client import run_job
 
-#: The recipe's channels (core/channels.py CHANNELS, which needs torch): name and formula for the help.
+#: The recipes' channels (core/channels.py, kept out of the dialog's imports): name and formula for the help.
 CHANNEL_HELP = [("red", "B4"), ("green", "B3"), ("blue", "B2"), ("nir", "B8"), ("swir1", "B11"),
                 ("ndvi", "(B8 - B4) / (B8 + B4)"), ("mndwi", "(B3 - B11) / (B3 + B11)"), ("fdi", "B8 - (B4 + B2)"),
-                ("wfi", "(B8 - B4) / B12"), ("mdi", "(B8 - B12) / B12"),
-                ("pc1", "first principal component of B2, B3, B4, B8, B11, B12")]
+                ("mvi (recipe v2) / wfi (v1)", "(B8 - B3) / (B11 - B3) / (B8 - B4) / B12"),
+                ("mdi11 (v2) / mdi (v1)", "(B8 - B11) / B11 / (B8 - B12) / B12"),
+                ("pc1", "first principal component of B2, B3, B4, B8, B11 (v2; v1 adds B12)")]
 
 
 class ExportChannelsAlgorithm(MENetAlgorithm):
@@ -33,7 +34,8 @@ class ExportChannelsAlgorithm(MENetAlgorithm):
             "bands identified and DN scaled to reflectance the same way, one float32 band per channel "
             "(named), NaN where the input has no data.</p>"
             f"<ol>{rows}</ol>"
-            "<p>Ratios have 0 where their denominator is 0; wfi and mdi are clipped to ±50. The pc1 basis "
+            "<p>The model's channel recipe decides channels 9 and 10: v2 (the default model) needs no B12, v1 "
+            "does. Ratios have 0 where their denominator is 0; the ratio indices are clipped to ±50. The pc1 basis "
             "comes from the <b>model</b> (empty = the default model), as it was fitted on its training data.</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802

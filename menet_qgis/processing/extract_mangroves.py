@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsProcessingException, QgsProcessingOutputMultipleLayers, QgsProcessingParameterEnum,
+from qgis.core import (QgsProcessingException, QgsProcessingOutputMultipleLayers, QgsProcessingOutputNumber,
+                       QgsProcessingParameterEnum,
                        QgsProcessingParameterExtent, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
@@ -33,6 +34,7 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
     WINDOW_SIZE, OVERLAP, BATCH_SIZE, DEVICE = "WINDOW_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE"
     RUNTIME, THREADS, PRECISION = "RUNTIME", "THREADS", "PRECISION"
     STAGES, STAGE_MODE, STAGE_FOLDER, STAGE_LAYERS = "STAGES", "STAGE_MODE", "STAGE_FOLDER", "STAGE_LAYERS"
+    THRESHOLD = "THRESHOLD"
 
     def name(self):
         return "extractmangroves"
@@ -101,6 +103,8 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Mangrove probability"))
         self.addOutput(QgsProcessingOutputMultipleLayers(self.STAGE_LAYERS, "Stage feature layers"))
+        # The model's decision threshold (chosen on validation): model chains threshold with it.
+        self.addOutput(QgsProcessingOutputNumber(self.THRESHOLD, "Model's mangrove threshold"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         window = self.parameterAsInt(parameters, self.WINDOW_SIZE, context)
@@ -142,7 +146,8 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         expected = [output] + [str(folder / f"{Path(output).stem}_{name}.tif") for name in stages]
         result = run_job("extract", params, feedback, outputs=expected)
         load_results(context, output, result.get("stages", {}), layer.name())
-        return {self.OUTPUT: output, self.STAGE_LAYERS: list(result.get("stages", {}).values())}
+        return {self.OUTPUT: output, self.STAGE_LAYERS: list(result.get("stages", {}).values()),
+                self.THRESHOLD: float(result.get("threshold", 0.5))}
 
     def extra_engine_options(self, parameters, context) -> dict:
         """The runtime fields of EngineOptions (see core/runtimes.py)."""

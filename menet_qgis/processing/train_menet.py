@@ -4,13 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputLayerDefinition,
-                       QgsProcessingOutputNumber, QgsProcessingParameterEnum, QgsProcessingParameterFeatureSource,
+                       QgsProcessingOutputNumber, QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterFeatureSource,
                        QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer)
 
 from .common import DEVICES, MENetAlgorithm, advanced, gdal_raster_path, has_value, polygons_as_geojson
 from .worker_client import run_job
+
+
+#: Channel recipe choices, newest first (core/channels.py RECIPES).
+RECIPE_OPTIONS = ["v2: B2, B3, B4, B8, B11 (no B12)", "v1: B2, B3, B4, B8, B11, B12"]
 
 
 def default_model_output() -> str:
@@ -23,6 +27,7 @@ class TrainMENetAlgorithm(MENetAlgorithm):
     TILE_FOLDER, IMAGES, LABEL_RASTER, LABEL_POLYGONS = "TILE_FOLDER", "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS"
     EPOCHS, BATCH_SIZE, LEARNING_RATE, VAL_FRACTION = "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "VAL_FRACTION"
     SEED, DEVICE, IMAGENET_WEIGHTS, OUTPUT_MODEL = "SEED", "DEVICE", "IMAGENET_WEIGHTS", "OUTPUT_MODEL"
+    RECIPE, INIT_MODEL, RESUME = "RECIPE", "INIT_MODEL", "RESUME"
 
     def name(self):
         return "trainmenet"
@@ -44,6 +49,10 @@ class TrainMENetAlgorithm(MENetAlgorithm):
                 "location (overlapping windows and 3.84 km blocks stay on one side). Augmentation: flips and 90° "
                 "rotations. The checkpoint of the best validation F1 is kept; the log shows loss and validation "
                 "F1/IoU per epoch. CUDA with bf16 mixed precision when available.</p>"
+                "<p><b>Channel recipe</b>: v2 (default) reads B2, B3, B4, B8, B11 — every export has them; v1 also "
+                "needs B12. <b>Start from a model</b>: its weights (either recipe) are fine-tuned, channel statistics "
+                "are refitted on your data. The decision threshold that maximises validation F1 (0.2–0.8) is stored "
+                "in the model and used wherever it is thresholded. A stopped run continues with <b>Continue</b>.</p>"
                 "<p><b>ImageNet weights</b>: optional torchvision ResNet-101 file (resnet101-*.pth); conv1 then "
                 "starts as the mean of the RGB kernels × 3/11. Nothing is downloaded.</p>")
 
@@ -69,6 +78,11 @@ class TrainMENetAlgorithm(MENetAlgorithm):
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
             QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet weights (.pth)",
                                        extension="pth", optional=True),
+            QgsProcessingParameterEnum(self.RECIPE, "Channel recipe", RECIPE_OPTIONS, defaultValue=0),
+            QgsProcessingParameterFile(self.INIT_MODEL, "Start from this model (fine-tuning)",
+                                       extension="pt", optional=True),
+            QgsProcessingParameterBoolean(self.RESUME, "Continue a stopped run (same data and output)",
+                                          defaultValue=False),
         ]):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Trained model",
@@ -76,6 +90,7 @@ class TrainMENetAlgorithm(MENetAlgorithm):
                                                                 defaultValue=default_model_output()))
         for key in ("VAL_F1", "VAL_IOU", "VAL_KAPPA"):
             self.addOutput(QgsProcessingOutputNumber(key, f"Best validation {key[4:]}"))
+        self.addOutput(QgsProcessingOutputNumber("THRESHOLD", "Mangrove threshold chosen on validation"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         value = parameters.get(self.OUTPUT_MODEL)
@@ -108,7 +123,10 @@ class TrainMENetAlgorithm(MENetAlgorithm):
             "val_fraction": self.parameterAsDouble(parameters, self.VAL_FRACTION, context),
             "seed": self.parameterAsInt(parameters, self.SEED, context),
             "device": DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-            "imagenet_weights": self.parameterAsFile(parameters, self.IMAGENET_WEIGHTS, context) or None}
+            "imagenet_weights": self.parameterAsFile(parameters, self.IMAGENET_WEIGHTS, context) or None,
+            "recipe": (2, 1)[self.parameterAsEnum(parameters, self.RECIPE, context)],
+            "init_from": self.parameterAsFile(parameters, self.INIT_MODEL, context) or None,
+            "resume": self.parameterAsBoolean(parameters, self.RESUME, context)}
         if images:
             params["images"] = [layer.source().split("|")[0] for layer in images]  # raster layers: GDAL sources
             params["label_raster"] = label_raster
@@ -117,4 +135,4 @@ class TrainMENetAlgorithm(MENetAlgorithm):
         result = run_job("train", params, feedback, outputs=[str(out)])
         best = result.get("best", {})
         return {self.OUTPUT_MODEL: str(out), "VAL_F1": best.get("f1"), "VAL_IOU": best.get("iou"),
-                "VAL_KAPPA": best.get("kappa")}
+                "VAL_KAPPA": best.get("kappa"), "THRESHOLD": result.get("threshold")}

@@ -1,0 +1,147 @@
+"""Per-zone scores of ME-Net models next to a random forest and MVI, on the same pixels.
+
+Rebuilds the split the default model was trained with (``scripts/train_default_model.sh``):
+Jambelí validation = the v1 model's 58 validation windows, MagSet-2 zone 6 = validation (it chose
+the epoch and the threshold), zones 3 and 8 = held out (never trained on, never used to choose).
+The forest (100 trees, 8 per-pixel features: B2, B3, B4, B8, B11, NDVI, MNDWI, MVI) is trained on
+exactly the model's training windows.  Every method is scored on the valid pixels of each group,
+with the raw labels (no edge band removed).  Optional: the v2 model with test-time flips (mean of
+the 8 flips/rotations) and the Jambelí-only v1 model (Jambelí only: it needs B12).
+
+    .venv/bin/python scripts/evaluate_coasts.py resources/models/menet_coasts_v2.pt \
+        --v1 resources/models/menet_jambeli_v1.pt --tta --json out.json --markdown out.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from menet_qgis.core import assessment, channels, checkpoint, training  # noqa: E402
+from menet_qgis.core.metrics import Confusion  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+JAMBELI = f"{SHARED / 'jambeli' / 'train'}:name=jambeli"
+MAGSET2 = f"{SHARED / 'magset2' / 'tiles'}:name=magset2,edge_ignore=1,group=tile_(\\d+)_"
+VAL_GROUPS, HOLDOUT = ["magset2:6"], ["magset2:3", "magset2:8"]
+
+
+def load(recipe, sources):
+    return training.TileSet.concat([training.load_tile_folder(training.SourceSpec.parse(s).folder, recipe=recipe,
+                                                              spec=training.SourceSpec.parse(s)) for s in sources])
+
+
+def split(tiles, val_names):
+    return training.split_windows(tiles, 0.2, 0, VAL_GROUPS, HOLDOUT, val_names)
+
+
+def tta_probability(bundle, tiles, device):
+    """Mean probability over the 8 flips/90° rotations (each undone before averaging)."""
+    total = np.zeros(tiles.labels.shape, np.float64)
+    for k in range(8):
+        moved = tiles.subset(range(len(tiles)))
+        moved.images = np.ascontiguousarray(training.dihedral(torch.from_numpy(tiles.images), k).numpy())
+        moved.valid = np.ascontiguousarray(training.dihedral(torch.from_numpy(tiles.valid), k).numpy())
+        prob = torch.from_numpy(training.predict_windows(bundle, moved, device))
+        inverse = torch.rot90(prob, -(k % 4), dims=(-2, -1))
+        total += (inverse.flip(-1) if k >= 4 else inverse).numpy()
+    return (total / 8).astype(np.float32)
+
+
+def by_group(tiles, prediction, key_of):
+    """Confusion per reporting unit from a boolean prediction (N, H, W) on the valid pixels."""
+    out = {}
+    for i in range(len(tiles)):
+        ok = tiles.valid[i]
+        out.setdefault(key_of(i), Confusion()).add(prediction[i][ok], tiles.labels[i][ok] >= 0.5)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--v1", help="the Jambelí-only v1 model, scored on the Jambelí windows")
+    parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips (8x time)")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    bundle = checkpoint.load(args.model)
+    val_names = bundle.training.get("val_names", [])
+    tiles = load(bundle.recipe, [JAMBELI, MAGSET2])
+    train_idx, val_idx, test_idx = split(tiles, val_names)
+    train_set = tiles.subset(train_idx)
+    scored = tiles.subset(val_idx + test_idx)
+    role = {g: ("validation" if g in VAL_GROUPS else "held out") for g in VAL_GROUPS + HOLDOUT}
+
+    def unit(i):
+        g = scored.groups[i]
+        return "jambeli (validation)" if scored.sources[i] == "jambeli" else f"{g} ({role[g]})"
+
+    rows = {}
+    t0 = time.perf_counter()
+    prob = training.predict_windows(bundle, scored, device)
+    rows[f"ME-Net v2 (threshold {bundle.threshold:.2f})"] = by_group(scored, prob >= bundle.threshold, unit)
+    rows["ME-Net v2 at 0.5"] = by_group(scored, prob >= 0.5, unit)
+    seconds = {"model": time.perf_counter() - t0}
+    if args.tta:
+        t0 = time.perf_counter()
+        tta = tta_probability(bundle, scored, device)
+        seconds["model_tta"] = time.perf_counter() - t0
+        rows[f"ME-Net v2 + 8 flips (threshold {bundle.threshold:.2f})"] = by_group(scored, tta >= bundle.threshold, unit)
+    bands = train_set.images.transpose(1, 0, 2, 3)[:, train_set.valid]
+    forest = assessment.train_random_forest(bands, train_set.labels[train_set.valid], 100, 0)
+    flat = np.nan_to_num(scored.images.transpose(1, 0, 2, 3).reshape(len(channels.RECIPE_V2.source_bands), -1))
+    rf = forest.predict(assessment.pixel_features(flat)).reshape(scored.labels.shape).astype(bool)
+    rows[assessment.forest_label(flat.shape[0])] = by_group(scored, rf, unit)
+    b = scored.images
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mvi = assessment.mvi_mangrove(b[:, 1], b[:, 3], b[:, 4])
+    rows["MVI 4.5-16.5"] = by_group(scored, mvi, unit)
+    if args.v1:
+        v1 = checkpoint.load(args.v1)
+        jt = load(v1.recipe, [JAMBELI])
+        names = set(scored.names[i] for i in range(len(scored)) if scored.sources[i] == "jambeli")
+        jv = jt.subset([i for i, n in enumerate(jt.names) if n in names])
+        p1 = training.predict_windows(v1, jv, device)
+        rows[f"ME-Net v1, Jambelí only (threshold {v1.threshold:.2f})"] = by_group(
+            jv, p1 >= v1.threshold, lambda i: "jambeli (validation)")
+    units = sorted({u for r in rows.values() for u in r}, key=lambda u: (not u.startswith("jambeli"), u))
+    table = {name: {u: r[u].scores() | {"pixels": r[u].total} for u in units if u in r} for name, r in rows.items()}
+    new_coasts = {}
+    for name, r in rows.items():
+        pooled = Confusion()
+        for u in units:
+            if "held out" in u and u in r:
+                c = r[u]
+                pooled.tp, pooled.fp, pooled.fn, pooled.tn = (pooled.tp + c.tp, pooled.fp + c.fp,
+                                                              pooled.fn + c.fn, pooled.tn + c.tn)
+        if pooled.total:
+            new_coasts[name] = pooled.scores() | {"pixels": pooled.total}
+    result = {"model": args.model, "threshold": bundle.threshold, "train_windows": len(train_set),
+              "scored_windows": len(scored), "seconds": seconds, "table": table, "held_out_pooled": new_coasts}
+    lines = ["| method | " + " | ".join(units) + " | held-out zones pooled |", "|---" * (len(units) + 2) + "|"]
+    for name, r in table.items():
+        cells = [f"{r[u]['f1']:.4f} / {r[u]['iou']:.4f}" if u in r else "—" for u in units]
+        pooled = new_coasts.get(name)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pooled['f1']:.4f} / {pooled['iou']:.4f} |"
+                     if pooled else f"| {name} | " + " | ".join(cells) + " | — |")
+    text = "F1 / IoU per zone (valid pixels of each zone's windows)\n\n" + "\n".join(lines)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
