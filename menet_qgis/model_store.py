@@ -33,7 +33,7 @@ CHUNK = 1 << 20
 SPACE_MARGIN = 16 << 20
 MODEL_SUFFIXES = (".pt", ".onnx")
 NO_RELEASE = ("no model URL is configured: the project has no public model release yet. Give a URL or a file "
-              "(e.g. dist/menet_jambeli_v1.pt from 'make package'), or set the download location in "
+              "(e.g. dist/menet_coasts_v2.pt from 'make package'), or set the download location in "
               "Processing › Options › Providers › ME-Net (or MENET_MODEL_URL)")
 _SHA = re.compile(r"^[0-9a-fA-F]{64}$")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from .user_paths import installed_models_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_NAME = "menet_jambeli_v1.pt"
+DEFAULT_MODEL_NAME = "menet_coasts_v2.pt"
 
 
 def resources_dir() -> Path:

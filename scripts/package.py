@@ -2,7 +2,7 @@
 
 - ``menet_qgis-<version>.zip``: the plugin for *Install from ZIP* and the QGIS plugin
   repository, without weights (the repository refuses uploads over 25 MB).
-- ``menet_jambeli_v1.pt`` + ``.sha256``: the default model as a separate asset,
+- ``menet_coasts_v2.pt`` + ``.sha256``: the default model as a separate asset,
   installed with "Install model".
 - ``menet_qgis-<version>-with-model.zip``: the plugin with the model inside, for offline machines.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "menet_qgis"
-MODEL_NAME = "menet_jambeli_v1.pt"
+MODEL_NAME = "menet_coasts_v2.pt"
 #: The QGIS plugin repository's upload limit.
 REPOSITORY_LIMIT_BYTES = 25 * 1000 * 1000
 SKIP_DIRS = {"__pycache__", ".pytest_cache", "tests"}

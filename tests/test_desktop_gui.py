@@ -49,7 +49,7 @@ OUT = Path(os.environ.get("MENET_GUI_OUT") or ROOT / "build" / "gui")  # screens
 SESSION_TIMEOUT = float(os.environ.get("MENET_GUI_TIMEOUT", "420"))
 STARTUP_TIMEOUT = 90  # seconds until the driver's first sign of life (QGIS up, script running)
 EXIT_GRACE = 10  # seconds a process QGIS started may take to end after QGIS exited
-MODEL = ROOT / "resources" / "models" / "menet_jambeli_v1.pt"
+MODEL = ROOT / "resources" / "models" / "menet_coasts_v2.pt"
 PROFILE = "menet-test"
 # Mangrove forest, shrimp ponds and a channel, no no-data; one 256² window keeps the CPU run short.
 CROP = dict(row=1664, col=1164, height=256, width=256)

@@ -231,7 +231,7 @@ def test_default_model_resolves_installed_then_shipped(tmp_path, monkeypatch):
 
 def test_the_default_model_verifies_against_the_hash_the_plugin_ships(tmp_path):
     known = model_store.known_sha256(resources.DEFAULT_MODEL_NAME)
-    assert known == (resources.resources_dir() / "models" / "menet_jambeli_v1.pt.sha256").read_text().split()[0]
+    assert known == (resources.resources_dir() / "models" / "menet_coasts_v2.pt.sha256").read_text().split()[0]
     installed = model_store.install_model(str(resources.shipped_model_path()), models_dir=tmp_path)
     assert installed.sha256 == known
 

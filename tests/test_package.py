@@ -10,7 +10,7 @@ import pytest
 
 from helpers import ROOT, qgis_process
 
-MODEL = ROOT / "resources" / "models" / "menet_jambeli_v1.pt"
+MODEL = ROOT / "resources" / "models" / "menet_coasts_v2.pt"
 
 
 def sha256(data: bytes) -> str:
@@ -42,7 +42,7 @@ def test_plugin_zip_has_no_weights_and_fits_the_repository_limit(dist):
             "menet_qgis/processing/provider.py", "menet_qgis/core/engine.py",
             "menet_qgis/environment_installer.py", "menet_qgis/model_store.py",
             "menet_qgis/requirements/cpu-light.txt", "menet_qgis/requirements/cpu.txt",
-            "menet_qgis/requirements/cuda.txt", "menet_qgis/resources/models/menet_jambeli_v1.pt.sha256",
+            "menet_qgis/requirements/cuda.txt", "menet_qgis/resources/models/menet_coasts_v2.pt.sha256",
             "menet_qgis/resources/models/mangrove_mask.model3"} <= names
     assert all(n.startswith("menet_qgis/") for n in names)
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".pt", ".onnx")) or "/tests/" in n]
@@ -53,11 +53,11 @@ def test_plugin_zip_has_no_weights_and_fits_the_repository_limit(dist):
 def test_model_asset_and_its_sha256(dist):
     if not MODEL.is_file():
         pytest.skip("no default model in this checkout")
-    asset = dist / "menet_jambeli_v1.pt"
+    asset = dist / "menet_coasts_v2.pt"
     digest = sha256(asset.read_bytes())
     assert asset.read_bytes() == MODEL.read_bytes()
-    assert (dist / "menet_jambeli_v1.pt.sha256").read_text() == f"{digest}  menet_jambeli_v1.pt\n"
-    assert digest == (MODEL.parent / "menet_jambeli_v1.pt.sha256").read_text().split()[0]
+    assert (dist / "menet_coasts_v2.pt.sha256").read_text() == f"{digest}  menet_coasts_v2.pt\n"
+    assert digest == (MODEL.parent / "menet_coasts_v2.pt.sha256").read_text().split()[0]
 
 
 def test_offline_zip_carries_the_model(dist):
@@ -65,8 +65,8 @@ def test_offline_zip_carries_the_model(dist):
         pytest.skip("no default model in this checkout")
     with zipfile.ZipFile(dist / f"menet_qgis-{version()}-with-model.zip") as z:
         with zipfile.ZipFile(dist / f"menet_qgis-{version()}.zip") as lean:
-            assert set(z.namelist()) - set(lean.namelist()) == {"menet_qgis/resources/models/menet_jambeli_v1.pt"}
-        assert sha256(z.read("menet_qgis/resources/models/menet_jambeli_v1.pt")) == sha256(MODEL.read_bytes())
+            assert set(z.namelist()) - set(lean.namelist()) == {"menet_qgis/resources/models/menet_coasts_v2.pt"}
+        assert sha256(z.read("menet_qgis/resources/models/menet_coasts_v2.pt")) == sha256(MODEL.read_bytes())
 
 
 def test_installed_plugin_zip_loads_in_qgis_and_points_to_the_model_folder(dist, qgis_env, tmp_path):
@@ -81,4 +81,4 @@ def test_installed_plugin_zip_loads_in_qgis_and_points_to_the_model_folder(dist,
     probe = subprocess.run([sys.executable, "-c", "from menet_qgis.resources import default_model_path as d; "
                             "print(d())"], cwd=plugins, env=dict(os.environ, MENET_HOME=str(tmp_path / "home")),
                            capture_output=True, text=True, timeout=60)
-    assert probe.stdout.strip() == str(tmp_path / "home" / "models" / "menet_jambeli_v1.pt"), probe.stderr
+    assert probe.stdout.strip() == str(tmp_path / "home" / "models" / "menet_coasts_v2.pt"), probe.stderr

@@ -1,7 +1,7 @@
 """Processing algorithm "Install model", id ``menet:installmodel``.
 
 Downloads (or copies) a model, verifies its sha256 and stores it in the user's
-model folder; the installed ``menet_jambeli_v1.pt`` becomes MODEL's default.
+model folder; the installed ``menet_coasts_v2.pt`` becomes MODEL's default.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class InstallModelAlgorithm(MENetAlgorithm):
             "<p>Installs an ME-Net model into your model folder "
             f"(<i>{user_paths.installed_models_dir()}</i>). Installed as <i>{DEFAULT_MODEL_NAME}</i>, it is "
             "the model 'Extract mangroves' uses when MODEL is empty.</p>"
-            "<p><b>Source</b>: an http(s) URL or a model file (e.g. <i>menet_jambeli_v1.pt</i> next to the plugin "
+            "<p><b>Source</b>: an http(s) URL or a model file (e.g. <i>menet_coasts_v2.pt</i> next to the plugin "
             "ZIP). Empty = the download location set in Processing › Options › Providers › ME-Net. "
             "<b>The project has no public model release yet</b>, so that location is empty until you set it.</p>"
             "<p><b>SHA256</b>: the expected checksum; empty = read from <i>&lt;source&gt;.sha256</i> beside it "
