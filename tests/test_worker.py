@@ -3,6 +3,7 @@ succeeds, fails, is cancelled, dies, or its Python lacks torch."""
 import json
 import os
 import subprocess
+from pathlib import Path
 import sys
 import textwrap
 import time
