@@ -86,8 +86,10 @@ def test_source_spec_parses_and_refuses_unknown_keys():
     spec = training.SourceSpec.parse(r"/data/m:name=magset2,weight=0.5,edge_ignore=1,group=tile_(\d+)_")
     assert (spec.folder, spec.source, spec.weight, spec.edge_ignore, spec.group) == \
         ("/data/m", "magset2", 0.5, 1, r"tile_(\d+)_")
+    assert training.SourceSpec.parse("C:/data/tiles:weight=2").folder == "C:/data/tiles"   # a drive letter
+    assert training.SourceSpec.parse("/data/a:b").folder == "/data/a:b"                     # ':' in a name
     with pytest.raises(ValueError, match="use name="):
-        training.SourceSpec.parse("/data/m:colour=red")
+        training.SourceSpec.parse("/data/m:name=x,colour=red")
     with pytest.raises(ValueError, match="weight must be > 0"):
         training.SourceSpec.parse("/data/m:weight=0")
 

@@ -165,8 +165,11 @@ class SourceSpec:
 
     @classmethod
     def parse(cls, text: str) -> "SourceSpec":
-        """``FOLDER[:key=value,...]`` with keys name, weight, edge_ignore, group."""
-        folder, _, rest = str(text).partition(":")
+        """``FOLDER[:key=value,...]`` with keys name, weight, edge_ignore, group.  Only a ':' followed
+        by a known key starts the options, so ``C:/tiles`` and folders with ':' in their names work."""
+        import re
+        match = re.match(r"^(.*?):((?:name|weight|edge_ignore|group)=.*)$", str(text), re.S)
+        folder, rest = match.groups() if match else (str(text), "")
         spec = cls(folder)
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
@@ -198,7 +201,7 @@ def label_edge_band(labels: np.ndarray, width: int) -> np.ndarray:
 DUPLICATE_DISAGREEMENT = 0.02
 #: ... and a window whose mangrove label covers water or bare ground (MNDWI > 0 and NDVI < 0.1: channels
 #: and ponds inside coarse polygons) on more than this share of its mangrove pixels loses those pixels
-#: from the loss and half its weight (on MagSet-2 this flags 7 of 350 windows, on Jambelí none).
+#: from the loss and half its weight (on MagSet-2 this flags 9 of 350 windows, on Jambelí none).
 WATER_AS_MANGROVE = 0.10
 
 
