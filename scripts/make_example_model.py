@@ -49,7 +49,8 @@ def build() -> QgsProcessingModelAlgorithm:
     reclass.addParameterSources("INPUT_RASTER", [QgsProcessingModelChildParameterSource.fromChildOutput("extract", "OUTPUT")])
     reclass.addParameterSources("RASTER_BAND", [QgsProcessingModelChildParameterSource.fromStaticValue(1)])
     # Child outputs are expression variables named <child description>_<output>, made safe.
-    chosen = "coalesce(@threshold, @Extract_mangroves__ME-Net__THRESHOLD)"
+    # var(): the name holds '-', which @name would parse as a minus.
+    chosen = "coalesce(@threshold, var('Extract_mangroves__ME-Net__THRESHOLD'))"
     reclass.addParameterSources("TABLE", [QgsProcessingModelChildParameterSource.fromExpression(
         f"array(0, {chosen}, 0, {chosen}, 1, 1)")])
     reclass.addParameterSources("RANGE_BOUNDARIES", [QgsProcessingModelChildParameterSource.fromStaticValue(1)])

@@ -319,7 +319,7 @@ def test_dtypes_no_sentinel2_product_has_are_refused(cli, untrained_path, tmp_pa
     (np.zeros((6, 64, 64), np.float32), "odd.tif holds only zeros (4096 valid pixels in 1 window sampled across it): "
                                         "there is nothing to map. Likely an empty or failed export"),
     (s2_reflectance(64, 64) * 10000, "odd.tif is a float32 raster, read as reflectance (0-1), but its values look "
-                                     "scaled: median 538.7, maximum 3175 (4096 valid pixels in 1 window sampled "
+                                     "scaled: median 538.9, maximum 3175 (4096 valid pixels in 1 window sampled "
                                      "across it). Likely reflectance x 10000 stored as float: divide it by 10000"),
     (np.full((6, 64, 64), -9999, np.int16), "odd.tif has negative DN in 100.0% of the sampled pixels (minimum -9999; "
                                             "4096 valid pixels in 1 window sampled across it); Sentinel-2 DN are "

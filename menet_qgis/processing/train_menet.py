@@ -79,10 +79,9 @@ class TrainMENetAlgorithm(MENetAlgorithm):
             QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet weights (.pth)",
                                        extension="pth", optional=True),
             QgsProcessingParameterEnum(self.RECIPE, "Channel recipe", RECIPE_OPTIONS, defaultValue=0),
-            QgsProcessingParameterFile(self.INIT_MODEL, "Start from this model (fine-tuning)",
+            QgsProcessingParameterFile(self.INIT_MODEL, "Fine-tune from model",
                                        extension="pt", optional=True),
-            QgsProcessingParameterBoolean(self.RESUME, "Continue a stopped run (same data and output)",
-                                          defaultValue=False),
+            QgsProcessingParameterBoolean(self.RESUME, "Continue a stopped run", defaultValue=False),
         ]):
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Trained model",
