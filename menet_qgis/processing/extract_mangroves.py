@@ -49,8 +49,11 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         return (
             "<p>Runs ME-Net (ResNet-101 encoder + ME-Net head) over the raster in overlapping windows — on the "
             "GPU when there is one — and writes a mangrove probability (0–1) on exactly the input grid.</p>"
-            "<p><b>Input</b>: Sentinel-2 bands named Blue…SWIR2 or B2…B12 (else set the six band numbers), DN or "
-            "reflectance; or an 11-band ME-Net stack. <b>Model</b>: empty = the default model.</p>"
+            "<p><b>Input</b>: Sentinel-2 bands named Blue…SWIR1 or B2…B11 (else set the band numbers), DN or "
+            "reflectance; or an 11-band ME-Net stack. B12 (SWIR2) is needed only by models of channel recipe v1. "
+            "<b>Model</b>: empty = the default model.</p>"
+            "<p><b>Threshold</b> (output): the model's mangrove threshold, chosen on its validation data; it is "
+            "also stored in the probability raster for Assess accuracy and model chains.</p>"
             "<p><b>Window / overlap</b>: multiples of 32 px, blended without seams. <b>Batch size</b> 0 = "
             "automatic.</p>"
             "<p><b>Stage layers</b>: each chosen stage as a GeoTIFF at its own resolution; <i>compact</i> = 3 "
