@@ -35,8 +35,8 @@ VAL_GROUPS, HOLDOUT = ["magset2:6"], ["magset2:3", "magset2:8"]
 
 
 def load(recipe, sources):
-    return training.TileSet.concat([training.load_tile_folder(training.SourceSpec.parse(s).folder, recipe=recipe,
-                                                              spec=training.SourceSpec.parse(s)) for s in sources])
+    specs = [training.SourceSpec.parse(s) for s in sources]
+    return training.TileSet.concat([training.load_tile_folder(spec.folder, recipe=recipe, spec=spec) for spec in specs])
 
 
 def split(tiles, val_names):
@@ -118,12 +118,8 @@ def main() -> int:
     table = {name: {u: r[u].scores() | {"pixels": r[u].total} for u in units if u in r} for name, r in rows.items()}
     new_coasts = {}
     for name, r in rows.items():
-        pooled = Confusion()
-        for u in units:
-            if "held out" in u and u in r:
-                c = r[u]
-                pooled.tp, pooled.fp, pooled.fn, pooled.tn = (pooled.tp + c.tp, pooled.fp + c.fp,
-                                                              pooled.fn + c.fn, pooled.tn + c.tn)
+        held = [r[u] for u in units if "held out" in u and u in r]
+        pooled = Confusion(*(sum(getattr(c, k) for c in held) for k in ("tp", "fp", "fn", "tn")))
         if pooled.total:
             new_coasts[name] = pooled.scores() | {"pixels": pooled.total}
     result = {"model": args.model, "threshold": bundle.threshold, "train_windows": len(train_set),

@@ -114,9 +114,9 @@ def test_pca_record_round_trip():
 
 
 # --- band identification ------------------------------------------------------------
-def plan(descriptions, tags=None, dataset_tags=None, dtype="float32", **kw):
+def plan(descriptions, tags=None, dataset_tags=None, dtype="float32", recipe=channels.RECIPE_V1, **kw):
     tags = tags or [{} for _ in descriptions]
-    return plan_input(descriptions, tags, dataset_tags or {}, dtype, **kw)
+    return plan_input(descriptions, tags, dataset_tags or {}, dtype, recipe=recipe, **kw)
 
 
 @pytest.mark.parametrize("descriptions, indexes", [

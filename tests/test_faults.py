@@ -279,7 +279,7 @@ def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
     src = write_s2(tmp_path / "a.tif", 32, 32)
     before = src.read_bytes()
     with pytest.raises(raster_io.InputError, match="is the input"):
-        sentinel2_product.export_channels(src, src, channels.default_pca())
+        sentinel2_product.export_channels(src, src, channels.RECIPE_V1.default_pca())
     assert src.read_bytes() == before and partials(tmp_path) == []
 
 

@@ -14,7 +14,7 @@ from rasterio.warp import transform_geom
 from helpers import UTM17S, read
 from menet_qgis.core import engine, sentinel2_product
 from menet_qgis.core.compat import apply
-from menet_qgis.core.channels import CHANNEL_NAMES, DEFAULT_RECIPE, RECIPE_V1, SOURCE_BANDS, compute_channels, default_pca
+from menet_qgis.core.channels import CHANNEL_NAMES, DEFAULT_RECIPE, RECIPE_V1, SOURCE_BANDS, compute_channels
 from menet_qgis.core.raster_io import RasterInput
 
 ORIGIN = (600000.0, 9700000.0)        # upper-left corner of the (small) tile
@@ -274,7 +274,7 @@ def test_export_channels_matches_the_recipe(safe, tmp_path, monkeypatch):
                                                                (x0 + 100, y0 - 100)]]}
     stack = sentinel2_product.build_stack(safe, tmp_path / "stack.tif", polygon_geojson=square).path
     monkeypatch.setattr(sentinel2_product, "EXPORT_BLOCK", 16)            # several strips, ragged edges
-    pca = default_pca()
+    pca = RECIPE_V1.default_pca()
     out = sentinel2_product.export_channels(stack, tmp_path / "channels.tif", pca)
     with rasterio.open(out) as ds:
         assert (ds.count, ds.dtypes[0], ds.descriptions) == (11, "float32", tuple(CHANNEL_NAMES))
@@ -291,7 +291,7 @@ def test_export_refuses_an_eleven_channel_stack(tmp_path):
     from helpers import write_raster
     src = write_raster(tmp_path / "stack11.tif", np.zeros((11, 4, 4), np.float32), CHANNEL_NAMES)
     with pytest.raises(ValueError, match="already an 11-channel ME-Net stack"):
-        sentinel2_product.export_channels(src, tmp_path / "out.tif", default_pca())
+        sentinel2_product.export_channels(src, tmp_path / "out.tif", RECIPE_V1.default_pca())
 
 
 # --- inside QGIS ----------------------------------------------------------------------------

@@ -81,22 +81,21 @@ class InputPlan:
 
 def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], dataset_tags: Dict[str, str],
                dtype: str, band_numbers: Optional[Sequence[int]] = None,
-               dn_offset: Optional[float] = None, recipe: Recipe = RECIPE_V1) -> InputPlan:
+               dn_offset: Optional[float] = None, *, recipe: Recipe) -> InputPlan:
     """Decide how to read a raster for ``recipe`` (the model's).  ``band_numbers`` (1-based,
     in B2, B3, B4, B8, B11, B12 order) overrides what the file says — a recipe without B12
     takes the first five and ignores a sixth; ``dn_offset`` is used for integer DN when the
     product metadata carries none."""
-    SOURCE_BANDS = list(recipe.source_bands)
-    CHANNEL_NAMES = recipe.channel_names
+    source_bands = list(recipe.source_bands)
     count = len(descriptions)
     labels = [band_label(d, t) for d, t in zip(descriptions, tags)]
     found = ", ".join(f"{i}:{d or '(no description)'}" + (f"={l}" if l else "")
                       for i, (d, l) in enumerate(zip(descriptions, labels), 1))
     if band_numbers:
-        if len(band_numbers) == len(RECIPE_V1.source_bands) > len(SOURCE_BANDS):
-            band_numbers = list(band_numbers)[:len(SOURCE_BANDS)]  # B12 given, not needed by this recipe
-        if len(band_numbers) != len(SOURCE_BANDS):
-            raise BandError(f"give {len(SOURCE_BANDS)} band numbers ({', '.join(SOURCE_BANDS)}), got {len(band_numbers)}")
+        if len(band_numbers) == len(RECIPE_V1.source_bands) > len(source_bands):
+            band_numbers = list(band_numbers)[:len(source_bands)]  # B12 given, not needed by this recipe
+        if len(band_numbers) != len(source_bands):
+            raise BandError(f"give {len(source_bands)} band numbers ({', '.join(source_bands)}), got {len(band_numbers)}")
         bad = [b for b in band_numbers if not 1 <= int(b) <= count]
         if bad:
             raise BandError(f"band numbers {bad} are outside 1..{count} of this raster")
@@ -106,19 +105,19 @@ def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], data
         for i, label in enumerate(labels, 1):
             if label and label not in by_label:
                 by_label[label] = i
-        missing = [b for b in SOURCE_BANDS if b not in by_label]
+        missing = [b for b in source_bands if b not in by_label]
         names = [normalise_name(d) for d in descriptions]
-        if missing and count == N_CHANNELS and (names == CHANNEL_NAMES or not any(labels)):
+        if missing and count == N_CHANNELS and (names == recipe.channel_names or not any(labels)):
             return InputPlan("stack11", list(range(1, N_CHANNELS + 1)),
-                             notes=[f"11-band raster read as a ready-made ME-Net stack ({', '.join(CHANNEL_NAMES)}; "
+                             notes=[f"11-band raster read as a ready-made ME-Net stack ({', '.join(recipe.channel_names)}; "
                                     f"recipe {recipe.label})"])
         if missing:
             raise BandError(f"cannot identify Sentinel-2 bands {', '.join(missing)} in this {count}-band raster "
-                            f"(found {found}); this model (channel recipe {recipe.label}) needs {', '.join(SOURCE_BANDS)} — set the band numbers "
+                            f"(found {found}); this model (channel recipe {recipe.label}) needs {', '.join(source_bands)} — set the band numbers "
                             f"explicitly, build a 6-band stack from the product with 'Prepare Sentinel-2 stack' "
                             f"(python -m menet_qgis prepare), or give an 11-band ME-Net stack")
-        indexes, how = [by_label[b] for b in SOURCE_BANDS], "band descriptions"
-    notes = [f"bands {', '.join(f'{b}=band {i}' for b, i in zip(SOURCE_BANDS, indexes))} (from {how})"]
+        indexes, how = [by_label[b] for b in source_bands], "band descriptions"
+    notes = [f"bands {', '.join(f'{b}=band {i}' for b, i in zip(source_bands, indexes))} (from {how})"]
     if dtype.startswith(("int", "uint")):
         meta_offset = next((float(dataset_tags[k]) for k in OFFSET_KEYS if k in dataset_tags), None)
         warnings: List[str] = []

@@ -1,9 +1,9 @@
 """ME-Net's input channel recipe: which 11 channels, from which bands, by which formula.
 
-The recipe is a named, versioned list.  A checkpoint records the recipe it was
-trained on (name, version and channel names) and ``check_recipe`` refuses a
-checkpoint made for another recipe, so a model can never be fed channels it was
-not trained on.  The formulas exist twice: with torch (``compute_channels``,
+A recipe is named and versioned (v1 and v2 below).  A checkpoint records the
+recipe it was trained on (name, version and channel names) and ``recipe_for``
+finds it or refuses a recipe this code does not compute, so a model can never be
+fed channels it was not trained on.  The formulas exist twice: with torch (``compute_channels``,
 on the model's device, the GPU when there is one) and with numpy
 (``compute_channels_numpy``, for the ONNX runtimes, so mapping on the CPU does
 not need torch).  Tests hold the two equal, NaN for NaN.
@@ -139,10 +139,6 @@ CHANNEL_NAMES: List[str] = RECIPE_V1.channel_names
 RECIPE_NAME, RECIPE_VERSION = RECIPE_V1.name, RECIPE_V1.version
 
 
-def recipe_record(recipe: Recipe = RECIPE_V1) -> Dict:
-    return recipe.record()
-
-
 def recipe_for(record: Dict) -> Recipe:
     """The recipe a checkpoint names; ``ValueError`` naming the mismatch if this code has none like it."""
     got = (record.get("name"), record.get("version"), list(record.get("channels", [])))
@@ -153,11 +149,6 @@ def recipe_for(record: Dict) -> Recipe:
             f"checkpoint was made for channel recipe {got[0]} v{got[1]} ({', '.join(map(str, got[2]))}); "
             f"this plugin computes {known}")
     return recipe
-
-
-def check_recipe(record: Dict) -> None:
-    """Raise ``ValueError`` naming the mismatch if ``record`` is not a recipe this code computes."""
-    recipe_for(record)
 
 
 def safe_ratio(num: "torch.Tensor", den: "torch.Tensor") -> "torch.Tensor":
@@ -245,7 +236,3 @@ def compute_channels_numpy(bands: np.ndarray, pca: PCABasis, out: np.ndarray = N
     out[:, N_CHANNELS - 1] = ((bands - mean) * comp).sum(axis=1)
     return out
 
-
-def default_pca(recipe: Recipe = RECIPE_V1) -> PCABasis:
-    """Equal-weight basis used only by untrained checkpoints (no training data yet)."""
-    return recipe.default_pca()

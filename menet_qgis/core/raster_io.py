@@ -187,7 +187,7 @@ class RasterInput:
             raise InputError(f"{Path(self.path).name} is rotated; warp it to a north-up grid first")
         self._plan_inputs = (descriptions, tags, dataset_tags, self.dtype, band_numbers, dn_offset)
         self.recipe = recipe or RECIPE_V2
-        self.plan: InputPlan = plan_input(*self._plan_inputs, self.recipe)
+        self.plan: InputPlan = plan_input(*self._plan_inputs, recipe=self.recipe)
         self.area = self._area(bounds)
         self._local = threading.local()
         self._handles: List = []
@@ -196,7 +196,7 @@ class RasterInput:
     def use_recipe(self, recipe) -> None:
         """Plan the bands for ``recipe`` (the model's): a v1 model also needs B12 (BandError if absent)."""
         if recipe is not self.recipe:
-            self.plan = plan_input(*self._plan_inputs, recipe)
+            self.plan = plan_input(*self._plan_inputs, recipe=recipe)
             self.recipe = recipe
 
     # --- geometry -------------------------------------------------------

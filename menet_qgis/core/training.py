@@ -91,12 +91,6 @@ def _read_reflectance(path: str, recipe: ch.Recipe = ch.DEFAULT_RECIPE,
                       georeferenced: bool = True) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple], Optional[str]]:
     """The recipe's source bands as reflectance + validity, using the same band mapping as inference;
     bounds and CRS are ``None`` for an un-georeferenced tile when ``georeferenced`` is False."""
-    with warnings.catch_warnings():  # un-georeferenced tiles are expected here; RasterInput refuses them elsewhere
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        return _read_reflectance_quietly(path, recipe, georeferenced)
-
-
-def _read_reflectance_quietly(path, recipe, georeferenced):
     src = RasterInput(path, recipe=recipe, georeferenced=georeferenced)
     if src.plan.kind != "sentinel2":
         raise ValueError(f"{Path(path).name}: training needs Sentinel-2 bands, not a ready-made 11-band stack")
@@ -238,36 +232,36 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     images, labels, valid, bounds, names = [], [], [], [], []
     seen: Dict[Tuple, int] = {}
     dropped, crss, conflicts = 0, set(), set()
-    for path in paths:
-        mask_path = str(Path(path).parent / Path(path).name.replace(*mask_prefix, 1))
-        if not Path(mask_path).is_file():
-            raise ValueError(f"no mask {Path(mask_path).name} for {Path(path).name}")
-        img, ok, b, crs = _read_reflectance(path, recipe, georeferenced=False)
-        crss.add(crs)
-        with warnings.catch_warnings():  # masks of un-georeferenced tiles have no grid either
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+    with warnings.catch_warnings():  # un-georeferenced tiles are expected here (maps refuse them elsewhere)
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        for path in paths:
+            mask_path = str(Path(path).parent / Path(path).name.replace(*mask_prefix, 1))
+            if not Path(mask_path).is_file():
+                raise ValueError(f"no mask {Path(mask_path).name} for {Path(path).name}")
+            img, ok, b, crs = _read_reflectance(path, recipe, georeferenced=False)
+            crss.add(crs)
             with rasterio.open(mask_path) as ds:
                 mask = ds.read(1, out_dtype="float32", masked=True).filled(np.nan)  # declared no-data -> NaN
-        check_label_coding(mask, Path(mask_path).name)
-        if mask.shape != ok.shape:
-            raise ValueError(f"{Path(mask_path).name} is {mask.shape}, its image {ok.shape}")
-        ok &= np.isfinite(mask)
-        lab = (np.nan_to_num(mask, nan=0.0) >= 0.5).astype(np.float32)
-        key = tuple(round(v, 3) for v in b) if b is not None else None
-        if key is not None and key in seen:
-            dropped += 1
-            first = seen[key]
-            both = ok & valid[first]
-            if both.any() and float((lab[both] != labels[first][both]).mean()) > DUPLICATE_DISAGREEMENT:
-                conflicts.add(first)
-            continue
-        if key is not None:
-            seen[key] = len(images)
-        images.append(img)
-        labels.append(lab)
-        valid.append(ok)
-        bounds.append(b)
-        names.append(Path(path).name)
+            check_label_coding(mask, Path(mask_path).name)
+            if mask.shape != ok.shape:
+                raise ValueError(f"{Path(mask_path).name} is {mask.shape}, its image {ok.shape}")
+            ok &= np.isfinite(mask)
+            lab = (np.nan_to_num(mask, nan=0.0) >= 0.5).astype(np.float32)
+            key = tuple(round(v, 3) for v in b) if b is not None else None
+            if key is not None and key in seen:
+                dropped += 1
+                first = seen[key]
+                both = ok & valid[first]
+                if both.any() and float((lab[both] != labels[first][both]).mean()) > DUPLICATE_DISAGREEMENT:
+                    conflicts.add(first)
+                continue
+            if key is not None:
+                seen[key] = len(images)
+            images.append(img)
+            labels.append(lab)
+            valid.append(ok)
+            bounds.append(b)
+            names.append(Path(path).name)
     if len(crss) != 1:
         shown = ", ".join(sorted(c or "none" for c in crss))
         raise ValueError(f"training tiles in {folder} are in several CRSs ({shown}); the location split "
