@@ -122,6 +122,23 @@ def _runtime_versions() -> str:
     return ", ".join(found) or "no runtime installed"
 
 
+def peak_memory_mb():
+    """This process's peak resident memory in MB (Linux's VmHWM; ru_maxrss elsewhere), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024))
+
+
 def main() -> int:
     channel = Channel()
     # The protocol reads fd 0 through a private file object and sys.stdin becomes /dev/null: a library
@@ -170,5 +187,8 @@ def main() -> int:
         traceback.print_exc()
         channel.send(type="error", kind="internal", message=f"{type(exc).__name__}: {_one_line(exc)}")
         return EXIT_ERROR
+    peak = peak_memory_mb()
+    if peak is not None:  # what the job cost in memory, for the user's log and the benchmark
+        reporter.info(f"engine process peak memory: {peak} MB")
     channel.send(type="result", result=result)
     return EXIT_OK

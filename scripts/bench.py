@@ -12,9 +12,11 @@ then torch's naive fp32 batch-1 rate.  A, B, C, A, B, C, ...: load that comes
 and goes hits every runtime alike.  Reports medians and per-round ratios:
 end-to-end vs the runtime's own forward-only rate, vs the torch path, vs naive;
 km²/s and the implied time for a full 10980² tile; the map difference between
-each runtime and torch (max |Δp|, % pixels changing class at 0.5).
-With ``--memory-sizes 1024,4096`` it instead measures peak RSS of the CLI on
-generated rasters of those sizes (flat memory).
+each runtime and torch (max |Δp|, % pixels changing class at the model's threshold).
+With ``--memory-sizes 1024,4096`` it instead measures peak RSS on generated
+rasters of those sizes (flat memory): of the CLI, or with ``--memory-via
+qgis_process`` of ``qgis_process run menet:extractmangroves`` plus its engine
+worker (``make bench BENCH_ARGS="--memory-sizes 1024,4096 --memory-via qgis_process"``).
 """
 import argparse
 import json
@@ -32,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from menet_qgis.core import raster_io, runtimes  # noqa: E402
+from menet_qgis.core.choices import RUNTIMES  # noqa: E402
+from menet_qgis.core.engine import THRESHOLD_TAG  # noqa: E402
 from menet_qgis.core.tiling import DEFAULT_OVERLAP, WindowGrid  # noqa: E402
 from menet_qgis.resources import default_model_path  # noqa: E402
 from synthetic_s2 import generate  # noqa: E402
@@ -140,10 +144,15 @@ def naive_rate(bundle, x, count: int, threads: int) -> float:
 
 
 def map_difference(a_path, b_path):
-    a, b = (raster_io.rasterio.open(p).read(1) for p in (a_path, b_path))
+    """Max |Δp| and the % of pixels on the other side of the model's threshold (stored in the map)."""
+    with raster_io.rasterio.open(a_path) as da, raster_io.rasterio.open(b_path) as db:
+        a, b = da.read(1), db.read(1)
+        threshold = float(db.tags().get(THRESHOLD_TAG, 0.5))
     both = np.isfinite(a) & np.isfinite(b)
     return {"max_abs_diff": float(np.abs(a[both] - b[both]).max()) if both.any() else 0.0,
-            "class_flips_pct": float(100.0 * ((a[both] >= 0.5) != (b[both] >= 0.5)).mean()) if both.any() else 0.0,
+            "threshold": threshold,
+            "class_flips_pct": float(100.0 * ((a[both] >= threshold) != (b[both] >= threshold)).mean())
+            if both.any() else 0.0,
             "same_nodata": bool(np.array_equal(np.isnan(a), np.isnan(b)))}
 
 
@@ -151,17 +160,62 @@ def median(values):
     return round(statistics.median(values), 3) if values else None
 
 
+QGIS_PROCESS = "/usr/bin/qgis_process.bin"  # Debian's wrapper passes --noversioncheck, which 3.22 rejects
+
+
+def vm_hwm_mb(pid: int):
+    """Peak RSS so far of a live process (VmHWM only grows), or None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return int(status.read().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return None
+
+
+def run_qgis_process(raster, out_dir, runtime, a):
+    """One `qgis_process run menet:extractmangroves`: the QGIS process's peak RSS (its VmHWM, polled
+    every 50 ms until it exits) and the engine worker's own peak, which the worker logs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [QGIS_PROCESS, "run", "menet:extractmangroves", "--", f"INPUT={raster}",
+           f"OUTPUT={out_dir / 'probability.tif'}", f"RUNTIME={RUNTIMES.index(runtime)}",
+           f"OVERLAP={a.overlap}", f"THREADS={a.threads}"]
+    if a.model:
+        cmd.append(f"MODEL={a.model}")
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    t0 = time.perf_counter()
+    with open(out_dir / "qgis_process.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        qgis_peak = 0.0
+        while proc.poll() is None:
+            qgis_peak = max(qgis_peak, vm_hwm_mb(proc.pid) or 0.0)
+            time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    text = (out_dir / "qgis_process.log").read_text()
+    if proc.returncode != 0 or "engine process peak memory:" not in text:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {text[-2000:]}")
+    worker_peak = int(text.rsplit("engine process peak memory:", 1)[1].split()[0])
+    return {"qgis_process_peak_rss_mb": round(qgis_peak), "worker_peak_rss_mb": worker_peak,
+            "peak_rss_mb": round(qgis_peak) + worker_peak, "wall_s": round(wall, 2)}
+
+
 def memory_mode(a, work) -> int:
+    """Peak RSS on generated rasters of growing size: flat memory means the largest costs about what
+    the smallest does.  ``--memory-via qgis_process`` measures it inside QGIS (its process + the
+    engine worker, summed: an upper bound of the two at once)."""
     rows = []
     for size in a.memory_sizes:
         raster = work / f"synthetic_{size}.tif"
         if not raster.exists():
             generate(raster, size)
-        res = run_cli(raster, work / f"mem_{size}", a.runtimes[0], a)
-        rows.append({"size": size, "runtime": a.runtimes[0], **{k: res[k] for k in
-                    ("peak_rss_mb", "wall_s", "engine_s", "windows_run")}})
+        runtime = a.runtimes[0]
+        if a.memory_via == "qgis_process":
+            res = run_qgis_process(raster, work / f"mem_qgis_{size}", runtime, a)
+        else:
+            res = run_cli(raster, work / f"mem_{size}", runtime, a)
+            res = {k: res[k] for k in ("peak_rss_mb", "wall_s", "engine_s", "windows_run")}
+        rows.append({"size": size, "runtime": runtime, "via": a.memory_via, **res})
         print(json.dumps(rows[-1]), file=sys.stderr)
-    report = {"mode": "memory", "rows": rows,
+    report = {"mode": "memory", "via": a.memory_via, "rows": rows,
               "rss_ratio_largest_to_smallest": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}
     print(json.dumps(report, indent=2))
     if a.json:
@@ -187,7 +241,10 @@ def main(argv=None) -> int:
     p.add_argument("--forward-batches", type=int, default=3)
     p.add_argument("--naive-windows", type=int, default=4)
     p.add_argument("--memory-sizes", type=lambda t: [int(v) for v in t.split(",") if v], default=[],
-                   help="peak-RSS mode: generated rasters of these sizes through the CLI")
+                   help="peak-RSS mode: generated rasters of these sizes")
+    p.add_argument("--memory-via", choices=("cli", "qgis_process"), default="cli",
+                   help="peak-RSS mode through the CLI or through qgis_process (run it via `make bench`, "
+                        "which stages the plugin)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--workdir", help="where generated rasters and outputs go (default: a temp folder)")
     a = p.parse_args(argv)

@@ -90,6 +90,10 @@ def test_protocol_one_real_job_in_json_lines(untrained_path, tmp_path):
     result = messages[-1]["result"]
     assert result["probability"] == str(tmp_path / "p.tif") and (tmp_path / "p.tif").is_file()
     assert set(result["stages"]) == {"stage2"} and result["windows_run"] > 0
+    # the log's last line says what the job cost in memory (the benchmark reads it through qgis_process)
+    last_log = [m["message"] for m in messages if m["type"] == "log"][-1]
+    assert last_log.startswith("engine process peak memory: ") and last_log.endswith(" MB")
+    assert 50 < int(last_log.split(": ")[1].split()[0]) < 16000  # a real reading, not a unit slip
 
 
 def test_protocol_bad_input_is_one_error_line(tmp_path):
