@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from menet_qgis.core import assessment, channels, checkpoint, training  # noqa: E402
+from menet_qgis.core.flips import dihedral, undo_dihedral  # noqa: E402
 from menet_qgis.core.metrics import Confusion  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -48,11 +49,9 @@ def tta_probability(bundle, tiles, device):
     total = np.zeros(tiles.labels.shape, np.float64)
     for k in range(8):
         moved = tiles.subset(range(len(tiles)))
-        moved.images = np.ascontiguousarray(training.dihedral(torch.from_numpy(tiles.images), k).numpy())
-        moved.valid = np.ascontiguousarray(training.dihedral(torch.from_numpy(tiles.valid), k).numpy())
-        prob = torch.from_numpy(training.predict_windows(bundle, moved, device))
-        inverse = torch.rot90(prob, -(k % 4), dims=(-2, -1))
-        total += (inverse.flip(-1) if k >= 4 else inverse).numpy()
+        moved.images = np.ascontiguousarray(dihedral(tiles.images, k))
+        moved.valid = np.ascontiguousarray(dihedral(tiles.valid, k))
+        total += undo_dihedral(training.predict_windows(bundle, moved, device), k)
     return (total / 8).astype(np.float32)
 
 

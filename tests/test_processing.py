@@ -54,6 +54,17 @@ def test_processing_run_writes_georeferenced_probability(processing, untrained_p
     assert "device: CPU" in log and "windows:" in log and "batch size" in log and "UNTRAINED" in log
 
 
+def test_advanced_engine_parameters_reach_the_engine(processing, untrained_path, tmp_path):
+    """Runtime, threads and test-time flips chosen in the dialog are what the engine runs (its log says so)."""
+    src = write_s2(tmp_path / "in.tif", 64, 64)
+    feedback = LogFeedback()
+    processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif"),
+                         "RUNTIME": 1, "THREADS": 1, "TTA": True, **FAST}, feedback=feedback)
+    log = "\n".join(feedback.lines)
+    assert "runtime: torch (asked for)" in log and "device: CPU, 1 thread" in log
+    assert "test-time flips: each window's probability is the mean over its 8 flips" in log
+
+
 def load_like_processing(context, project, order):
     """What QGIS does with context.layersToLoadOnCompletion() after a run (any version): load each
     layer with its type hint, add it to the project, call its post-processor.  Done here on a real

@@ -88,6 +88,20 @@ def test_onnx_runtimes_give_the_torch_map_on_real_windows(bundle, exported, real
     assert any(m.startswith(f"device: CPU, {runtime} ") and "fp32" in m for m in log.messages)
 
 
+def test_test_time_flips_through_onnx_match_torch_and_are_logged(bundle, exported, real_crop, tmp_path):
+    want = read(_map(bundle, real_crop, tmp_path / "torch.tif", runtime="torch", tta=True).probability)[0]
+    plain = read(_map(bundle, real_crop, tmp_path / "plain.tif", runtime="onnxruntime").probability)[0]
+    log = Log()
+    result = engine.extract(bundle, raster_io.RasterInput(real_crop), tmp_path / "flips.tif",
+                            engine.EngineOptions(window=128, overlap=32, device="cpu", runtime="onnxruntime",
+                                                 tta=True), log)
+    got = read(result.probability)[0]
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.nanmax(np.abs(got - want)) <= 1e-4
+    assert np.nanmax(np.abs(got - plain)) > 1e-3  # the flips did change the map
+    assert any(m.startswith("test-time flips:") and "8x" in m for m in log.messages)
+
+
 def test_stage_maps_through_onnx_match_torch(bundle, exported, real_crop, tmp_path):
     for mode in ("compact", "all"):
         stages = ["stage1", "stage4"]

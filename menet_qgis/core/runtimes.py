@@ -26,6 +26,7 @@ import numpy as np
 
 from . import channels as ch
 from .choices import PRECISIONS, RUNTIMES  # noqa: F401 (re-exported)
+from .flips import mean_over_flips
 from .stages import STAGE_NAMES
 
 #: The ONNX file's metadata_props key holding the model record (JSON).
@@ -303,6 +304,7 @@ class OnnxRunner:
     """Runs an exported model on the CPU: numpy channels in, probability (and stages) out."""
 
     runtime = ""
+    tta = False  # test-time flips (see flips.py), set by the engine
 
     def __init__(self, model: OnnxModel, stages: Sequence[str], stage_mode: str, threads: int, precision: str):
         missing = [s for s in stages if s not in model.outputs]
@@ -335,6 +337,9 @@ class OnnxRunner:
         x = prepare_batch_numpy(raw, valid, self.model, plan)
         out = self.infer(x, batch_size)
         result = {"probability": out["probability"]}
+        if self.tta:
+            result["probability"] = mean_over_flips(
+                lambda view: self.infer(np.ascontiguousarray(view), batch_size)["probability"], x, first=out["probability"])
         for name in self.stages:
             result[name] = out[name] if self.stage_mode == "all" else compact_stage_numpy(out[name])
         return result, batch_size

@@ -29,6 +29,7 @@ from .compat import apply
 from .bands import InputPlan
 from .checkpoint import ModelBundle, new_bundle, save, saved_bytes
 from .engine import Cancelled, Reporter, prepare_batch
+from .flips import dihedral
 from .metrics import Confusion
 from .model import load_imagenet_state
 from .raster_io import RasterInput, atomic_write_bytes, require_free_space
@@ -456,13 +457,6 @@ def fit_statistics(tiles: TileSet, max_pixels: int = 500_000, seed: int = 0, rec
     chans = ch.compute_channels(torch.from_numpy(pixels.T.copy()).view(1, n, -1, 1), pca, recipe)[0, :, :, 0].numpy()
     mean, std = chans.mean(axis=1), chans.std(axis=1)
     return pca, mean.tolist(), np.maximum(std, 1e-6).tolist()
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 flips/rotations of overhead imagery (k in 0..7), on the last two axes."""
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
 
 
 @dataclass
