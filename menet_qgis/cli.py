@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue a stopped run from its resume state (.OUT.resume, written every epoch)")
     train.add_argument("--threads", type=int, default=0)
+    train.add_argument("--boundary-weight", type=float, default=0.0,
+                       help="boundary-aware loss: pixels within 2 px of a label boundary count 1 + this much "
+                            "(0 = off)")
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX (runs without torch; needs torch to make)")
     export.add_argument("model", nargs="?", help=f"checkpoint (.pt; default: {default_model_path().name})")
@@ -295,7 +298,8 @@ def cmd_train(args) -> int:
                          "seed": args.seed, "device": args.device, "imagenet_weights": args.imagenet_weights,
                          "history": args.history, "recipe": args.recipe, "init_from": args.init_from,
                          "val_groups": args.val_groups, "holdout_groups": args.holdout,
-                         "val_names_from": args.val_names_from, "resume": args.resume, "threads": args.threads},
+                         "val_names_from": args.val_names_from, "resume": args.resume, "threads": args.threads,
+                         "boundary_weight": args.boundary_weight},
                         CliReporter())
     print(json.dumps({"checkpoint": result["checkpoint"], "best": result["best"]}, indent=2))
     return 0

@@ -139,6 +139,9 @@ def train(params: Dict, reporter) -> Dict:
     for spec in specs:
         if not Path(spec.folder).is_dir():
             raise ValueError(f"tile folder not found: {spec.folder}")
+    boundary_weight = float(params.get("boundary_weight") or 0.0)
+    if not boundary_weight >= 0:  # NaN too
+        raise ValueError(f"boundary weight must be 0 (off) or positive, got {boundary_weight:g}")
     version = int(params.get("recipe") or channels.DEFAULT_RECIPE.version)
     if version not in channels.RECIPES:
         raise ValueError(f"unknown channel recipe version {version}; known: {', '.join(map(str, channels.RECIPES))}")
@@ -180,7 +183,8 @@ def train(params: Dict, reporter) -> Dict:
         imagenet_weights=params.get("imagenet_weights") or None, save_best_to=str(best_so_far), recipe=recipe,
         init_from=params.get("init_from") or None, resume_state=str(resume_state),
         val_groups=list(params.get("val_groups") or []), holdout_groups=list(params.get("holdout_groups") or []),
-        val_names=val_names, threads=int(params.get("threads") or 0))
+        val_names=val_names, threads=int(params.get("threads") or 0),
+        boundary_weight=boundary_weight)
     try:
         result = training.train(tiles, options, reporter)
         save(result.bundle, out, half=True)

@@ -146,12 +146,18 @@ def test_sources_with_different_bands_and_scales_train_together(tmp_path):
     both = training.TileSet.concat([geo, plain])
     assert both.images.shape[1] == 5 and set(both.sources) == {"geo", "m"}
     assert both.weights.tolist() == [1.0] * 4 + [2.0] * 6
-    options = training.TrainOptions(epochs=1, batch_size=2, seed=0, head_width=16, device="cpu", val_groups=["m:1"])
+    options = training.TrainOptions(epochs=1, batch_size=2, seed=0, head_width=16, device="cpu", val_groups=["m:1"],
+                                    boundary_weight=2.0)
     result = training.train(both, options)
     assert result.bundle.recipe is channels.RECIPE_V2 and len(result.bundle.pca.mean) == 5
+    assert result.bundle.training["boundary_weight"] == 2.0  # the boundary-aware loss ran and is recorded
     assert result.bundle.training["sources"]["m"] == {"train_windows": 3, "val_windows": 3}
     with pytest.raises(ValueError, match="recipe menet-s2 v1 reads 6"):
         training.train(both, training.TrainOptions(epochs=1, batch_size=2, recipe=channels.RECIPE_V1))
+    from menet_qgis import jobs
+    with pytest.raises(ValueError, match="boundary weight must be 0 .off. or positive"):
+        jobs.train({"tiles": str(tmp_path / "m"), "output": str(tmp_path / "x.pt"), "boundary_weight": -1}, None)
+    assert not (tmp_path / "x.pt").exists()
 
 
 # --- the decision threshold -----------------------------------------------------------

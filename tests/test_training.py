@@ -78,6 +78,29 @@ def test_masked_loss_ignores_invalid_pixels():
     assert float(training.masked_loss(wild, target, valid, 1.0)) > float(base) + 1.0
 
 
+def test_boundary_aware_loss_weighs_mistakes_at_label_edges_only():
+    """Left half mangrove, right half not, last column no-data: with a boundary weight, a mistake next to
+    the mangrove edge costs more than the same mistake far from it; the no-data edge is no label edge."""
+    target = torch.zeros(1, 8, 8)
+    target[0, :, :4] = 1.0
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    valid[0, :, 7] = False
+    target[0, :, 7] = 1.0  # a mangrove label under the no-data column: not a boundary of valid pixels
+    band = training.label_edge_band(target.numpy(), 2, valid.numpy())[0]
+    assert band[:, 2:6].all() and not band[:, :2].any() and not band[:, 6:].any()
+    assert training.label_edge_band(target.numpy(), 2)[0][:, 6].all()  # ... which it would be without valid
+    right = torch.where(target > 0.5, 5.0, -5.0)[:, None]
+
+    def loss_with_mistake_at(col, weight):
+        logits = right.clone()
+        logits[0, 0, 3, col] = -logits[0, 0, 3, col]
+        return float(training.masked_loss(logits, target, valid, 1.0, boundary_weight=weight))
+
+    assert loss_with_mistake_at(3, 0.0) == pytest.approx(loss_with_mistake_at(0, 0.0), rel=1e-6)
+    assert loss_with_mistake_at(3, 2.0) > 1.5 * loss_with_mistake_at(0, 2.0)
+    assert loss_with_mistake_at(6, 2.0) == pytest.approx(loss_with_mistake_at(0, 2.0), rel=0.05)  # by the no-data
+
+
 def test_short_training_run_is_reproducible_and_its_checkpoint_loads(tmp_path):
     tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6))
     options = training.TrainOptions(epochs=2, batch_size=2, lr=1e-3, val_fraction=0.34, seed=3, head_width=16)

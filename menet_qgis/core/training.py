@@ -180,15 +180,23 @@ class SourceSpec:
         return self.name or Path(self.folder).name
 
 
-def label_edge_band(labels: np.ndarray, width: int) -> np.ndarray:
-    """Pixels within ``width`` px of a mangrove/other boundary in (N, H, W) binary labels."""
+def label_edge_band(labels: np.ndarray, width: int, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """Pixels within ``width`` px of a mangrove/other boundary in (N, H, W) binary labels.  With
+    ``valid``, only boundaries between valid pixels count (not the edge of the no-data)."""
     from scipy import ndimage
     if width <= 0:
         return np.zeros(labels.shape, bool)
     structure = np.zeros((1, 2 * width + 1, 2 * width + 1), bool)
     structure[0] = True
     lab = labels >= 0.5
-    return ndimage.binary_dilation(lab, structure) & ndimage.binary_dilation(~lab, structure)
+    inside = np.ones(labels.shape, bool) if valid is None else valid.astype(bool)
+    band = ndimage.binary_dilation(lab & inside, structure) & ndimage.binary_dilation(~lab & inside, structure)
+    return band if valid is None else band & inside
+
+
+#: Width (px) of the band a boundary-aware loss weights up: 83 % of the Jambelí model's errors
+#: lay within 2 px of a mangrove boundary (issue 10).
+BOUNDARY_PX = 2
 
 
 #: Label-noise rules (``flag_label_noise``): copies of one footprint whose masks disagree on more
@@ -478,6 +486,7 @@ class TrainOptions:
     val_groups: Sequence[str] = ()
     holdout_groups: Sequence[str] = ()
     val_names: Sequence[str] = ()
+    boundary_weight: float = 0.0         # > 0: boundary-aware loss (see masked_loss)
 
 
 @dataclass
@@ -492,12 +501,16 @@ class TrainResult:
 
 
 def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float,
-                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                weights: Optional[torch.Tensor] = None, boundary_weight: float = 0.0) -> torch.Tensor:
     """BCE (positives weighted) + soft Dice, both over valid pixels only; ``weights`` (N,) scale
-    each window's pixels (per-source weights, down-weighted noisy windows)."""
+    each window's pixels (per-source weights, down-weighted noisy windows); ``boundary_weight`` > 0
+    makes pixels within BOUNDARY_PX of a label boundary count 1 + that much (boundary-aware loss)."""
     logits, v = logits[:, 0].float(), valid.float()
     if weights is not None:
         v = v * weights.view(-1, 1, 1).to(v)
+    if boundary_weight > 0:
+        band = label_edge_band(target.detach().cpu().numpy(), BOUNDARY_PX, valid.detach().cpu().numpy())
+        v = v * (1.0 + boundary_weight * torch.from_numpy(band).to(v))
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
                                              pos_weight=torch.tensor(pos_weight, device=logits.device))
     bce = (bce * v).sum() / v.sum().clamp(min=1)
@@ -669,7 +682,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
             vb = torch.stack([dihedral(valid[i], k) for i, k in zip(idx.tolist(), ks)]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(prepare_batch(xb, vb, bundle, _reflectance_plan(xb.shape[1])))
-            loss = masked_loss(logits, yb, vb, pos_weight, weights[idx].to(device))
+            loss = masked_loss(logits, yb, vb, pos_weight, weights[idx].to(device), options.boundary_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -759,7 +772,7 @@ def _describe(bundle, options, train_set, val_set, best, imagenet: bool, device_
         "note": (f"trained {time.strftime('%Y-%m-%d')} on {len(train_set)} windows, "
                  f"best validation F1 {best['f1']:.4f} (epoch {best['epoch']}, threshold {best['threshold']:.2f})"),
         "epochs": options.epochs, "best_epoch": best["epoch"], "seed": options.seed, "device": device_text,
-        "lr": options.lr, "batch_size": options.batch_size,
+        "lr": options.lr, "batch_size": options.batch_size, "boundary_weight": options.boundary_weight,
         "train_windows": len(train_set), "val_windows": len(val_set), "val_names": list(val_set.names),
         "sources": sources, "holdout_groups": sorted(set(holdout.groups)) if holdout is not None else [],
         "threshold": float(best["threshold"]),

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One ablation of the default model's recipe: the same run as scripts/train_default_model.sh (same
+# split, init, epochs, seed) with one change, then the per-zone table.  Models go to build/ablation/
+# (not shipped); the MODEL_CARD's ablation table comes from their .evaluation.md files.
+#
+#   scripts/ablate_coasts.sh edge0     MagSet-2's GMW labels used up to their edges (no 1 px band left out)
+#   scripts/ablate_coasts.sh jambeli2  Jambelí windows count twice in the loss (weight=2)
+#   scripts/ablate_coasts.sh boundary2 boundary-aware loss: pixels within 2 px of a label edge count 3x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=../shared/data
+OUT=build/ablation
+mkdir -p "$OUT"
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge0|jambeli2|boundary2}
+MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_"
+JAMBELI="$SHARED/jambeli/train:name=jambeli"
+EXTRA=()
+case $VARIANT in
+  edge0) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=0,group=tile_(\d+)_" ;;
+  jambeli2) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=2" ;;
+  boundary2) EXTRA=(--boundary-weight 2) ;;
+  *) echo "unknown variant $VARIANT" >&2; exit 2 ;;
+esac
+.venv/bin/python -m menet_qgis train --tiles "$JAMBELI" --tiles "$MAGSET2" \
+    --recipe 2 --init resources/models/menet_jambeli_v1.pt --val-names-from resources/models/menet_jambeli_v1.pt \
+    --val-groups magset2:6 --holdout magset2:3,magset2:8 \
+    --epochs 12 --batch-size 8 --lr 3e-4 --seed 0 --device cpu --threads 2 --resume "${EXTRA[@]}" \
+    --out "$OUT/$VARIANT.pt" --history "$OUT/$VARIANT.history.json"
+.venv/bin/python scripts/evaluate_coasts.py "$OUT/$VARIANT.pt" \
+    --json "$OUT/$VARIANT.evaluation.json" --markdown "$OUT/$VARIANT.evaluation.md"
