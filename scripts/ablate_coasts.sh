@@ -3,7 +3,8 @@
 # split, init, epochs, seed) with one change, then the per-zone table.  Models go to build/ablation/
 # (not shipped); the MODEL_CARD's ablation table comes from their .evaluation.md files.
 #
-#   scripts/ablate_coasts.sh edge0     MagSet-2's GMW labels used up to their edges (no 1 px band left out)
+#   scripts/ablate_coasts.sh edge1     1 px either side of MagSet-2's label edges left out of the loss
+#                                      (the first v2 model's setting; the default uses the labels up to their edges)
 #   scripts/ablate_coasts.sh jambeli2  Jambelí windows count twice in the loss (weight=2)
 #   scripts/ablate_coasts.sh boundary2 boundary-aware loss: pixels within 2 px of a label edge count 3x
 set -euo pipefail
@@ -11,12 +12,12 @@ cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge0|jambeli2|boundary2}
-MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_"
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2}
+MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
 JAMBELI="$SHARED/jambeli/train:name=jambeli"
 EXTRA=()
 case $VARIANT in
-  edge0) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=0,group=tile_(\d+)_" ;;
+  edge1) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" ;;
   jambeli2) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=2" ;;
   boundary2) EXTRA=(--boundary-weight 2) ;;
   *) echo "unknown variant $VARIANT" >&2; exit 2 ;;

@@ -24,7 +24,7 @@ if [[ ${1:-v2} == v1 ]]; then
 fi
 .venv/bin/python -m menet_qgis train \
     --tiles "$SHARED/jambeli/train:name=jambeli" \
-    --tiles "$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" \
+    --tiles "$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_" \
     --recipe 2 --init "$OUT/menet_jambeli_v1.pt" --val-names-from "$OUT/menet_jambeli_v1.pt" \
     --val-groups magset2:6 --holdout magset2:3,magset2:8 \
     --epochs 12 --batch-size 8 --lr 3e-4 --seed 0 --device cpu --threads 2 --resume \

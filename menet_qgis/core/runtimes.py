@@ -1,7 +1,8 @@
 """Which runtime runs the model: torch, ONNX Runtime or OpenVINO — and the two ONNX runners.
 
 Most QGIS users map on a CPU.  There the same network exported to ONNX runs
-2–4× faster in ONNX Runtime or OpenVINO than in torch eager mode, and neither
+faster in ONNX Runtime or OpenVINO than in torch eager mode (1.3–1.7× on a quiet
+2-core AVX2 CPU, 2–4× when the CPU is busy: README, Performance), and neither
 needs torch's 5 GB: this module imports torch only to ask whether it sees a
 CUDA GPU.  The channels are built in numpy (``channels.compute_channels_numpy``)
 and the model's record (recipe, PCA, normalisation, window) travels in the ONNX
