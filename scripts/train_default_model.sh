@@ -6,9 +6,10 @@
 #
 # v2 fine-tunes v1's weights on Jambelí + six MagSet-2 zones: validation = v1's 58 Jambelí validation
 # windows + zone 6 (they choose the epoch and the decision threshold), zones 3 and 8 held out (never
-# trained on, never used to choose).  MagSet-2's GMW labels are coarse and shifted ~1 px: 1 px each side
-# of their edges is left out of the loss.  12 epochs took 46 min on the 2-core CPU machine (busy);
-# a stopped run continues with --resume.  Then scripts/evaluate_coasts.py scores it per zone.
+# trained on, never used to choose).  MagSet-2's GMW labels are used up to their edges: leaving 1 px
+# either side out (edge_ignore=1) scored lower on validation (scripts/ablate_coasts.sh edge1; MODEL_CARD).
+# 12 epochs took 35 min on the 2-core CPU machine (mostly idle); a stopped run continues with --resume.
+# Then scripts/evaluate_coasts.py scores it per zone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=../shared/data
