@@ -101,7 +101,10 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         precision.setHelp("auto = bf16 on CUDA, fp32 on the CPU. bf16 on the CPU (OpenVINO on CPUs with "
                           "AVX512-BF16/AMX, or PyTorch) is about 2x faster; probabilities change by up to ~0.02 "
                           "and a few pixels in 10,000 change class")
-        tta = QgsProcessingParameterBoolean(self.TTA, "Test-time flips (8x slower)", defaultValue=False)
+        # optional: graphical models saved before this parameter existed stay valid (QGIS 3.22 refuses a
+        # mandatory boolean a model's child has no value for)
+        tta = QgsProcessingParameterBoolean(self.TTA, "Test-time flips (8x slower)", defaultValue=False,
+                                            optional=True)
         tta.setHelp("Average the model over the 8 flips/rotations of every window: +0.2-0.8 F1 points on the "
                     "validation coasts, mostly at mangrove edges, for 8x the model's time")
         for param in advanced([folder]) + band_parameters(self.INPUT) + advanced([
