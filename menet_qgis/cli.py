@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--runtime", choices=list(RUNTIMES), default="auto",
                          help="auto = torch on a CUDA GPU when torch sees one, else OpenVINO if installed, "
                               "else onnxruntime, else torch. The ONNX runtimes run on the CPU (1.3-1.7x faster "
-                              "than torch there when the CPU is quiet, more when it is busy) and export a .pt checkpoint once (cached by its sha256)")
+                              "than torch there when the CPU is quiet, more when it is busy) and export a .pt "
+                              "checkpoint once (cached by its sha256)")
     predict.add_argument("--threads", type=_non_negative, default=0,
                          help="CPU threads for the runtime; 0 = every core this process may use. On a machine "
                               "shared with other heavy jobs, fewer threads can be much faster")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "up to ~0.02 (a few pixels in 10 000 change class at 0.5)")
     predict.add_argument("--tta", action="store_true",
                          help="test-time flips: average the model over the 8 flips/rotations of every window "
-                              "(+0.2-0.8 F1 points on the validation coasts, 8x the model's time)")
+                              "(+0.1-0.8 F1 points on the validation and held-out coasts, 8x the model's time)")
     predict.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12, e.g. 1,2,3,4,5,6")
     predict.add_argument("--dn-offset", type=float, help="DN offset when product metadata has none (-1000 for baseline 04.00+)")
     predict.add_argument("--quiet", action="store_true")

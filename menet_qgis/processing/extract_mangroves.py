@@ -105,8 +105,8 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         # mandatory boolean a model's child has no value for)
         tta = QgsProcessingParameterBoolean(self.TTA, "Test-time flips (8x slower)", defaultValue=False,
                                             optional=True)
-        tta.setHelp("Average the model over the 8 flips/rotations of every window: +0.2-0.8 F1 points on the "
-                    "validation coasts, mostly at mangrove edges, for 8x the model's time")
+        tta.setHelp("Average the model over the 8 flips/rotations of every window: +0.1-0.8 F1 points on the "
+                    "validation and held-out coasts, for 8x the model's time")
         for param in advanced([folder]) + band_parameters(self.INPUT) + advanced([
                 window, overlap, batch, QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
                 runtime, threads, precision, tta]):
