@@ -327,8 +327,11 @@ def test_ctrl_c_cancels_cleanly_and_a_rerun_resumes(clean_run, inputs, untrained
     # one torch thread, as in the clean run: other thread counts change the last bits (~1e-6)
     args = ["batch", inputs["manifest"], inputs["dn"], inputs["stac"], "--out-dir", work, "--model", untrained_path,
             "--workers", 1, "--threads", 1, "--no-progress", *OPTIONS]
+    # Ctrl-C as in a terminal's foreground: a suite started in the background (`make test &`) runs with
+    # SIGINT ignored, which children inherit and Python then keeps ignoring
     proc = subprocess.Popen([sys.executable, "-m", "menet_qgis", *map(str, args)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not list(work.glob("*_probability.tif")) and proc.poll() is None:
         time.sleep(0.05)
