@@ -28,6 +28,7 @@ last stderr lines.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -124,13 +125,11 @@ def _runtime_versions() -> str:
 
 def peak_memory_mb():
     """This process's peak resident memory in MB (Linux's VmHWM; ru_maxrss elsewhere), or None."""
-    try:
+    with contextlib.suppress(OSError):  # no /proc (macOS, Windows): the fallback below
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return round(int(line.split()[1]) / 1024)
-    except OSError:
-        pass
     try:
         import resource
     except ImportError:  # Windows
