@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--boundary-weight", type=float, default=0.0,
                        help="boundary-aware loss: pixels within 2 px of a label boundary count 1 + this much "
                             "(0 = off)")
+    train.add_argument("--refine-width", type=_non_negative,
+                       help="channels of the full-resolution image-guided refinement (0 = none; default: as "
+                            "--init's model, else none)")
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX (runs without torch; needs torch to make)")
     export.add_argument("model", nargs="?", help=f"checkpoint (.pt; default: {default_model_path().name})")
@@ -300,7 +303,7 @@ def cmd_train(args) -> int:
                          "history": args.history, "recipe": args.recipe, "init_from": args.init_from,
                          "val_groups": args.val_groups, "holdout_groups": args.holdout,
                          "val_names_from": args.val_names_from, "resume": args.resume, "threads": args.threads,
-                         "boundary_weight": args.boundary_weight},
+                         "boundary_weight": args.boundary_weight, "refine_width": args.refine_width},
                         CliReporter())
     print(json.dumps({"checkpoint": result["checkpoint"], "best": result["best"]}, indent=2))
     return 0

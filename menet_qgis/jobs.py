@@ -142,6 +142,9 @@ def train(params: Dict, reporter) -> Dict:
     boundary_weight = float(params.get("boundary_weight") or 0.0)
     if not boundary_weight >= 0:  # NaN too
         raise ValueError(f"boundary weight must be 0 (off) or positive, got {boundary_weight:g}")
+    refine_width = params.get("refine_width")
+    if refine_width is not None and not 0 <= int(refine_width) <= 256:
+        raise ValueError(f"refinement width must be 0 (none) to 256, got {refine_width}")
     version = int(params.get("recipe") or channels.DEFAULT_RECIPE.version)
     if version not in channels.RECIPES:
         raise ValueError(f"unknown channel recipe version {version}; known: {', '.join(map(str, channels.RECIPES))}")
@@ -184,7 +187,7 @@ def train(params: Dict, reporter) -> Dict:
         init_from=params.get("init_from") or None, resume_state=str(resume_state),
         val_groups=list(params.get("val_groups") or []), holdout_groups=list(params.get("holdout_groups") or []),
         val_names=val_names, threads=int(params.get("threads") or 0),
-        boundary_weight=boundary_weight)
+        boundary_weight=boundary_weight, refine_width=None if refine_width is None else int(refine_width))
     try:
         result = training.train(tiles, options, reporter)
         save(result.bundle, out, half=True)

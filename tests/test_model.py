@@ -8,6 +8,7 @@ from torchvision.models import resnet101
 
 from menet_qgis.core import channels, checkpoint, model as model_mod
 from menet_qgis.core.stages import STAGES, stage_table
+from helpers import refined_bundle
 
 
 def test_stage_maps_have_table_shapes_for_256_window(bundle):
@@ -108,6 +109,8 @@ def edited(src, dst, **changes):
     ({"format": None}, "not an ME-Net checkpoint"),
     ({"pca": {"mean": [0.1] * 4, "component": [0.4] * 4}}, "PCA basis does not hold 5"),
     ({"normalisation": {"mean": [0.0] * 11, "std": [0.0] * 11}}, "not finite and positive"),
+    ({"architecture": {"name": "menet-resnet101", "version": 1, "in_channels": 11, "refine_width": 16}},
+     "v1 has no refinement"),
     ({"state_dict": None}, "holds no weights"),
     ({"state_dict": {"head.classifier.weight": torch.zeros(1, 64, 1, 1)}}, "weights do not fit"),
 ])
@@ -141,3 +144,29 @@ def test_recipe_record_is_what_checkpoints_store(untrained_path):
     assert record["recipe"] == channels.DEFAULT_RECIPE.record()
     assert record["recipe"]["channels"] == ["red", "green", "blue", "nir", "swir1", "ndvi", "mndwi",
                                             "fdi", "mvi", "mdi11", "pc1"]
+
+
+def test_refined_models_are_architecture_v2_and_round_trip(bundle, tmp_path):
+    refined = refined_bundle()
+    path = tmp_path / "refined.pt"
+    checkpoint.save(refined, path)
+    record = torch.load(path, weights_only=True)
+    assert record["architecture"]["version"] == 2 and record["architecture"]["refine_width"] == 8
+    assert bundle.model.architecture_record()["version"] == 1  # plain models stay readable by v1-only plugins
+    again = checkpoint.load(path)
+    x = torch.randn(1, 11, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(refined.model.eval()(x), again.model(x))
+
+
+def test_fine_tuning_into_a_refined_model_starts_from_the_same_map(bundle):
+    from menet_qgis.core.training import init_weights_from
+    target = checkpoint.new_bundle(seed=1, refine_width=8).model.eval()
+    x = torch.randn(1, 11, 64, 64)
+    with torch.inference_mode():
+        before = target(x)
+        init_weights_from(target, bundle.model, "untrained.pt")
+        assert not torch.equal(before, target(x))
+        assert torch.equal(target(x), bundle.model(x))  # the refinement's correction starts at zero
+    with pytest.raises(ValueError, match="refined.pt does not fit this model"):
+        init_weights_from(copy.deepcopy(bundle.model), refined_bundle().model, "refined.pt")

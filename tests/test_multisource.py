@@ -235,6 +235,25 @@ def test_a_stopped_run_resumes_where_it_was_and_ends_as_an_uninterrupted_one(tmp
         training.train(tiles.subset(range(5)), training.TrainOptions(**base, resume_state=str(state)))
 
 
+def test_fine_tuning_adds_the_refinement_and_later_fine_tunes_keep_it(tmp_path):
+    """--refine-width on a fine-tune of a plain model adds the refinement (saved as architecture v2);
+    fine-tuning that model again keeps it unless asked otherwise, and dropping it is refused."""
+    from menet_qgis.core import checkpoint
+    from test_training import make_tiles
+    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
+    plain = tmp_path / "plain.pt"
+    checkpoint.save(checkpoint.new_bundle(head_width=16, seed=0), plain)
+    base = dict(epochs=1, batch_size=2, seed=1, head_width=16, device="cpu", val_fraction=0.34)
+    refined = training.train(tiles, training.TrainOptions(**base, init_from=str(plain), refine_width=4))
+    checkpoint.save(refined.bundle, tmp_path / "refined.pt")
+    record = checkpoint.read_record(tmp_path / "refined.pt")["architecture"]
+    assert (record["version"], record["refine_width"]) == (2, 4)
+    again = training.train(tiles, training.TrainOptions(**base, init_from=str(tmp_path / "refined.pt")))
+    assert again.bundle.model.refine_width == 4
+    with pytest.raises(ValueError, match="refined.pt does not fit this model"):
+        training.train(tiles, training.TrainOptions(**base, init_from=str(tmp_path / "refined.pt"), refine_width=0))
+
+
 # --- the real data ---------------------------------------------------------------------
 @pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")
 def test_real_magset2_tiles_load_with_zones_and_their_noisy_labels_flagged():

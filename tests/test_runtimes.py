@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, S2_NAMES, crop_scene, read, s2_reflectance, write_raster
+from helpers import ROOT, S2_NAMES, crop_scene, read, refined_bundle, s2_reflectance, write_raster
 from menet_qgis.core import channels as ch
 from menet_qgis.core import engine, raster_io, runtimes
 from menet_qgis.core.onnx_export import ensure_onnx
@@ -100,6 +100,16 @@ def test_test_time_flips_through_onnx_match_torch_and_are_logged(bundle, exporte
     assert np.nanmax(np.abs(got - want)) <= 1e-4
     assert np.nanmax(np.abs(got - plain)) > 1e-3  # the flips did change the map
     assert any(m.startswith("test-time flips:") and "8x" in m for m in log.messages)
+
+
+def test_a_refined_model_runs_through_onnx_as_in_torch(real_crop, tmp_path):
+    from menet_qgis.core import checkpoint
+    checkpoint.save(refined_bundle(), tmp_path / "refined.pt")
+    refined = checkpoint.load(tmp_path / "refined.pt")
+    want = read(_map(refined, real_crop, tmp_path / "torch.tif", runtime="torch").probability)[0]
+    got = read(_map(refined, real_crop, tmp_path / "onnx.tif", runtime="onnxruntime").probability)[0]
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isfinite(want).any()
+    assert np.nanmax(np.abs(got - want)) <= 1e-4
 
 
 def test_stage_maps_through_onnx_match_torch(bundle, exported, real_crop, tmp_path):

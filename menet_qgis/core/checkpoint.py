@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import channels as ch
-from .model import ARCHITECTURE, ARCHITECTURE_VERSION, DEFAULT_HEAD_WIDTH, MENet
+from .model import ARCHITECTURE, ARCHITECTURE_VERSION, ARCHITECTURE_VERSIONS, DEFAULT_HEAD_WIDTH, MENet
 from .raster_io import atomic_write_bytes
 
 FORMAT = "menet_qgis.checkpoint"
@@ -61,11 +61,11 @@ class ModelBundle:
 
 
 def new_bundle(head_width: int = DEFAULT_HEAD_WIDTH, imagenet_state=None, seed: Optional[int] = None,
-               recipe: ch.Recipe = ch.DEFAULT_RECIPE) -> ModelBundle:
+               recipe: ch.Recipe = ch.DEFAULT_RECIPE, refine_width: int = 0) -> ModelBundle:
     """An untrained model with placeholder statistics (tests, demos, start of training)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = MENet(ch.N_CHANNELS, head_width, imagenet_state)
+    model = MENet(ch.N_CHANNELS, head_width, imagenet_state, refine_width)
     return ModelBundle(model, list(UNTRAINED_MEAN), list(UNTRAINED_STD), recipe.default_pca(),
                        training={"trained": False, "note": "untrained: random weights"}, recipe=recipe)
 
@@ -108,12 +108,13 @@ def load(path) -> ModelBundle:
     path = Path(path)
     record = read_record(path)
     arch = record["architecture"]
-    model = MENet(ch.N_CHANNELS, int(arch.get("head_width", DEFAULT_HEAD_WIDTH)))
+    model = MENet(ch.N_CHANNELS, int(arch.get("head_width", DEFAULT_HEAD_WIDTH)),
+                  refine_width=int(arch.get("refine_width", 0)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in record["state_dict"].items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path.name}: weights do not fit {ARCHITECTURE} v{ARCHITECTURE_VERSION} "
+        raise CheckpointError(f"{path.name}: weights do not fit {ARCHITECTURE} v{arch['version']} "
                               f"({first_sentence(exc) or type(exc).__name__})") from None
     model.eval()
     norm = record["normalisation"]
@@ -178,9 +179,11 @@ def read_record(path: Path) -> Dict:
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path.name} has checkpoint format v{record.get('format_version')}, this plugin reads v{FORMAT_VERSION}")
     arch = record.get("architecture", {})
-    if (arch.get("name"), arch.get("version")) != (ARCHITECTURE, ARCHITECTURE_VERSION):
+    if arch.get("name") != ARCHITECTURE or arch.get("version") not in ARCHITECTURE_VERSIONS:
         raise CheckpointError(f"{path.name} is for architecture {arch.get('name')} v{arch.get('version')}, "
-                              f"this plugin runs {ARCHITECTURE} v{ARCHITECTURE_VERSION}")
+                              f"this plugin runs {ARCHITECTURE} v1 to v{ARCHITECTURE_VERSION}")
+    if arch.get("version") == 1 and arch.get("refine_width"):
+        raise CheckpointError(f"{path.name}: architecture v1 has no refinement, yet refine_width is set")
     try:
         recipe = ch.recipe_for(record.get("recipe", {}))
     except ValueError as exc:

@@ -20,7 +20,10 @@ from .head import MENetHead
 from .stages import STAGES, return_nodes
 
 ARCHITECTURE = "menet-resnet101"
-ARCHITECTURE_VERSION = 1
+#: v2 = v1 + the image-guided refinement; a model without it is still written as v1,
+#: so plugins that only know v1 keep reading it.
+ARCHITECTURE_VERSION = 2
+ARCHITECTURE_VERSIONS = (1, 2)
 DEFAULT_HEAD_WIDTH = 64
 
 
@@ -75,23 +78,26 @@ class MENet(nn.Module):
     """Stage-extracting ResNet-101 encoder + ME-Net head; one logit per input pixel."""
 
     def __init__(self, in_channels: int = N_CHANNELS, head_width: int = DEFAULT_HEAD_WIDTH,
-                 imagenet_state: Optional[Dict[str, torch.Tensor]] = None):
+                 imagenet_state: Optional[Dict[str, torch.Tensor]] = None, refine_width: int = 0):
         super().__init__()
         self.in_channels = in_channels
         self.head_width = head_width
+        self.refine_width = refine_width
         self.encoder = create_feature_extractor(build_backbone(in_channels, imagenet_state), return_nodes())
-        self.head = MENetHead({s.name: s.channels for s in STAGES}, head_width)
+        self.head = MENetHead({s.name: s.channels for s in STAGES}, head_width, in_channels, refine_width)
 
     def forward_with_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         stages = self.encoder(x)
-        return self.head(stages, x.shape[-2:]), stages
+        return self.head(stages, x), stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stages(x)[0]
 
     def architecture_record(self) -> Dict:
-        return {"name": ARCHITECTURE, "version": ARCHITECTURE_VERSION,
-                "in_channels": self.in_channels, "head_width": self.head_width}
+        if not self.refine_width:
+            return {"name": ARCHITECTURE, "version": 1, "in_channels": self.in_channels, "head_width": self.head_width}
+        return {"name": ARCHITECTURE, "version": 2, "in_channels": self.in_channels, "head_width": self.head_width,
+                "refine_width": self.refine_width}
 
 
 def load_imagenet_state(path: Optional[str] = None, log: Callable[[str], None] = print) -> Optional[Dict[str, torch.Tensor]]:

@@ -487,6 +487,7 @@ class TrainOptions:
     holdout_groups: Sequence[str] = ()
     val_names: Sequence[str] = ()
     boundary_weight: float = 0.0         # > 0: boundary-aware loss (see masked_loss)
+    refine_width: Optional[int] = None   # image-guided refinement width; None = as init_from, else 0 (none)
 
 
 @dataclass
@@ -593,6 +594,18 @@ def _set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def init_weights_from(model: torch.nn.Module, start: torch.nn.Module, name: str) -> None:
+    """Copy a checkpoint's weights for fine-tuning.  The one part allowed to be missing is the
+    image-guided refinement (its zero-started output leaves the model's maps as they were)."""
+    ours, theirs = model.state_dict(), start.state_dict()
+    missing = [k for k in ours if k not in theirs]
+    if set(theirs) - set(ours) or any(not k.startswith("head.refinement.") for k in missing) or \
+            any(theirs[k].shape != ours[k].shape for k in theirs):
+        raise ValueError(f"{name} does not fit this model (head width or refinement width differ); "
+                         "start from a model of the same architecture")
+    model.load_state_dict(theirs, strict=False)
+
+
 def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Reporter = Reporter(),
           val_tiles: Optional[TileSet] = None) -> TrainResult:
     """Train from scratch, ImageNet or another checkpoint; returns the best-on-validation bundle,
@@ -631,12 +644,18 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
         n_val = sum(1 for x in val_set.sources if x == source)
         reporter.info(f"  {source}: {n_train} train, {n_val} validation")
     imagenet = None if options.init_from else load_imagenet_state(options.imagenet_weights, reporter.info)
-    bundle = new_bundle(options.head_width, imagenet, seed=options.seed, recipe=options.recipe)
-    if options.init_from:
-        start = load_checkpoint(options.init_from)
-        bundle.model.load_state_dict(start.model.state_dict())
+    start = load_checkpoint(options.init_from) if options.init_from else None
+    refine_width = options.refine_width if options.refine_width is not None else \
+        (start.model.refine_width if start is not None else 0)
+    bundle = new_bundle(options.head_width, imagenet, seed=options.seed, recipe=options.recipe,
+                        refine_width=refine_width)
+    if start is not None:
+        init_weights_from(bundle.model, start.model, Path(options.init_from).name)
         reporter.info(f"weights initialised from {Path(options.init_from).name} (recipe {start.recipe.label}); "
                       "channel statistics refitted on this data")
+    if refine_width:
+        reporter.info(f"image-guided refinement at full resolution, width {refine_width}"
+                      + ("; it starts at zero" if start is not None and not start.model.refine_width else ""))
     if options.save_best_to:  # the best-so-far copy and the final model side by side, before hours of training
         require_free_space(Path(options.save_best_to).parent, 2 * saved_bytes(bundle, half=True),
                            "the model (best-so-far copy and final file)")
