@@ -6,7 +6,9 @@ the epoch and the threshold), zones 3 and 8 = held out (never trained on, never 
 The forest (100 trees, 8 per-pixel features: B2, B3, B4, B8, B11, NDVI, MNDWI, MVI) is trained on
 exactly the model's training windows.  Every method is scored on the valid pixels of each group,
 with the raw labels (no edge band removed).  Optional: the v2 model with test-time flips (mean of
-the 8 flips/rotations) and the Jambelí-only v1 model (Jambelí only: it needs B12).
+the 8 flips/rotations), the Jambelí-only v1 model (Jambelí only: it needs B12), and ``--align N``:
+MagSet-2's labels moved onto their images first (``training.label_offsets``, up to N px; the forest
+then trains on the moved labels too), to see how much of a score is the labels' 1 px misregistration.
 
     .venv/bin/python scripts/evaluate_coasts.py resources/models/menet_coasts_v2.pt \
         --v1 resources/models/menet_jambeli_v1.pt --tta --json out.json --markdown out.md
@@ -69,13 +71,15 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--v1", help="the Jambelí-only v1 model, scored on the Jambelí windows")
     parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips (8x time)")
+    parser.add_argument("--align", type=int, default=0,
+                        help="score against MagSet-2 labels moved onto their images (up to N px)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
     device = torch.device("cpu")
     bundle = checkpoint.load(args.model)
     val_names = bundle.training.get("val_names", [])
-    tiles = load(bundle.recipe, [JAMBELI, MAGSET2])
+    tiles = load(bundle.recipe, [JAMBELI, MAGSET2 + (f",align={args.align}" if args.align else "")])
     train_idx, val_idx, test_idx = split(tiles, val_names)
     train_set = tiles.subset(train_idx)
     scored = tiles.subset(val_idx + test_idx)
@@ -121,7 +125,7 @@ def main() -> int:
         pooled = Confusion(*(sum(getattr(c, k) for c in held) for k in ("tp", "fp", "fn", "tn")))
         if pooled.total:
             new_coasts[name] = pooled.scores() | {"pixels": pooled.total}
-    result = {"model": args.model, "threshold": bundle.threshold, "train_windows": len(train_set),
+    result = {"model": args.model, "threshold": bundle.threshold, "align": args.align, "train_windows": len(train_set),
               "scored_windows": len(scored), "seconds": seconds, "table": table, "held_out_pooled": new_coasts}
     lines = ["| method | " + " | ".join(units) + " | held-out zones pooled |", "|---" * (len(units) + 2) + "|"]
     for name, r in table.items():
@@ -129,7 +133,9 @@ def main() -> int:
         pooled = new_coasts.get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pooled['f1']:.4f} / {pooled['iou']:.4f} |"
                      if pooled else f"| {name} | " + " | ".join(cells) + " | — |")
-    text = "F1 / IoU per zone (valid pixels of each zone's windows)\n\n" + "\n".join(lines)
+    text = ("F1 / IoU per zone (valid pixels of each zone's windows" +
+            (f"; MagSet-2 labels moved onto their images, up to {args.align} px)" if args.align else ")") +
+            "\n\n" + "\n".join(lines))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -92,6 +92,9 @@ def test_source_spec_parses_and_refuses_unknown_keys():
         training.SourceSpec.parse("/data/m:name=x,colour=red")
     with pytest.raises(ValueError, match="weight must be > 0"):
         training.SourceSpec.parse("/data/m:weight=0")
+    assert training.SourceSpec.parse("/data/m:align=3").align == 3
+    with pytest.raises(ValueError, match="align 0 to 8"):
+        training.SourceSpec.parse("/data/m:align=20")
 
 
 def test_ungeoreferenced_tiles_load_grouped_by_zone_with_label_edges_and_water_set_aside(tmp_path):
@@ -111,6 +114,28 @@ def test_ungeoreferenced_tiles_load_grouped_by_zone_with_label_edges_and_water_s
     assert [f["window"] for f in tiles.flags] == ["tile_1_00.tif"]
     assert not tiles.loss_valid[i, :, 2:10].any() and tiles.weights[i] == pytest.approx(0.25)
     assert any("tile_1_00.tif" in m and "left out of the loss" in m for m in messages)
+
+
+def test_misregistered_labels_are_found_and_moved_back_onto_their_image():
+    """A label drawn 2 px south and 1 px west of the mangrove in its image is put back where the
+    image has it; the strip the move leaves without a label is no longer valid."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    mangrove = ((yy - 20) ** 2 / 150 + (xx - 26) ** 2 / 90 < 1) | (xx > 40)
+    images = np.empty((1, 5, 48, 48), np.float32)                 # B2, B3, B4, B8, B11
+    images[0] = np.where(mangrove, np.array([0.03, 0.05, 0.03, 0.30, 0.12])[:, None, None],
+                         np.array([0.06, 0.08, 0.05, 0.04, 0.02])[:, None, None])   # vegetation vs water
+    images += rng.normal(0, 0.005, images.shape).astype(np.float32)
+    drawn = np.roll(mangrove, (2, -1), axis=(0, 1)).astype(np.float32)[None]
+    valid = np.ones_like(drawn, bool)
+    offsets = training.label_offsets(images, drawn, valid, channels.RECIPE_V2, 3)
+    assert offsets.tolist() == [[2, -1]]
+    labels, moved_valid = training.move_labels(drawn, valid, offsets)
+    assert not moved_valid[0, -2:, :].any() and not moved_valid[0, :, :1].any()    # no label came from there
+    assert moved_valid[0, :-2, 1:].all()
+    assert np.array_equal(labels[0][moved_valid[0]] >= 0.5, mangrove[moved_valid[0]])
+    assert training.label_offsets(images, mangrove.astype(np.float32)[None], valid, channels.RECIPE_V2, 3).tolist() \
+        == [[0, 0]]                                                                  # a label in place stays
 
 
 def test_duplicate_footprints_with_different_labels_are_dropped(tmp_path):
@@ -264,6 +289,19 @@ def test_real_magset2_tiles_load_with_zones_and_their_noisy_labels_flagged():
     assert 0.6 < float(tiles.labels[tiles.valid].mean()) < 0.8            # README: mean share about 0.68
     assert 0.75 < tiles.loss_valid.sum() / tiles.valid.sum() < 0.9         # the 1 px label-edge band
     assert 3 <= len(tiles.flags) <= 15
+
+
+@pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")
+def test_real_magset2_labels_are_found_where_its_readme_says_they_sit():
+    """README: GMW masks sit about 0.6 px south and 1 px east of the imagery."""
+    import re
+    messages = []
+    spec = training.SourceSpec.parse(f"{MAGSET2}:name=magset2,align=3,group=tile_(\\d+)_")
+    tiles = training.load_tile_folder(MAGSET2, recipe=channels.RECIPE_V2, spec=spec, log=messages.append)
+    line = next(m for m in messages if "labels moved onto their images" in m)
+    south, east = map(float, re.search(r"sat ([-+.\d]+) px south and ([-+.\d]+) px east", line).groups())
+    assert 0.4 < south < 1.0 and 0.8 < east < 1.6, line
+    assert 0.01 < 1 - tiles.valid.sum() / tiles.valid.size < 0.03  # the 1-3 px strips the moves left unlabelled
 
 
 @pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")

@@ -149,30 +149,33 @@ def check_both_classes(labels: np.ndarray, valid: np.ndarray, what: str, hint: s
 class SourceSpec:
     """One tile folder and how to treat it: ``weight`` scales its windows in the loss,
     ``edge_ignore`` px on both sides of every label edge are left out of the loss (coarse or
-    misregistered labels), ``group`` is a regex whose first group names a window's location
+    misregistered labels), ``align`` moves each window's labels by up to this many px onto its
+    image (``register_labels``), ``group`` is a regex whose first group names a window's location
     (un-georeferenced tiles; georeferenced ones are grouped by their footprints)."""
 
     folder: str
     name: Optional[str] = None
     weight: float = 1.0
     edge_ignore: int = 0
+    align: int = 0
     group: Optional[str] = None
 
     @classmethod
     def parse(cls, text: str) -> "SourceSpec":
-        """``FOLDER[:key=value,...]`` with keys name, weight, edge_ignore, group.  Only a ':' followed
+        """``FOLDER[:key=value,...]`` with keys name, weight, edge_ignore, align, group.  Only a ':' followed
         by a known key starts the options, so ``C:/tiles`` and folders with ':' in their names work."""
         import re
-        match = re.match(r"^(.*?):((?:name|weight|edge_ignore|group)=.*)$", str(text), re.S)
+        match = re.match(r"^(.*?):((?:name|weight|edge_ignore|align|group)=.*)$", str(text), re.S)
         folder, rest = match.groups() if match else (str(text), "")
         spec = cls(folder)
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
-            if not eq or key not in ("name", "weight", "edge_ignore", "group"):
-                raise ValueError(f"tile folder option '{item}' in '{text}': use name=, weight=, edge_ignore= or group=")
-            setattr(spec, key, {"weight": float, "edge_ignore": int}.get(key, str)(value))
-        if spec.weight <= 0 or spec.edge_ignore < 0:
-            raise ValueError(f"'{text}': weight must be > 0 and edge_ignore >= 0")
+            if not eq or key not in ("name", "weight", "edge_ignore", "align", "group"):
+                raise ValueError(f"tile folder option '{item}' in '{text}': use name=, weight=, edge_ignore=, "
+                                 "align= or group=")
+            setattr(spec, key, {"weight": float, "edge_ignore": int, "align": int}.get(key, str)(value))
+        if spec.weight <= 0 or spec.edge_ignore < 0 or not 0 <= spec.align <= 8:
+            raise ValueError(f"'{text}': weight must be > 0, edge_ignore >= 0 and align 0 to 8")
         return spec
 
     @property
@@ -192,6 +195,55 @@ def label_edge_band(labels: np.ndarray, width: int, valid: Optional[np.ndarray] 
     inside = np.ones(labels.shape, bool) if valid is None else valid.astype(bool)
     band = ndimage.binary_dilation(lab & inside, structure) & ndimage.binary_dilation(~lab & inside, structure)
     return band if valid is None else band & inside
+
+
+def label_offsets(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, recipe: ch.Recipe,
+                  max_shift: int) -> np.ndarray:
+    """Where each window's label sits relative to its image, as whole pixels (dy, dx) per window
+    (+ = south/east), for labels from another product (Global Mangrove Watch's sit about 1 px east
+    and 0.6 px south of MagSet-2's imagery, per tile up to 3 px).  The offset is the one of
+    |dy|, |dx| <= ``max_shift`` at which the label correlates best with a vegetation-not-water index
+    of the image (NDVI - max(MNDWI, 0) / 2), over the window's valid interior."""
+    idx = {b: i for i, b in enumerate(recipe.source_bands)}
+    b3, b4, b8, b11 = (np.nan_to_num(images[:, idx[b]].astype(np.float64)) for b in ("B3", "B4", "B8", "B11"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        index = np.nan_to_num((b8 - b4) / (b8 + b4) - 0.5 * np.clip((b3 - b11) / (b3 + b11), 0, None))
+    m = max_shift
+    offsets = np.zeros((len(images), 2), int)
+    for i in range(len(images)):
+        lab, ok = labels[i][m:-m or None, m:-m or None], valid[i][m:-m or None, m:-m or None]
+        best = -np.inf
+        for dy in range(-m, m + 1):
+            for dx in range(-m, m + 1):
+                seen = np.roll(index[i], (dy, dx), axis=(0, 1))[m:-m or None, m:-m or None]  # image at p - offset
+                inside = ok & np.roll(valid[i], (dy, dx), axis=(0, 1))[m:-m or None, m:-m or None]
+                a, b = lab[inside], seen[inside]
+                if a.size < 100 or a.std() == 0 or b.std() == 0:
+                    continue
+                r = float(np.corrcoef(a, b)[0, 1]) - 1e-6 * (abs(dy) + abs(dx))  # ties: the smaller move
+                if r > best:
+                    best, offsets[i] = r, (dy, dx)
+    return offsets
+
+
+def move_labels(labels: np.ndarray, valid: np.ndarray, offsets: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Labels moved by -offset (onto their image); pixels the move leaves without a label become invalid."""
+    labels, valid = labels.copy(), valid.copy()
+    for i, (dy, dx) in enumerate(offsets):
+        if dy == 0 and dx == 0:
+            continue
+        labels[i] = np.roll(labels[i], (-dy, -dx), axis=(0, 1))
+        had_label = np.roll(valid[i], (-dy, -dx), axis=(0, 1))
+        if dy > 0:
+            had_label[-dy:, :] = False
+        elif dy < 0:
+            had_label[:-dy, :] = False
+        if dx > 0:
+            had_label[:, -dx:] = False
+        elif dx < 0:
+            had_label[:, :-dx] = False
+        valid[i] &= had_label
+    return labels, valid
 
 
 #: Width (px) of the band a boundary-aware loss weights up: 83 % of the Jambelí model's errors
@@ -287,6 +339,13 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     keep = [i for i in range(len(images)) if i not in conflicts]
     images, labels, valid = np.stack(images)[keep], np.stack(labels)[keep], np.stack(valid)[keep]
     bounds, names = [bounds[i] for i in keep], [names[i] for i in keep]
+    if spec.align:
+        offsets = label_offsets(images, labels, valid, recipe, spec.align)
+        labels, valid = move_labels(labels, valid, offsets)
+        moved = int(np.any(offsets != 0, axis=1).sum())
+        log(f"{spec.source}: labels moved onto their images in {moved} of {len(offsets)} windows; labels sat "
+            f"{offsets[:, 0].mean():+.2f} px south and {offsets[:, 1].mean():+.2f} px east on average "
+            f"(at most {spec.align} px searched)")
     check_both_classes(labels, valid, f"the training masks in {folder}")
     loss_valid = valid & ~label_edge_band(labels, spec.edge_ignore)
     weights = np.full(len(images), spec.weight, np.float32)
