@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12 for scenes that "
                        "do not name their bands")
     batch.add_argument("--dn-offset", type=float, help="DN offset when the product metadata has none")
+    batch.add_argument("--tta", action="store_true", help="test-time flips (8x the model's time; see predict --tta)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     assess = sub.add_parser("assess", help="accuracy of a map against a reference, next to MVI and random forest")
@@ -270,6 +271,8 @@ def cmd_batch(args) -> int:
     engine_options = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
                       "device": args.device, "stages": [s for s in args.stages.split(",") if s],
                       "stage_mode": args.stage_mode, "threads": args.threads}
+    if args.tta:  # only when asked: maps made before the option existed keep their result keys
+        engine_options["tta"] = True
     options = BatchOptions(workers=args.workers, scheduler=args.scheduler, retries=args.retries, resources=resources,
                            engine_options=engine_options, band_numbers=args.bands, dn_offset=args.dn_offset,
                            progress=not args.no_progress)

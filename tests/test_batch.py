@@ -191,6 +191,28 @@ def test_batch_output_is_the_engine_output(clean_run, inputs, bundle, tmp_path):
     np.testing.assert_array_equal(read(tmp_path / "solo.tif"), read(out / "south_probability.tif"))
 
 
+def test_tta_gives_the_engines_flip_averaged_map_and_is_a_result_parameter(clean_run, inputs, bundle,
+                                                                             untrained_path, tmp_path):
+    import torch
+    from menet_qgis.batch.runner import BatchOptions, prepare_run
+    from menet_qgis.core import engine, raster_io
+    out, _ = clean_run
+    _, todo, _, _ = prepare_run([str(inputs["manifest"])], out, untrained_path,
+                                BatchOptions(engine_options=dict(ENGINE, tta=True)))
+    assert len(todo) == 4  # maps made without flips are not reused for --tta
+    proc = cli("batch", inputs["folder"] / "south.tif", "--out-dir", tmp_path / "flips", "--model",
+               untrained_path, "--workers", 1, "--threads", 1, "--tta", *OPTIONS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = torch.get_num_threads()
+    try:
+        options = engine.EngineOptions(**dict(ENGINE, threads=1, tta=True))
+        engine.extract(bundle, raster_io.RasterInput(inputs["folder"] / "south.tif"), tmp_path / "solo.tif", options)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(read(tmp_path / "solo.tif"), read(tmp_path / "flips" / "south_probability.tif"))
+    assert not np.array_equal(read(tmp_path / "solo.tif"), read(out / "south_probability.tif"), equal_nan=True)
+
+
 def test_stac_item_becomes_a_band_vrt(clean_run, inputs):
     """The STAC item's six assets (B11/B12 at 20 m) map onto the 10 m grid by their eo:bands names,
     and raster:bands' offset -0.1 becomes the DN offset -1000."""
