@@ -299,8 +299,14 @@ def test_worker_killed_mid_scene(clean_run, inputs, untrained_path, tmp_path):
                         scene = key.split("-")[1]
                         staged = list((work / ".menet-batch" / "staging").glob(f"{scene}.*/*"))
                         if staged:  # the engine has opened its outputs: the scene is mid-way
-                            nanny = next(n for n in cluster.workers.values() if n.worker_address == address)
-                            os.kill(nanny.process.pid, signal.SIGKILL)
+                            pid = next(n for n in cluster.workers.values() if n.worker_address == address).process.pid
+                            # Frozen first, so "not finished yet" is still true when the kill lands
+                            # (a small scene can otherwise finish between this check and the kill).
+                            os.kill(pid, signal.SIGSTOP)
+                            if (work / f"{scene}_probability.tif").exists():
+                                os.kill(pid, signal.SIGCONT)
+                                continue
+                            os.kill(pid, signal.SIGKILL)
                             killed.update(scene=scene, address=address)
                             return
                 time.sleep(0.02)
