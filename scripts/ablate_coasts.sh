@@ -7,12 +7,17 @@
 #                                      (the first v2 model's setting; the default uses the labels up to their edges)
 #   scripts/ablate_coasts.sh jambeli2  Jambelí windows count twice in the loss (weight=2)
 #   scripts/ablate_coasts.sh boundary2 boundary-aware loss: pixels within 2 px of a label edge count 3x
+#   scripts/ablate_coasts.sh refine16  the full-resolution image-guided refinement, 16 channels
+#   scripts/ablate_coasts.sh align3    MagSet-2's labels moved onto their images (up to 3 px) for training
+#   scripts/ablate_coasts.sh seed1     no change but the random seed: how far runs of one recipe spread
+#
+# Every variant is also scored against MagSet-2 labels moved onto their images (.aligned.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2}
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2|refine16|align3|seed1}
 MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
 JAMBELI="$SHARED/jambeli/train:name=jambeli"
 EXTRA=()
@@ -20,6 +25,9 @@ case $VARIANT in
   edge1) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" ;;
   jambeli2) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=2" ;;
   boundary2) EXTRA=(--boundary-weight 2) ;;
+  refine16) EXTRA=(--refine-width 16) ;;
+  seed1) EXTRA=(--seed 1) ;;
+  align3) MAGSET2="$SHARED/magset2/tiles:name=magset2,align=3,group=tile_(\d+)_" ;;
   *) echo "unknown variant $VARIANT" >&2; exit 2 ;;
 esac
 .venv/bin/python -m menet_qgis train --tiles "$JAMBELI" --tiles "$MAGSET2" \
@@ -29,3 +37,5 @@ esac
     --out "$OUT/$VARIANT.pt" --history "$OUT/$VARIANT.history.json"
 .venv/bin/python scripts/evaluate_coasts.py "$OUT/$VARIANT.pt" \
     --json "$OUT/$VARIANT.evaluation.json" --markdown "$OUT/$VARIANT.evaluation.md"
+.venv/bin/python scripts/evaluate_coasts.py "$OUT/$VARIANT.pt" --align 3 \
+    --json "$OUT/$VARIANT.aligned.json" --markdown "$OUT/$VARIANT.aligned.md"

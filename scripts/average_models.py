@@ -1,0 +1,89 @@
+"""Average the weights of ME-Net models fine-tuned from one start ("model soup"), re-choose the threshold.
+
+Models fine-tuned from the same weights on the same windows with different settings stay close to
+each other, and the uniform average of their weights often scores better than each of them, on new
+data too (Wortsman et al., ICML 2022, "Model soups"), at no cost when mapping: the result is one
+model of the same size.  The models must share architecture, channel recipe, PCA and normalisation
+(i.e. the same training windows, as every run of scripts/ablate_coasts.sh has; the first model's
+statistics are kept).  The decision
+threshold is chosen again on the validation windows the first model was chosen on (Jambelí
+validation + MagSet-2 zone 6, rebuilt as scripts/evaluate_coasts.py does); held-out zones are not
+looked at.
+
+    .venv/bin/python scripts/average_models.py A.pt B.pt [C.pt ...] --out soup.pt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from evaluate_coasts import JAMBELI, MAGSET2, load, split  # noqa: E402
+from menet_qgis.core import checkpoint, training  # noqa: E402
+
+
+def same_inputs(a, b) -> bool:
+    """Same architecture and recipe, PCA and normalisation within 1 % (runs whose labels differ, e.g.
+    align=, fit them on slightly different valid pixels): the weights then mean the same thing."""
+    def close(x, y):
+        return np.allclose(x, y, rtol=1e-2, atol=1e-3)
+    return (a.model.architecture_record() == b.model.architecture_record() and a.recipe is b.recipe
+            and close(a.norm_mean, b.norm_mean) and close(a.norm_std, b.norm_std)
+            and close(a.pca.mean, b.pca.mean) and close(a.pca.component, b.pca.component))
+
+
+def average(bundles):
+    """A copy of the first bundle holding the element-wise mean of every floating-point weight
+    (batch-norm running statistics included; integer counters are the first model's)."""
+    states = [b.model.state_dict() for b in bundles]
+    mean = {k: (torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v)
+            for k, v in states[0].items()}
+    soup = copy.deepcopy(bundles[0])
+    soup.model.load_state_dict(mean)
+    soup.model.eval()
+    return soup
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if len(args.models) < 2:
+        parser.error("give at least two models")
+    bundles = [checkpoint.load(m) for m in args.models]
+    for path, b in zip(args.models[1:], bundles[1:]):
+        if not same_inputs(bundles[0], b):
+            parser.error(f"{path} differs from {args.models[0]} in architecture, recipe, PCA or normalisation")
+    soup = average(bundles)
+    val_names = soup.training.get("val_names", [])
+    tiles = load(soup.recipe, [JAMBELI, MAGSET2])
+    _, val_idx, _ = split(tiles, val_names)
+    counts = training.probability_counts(soup, tiles.subset(val_idx), torch.device("cpu"))
+    threshold, f1 = counts["all"].best_threshold()
+    scores = counts["all"].confusion(threshold).scores()
+    per_source = {s: counts[s].confusion(threshold).scores()["f1"] for s in ("jambeli", "magset2")}
+    sources = [{"model": Path(m).name, "sha256": hashlib.sha256(Path(m).read_bytes()).hexdigest()} for m in args.models]
+    soup.training = {**soup.training, "threshold": float(threshold),
+                     "note": f"uniform weight average of {len(bundles)} models fine-tuned from one start; "
+                             f"validation F1 {f1:.4f} at threshold {threshold:.2f}",
+                     "averaged_from": sources,
+                     "validation": {**{k: float(v) for k, v in scores.items()}, "threshold": float(threshold)},
+                     "validation_f1_per_source": per_source}
+    checkpoint.save(soup, args.out, half=True)
+    print(f"{args.out}: validation F1 {f1:.4f} at threshold {threshold:.2f} "
+          f"(jambeli {per_source['jambeli']:.4f}, magset2 {per_source['magset2']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
