@@ -166,7 +166,9 @@ def test_fine_tuning_into_a_refined_model_starts_from_the_same_map(bundle):
     with torch.inference_mode():
         before = target(x)
         init_weights_from(target, bundle.model, "untrained.pt")
-        assert not torch.equal(before, target(x))
-        assert torch.equal(target(x), bundle.model(x))  # the refinement's correction starts at zero
+        assert (before - target(x)).abs().max() > 0.1
+        # the refinement's correction starts at zero: the same map, to float rounding (the shared
+        # fixture may run in another memory layout after the engine's tests)
+        torch.testing.assert_close(target(x), bundle.model(x), rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="refined.pt does not fit this model"):
         init_weights_from(copy.deepcopy(bundle.model), refined_bundle().model, "refined.pt")
