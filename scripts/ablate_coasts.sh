@@ -9,7 +9,7 @@
 #   scripts/ablate_coasts.sh boundary2 boundary-aware loss: pixels within 2 px of a label edge count 3x
 #   scripts/ablate_coasts.sh refine16  the full-resolution image-guided refinement, 16 channels
 #   scripts/ablate_coasts.sh align3    MagSet-2's labels moved onto their images (up to 3 px) for training
-#   scripts/ablate_coasts.sh seed1     no change but the random seed: how far runs of one recipe spread
+#   scripts/ablate_coasts.sh seedN     no change but the random seed (N): how far runs of one recipe spread
 #
 # Every variant is also scored against MagSet-2 labels moved onto their images (.aligned.md).
 set -euo pipefail
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2|refine16|align3|seed1}
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2|refine16|align3|seedN}
 MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
 JAMBELI="$SHARED/jambeli/train:name=jambeli"
 EXTRA=()
@@ -26,7 +26,7 @@ case $VARIANT in
   jambeli2) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=2" ;;
   boundary2) EXTRA=(--boundary-weight 2) ;;
   refine16) EXTRA=(--refine-width 16) ;;
-  seed1) EXTRA=(--seed 1) ;;
+  seed[0-9]*) EXTRA=(--seed "${VARIANT#seed}") ;;
   align3) MAGSET2="$SHARED/magset2/tiles:name=magset2,align=3,group=tile_(\d+)_" ;;
   *) echo "unknown variant $VARIANT" >&2; exit 2 ;;
 esac

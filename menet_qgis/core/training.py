@@ -150,8 +150,8 @@ class SourceSpec:
     """One tile folder and how to treat it: ``weight`` scales its windows in the loss,
     ``edge_ignore`` px on both sides of every label edge are left out of the loss (coarse or
     misregistered labels), ``align`` moves each window's labels by up to this many px onto its
-    image (``register_labels``), ``group`` is a regex whose first group names a window's location
-    (un-georeferenced tiles; georeferenced ones are grouped by their footprints)."""
+    image (``label_offsets``, ``move_labels``), ``group`` is a regex whose first group names a
+    window's location (un-georeferenced tiles; georeferenced ones are grouped by their footprints)."""
 
     folder: str
     name: Optional[str] = None
