@@ -203,21 +203,23 @@ def label_offsets(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, rec
     (+ = south/east), for labels from another product (Global Mangrove Watch's sit about 1 px east
     and 0.6 px south of MagSet-2's imagery, per tile up to 3 px).  The offset is the one of
     |dy|, |dx| <= ``max_shift`` at which the label correlates best with a vegetation-not-water index
-    of the image (NDVI - max(MNDWI, 0) / 2), over the window's valid interior."""
+    of the image (NDVI - max(MNDWI, 0) / 2), over the window's valid pixels away from its border
+    (so every shift compares the same pixels)."""
     idx = {b: i for i, b in enumerate(recipe.source_bands)}
     b3, b4, b8, b11 = (np.nan_to_num(images[:, idx[b]].astype(np.float64)) for b in ("B3", "B4", "B8", "B11"))
     with np.errstate(divide="ignore", invalid="ignore"):
         index = np.nan_to_num((b8 - b4) / (b8 + b4) - 0.5 * np.clip((b3 - b11) / (b3 + b11), 0, None))
-    m = max_shift
     offsets = np.zeros((len(images), 2), int)
+    if max_shift < 1:
+        return offsets
+    core = (slice(max_shift, -max_shift),) * 2
     for i in range(len(images)):
-        lab, ok = labels[i][m:-m or None, m:-m or None], valid[i][m:-m or None, m:-m or None]
         best = -np.inf
-        for dy in range(-m, m + 1):
-            for dx in range(-m, m + 1):
-                seen = np.roll(index[i], (dy, dx), axis=(0, 1))[m:-m or None, m:-m or None]  # image at p - offset
-                inside = ok & np.roll(valid[i], (dy, dx), axis=(0, 1))[m:-m or None, m:-m or None]
-                a, b = lab[inside], seen[inside]
+        for dy in range(-max_shift, max_shift + 1):
+            for dx in range(-max_shift, max_shift + 1):
+                seen = _shifted(index[i], dy, dx, 0.0)[core]  # the image at p - offset, under the label at p
+                inside = (valid[i] & _shifted(valid[i], dy, dx, False))[core]
+                a, b = labels[i][core][inside], seen[inside]
                 if a.size < 100 or a.std() == 0 or b.std() == 0:
                     continue
                 r = float(np.corrcoef(a, b)[0, 1]) - 1e-6 * (abs(dy) + abs(dx))  # ties: the smaller move
@@ -226,23 +228,20 @@ def label_offsets(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, rec
     return offsets
 
 
+def _shifted(a: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
+    """``a`` moved by (dy, dx) px (out[p] = a[p - (dy, dx)]), ``fill`` where nothing moved in (no wrapping)."""
+    out = np.full_like(a, fill)
+    h, w = a.shape
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = a[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
 def move_labels(labels: np.ndarray, valid: np.ndarray, offsets: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Labels moved by -offset (onto their image); pixels the move leaves without a label become invalid."""
     labels, valid = labels.copy(), valid.copy()
     for i, (dy, dx) in enumerate(offsets):
-        if dy == 0 and dx == 0:
-            continue
-        labels[i] = np.roll(labels[i], (-dy, -dx), axis=(0, 1))
-        had_label = np.roll(valid[i], (-dy, -dx), axis=(0, 1))
-        if dy > 0:
-            had_label[-dy:, :] = False
-        elif dy < 0:
-            had_label[:-dy, :] = False
-        if dx > 0:
-            had_label[:, -dx:] = False
-        elif dx < 0:
-            had_label[:, :-dx] = False
-        valid[i] &= had_label
+        labels[i] = _shifted(labels[i], -dy, -dx, 0.0)
+        valid[i] &= _shifted(valid[i], -dy, -dx, False)
     return labels, valid
 
 
