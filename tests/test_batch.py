@@ -177,25 +177,28 @@ def test_local_cluster_maps_every_scene(clean_run, inputs, untrained_path):
     assert not partial_files(out)
 
 
-def test_batch_output_is_the_engine_output(clean_run, inputs, bundle, tmp_path):
-    """Same engine: a scene mapped in-process by engine.extract equals the batch's COG, pixel for pixel."""
+def map_in_process(bundle, src, out, **options):
+    """engine.extract in this process with the batch's engine options, on one torch thread as a batch
+    worker here runs (the suite's own thread count is restored afterwards)."""
     import torch
     from menet_qgis.core import engine, raster_io
-    out, _ = clean_run
     threads = torch.get_num_threads()
     try:
-        options = engine.EngineOptions(**dict(ENGINE, threads=1))
-        engine.extract(bundle, raster_io.RasterInput(inputs["folder"] / "south.tif"), tmp_path / "solo.tif", options)
+        engine.extract(bundle, raster_io.RasterInput(src), out, engine.EngineOptions(**dict(ENGINE, threads=1, **options)))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_batch_output_is_the_engine_output(clean_run, inputs, bundle, tmp_path):
+    """Same engine: a scene mapped in-process by engine.extract equals the batch's COG, pixel for pixel."""
+    out, _ = clean_run
+    map_in_process(bundle, inputs["folder"] / "south.tif", tmp_path / "solo.tif")
     np.testing.assert_array_equal(read(tmp_path / "solo.tif"), read(out / "south_probability.tif"))
 
 
 def test_tta_gives_the_engines_flip_averaged_map_and_is_a_result_parameter(clean_run, inputs, bundle,
                                                                              untrained_path, tmp_path):
-    import torch
     from menet_qgis.batch.runner import BatchOptions, prepare_run
-    from menet_qgis.core import engine, raster_io
     out, _ = clean_run
     _, todo, _, _ = prepare_run([str(inputs["manifest"])], out, untrained_path,
                                 BatchOptions(engine_options=dict(ENGINE, tta=True)))
@@ -203,12 +206,7 @@ def test_tta_gives_the_engines_flip_averaged_map_and_is_a_result_parameter(clean
     proc = cli("batch", inputs["folder"] / "south.tif", "--out-dir", tmp_path / "flips", "--model",
                untrained_path, "--workers", 1, "--threads", 1, "--tta", *OPTIONS)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    threads = torch.get_num_threads()
-    try:
-        options = engine.EngineOptions(**dict(ENGINE, threads=1, tta=True))
-        engine.extract(bundle, raster_io.RasterInput(inputs["folder"] / "south.tif"), tmp_path / "solo.tif", options)
-    finally:
-        torch.set_num_threads(threads)
+    map_in_process(bundle, inputs["folder"] / "south.tif", tmp_path / "solo.tif", tta=True)
     np.testing.assert_array_equal(read(tmp_path / "solo.tif"), read(tmp_path / "flips" / "south_probability.tif"))
     assert not np.array_equal(read(tmp_path / "solo.tif"), read(out / "south_probability.tif"), equal_nan=True)
 
