@@ -10,6 +10,7 @@
 #   scripts/ablate_coasts.sh refine16  the full-resolution image-guided refinement, 16 channels
 #   scripts/ablate_coasts.sh align3    MagSet-2's labels moved onto their images (up to 3 px) for training
 #   scripts/ablate_coasts.sh seedN     no change but the random seed (N): how far runs of one recipe spread
+#   scripts/ablate_coasts.sh epochs24  twice the epochs (the one-cycle schedule stretched to 24)
 #
 # Every variant is also scored against MagSet-2 labels moved onto their images (.aligned.md).
 set -euo pipefail
@@ -17,15 +18,17 @@ cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2|refine16|align3|seedN}
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2|refine16|align3|epochs24|seedN}
 MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
 JAMBELI="$SHARED/jambeli/train:name=jambeli"
 EXTRA=()
+EPOCHS=12
 case $VARIANT in
   edge1) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" ;;
   jambeli2) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=2" ;;
   boundary2) EXTRA=(--boundary-weight 2) ;;
   refine16) EXTRA=(--refine-width 16) ;;
+  epochs24) EPOCHS=24 ;;
   seed[0-9]*) EXTRA=(--seed "${VARIANT#seed}") ;;
   align3) MAGSET2="$SHARED/magset2/tiles:name=magset2,align=3,group=tile_(\d+)_" ;;
   *) echo "unknown variant $VARIANT" >&2; exit 2 ;;
@@ -33,7 +36,7 @@ esac
 .venv/bin/python -m menet_qgis train --tiles "$JAMBELI" --tiles "$MAGSET2" \
     --recipe 2 --init resources/models/menet_jambeli_v1.pt --val-names-from resources/models/menet_jambeli_v1.pt \
     --val-groups magset2:6 --holdout magset2:3,magset2:8 \
-    --epochs 12 --batch-size 8 --lr 3e-4 --seed 0 --device cpu --threads 2 --resume "${EXTRA[@]}" \
+    --epochs $EPOCHS --batch-size 8 --lr 3e-4 --seed 0 --device cpu --threads 2 --resume "${EXTRA[@]}" \
     --out "$OUT/$VARIANT.pt" --history "$OUT/$VARIANT.history.json"
 .venv/bin/python scripts/evaluate_coasts.py "$OUT/$VARIANT.pt" \
     --json "$OUT/$VARIANT.evaluation.json" --markdown "$OUT/$VARIANT.evaluation.md"

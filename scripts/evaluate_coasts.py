@@ -8,7 +8,9 @@ exactly the model's training windows.  Every method is scored on the valid pixel
 with the raw labels (no edge band removed).  Optional: the v2 model with test-time flips (mean of
 the 8 flips/rotations), the Jambelí-only v1 model (Jambelí only: it needs B12), and ``--align N``:
 MagSet-2's labels moved onto their images first (``training.label_offsets``, up to N px; the forest
-then trains on the moved labels too), to see how much of a score is the labels' 1 px misregistration.
+then trains on the moved labels too), to see how much of a score is the labels' 1 px misregistration,
+and ``--ensemble M ...``: the mean probability of the model and these (e.g. other seeds of its recipe),
+thresholded where that mean scores best on the validation windows (held-out zones are not looked at).
 
     .venv/bin/python scripts/evaluate_coasts.py resources/models/menet_coasts_v2.pt \
         --v1 resources/models/menet_jambeli_v1.pt --tta --json out.json --markdown out.md
@@ -57,6 +59,14 @@ def tta_probability(bundle, tiles, device):
     return (total / 8).astype(np.float32)
 
 
+def ensemble_probability(prob, members, recipe, tiles, device):
+    """Mean of ``prob`` (the first model's) and each member's probability on the same windows."""
+    for member in members:
+        if member.recipe is not recipe:
+            raise SystemExit(f"ensemble members must use channel recipe {recipe.label}, not {member.recipe.label}")
+    return (prob + sum(training.predict_windows(m, tiles, device) for m in members)) / (1 + len(members))
+
+
 def by_group(tiles, prediction, key_of):
     """Confusion per reporting unit from a boolean prediction (N, H, W) on the valid pixels."""
     out = {}
@@ -73,6 +83,8 @@ def main() -> int:
     parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips (8x time)")
     parser.add_argument("--align", type=int, default=0,
                         help="score against MagSet-2 labels moved onto their images (up to N px)")
+    parser.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                        help="also score the mean probability of the model and these models (same recipe)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -100,6 +112,15 @@ def main() -> int:
         tta = tta_probability(bundle, scored, device)
         seconds["model_tta"] = time.perf_counter() - t0
         rows[f"ME-Net v2 + 8 flips (threshold {bundle.threshold:.2f})"] = by_group(scored, tta >= bundle.threshold, unit)
+    if args.ensemble:
+        t0 = time.perf_counter()
+        mean = ensemble_probability(prob, [checkpoint.load(m) for m in args.ensemble], bundle.recipe, scored, device)
+        seconds["ensemble"] = seconds["model"] + time.perf_counter() - t0
+        counts = training.ProbabilityCounts()
+        for i in (i for i in range(len(scored)) if "validation" in unit(i)):
+            counts.add(mean[i][scored.valid[i]], scored.labels[i][scored.valid[i]] >= 0.5)
+        threshold, _ = counts.best_threshold()
+        rows[f"mean of {1 + len(args.ensemble)} models (threshold {threshold:.2f})"] = by_group(scored, mean >= threshold, unit)
     bands = train_set.images.transpose(1, 0, 2, 3)[:, train_set.valid]
     forest = assessment.train_random_forest(bands, train_set.labels[train_set.valid], 100, 0)
     flat = np.nan_to_num(scored.images.transpose(1, 0, 2, 3).reshape(len(channels.RECIPE_V2.source_bands), -1))
