@@ -103,3 +103,21 @@ def test_assess_algorithm_writes_table_and_report(menet_provider, tmp_path):
     assert "tp" in (tmp_path / "scores.csv").read_text().splitlines()[0]
     report = (tmp_path / "report.html").read_text()
     assert "<td>180</td><td>20</td>" in report and "<td>0</td><td>200</td>" in report   # TP FP / FN TN
+
+
+def test_assess_reports_the_best_threshold_on_the_users_reference(menet_provider, tmp_path):
+    """The best threshold differs from coast to coast: on a reference that is mangrove exactly where
+    the probability is >= 0.70, Assess accuracy scores the map at the threshold it is given (0.5) and
+    reports 0.70 as the best one here, with F1 1; a 0/1 mask has no threshold to find."""
+    import processing
+    prob = ((np.arange(400, dtype=np.float32) + 0.5) / 400).reshape(1, 20, 20)
+    pred = write_raster(tmp_path / "p.tif", prob)
+    ref = write_raster(tmp_path / "r.tif", (prob >= 0.7).astype(np.float32))
+    [a] = assessment.assess_rasters(pred, reference=str(ref), threshold=0.5)
+    assert a.scores["f1"] < 0.85 and a.best_threshold == (pytest.approx(0.70), pytest.approx(1.0))
+    assert a.to_dict()["best_threshold"] == pytest.approx(0.70) and "best threshold is 0.70" in a.notes[-1]
+    [m] = assessment.assess_rasters(write_raster(tmp_path / "m.tif", (prob >= 0.6).astype(np.float32)), reference=str(ref))
+    assert m.best_threshold is None and "best_threshold" not in m.to_dict()
+    result = processing.run("menet:assessaccuracy", {"PREDICTION": str(pred), "REFERENCE_RASTER": str(ref),
+                                                     "THRESHOLD": 0.5, "OUTPUT_TABLE": "memory:"})
+    assert result["BEST_THRESHOLD"] == pytest.approx(0.70) and result["F1"] == pytest.approx(a.scores["f1"])

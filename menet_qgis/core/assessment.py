@@ -12,7 +12,7 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rasterio
@@ -22,7 +22,7 @@ from rasterio.vrt import WarpedVRT
 
 from . import channels as ch
 from .compat import osgeo_exceptions
-from .metrics import Confusion
+from .metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts
 
 MVI_RANGE = (4.5, 16.5)
 
@@ -34,6 +34,9 @@ class Assessment:
     pixel_area_ha: float
     threshold: float = 0.5
     notes: List[str] = field(default_factory=list)
+    #: (threshold, F1) with the best F1 on this very reference, for a probability map: the best
+    #: threshold differs from coast to coast, and a user's own labels are the way to find theirs.
+    best_threshold: Optional[Tuple[float, float]] = None
 
     @property
     def scores(self) -> Dict[str, float]:
@@ -46,8 +49,10 @@ class Assessment:
 
     def to_dict(self) -> Dict:
         """One flat row: scores, areas and the confusion counts."""
+        best = {"best_threshold": self.best_threshold[0], "f1_at_best_threshold": self.best_threshold[1]} \
+            if self.best_threshold else {}
         return {"name": self.name, "threshold": self.threshold, **self.scores, **self.area_ha(),
-                **self.confusion.to_dict(), "pixels": self.confusion.total}
+                **self.confusion.to_dict(), "pixels": self.confusion.total, **best}
 
 
 def mvi(green: np.ndarray, nir: np.ndarray, swir1: np.ndarray) -> np.ndarray:
@@ -198,11 +203,26 @@ def assess_rasters(prediction, reference: Optional[str] = None, reference_polygo
     note = f"{int(counted.sum())} pixels compared"
     results = [Assessment(name, Confusion().add(values[counted] >= threshold, ref[counted]), pixel_ha, threshold,
                           [note + f"; mangrove = prediction >= {threshold}"])]
+    results[0].best_threshold = best_threshold_here(values[counted], ref[counted])
+    if results[0].best_threshold:
+        best, f1 = results[0].best_threshold
+        results[0].notes.append(f"on this reference the best threshold is {best:.2f} (F1 {f1:.4f}): chosen on these "
+                                "same pixels, so that F1 is optimistic; choose it on part of your reference and "
+                                "assess the rest")
     labels = {"mvi": f"MVI {MVI_RANGE[0]} <= MVI <= {MVI_RANGE[1]} (Baloloy et al. 2020)",
               "random_forest": forest_label(len(ch.RECIPE_V2.source_bands))}
     for key, mask in baselines.items():
         results.append(Assessment(labels[key], Confusion().add(mask[counted], ref[counted]), pixel_ha, threshold, [note]))
     return results
+
+
+def best_threshold_here(probability: np.ndarray, reference: np.ndarray) -> Optional[Tuple[float, float]]:
+    """(threshold, F1) with the best F1 against ``reference``, or None for a 0/1 mask (no probabilities)."""
+    if not np.any((probability > 0) & (probability < 1)):
+        return None
+    counts = ProbabilityCounts()
+    counts.add(probability, reference)
+    return counts.best_threshold(*LOCAL_THRESHOLD_RANGE)
 
 
 def write_table(assessments: Sequence[Assessment], path) -> None:

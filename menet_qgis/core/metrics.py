@@ -1,8 +1,8 @@
 """Binary accuracy figures from a confusion matrix (mangrove = positive class)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -42,3 +42,37 @@ class Confusion:
 
     def to_dict(self) -> Dict[str, int]:
         return asdict(self)
+
+
+#: Thresholds scanned when choosing the decision threshold on validation (training) ...
+THRESHOLD_BINS = 100
+THRESHOLD_RANGE = (0.2, 0.8)
+#: ... and on a user's own reference of one coast (assess), where the best one ranged 0.30-0.79 over
+#: MagSet-2 zones for one model: wider, so a coast far from the validation coasts is not clipped.
+LOCAL_THRESHOLD_RANGE = (0.05, 0.95)
+
+
+@dataclass
+class ProbabilityCounts:
+    """Histogram of predicted probabilities per reference class: the confusion at any threshold."""
+
+    positive: np.ndarray = field(default_factory=lambda: np.zeros(THRESHOLD_BINS, np.int64))
+    negative: np.ndarray = field(default_factory=lambda: np.zeros(THRESHOLD_BINS, np.int64))
+
+    def add(self, prob: np.ndarray, truth: np.ndarray) -> None:
+        bins = np.clip((prob * THRESHOLD_BINS).astype(np.int64), 0, THRESHOLD_BINS - 1)
+        self.positive += np.bincount(bins[truth], minlength=THRESHOLD_BINS)
+        self.negative += np.bincount(bins[~truth], minlength=THRESHOLD_BINS)
+
+    def confusion(self, threshold: float) -> Confusion:
+        k = int(round(threshold * THRESHOLD_BINS))
+        tp, fp = int(self.positive[k:].sum()), int(self.negative[k:].sum())
+        return Confusion(tp, fp, int(self.positive.sum()) - tp, int(self.negative.sum()) - fp)
+
+    def best_threshold(self, low: float = THRESHOLD_RANGE[0], high: float = THRESHOLD_RANGE[1]) -> Tuple[float, float]:
+        """(threshold, F1) maximising F1 within ``low``..``high`` (ties: the one nearest 0.5)."""
+        candidates = [k / THRESHOLD_BINS for k in range(int(round(low * THRESHOLD_BINS)),
+                                                       int(round(high * THRESHOLD_BINS)) + 1)]
+        scored = [(self.confusion(t).scores()["f1"], -abs(t - 0.5), t) for t in candidates]
+        f1, _, t = max(scored)
+        return t, f1

@@ -30,7 +30,7 @@ from .bands import InputPlan
 from .checkpoint import ModelBundle, new_bundle, save, saved_bytes
 from .engine import Cancelled, Reporter, prepare_batch
 from .flips import dihedral
-from .metrics import Confusion
+from .metrics import Confusion, ProbabilityCounts
 from .model import load_imagenet_state
 from .raster_io import RasterInput, atomic_write_bytes, require_free_space
 
@@ -581,37 +581,6 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
 #: Training windows are held as reflectance already: channels are built with no further scaling.
 def _reflectance_plan(bands: int) -> InputPlan:
     return InputPlan("sentinel2", list(range(1, bands + 1)))
-
-
-#: Thresholds scanned when choosing the decision threshold on validation.
-THRESHOLD_BINS = 100
-THRESHOLD_RANGE = (0.2, 0.8)
-
-
-@dataclass
-class ProbabilityCounts:
-    """Histogram of predicted probabilities per reference class: the confusion at any threshold."""
-
-    positive: np.ndarray = field(default_factory=lambda: np.zeros(THRESHOLD_BINS, np.int64))
-    negative: np.ndarray = field(default_factory=lambda: np.zeros(THRESHOLD_BINS, np.int64))
-
-    def add(self, prob: np.ndarray, truth: np.ndarray) -> None:
-        bins = np.clip((prob * THRESHOLD_BINS).astype(np.int64), 0, THRESHOLD_BINS - 1)
-        self.positive += np.bincount(bins[truth], minlength=THRESHOLD_BINS)
-        self.negative += np.bincount(bins[~truth], minlength=THRESHOLD_BINS)
-
-    def confusion(self, threshold: float) -> Confusion:
-        k = int(round(threshold * THRESHOLD_BINS))
-        tp, fp = int(self.positive[k:].sum()), int(self.negative[k:].sum())
-        return Confusion(tp, fp, int(self.positive.sum()) - tp, int(self.negative.sum()) - fp)
-
-    def best_threshold(self) -> Tuple[float, float]:
-        """(threshold, F1) maximising F1 within THRESHOLD_RANGE (ties: the one nearest 0.5)."""
-        candidates = [k / THRESHOLD_BINS for k in range(int(THRESHOLD_RANGE[0] * THRESHOLD_BINS),
-                                                       int(THRESHOLD_RANGE[1] * THRESHOLD_BINS) + 1)]
-        scored = [(self.confusion(t).scores()["f1"], -abs(t - 0.5), t) for t in candidates]
-        f1, _, t = max(scored)
-        return t, f1
 
 
 def predict_windows(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16) -> np.ndarray:

@@ -19,7 +19,7 @@ COUNT_FIELDS = ["tp", "fp", "fn", "tn", "pixels"]
 class AssessAccuracyAlgorithm(MENetAlgorithm):
     PREDICTION, REFERENCE_RASTER, REFERENCE_POLYGONS = "PREDICTION", "REFERENCE_RASTER", "REFERENCE_POLYGONS"
     AREA, THRESHOLD, IMAGE, TILE_FOLDER = "AREA", "THRESHOLD", "IMAGE", "TILE_FOLDER"
-    OUTPUT_TABLE, OUTPUT_HTML = "OUTPUT_TABLE", "OUTPUT_HTML"
+    OUTPUT_TABLE, OUTPUT_HTML, BEST_THRESHOLD = "OUTPUT_TABLE", "OUTPUT_HTML", "BEST_THRESHOLD"
 
     def name(self):
         return "assessaccuracy"
@@ -38,6 +38,10 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
                 "<p>Give the <b>Sentinel-2 raster</b> the map was made from to score the MVI index "
                 "(Baloloy et al. 2020, mangrove if 4.5 ≤ MVI ≤ 16.5) on the same pixels; add a <b>tile folder</b> to "
                 "also train and score a per-pixel random forest (100 trees; 6 bands, NDVI, MNDWI, MVI).</p>"
+                "<p>For a probability map it also reports the <b>best threshold on this reference</b> (the one with "
+                "the highest F1, searched over 0.05–0.95): the best threshold differs from coast to coast, so labels of "
+                "your own coast are the way to find yours. Chosen on these same pixels, its F1 is optimistic: choose it "
+                "on part of your reference and assess the rest with it (<b>Mangrove threshold</b>).</p>"
                 "<p>The map must be one band (a probability or a 0/1 mask): a multi-band raster such as the "
                 "Sentinel-2 image is refused.</p>")
 
@@ -66,6 +70,7 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
                                                                 "HTML files (*.html)", optional=True))
         for key in ("F1", "IOU", "KAPPA", "OVERALL_ACCURACY"):
             self.addOutput(QgsProcessingOutputNumber(key, key.replace("_", " ").title()))
+        self.addOutput(QgsProcessingOutputNumber(self.BEST_THRESHOLD, "Best threshold on this reference"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         # A non-optional layer parameter starts on the active layer, typically the Sentinel-2 image:
@@ -114,4 +119,5 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
             outputs[self.OUTPUT_HTML] = report
         main = rows[0]
         outputs.update(F1=main["f1"], IOU=main["iou"], KAPPA=main["kappa"], OVERALL_ACCURACY=main["overall_accuracy"])
+        outputs[self.BEST_THRESHOLD] = main.get("best_threshold")  # None for a 0/1 mask
         return outputs
