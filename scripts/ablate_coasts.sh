@@ -5,12 +5,17 @@
 #
 #   scripts/ablate_coasts.sh edge1     1 px either side of MagSet-2's label edges left out of the loss
 #                                      (the first v2 model's setting; the default uses the labels up to their edges)
-#   scripts/ablate_coasts.sh jambeli2  Jambelí windows count twice in the loss (weight=2)
+#   scripts/ablate_coasts.sh jambeliN  Jambelí windows count N times in the loss (weight=N; jambeli2, jambeli4)
 #   scripts/ablate_coasts.sh boundary2 boundary-aware loss: pixels within 2 px of a label edge count 3x
 #   scripts/ablate_coasts.sh refine16  the full-resolution image-guided refinement, 16 channels
 #   scripts/ablate_coasts.sh align3    MagSet-2's labels moved onto their images (up to 3 px) for training
 #   scripts/ablate_coasts.sh seedN     no change but the random seed (N): how far runs of one recipe spread
 #   scripts/ablate_coasts.sh epochs24  twice the epochs (the one-cycle schedule stretched to 24)
+#   scripts/ablate_coasts.sh scratchN  from random weights instead of the Jambelí model's: 30 epochs,
+#                                      peak learning rate 1e-3 (as the Jambelí model was trained), seed N
+#                                      (scratch = seed 0)
+#   scripts/ablate_coasts.sh jambelionly  Jambelí windows only (no MagSet-2): what B12 and sharing the
+#                                      network with other coasts cost on Jambelí
 #
 # Every variant is also scored against MagSet-2 labels moved onto their images (.aligned.md).
 set -euo pipefail
@@ -18,25 +23,30 @@ cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeli2|boundary2|refine16|align3|epochs24|seedN}
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeliN|boundary2|refine16|align3|epochs24|scratchN|jambelionly|seedN}
 MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
 JAMBELI="$SHARED/jambeli/train:name=jambeli"
 EXTRA=()
 EPOCHS=12
+LR=3e-4
+INIT=(--init resources/models/menet_jambeli_v1.pt)
+SPLIT=(--val-groups magset2:6 --holdout magset2:3,magset2:8)
 case $VARIANT in
   edge1) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" ;;
-  jambeli2) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=2" ;;
   boundary2) EXTRA=(--boundary-weight 2) ;;
   refine16) EXTRA=(--refine-width 16) ;;
   epochs24) EPOCHS=24 ;;
+  jambelionly) MAGSET2=""; SPLIT=() ;;
+  scratch*) INIT=(); EPOCHS=30; LR=1e-3; SEED=${VARIANT#scratch}; EXTRA=(--seed "${SEED:-0}") ;;
+  jambeli[0-9]*) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=${VARIANT#jambeli}" ;;
   seed[0-9]*) EXTRA=(--seed "${VARIANT#seed}") ;;
   align3) MAGSET2="$SHARED/magset2/tiles:name=magset2,align=3,group=tile_(\d+)_" ;;
   *) echo "unknown variant $VARIANT" >&2; exit 2 ;;
 esac
-.venv/bin/python -m menet_qgis train --tiles "$JAMBELI" --tiles "$MAGSET2" \
-    --recipe 2 --init resources/models/menet_jambeli_v1.pt --val-names-from resources/models/menet_jambeli_v1.pt \
-    --val-groups magset2:6 --holdout magset2:3,magset2:8 \
-    --epochs $EPOCHS --batch-size 8 --lr 3e-4 --seed 0 --device cpu --threads 2 --resume "${EXTRA[@]}" \
+.venv/bin/python -m menet_qgis train --tiles "$JAMBELI" ${MAGSET2:+--tiles "$MAGSET2"} \
+    --recipe 2 "${INIT[@]}" --val-names-from resources/models/menet_jambeli_v1.pt \
+    "${SPLIT[@]}" \
+    --epochs $EPOCHS --batch-size 8 --lr $LR --seed 0 --device cpu --threads 2 --resume "${EXTRA[@]}" \
     --out "$OUT/$VARIANT.pt" --history "$OUT/$VARIANT.history.json"
 .venv/bin/python scripts/evaluate_coasts.py "$OUT/$VARIANT.pt" \
     --json "$OUT/$VARIANT.evaluation.json" --markdown "$OUT/$VARIANT.evaluation.md"
