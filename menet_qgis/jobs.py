@@ -244,14 +244,11 @@ def assess(params: Dict, reporter) -> Dict:
         tiles = training.load_tile_folder(params["tiles"], recipe=bundle.recipe)
         results = assessment.compare_on_tiles(bundle, tiles, names)
     rows = [r.to_dict() for r in results]
-    for row in rows:
+    for result, row in zip(results, rows):
         reporter.info(f"{row['name']}: F1 {row['f1']:.4f}, IoU {row['iou']:.4f}, kappa {row['kappa']:.4f}, "
                       f"OA {row['overall_accuracy']:.4f}")
-        if "best_threshold" in row:
-            reporter.info(f"{row['name']}: on this reference the best threshold is {row['best_threshold']:.2f} "
-                          f"(F1 {row['f1_at_best_threshold']:.4f}, against {row['f1']:.4f} at {row['threshold']:.2f}); "
-                          "chosen on the same pixels, so optimistic here: choose it on part of your reference, "
-                          "assess the rest, and use it as the threshold for this coast")
+        if result.best_threshold:
+            reporter.info(f"{row['name']}: {result.notes[-1]}")
     if params.get("report"):
         assessment.write_html(results, params["report"])
     if params.get("table"):

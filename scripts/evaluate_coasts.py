@@ -142,8 +142,7 @@ def main() -> int:
     table = {name: {u: r[u].scores() | {"pixels": r[u].total} for u in units if u in r} for name, r in rows.items()}
     new_coasts = {}
     for name, r in rows.items():
-        held = [r[u] for u in units if "held out" in u and u in r]
-        pooled = Confusion(*(sum(getattr(c, k) for c in held) for k in ("tp", "fp", "fn", "tn")))
+        pooled = sum((r[u] for u in units if "held out" in u and u in r), Confusion())
         if pooled.total:
             new_coasts[name] = pooled.scores() | {"pixels": pooled.total}
     result = {"model": args.model, "threshold": bundle.threshold, "align": args.align, "train_windows": len(train_set),

@@ -48,14 +48,6 @@ def forest_probability(tiles, train_idx, held):
     return forest.predict_proba(assessment.pixel_features(flat))[:, 1].reshape(held.labels.shape).astype(np.float32)
 
 
-def pooled(counts):
-    total = ProbabilityCounts()
-    for c in counts:
-        total.positive += c.positive
-        total.negative += c.negative
-    return total
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -81,14 +73,13 @@ def main() -> int:
                 pooled_conf = {"local": Confusion(), "fixed": Confusion()}
                 for zone, idx in zones.items():
                     pick = set(rng.choice(idx, size=k, replace=False).tolist())
-                    threshold, _ = pooled([counts[i] for i in pick]).best_threshold(*LOCAL_THRESHOLD_RANGE)
-                    rest = pooled([counts[i] for i in idx if i not in pick])
+                    threshold, _ = sum((counts[i] for i in pick), ProbabilityCounts()).best_threshold(*LOCAL_THRESHOLD_RANGE)
+                    rest = sum((counts[i] for i in idx if i not in pick), ProbabilityCounts())
                     chosen[zone].append(threshold)
                     for how, t in (("local", threshold), ("fixed", fixed)):
                         conf = rest.confusion(t)
                         f1[zone][how].append(conf.scores()["f1"])
-                        for key in ("tp", "fp", "fn", "tn"):
-                            setattr(pooled_conf[how], key, getattr(pooled_conf[how], key) + getattr(conf, key))
+                        pooled_conf[how] += conf
                 for how in ("local", "fixed"):
                     f1["pooled"][how].append(pooled_conf[how].scores()["f1"])
             row = {name: {"f1_local_mean": float(np.mean(v["local"])), "f1_local_p10": float(np.percentile(v["local"], 10)),

@@ -19,6 +19,20 @@ def test_scores_match_hand_computed_values():
     assert s["kappa"] == pytest.approx((0.85 - pe) / (1 - pe))
 
 
+def test_pooled_counts_score_like_one_map_of_all_pixels():
+    from menet_qgis.core.metrics import ProbabilityCounts
+    rng = np.random.default_rng(1)
+    prob, truth = rng.random(5000).astype(np.float32), rng.random(5000) < 0.3
+    halves = [(prob[:2000], truth[:2000]), (prob[2000:], truth[2000:])]
+    whole = Confusion().add(prob >= 0.4, truth)
+    assert sum((Confusion().add(p >= 0.4, t) for p, t in halves), Confusion()) == whole
+    counts = []
+    for p, t in halves:
+        counts.append(ProbabilityCounts())
+        counts[-1].add(p, t)
+    assert sum(counts, ProbabilityCounts()).confusion(0.4) == whole
+
+
 def test_mvi_published_thresholds():
     green = np.array([0.05, 0.05, 0.05, 0.05])
     nir = np.array([0.05 + 0.4, 0.05 + 0.1, 0.05 + 1.8, 0.3])

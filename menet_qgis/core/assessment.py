@@ -206,9 +206,10 @@ def assess_rasters(prediction, reference: Optional[str] = None, reference_polygo
     results[0].best_threshold = best_threshold_here(values[counted], ref[counted])
     if results[0].best_threshold:
         best, f1 = results[0].best_threshold
-        results[0].notes.append(f"on this reference the best threshold is {best:.2f} (F1 {f1:.4f}): chosen on these "
-                                "same pixels, so that F1 is optimistic; choose it on part of your reference and "
-                                "assess the rest")
+        results[0].notes.append(f"on this reference the best threshold is {best:.2f} (F1 {f1:.4f}, against "
+                                f"{results[0].scores['f1']:.4f} at {threshold:.2f}): chosen on these same pixels, so "
+                                "that F1 is optimistic; choose it on part of your reference, assess the rest, and "
+                                "use it as the threshold for this coast")
     labels = {"mvi": f"MVI {MVI_RANGE[0]} <= MVI <= {MVI_RANGE[1]} (Baloloy et al. 2020)",
               "random_forest": forest_label(len(ch.RECIPE_V2.source_bands))}
     for key, mask in baselines.items():

@@ -23,6 +23,10 @@ class Confusion:
         self.tn += int(np.count_nonzero(~p & ~r))
         return self
 
+    def __add__(self, other: "Confusion") -> "Confusion":
+        """Pool two counts (zones, windows): ``sum(confusions, Confusion())`` pools many."""
+        return Confusion(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+
     @property
     def total(self) -> int:
         return self.tp + self.fp + self.fn + self.tn
@@ -63,6 +67,10 @@ class ProbabilityCounts:
         bins = np.clip((prob * THRESHOLD_BINS).astype(np.int64), 0, THRESHOLD_BINS - 1)
         self.positive += np.bincount(bins[truth], minlength=THRESHOLD_BINS)
         self.negative += np.bincount(bins[~truth], minlength=THRESHOLD_BINS)
+
+    def __add__(self, other: "ProbabilityCounts") -> "ProbabilityCounts":
+        """Pool two histograms: ``sum(counts, ProbabilityCounts())`` pools many."""
+        return ProbabilityCounts(self.positive + other.positive, self.negative + other.negative)
 
     def confusion(self, threshold: float) -> Confusion:
         k = int(round(threshold * THRESHOLD_BINS))
