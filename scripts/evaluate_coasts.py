@@ -1,8 +1,9 @@
 """Per-zone scores of ME-Net models next to a random forest and MVI, on the same pixels.
 
-Rebuilds the split the default model was trained with (``scripts/train_default_model.sh``):
-Jambelí validation = the v1 model's 58 validation windows, MagSet-2 zone 6 = validation (it chose
-the epoch and the threshold), zones 3 and 8 = held out (never trained on, never used to choose).
+Rebuilds the split a model was trained with from what it stores (its validation window names and
+held-out zones).  For the default model (``scripts/train_default_model.sh``): Jambelí validation =
+the v1 model's 58 validation windows, MagSet-2 zone 6 = validation (it chose the epoch and the
+threshold), zones 3 and 8 = held out (never trained on, never used to choose).
 The forest (100 trees, 8 per-pixel features: B2, B3, B4, B8, B11, NDVI, MNDWI, MVI) is trained on
 exactly the model's training windows.  Every method is scored on the valid pixels of each group,
 with the raw labels (no edge band removed).  Optional: the v2 model with test-time flips (mean of
@@ -44,8 +45,14 @@ def load(recipe, sources):
     return training.TileSet.concat([training.load_tile_folder(spec.folder, recipe=recipe, spec=spec) for spec in specs])
 
 
-def split(tiles, val_names):
-    return training.split_windows(tiles, 0.2, 0, VAL_GROUPS, HOLDOUT, val_names)
+def holdout_of(bundle):
+    """The zones a model was never trained on nor chose anything with (stored in it; default 3 and 8)."""
+    return list(bundle.training.get("holdout_groups") or HOLDOUT)
+
+
+def split(tiles, bundle):
+    """The model's own split: its stored validation windows and held-out zones."""
+    return training.split_windows(tiles, 0.2, 0, VAL_GROUPS, holdout_of(bundle), bundle.training.get("val_names", []))
 
 
 def tta_probability(bundle, tiles, device):
@@ -90,16 +97,16 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cpu")
     bundle = checkpoint.load(args.model)
-    val_names = bundle.training.get("val_names", [])
     tiles = load(bundle.recipe, [JAMBELI, MAGSET2 + (f",align={args.align}" if args.align else "")])
-    train_idx, val_idx, test_idx = split(tiles, val_names)
+    train_idx, val_idx, test_idx = split(tiles, bundle)
     train_set = tiles.subset(train_idx)
     scored = tiles.subset(val_idx + test_idx)
-    role = {g: ("validation" if g in VAL_GROUPS else "held out") for g in VAL_GROUPS + HOLDOUT}
+    holdout = holdout_of(bundle)
 
     def unit(i):
         g = scored.groups[i]
-        return "jambeli (validation)" if scored.sources[i] == "jambeli" else f"{g} ({role[g]})"
+        return "jambeli (validation)" if scored.sources[i] == "jambeli" else \
+            f"{g} ({'held out' if g in holdout else 'validation'})"
 
     rows = {}
     t0 = time.perf_counter()

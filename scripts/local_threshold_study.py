@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from evaluate_coasts import HOLDOUT, JAMBELI, MAGSET2, load, split  # noqa: E402
+from evaluate_coasts import JAMBELI, MAGSET2, holdout_of, load, split  # noqa: E402
 from menet_qgis.core import assessment, checkpoint, training  # noqa: E402
 from menet_qgis.core.metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts  # noqa: E402
 
@@ -57,10 +57,10 @@ def main() -> int:
     args = parser.parse_args()
     bundle = checkpoint.load(args.model)
     tiles = load(bundle.recipe, [JAMBELI, MAGSET2])
-    train_idx, _, test_idx = split(tiles, bundle.training.get("val_names", []))
+    train_idx, _, test_idx = split(tiles, bundle)
     held = tiles.subset(test_idx)
     prob = {"model": training.predict_windows(bundle, held, torch.device("cpu")), "forest": forest_probability(tiles, train_idx, held)}
-    zones = {zone: [i for i, g in enumerate(held.groups) if g == zone] for zone in HOLDOUT}
+    zones = {zone: [i for i, g in enumerate(held.groups) if g == zone] for zone in holdout_of(bundle)}
     result = {"model": args.model, "stored_threshold": bundle.threshold, "draws": args.draws, "k": {}}
     for method, p in prob.items():
         counts = window_counts(p, held)
