@@ -34,6 +34,7 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from . import model_store
 from .resources import default_model_path
 
 #: The last checkpoint loaded: (path, mtime, size) -> bundle, so several inputs share one load.
@@ -84,6 +85,9 @@ def extract(params: Dict, reporter) -> Dict:
     # The model's channel recipe says which bands to look for in the input.
     source = raster_io.RasterInput(params["input"], band_numbers=params.get("bands"), dn_offset=params.get("dn_offset"),
                                    bounds=tuple(bounds) if bounds else None, recipe=bundle.recipe)
+    outdated = model_store.outdated_copy_note(model_path)
+    if outdated:
+        reporter.warn(outdated)
     if not bundle.trained:
         reporter.warn(f"model {model_path.name} is UNTRAINED (random weights): the probability is meaningless; "
                       "use it only to test the pipeline")

@@ -86,6 +86,24 @@ def known_sha256(name: str) -> Optional[str]:
     return parse_sha256(sidecar.read_text(), sidecar.name) if sidecar.is_file() else None
 
 
+def outdated_copy_note(path) -> Optional[str]:
+    """A warning when ``path`` is a copy of a model the plugin knows by name (e.g. the default, installed
+    with 'Install model') whose install record holds another sha256 than the one this plugin version
+    ships: an older release of that model, still used because the installed copy comes first."""
+    path = Path(path)
+    record, known = path.with_name(path.name + ".sha256"), known_sha256(path.name)
+    if not known or not record.is_file():
+        return None
+    try:
+        recorded = parse_sha256(record.read_text(), record.name)
+    except (OSError, ModelStoreError):
+        return None
+    if recorded == known:
+        return None
+    return (f"{path.name} in {path.parent} is not the version this plugin ships (sha256 {recorded[:12]}… instead "
+            f"of {known[:12]}…): reinstall it with 'Install model' to use the current one")
+
+
 def _open_url(url: str, timeout: float):
     request = urllib.request.Request(url, headers={"User-Agent": "menet_qgis model installer"})
     try:

@@ -267,3 +267,23 @@ def test_install_model_through_processing(menet_provider, tmp_path, monkeypatch)
     with pytest.raises(QgsProcessingException, match="sha256 mismatch"):
         processing.run("menet:installmodel", {"SOURCE": str(src), "SHA256": OTHER_SHA, "NAME": "second.pt"})
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".sha256"]
+
+
+def test_an_older_installed_default_model_is_named_when_it_runs(untrained_path, tmp_path):
+    """The installed copy of the default model comes first; one from an earlier release says so."""
+    import subprocess
+    import sys
+    from helpers import ROOT, write_s2
+    home = tmp_path / "home"
+    env = dict(os.environ, MENET_HOME=str(home))
+    old_sha = hashlib.sha256(untrained_path.read_bytes()).hexdigest()
+    model_store.install_model(str(untrained_path), name=resources.DEFAULT_MODEL_NAME, sha256=old_sha,
+                              models_dir=home / "models")
+    raster = write_s2(tmp_path / "small.tif", 64, 64)
+    proc = subprocess.run([sys.executable, "-m", "menet_qgis", "predict", str(raster), "--out-dir", str(tmp_path / "out"),
+                           "--device", "cpu", "--runtime", "torch"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{resources.DEFAULT_MODEL_NAME} in {home / 'models'} is not the version this plugin ships" in proc.stderr
+    assert f"sha256 {old_sha[:12]}" in proc.stderr
+    assert model_store.outdated_copy_note(resources.shipped_model_path()) is None   # the shipped one is current
