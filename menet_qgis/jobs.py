@@ -252,7 +252,7 @@ def assess(params: Dict, reporter) -> Dict:
         reporter.info(f"{row['name']}: F1 {row['f1']:.4f}, IoU {row['iou']:.4f}, kappa {row['kappa']:.4f}, "
                       f"OA {row['overall_accuracy']:.4f}")
         if result.best_threshold:
-            reporter.info(f"{row['name']}: {result.notes[-1]}")
+            reporter.info(f"{row['name']}: {result.best_threshold_note()}")
     if params.get("report"):
         assessment.write_html(results, params["report"])
     if params.get("table"):

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from menet_qgis.core import assessment, channels, checkpoint, training  # noqa: E402
+from menet_qgis.core import assessment, checkpoint, training  # noqa: E402
 from menet_qgis.core.flips import dihedral, undo_dihedral  # noqa: E402
 from menet_qgis.core.metrics import Confusion  # noqa: E402
 
@@ -53,6 +53,14 @@ def holdout_of(bundle):
 def split(tiles, bundle):
     """The model's own split: its stored validation windows and held-out zones."""
     return training.split_windows(tiles, 0.2, 0, VAL_GROUPS, holdout_of(bundle), bundle.training.get("val_names", []))
+
+
+def forest_probability(train_set, tiles):
+    """Mangrove probability of the baseline forest (100 trees, seed 0) trained on ``train_set``'s windows."""
+    forest = assessment.train_random_forest(train_set.images.transpose(1, 0, 2, 3)[:, train_set.valid],
+                                            train_set.labels[train_set.valid], 100, 0)
+    flat = np.nan_to_num(tiles.images.transpose(1, 0, 2, 3).reshape(tiles.images.shape[1], -1))
+    return forest.predict_proba(assessment.pixel_features(flat))[:, 1].reshape(tiles.labels.shape).astype(np.float32)
 
 
 def tta_probability(bundle, tiles, device):
@@ -128,11 +136,8 @@ def main() -> int:
             counts.add(mean[i][scored.valid[i]], scored.labels[i][scored.valid[i]] >= 0.5)
         threshold, _ = counts.best_threshold()
         rows[f"mean of {1 + len(args.ensemble)} models (threshold {threshold:.2f})"] = by_group(scored, mean >= threshold, unit)
-    bands = train_set.images.transpose(1, 0, 2, 3)[:, train_set.valid]
-    forest = assessment.train_random_forest(bands, train_set.labels[train_set.valid], 100, 0)
-    flat = np.nan_to_num(scored.images.transpose(1, 0, 2, 3).reshape(len(channels.RECIPE_V2.source_bands), -1))
-    rf = forest.predict(assessment.pixel_features(flat)).reshape(scored.labels.shape).astype(bool)
-    rows[assessment.forest_label(flat.shape[0])] = by_group(scored, rf, unit)
+    rf = forest_probability(train_set, scored) > 0.5   # = the forest's predict(): a 0.5 tie is not mangrove
+    rows[assessment.forest_label(scored.images.shape[1])] = by_group(scored, rf, unit)
     b = scored.images
     with np.errstate(divide="ignore", invalid="ignore"):
         mvi = assessment.mvi_mangrove(b[:, 1], b[:, 3], b[:, 4])

@@ -1,7 +1,7 @@
 """How much a threshold chosen on a few labelled windows of a new coast is worth there.
 
 The stored threshold is chosen on validation coasts, but the F1-best threshold differs from coast to
-coast (MagSet-2 zone 6: 0.30, zone 3: 0.62, zone 8: 0.79 for the default model).  A user with a few
+coast (MagSet-2 zone 6: 0.30, zone 3: 0.62, zone 8: 0.79 for the previous, fine-tuned default model).  A user with a few
 reference windows on their own coast can choose it there (``assess`` reports the F1-best threshold
 of a probability map).  This measures that honestly on the held-out zones: draw ``k`` of a zone's
 windows, choose the threshold on them, score the zone's *other* windows at it, repeat; compare with
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from evaluate_coasts import JAMBELI, MAGSET2, holdout_of, load, split  # noqa: E402
-from menet_qgis.core import assessment, checkpoint, training  # noqa: E402
+from evaluate_coasts import JAMBELI, MAGSET2, forest_probability, holdout_of, load, split  # noqa: E402
+from menet_qgis.core import checkpoint, training  # noqa: E402
 from menet_qgis.core.metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts  # noqa: E402
 
 
@@ -39,15 +39,6 @@ def window_counts(prob, tiles):
     return out
 
 
-def forest_probability(tiles, train_idx, held):
-    """Mangrove probability of evaluate_coasts.py's random forest (same features, trees, seed)."""
-    train = tiles.subset(train_idx)
-    forest = assessment.train_random_forest(train.images.transpose(1, 0, 2, 3)[:, train.valid],
-                                            train.labels[train.valid], 100, 0)
-    flat = np.nan_to_num(held.images.transpose(1, 0, 2, 3).reshape(held.images.shape[1], -1))
-    return forest.predict_proba(assessment.pixel_features(flat))[:, 1].reshape(held.labels.shape).astype(np.float32)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -59,7 +50,7 @@ def main() -> int:
     tiles = load(bundle.recipe, [JAMBELI, MAGSET2])
     train_idx, _, test_idx = split(tiles, bundle)
     held = tiles.subset(test_idx)
-    prob = {"model": training.predict_windows(bundle, held, torch.device("cpu")), "forest": forest_probability(tiles, train_idx, held)}
+    prob = {"model": training.predict_windows(bundle, held, torch.device("cpu")), "forest": forest_probability(tiles.subset(train_idx), held)}
     zones = {zone: [i for i, g in enumerate(held.groups) if g == zone] for zone in holdout_of(bundle)}
     result = {"model": args.model, "stored_threshold": bundle.threshold, "draws": args.draws, "k": {}}
     for method, p in prob.items():

@@ -47,6 +47,15 @@ class Assessment:
         return {"predicted_mangrove_ha": (c.tp + c.fp) * self.pixel_area_ha,
                 "reference_mangrove_ha": (c.tp + c.fn) * self.pixel_area_ha}
 
+    def best_threshold_note(self) -> Optional[str]:
+        """What the best threshold on this reference is worth, and how to use it (None for a mask)."""
+        if not self.best_threshold:
+            return None
+        best, f1 = self.best_threshold
+        return (f"on this reference the best threshold is {best:.2f} (F1 {f1:.4f}, against {self.scores['f1']:.4f} "
+                f"at {self.threshold:.2f}): chosen on these same pixels, so that F1 is optimistic; choose it on "
+                "part of your reference, assess the rest, and use it as the threshold for this coast")
+
     def to_dict(self) -> Dict:
         """One flat row: scores, areas and the confusion counts."""
         best = {"best_threshold": self.best_threshold[0], "f1_at_best_threshold": self.best_threshold[1]} \
@@ -205,11 +214,7 @@ def assess_rasters(prediction, reference: Optional[str] = None, reference_polygo
                           [note + f"; mangrove = prediction >= {threshold}"])]
     results[0].best_threshold = best_threshold_here(values[counted], ref[counted])
     if results[0].best_threshold:
-        best, f1 = results[0].best_threshold
-        results[0].notes.append(f"on this reference the best threshold is {best:.2f} (F1 {f1:.4f}, against "
-                                f"{results[0].scores['f1']:.4f} at {threshold:.2f}): chosen on these same pixels, so "
-                                "that F1 is optimistic; choose it on part of your reference, assess the rest, and "
-                                "use it as the threshold for this coast")
+        results[0].notes.append(results[0].best_threshold_note())
     labels = {"mvi": f"MVI {MVI_RANGE[0]} <= MVI <= {MVI_RANGE[1]} (Baloloy et al. 2020)",
               "random_forest": forest_label(len(ch.RECIPE_V2.source_bands))}
     for key, mask in baselines.items():
