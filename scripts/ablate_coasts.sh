@@ -18,6 +18,9 @@
 #   scripts/ablate_coasts.sh jambelionly  Jambelí windows only (no MagSet-2): what B12 and sharing the
 #                                      network with other coasts cost on Jambelí
 #
+# Variants combine with `+`: `scratch1+jambeli2` is the default's recipe and seed with Jambelí
+# counted twice.
+#
 # A second argument holds out other MagSet-2 zones instead of 3 and 8 (e.g. `scratch 0,5` trains on
 # zones 1, 2, 3, 8, validates on 6 as always, and writes build/ablation/scratch.holdout05.*): the same
 # comparison on coasts that were never used to choose a recipe.
@@ -39,18 +42,20 @@ LR=3e-4
 INIT=(--init resources/models/menet_jambeli_v1.pt)
 SPLIT=(--val-groups magset2:6 --holdout "magset2:${HOLDOUT_ZONES//,/,magset2:}")
 [[ $HOLDOUT_ZONES == 3,8 ]] || NAME=$VARIANT.holdout${HOLDOUT_ZONES//,/}
-case $VARIANT in
-  edge1) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" ;;
-  boundary2) EXTRA=(--boundary-weight 2) ;;
-  refine16) EXTRA=(--refine-width 16) ;;
-  epochs24) EPOCHS=24 ;;
-  jambelionly) MAGSET2=""; SPLIT=() ;;
-  scratch*) INIT=(); EPOCHS=30; LR=1e-3; SEED=${VARIANT#scratch}; EXTRA=(--seed "${SEED:-0}") ;;
-  jambeli[0-9]*) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=${VARIANT#jambeli}" ;;
-  seed[0-9]*) EXTRA=(--seed "${VARIANT#seed}") ;;
-  align3) MAGSET2="$SHARED/magset2/tiles:name=magset2,align=3,group=tile_(\d+)_" ;;
-  *) echo "unknown variant $VARIANT" >&2; exit 2 ;;
-esac
+for PART in ${VARIANT//+/ }; do
+  case $PART in
+    edge1) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" ;;
+    boundary2) EXTRA+=(--boundary-weight 2) ;;
+    refine16) EXTRA+=(--refine-width 16) ;;
+    epochs24) EPOCHS=24 ;;
+    jambelionly) MAGSET2=""; SPLIT=() ;;
+    scratch*) INIT=(); EPOCHS=30; LR=1e-3; SEED=${PART#scratch}; EXTRA+=(--seed "${SEED:-0}") ;;
+    jambeli[0-9]*) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=${PART#jambeli}" ;;
+    seed[0-9]*) EXTRA+=(--seed "${PART#seed}") ;;
+    align3) MAGSET2="$SHARED/magset2/tiles:name=magset2,align=3,group=tile_(\d+)_" ;;
+    *) echo "unknown variant $PART" >&2; exit 2 ;;
+  esac
+done
 .venv/bin/python -m menet_qgis train --tiles "$JAMBELI" ${MAGSET2:+--tiles "$MAGSET2"} \
     --recipe 2 "${INIT[@]}" --val-names-from resources/models/menet_jambeli_v1.pt \
     "${SPLIT[@]}" \
