@@ -17,6 +17,8 @@
 #                                      (scratch = seed 0)
 #   scripts/ablate_coasts.sh jambelionly  Jambelí windows only (no MagSet-2): what B12 and sharing the
 #                                      network with other coasts cost on Jambelí
+#   scripts/ablate_coasts.sh fromdefault  start from the shipped default (menet_coasts_v2.pt) instead of v1;
+#                                      `fromdefault+jambelionly` is a Jambelí specialist of the default
 #
 # Variants combine with `+`: `scratch1+jambeli2` is the default's recipe and seed with Jambelí
 # counted twice.
@@ -31,7 +33,7 @@ cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeliN|boundary2|refine16|align3|epochs24|scratchN|jambelionly|seedN [HOLDOUT_ZONES]}
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeliN|boundary2|refine16|align3|epochs24|scratchN|jambelionly|fromdefault|seedN[+...] [HOLDOUT_ZONES]}
 HOLDOUT_ZONES=${2:-3,8}
 NAME=$VARIANT
 MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
@@ -49,6 +51,7 @@ for PART in ${VARIANT//+/ }; do
     refine16) EXTRA+=(--refine-width 16) ;;
     epochs24) EPOCHS=24 ;;
     jambelionly) MAGSET2=""; SPLIT=() ;;
+    fromdefault) INIT=(--init resources/models/menet_coasts_v2.pt) ;;
     scratch*) INIT=(); EPOCHS=30; LR=1e-3; SEED=${PART#scratch}; EXTRA+=(--seed "${SEED:-0}") ;;
     jambeli[0-9]*) JAMBELI="$SHARED/jambeli/train:name=jambeli,weight=${PART#jambeli}" ;;
     seed[0-9]*) EXTRA+=(--seed "${PART#seed}") ;;
