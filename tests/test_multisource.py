@@ -138,17 +138,26 @@ def test_misregistered_labels_are_found_and_moved_back_onto_their_image():
         == [[0, 0]]                                                                  # a label in place stays
 
 
-def test_duplicate_footprints_with_different_labels_are_dropped(tmp_path):
+def test_duplicate_footprints_with_different_labels_keep_the_copy_the_image_supports(tmp_path):
+    """Copies of one place whose labels disagree: the image (vegetated left half) decides when it clearly
+    can, else every copy goes."""
     from rasterio.transform import from_origin
-    for i, (shift, cols) in enumerate([(0, 16), (4000, 16), (0, 20)]):   # tile 2 = tile 0's place, other label
+    # place 0: two plausible labels (16 vs 20 columns) -> both dropped;
+    # place 4000: the first copy labels the water half, the later one the vegetation -> the later one kept
+    for i, (shift, first_col, last_col) in enumerate([(0, 0, 16), (4000, 16, 32), (8000, 0, 16), (0, 0, 20),
+                                                      (4000, 0, 16)]):
         tt = from_origin(600000 + shift, 9700000, 10, 10)
         write_raster(tmp_path / f"tile_{i:04d}.tif", s2_reflectance(32, 32, seed=i), S2_NAMES, transform=tt)
         mask = np.zeros((1, 32, 32), np.float32)
-        mask[0, :, :cols] = 1
+        mask[0, :, first_col:last_col] = 1
         write_raster(tmp_path / f"mask_{i:04d}.tif", mask, transform=tt)
     tiles = training.load_tile_folder(tmp_path)
-    assert tiles.names == ["tile_0001.tif"] and tiles.duplicates_dropped == 1
-    assert tiles.flags[0]["rule"] == "copies of one footprint with different labels"
+    assert tiles.names == ["tile_0004.tif", "tile_0002.tif"] and tiles.duplicates_dropped == 2
+    assert (tiles.labels[0][:, :16] == 1).all() and (tiles.labels[0][:, 16:] == 0).all()
+    assert np.array_equal(tiles.images[0], training.load_tile_folder(tmp_path, "tile_0004.tif").images[0])
+    decisions = {f["window"]: f["decision"] for f in tiles.flags if f["rule"].startswith("copies of one footprint")}
+    assert decisions["tile_0004.tif"].startswith("kept tile_0004.tif") and "tile_0001.tif 0.00" in decisions["tile_0004.tif"]
+    assert decisions["tile_0000.tif"].startswith("dropped, every copy")
 
 
 def test_split_holds_out_whole_groups_and_validates_on_named_ones(tmp_path):
