@@ -97,9 +97,10 @@ def main() -> int:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--json")
     args = parser.parse_args()
-    names = set(checkpoint.load(V1).training["val_names"])  # the 58 windows every model is scored on
+    v1 = checkpoint.load(V1)
+    names = set(v1.training["val_names"])  # the 58 windows every model is scored on
     result = {"models": [model_errors(m, names, torch.device("cpu")) for m in args.models],
-              "copies": differing_copies(SHARED / "jambeli" / "train", checkpoint.load(V1).recipe)}
+              "copies": differing_copies(SHARED / "jambeli" / "train", v1.recipe)}
     for r in result["models"]:
         print(f"{r['model']} (threshold {r['threshold']:.2f}): errors within 1 px of a label edge "
               f"{r['error_share_within_1px']:.1%}, at 2 px {r['error_share_at_2px']:.1%}, farther "

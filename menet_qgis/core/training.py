@@ -197,6 +197,15 @@ def label_edge_band(labels: np.ndarray, width: int, valid: Optional[np.ndarray] 
     return band if valid is None else band & inside
 
 
+def ndvi_mndwi(images: np.ndarray, recipe: ch.Recipe) -> Tuple[np.ndarray, np.ndarray]:
+    """NDVI and MNDWI of reflectance in ``recipe``'s band order, channels on axis -3 (one window or
+    a stack); NaN where a ratio is undefined.  The label rules below read the image through these."""
+    idx = {b: i for i, b in enumerate(recipe.source_bands)}
+    b3, b4, b8, b11 = (images[..., idx[b], :, :] for b in ("B3", "B4", "B8", "B11"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (b8 - b4) / (b8 + b4), (b3 - b11) / (b3 + b11)
+
+
 def label_offsets(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, recipe: ch.Recipe,
                   max_shift: int) -> np.ndarray:
     """Where each window's label sits relative to its image, as whole pixels (dy, dx) per window
@@ -205,10 +214,8 @@ def label_offsets(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, rec
     |dy|, |dx| <= ``max_shift`` at which the label correlates best with a vegetation-not-water index
     of the image (NDVI - max(MNDWI, 0) / 2), over the window's valid pixels away from its border
     (so every shift compares the same pixels)."""
-    idx = {b: i for i, b in enumerate(recipe.source_bands)}
-    b3, b4, b8, b11 = (np.nan_to_num(images[:, idx[b]].astype(np.float64)) for b in ("B3", "B4", "B8", "B11"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        index = np.nan_to_num((b8 - b4) / (b8 + b4) - 0.5 * np.clip((b3 - b11) / (b3 + b11), 0, None))
+    ndvi, mndwi = ndvi_mndwi(np.nan_to_num(images.astype(np.float64)), recipe)
+    index = np.nan_to_num(ndvi - 0.5 * np.clip(mndwi, 0, None))
     offsets = np.zeros((len(images), 2), int)
     if max_shift < 1:
         return offsets
@@ -266,10 +273,8 @@ WATER_AS_MANGROVE = 0.10
 def flag_label_noise(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, recipe: ch.Recipe) -> List[Dict]:
     """Windows whose label contradicts the image: mangrove labelled on open water (channels and
     ponds inside coarse polygons).  Returns one record per flagged window (index, share, decision)."""
-    idx = {b: i for i, b in enumerate(recipe.source_bands)}
-    b3, b4, b8, b11 = (images[:, idx[b]] for b in ("B3", "B4", "B8", "B11"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        water = ((b3 - b11) / (b3 + b11) > 0.0) & ((b8 - b4) / (b8 + b4) < 0.1)
+    ndvi, mndwi = ndvi_mndwi(images, recipe)
+    water = (mndwi > 0.0) & (ndvi < 0.1)
     flags = []
     for i in range(len(images)):
         mangrove = (labels[i] >= 0.5) & valid[i]
@@ -287,10 +292,8 @@ def copy_agreement(image: np.ndarray, valid: np.ndarray, label: np.ndarray, reci
     """How far a mask agrees with its image: F1 of the label against the image's vegetation (NDVI > 0.3
     and MNDWI < 0).  Vegetation is not mangrove, so this only ranks copies of one footprint: a copy
     whose mangrove lies on water or bare ground, or misses the vegetated shore, scores far lower."""
-    idx = {b: i for i, b in enumerate(recipe.source_bands)}
-    b3, b4, b8, b11 = (image[idx[b]] for b in ("B3", "B4", "B8", "B11"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vegetation = ((b8 - b4) / (b8 + b4) > 0.3) & ((b3 - b11) / (b3 + b11) < 0.0)
+    ndvi, mndwi = ndvi_mndwi(image, recipe)
+    vegetation = (ndvi > 0.3) & (mndwi < 0.0)
     return Confusion().add(vegetation[valid], label[valid] >= 0.5).scores()["f1"]
 
 
