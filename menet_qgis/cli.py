@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train ME-Net on labelled windows; writes a checkpoint")
     train.add_argument("--tiles", required=True, action="append",
                        help="folder of image/mask pairs (tile_NNNN.tif + mask_NNNN.tif); repeat for several sources, "
-                            "each as FOLDER[:name=N,weight=W,edge_ignore=PX,group=REGEX]")
+                            "each as FOLDER[:name=N,weight=W,edge_ignore=PX,group=REGEX,style=S]")
     train.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=8)

@@ -17,6 +17,8 @@
 #                                      (scratch = seed 0)
 #   scripts/ablate_coasts.sh jambelionly  Jambelí windows only (no MagSet-2): what B12 and sharing the
 #                                      network with other coasts cost on Jambelí
+#   scripts/ablate_coasts.sh styles    MagSet-2's GMW labels train an output of their own (label style 1);
+#                                      the saved model keeps Jambelí's hand-drawn style (style 0)
 #   scripts/ablate_coasts.sh fromdefault  start from the shipped default (menet_coasts_v2.pt) instead of v1;
 #                                      `fromdefault+jambelionly` is a Jambelí specialist of the default
 #
@@ -33,7 +35,7 @@ cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeliN|boundary2|refine16|align3|epochs24|scratchN|jambelionly|fromdefault|seedN[+...] [HOLDOUT_ZONES]}
+VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeliN|boundary2|refine16|align3|epochs24|scratchN|jambelionly|fromdefault|styles|seedN[+...] [HOLDOUT_ZONES]}
 HOLDOUT_ZONES=${2:-3,8}
 NAME=$VARIANT
 MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
@@ -47,6 +49,7 @@ SPLIT=(--val-groups magset2:6 --holdout "magset2:${HOLDOUT_ZONES//,/,magset2:}")
 for PART in ${VARIANT//+/ }; do
   case $PART in
     edge1) MAGSET2="$SHARED/magset2/tiles:name=magset2,edge_ignore=1,group=tile_(\d+)_" ;;
+    styles) MAGSET2="$SHARED/magset2/tiles:name=magset2,style=1,group=tile_(\d+)_" ;;
     boundary2) EXTRA+=(--boundary-weight 2) ;;
     refine16) EXTRA+=(--refine-width 16) ;;
     epochs24) EPOCHS=24 ;;

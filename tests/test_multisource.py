@@ -288,6 +288,40 @@ def test_fine_tuning_adds_the_refinement_and_later_fine_tunes_keep_it(tmp_path):
         training.train(tiles, training.TrainOptions(**base, init_from=str(tmp_path / "refined.pt"), refine_width=0))
 
 
+def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_style_0(tmp_path):
+    """style=1 sources train an output of their own; the saved model has one output, style 0's,
+    and maps exactly as the two-output network's channel 0 did (what validation scored)."""
+    from menet_qgis.core import checkpoint
+    from test_training import make_tiles
+    geo = training.load_tile_folder(make_tiles(tmp_path / "geo", n=4, size=32), recipe=channels.RECIPE_V2)
+    plain = training.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1)), recipe=channels.RECIPE_V2,
+                                      spec=training.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,style=1,group=tile_(\\d+)_"))
+    assert plain.styles.tolist() == [1] * 6
+    both = training.TileSet.concat([geo, plain])
+    options = dict(epochs=1, batch_size=2, seed=0, head_width=16, device="cpu", recipe=channels.RECIPE_V2)
+    two = checkpoint.new_bundle(head_width=16, seed=3, recipe=channels.RECIPE_V2, label_styles=2)
+    x = torch.randn(2, channels.N_CHANNELS, 32, 32)
+    both_outputs = two.model.eval()(x)
+    assert both_outputs.shape[1] == 2 and not torch.allclose(both_outputs[:, 0], both_outputs[:, 1])
+    two.model.head.keep_label_style(0)
+    torch.testing.assert_close(two.model(x), both_outputs[:, :1])
+    result = training.train(both, training.TrainOptions(**options, val_groups=["m:1"],
+                                                        save_best_to=str(tmp_path / "best.pt")))
+    assert result.bundle.model.head.label_styles == 1
+    assert result.bundle.training["sources"]["m"]["label_style"] == 1
+    checkpoint.save(result.bundle, tmp_path / "styled.pt")
+    for path in (tmp_path / "styled.pt", tmp_path / "best.pt"):
+        loaded = checkpoint.load(path)
+        assert loaded.model.head.classifier.out_channels == 1
+        assert checkpoint.read_record(path)["architecture"]["version"] == 1  # readable by older plugins
+    with pytest.raises(ValueError, match="style 0 .* must have training windows"):
+        training.train(plain, training.TrainOptions(**options, val_fraction=0.34))
+    with pytest.raises(ValueError, match="style 0 to 7"):
+        training.SourceSpec.parse("/data/m:style=9")
+    with pytest.raises(ValueError, match="cannot be combined with the refinement"):
+        checkpoint.new_bundle(head_width=16, refine_width=4, label_styles=2)
+
+
 # --- the real data ---------------------------------------------------------------------
 @pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")
 def test_real_magset2_tiles_load_with_zones_and_their_noisy_labels_flagged():

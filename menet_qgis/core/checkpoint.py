@@ -61,11 +61,11 @@ class ModelBundle:
 
 
 def new_bundle(head_width: int = DEFAULT_HEAD_WIDTH, imagenet_state=None, seed: Optional[int] = None,
-               recipe: ch.Recipe = ch.DEFAULT_RECIPE, refine_width: int = 0) -> ModelBundle:
+               recipe: ch.Recipe = ch.DEFAULT_RECIPE, refine_width: int = 0, label_styles: int = 1) -> ModelBundle:
     """An untrained model with placeholder statistics (tests, demos, start of training)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = MENet(ch.N_CHANNELS, head_width, imagenet_state, refine_width)
+    model = MENet(ch.N_CHANNELS, head_width, imagenet_state, refine_width, label_styles)
     return ModelBundle(model, list(UNTRAINED_MEAN), list(UNTRAINED_STD), recipe.default_pca(),
                        training={"trained": False, "note": "untrained: random weights"}, recipe=recipe)
 

@@ -84,12 +84,12 @@ class BoundaryFittingUnit(nn.Module):
     full resolution so it can move edges by single pixels.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 1):
         super().__init__()
         self.residual = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.Conv2d(channels, channels, 3, padding=1, groups=groups),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.Conv2d(channels, channels, 3, padding=1, groups=groups),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,22 +133,45 @@ class MENetHead(nn.Module):
     upsampled x2 to the input grid, turned into one logit, corrected from the
     input pixels when ``refine_width`` > 0 (``ImageGuidedRefinement``) and refined
     by the BFU.  ``forward`` returns logits; apply ``sigmoid`` for probability.
+
+    ``label_styles`` > 1 (training only) gives each label style its own classifier and BFU
+    (one output channel each, the BFU grouped so styles do not mix): sources whose labels draw a
+    mangrove's edge differently (hand-drawn polygons against Global Mangrove Watch's coarse map)
+    then stop competing for one output.  ``keep_label_style`` cuts the head back to one style's
+    output before a model is saved, so a saved model always has one output, as before.
     """
 
     decoder_stages: Sequence[str] = ("stage4", "stage3", "stage2", "stage0")
 
     def __init__(self, stage_channels: Dict[str, int], width: int = 64, image_channels: int = 0,
-                 refine_width: int = 0):
+                 refine_width: int = 0, label_styles: int = 1):
         super().__init__()
+        if label_styles < 1 or (label_styles > 1 and refine_width):
+            raise ValueError(f"label styles must be >= 1 and cannot be combined with the refinement "
+                             f"(got {label_styles} styles, refinement width {refine_width})")
         self.width = width
+        self.label_styles = label_styles
         self.context = MultiscaleContextEmbedding(stage_channels["stage5"], width)
         self.lateral = nn.ModuleDict({
             name: conv_bn_relu(stage_channels[name], width, 1) for name in self.decoder_stages
         })
         self.attention = nn.ModuleDict({name: GlobalAttentionModule(width) for name in self.decoder_stages})
-        self.classifier = nn.Conv2d(width, 1, 1)
+        self.classifier = nn.Conv2d(width, label_styles, 1)
         self.refinement = ImageGuidedRefinement(image_channels, width, refine_width) if refine_width else None
-        self.boundary = BoundaryFittingUnit(1)
+        self.boundary = BoundaryFittingUnit(label_styles, groups=label_styles)
+
+    def keep_label_style(self, style: int) -> None:
+        """Keep one label style's classifier and BFU (a one-output head, as every saved model has)."""
+        if not 0 <= style < self.label_styles:
+            raise ValueError(f"label style {style} out of range (the head has {self.label_styles})")
+        with torch.no_grad():
+            for conv in (self.classifier, self.boundary.residual[0], self.boundary.residual[2]):
+                conv.weight = nn.Parameter(conv.weight[style:style + 1].clone())
+                conv.bias = nn.Parameter(conv.bias[style:style + 1].clone())
+                conv.out_channels = 1
+                if conv is not self.classifier:
+                    conv.in_channels, conv.groups = 1, 1
+        self.label_styles = 1
 
     def forward(self, stages: Dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         x = self.context(stages["stage5"])

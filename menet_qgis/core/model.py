@@ -78,13 +78,15 @@ class MENet(nn.Module):
     """Stage-extracting ResNet-101 encoder + ME-Net head; one logit per input pixel."""
 
     def __init__(self, in_channels: int = N_CHANNELS, head_width: int = DEFAULT_HEAD_WIDTH,
-                 imagenet_state: Optional[Dict[str, torch.Tensor]] = None, refine_width: int = 0):
+                 imagenet_state: Optional[Dict[str, torch.Tensor]] = None, refine_width: int = 0,
+                 label_styles: int = 1):
         super().__init__()
         self.in_channels = in_channels
         self.head_width = head_width
         self.refine_width = refine_width
         self.encoder = create_feature_extractor(build_backbone(in_channels, imagenet_state), return_nodes())
-        self.head = MENetHead({s.name: s.channels for s in STAGES}, head_width, in_channels, refine_width)
+        self.head = MENetHead({s.name: s.channels for s in STAGES}, head_width, in_channels, refine_width,
+                              label_styles)
 
     def forward_with_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         stages = self.encoder(x)
@@ -94,6 +96,9 @@ class MENet(nn.Module):
         return self.forward_with_stages(x)[0]
 
     def architecture_record(self) -> Dict:
+        if self.head.label_styles != 1:
+            raise ValueError("a model with several label-style outputs is a training-time model: "
+                             "keep one style (head.keep_label_style) before saving or exporting it")
         if not self.refine_width:
             return {"name": ARCHITECTURE, "version": 1, "in_channels": self.in_channels, "head_width": self.head_width}
         return {"name": ARCHITECTURE, "version": 2, "in_channels": self.in_channels, "head_width": self.head_width,

@@ -41,8 +41,9 @@ class TileSet:
 
     ``valid`` marks pixels that are scored; ``loss_valid`` those the loss sees (validity minus
     label pixels a source's quality rules set aside, e.g. the edges of coarse labels).  Each
-    window carries its source, its location group (``source:…``: the unit of every split) and a
-    sample weight.  ``bounds`` is ``None`` for un-georeferenced windows."""
+    window carries its source, its location group (``source:…``: the unit of every split), a
+    sample weight and its label style (0 = the style a trained model outputs; see ``SourceSpec``).
+    ``bounds`` is ``None`` for un-georeferenced windows."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -56,6 +57,7 @@ class TileSet:
     weights: Optional[np.ndarray] = None
     loss_valid: Optional[np.ndarray] = None
     flags: List[Dict] = field(default_factory=list)
+    styles: Optional[np.ndarray] = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -63,6 +65,7 @@ class TileSet:
         self.groups = self.groups or [f"{self.sources[i]}:{self.names[i]}" for i in range(n)]
         self.weights = np.ones(n, np.float32) if self.weights is None else np.asarray(self.weights, np.float32)
         self.loss_valid = self.valid.copy() if self.loss_valid is None else self.loss_valid
+        self.styles = np.zeros(n, np.int64) if self.styles is None else np.asarray(self.styles, np.int64)
 
     def __len__(self):
         return len(self.images)
@@ -71,7 +74,8 @@ class TileSet:
         idx = list(idx)
         return TileSet(self.images[idx], self.labels[idx], self.valid[idx], [self.bounds[i] for i in idx],
                        [self.names[i] for i in idx], self.crs, 0, [self.sources[i] for i in idx],
-                       [self.groups[i] for i in idx], self.weights[idx], self.loss_valid[idx])
+                       [self.groups[i] for i in idx], self.weights[idx], self.loss_valid[idx],
+                       styles=self.styles[idx])
 
     @classmethod
     def concat(cls, sets: Sequence["TileSet"]) -> "TileSet":
@@ -85,7 +89,8 @@ class TileSet:
                    [n for t in sets for n in t.names], crss.pop() if len(crss) == 1 else None,
                    sum(t.duplicates_dropped for t in sets), [x for t in sets for x in t.sources],
                    [g for t in sets for g in t.groups], np.concatenate([t.weights for t in sets]),
-                   np.concatenate([t.loss_valid for t in sets]), [f for t in sets for f in t.flags])
+                   np.concatenate([t.loss_valid for t in sets]), [f for t in sets for f in t.flags],
+                   np.concatenate([t.styles for t in sets]))
 
 
 def _read_reflectance(path: str, recipe: ch.Recipe = ch.DEFAULT_RECIPE,
@@ -151,7 +156,10 @@ class SourceSpec:
     ``edge_ignore`` px on both sides of every label edge are left out of the loss (coarse or
     misregistered labels), ``align`` moves each window's labels by up to this many px onto its
     image (``label_offsets``, ``move_labels``), ``group`` is a regex whose first group names a
-    window's location (un-georeferenced tiles; georeferenced ones are grouped by their footprints)."""
+    window's location (un-georeferenced tiles; georeferenced ones are grouped by their footprints).
+    ``style`` > 0 marks labels drawn in another style than the ones the model should reproduce
+    (e.g. a coarse global map next to hand-drawn polygons): such windows train an output of their
+    own, which is dropped before the model is saved; style 0 is what the saved model outputs."""
 
     folder: str
     name: Optional[str] = None
@@ -159,23 +167,24 @@ class SourceSpec:
     edge_ignore: int = 0
     align: int = 0
     group: Optional[str] = None
+    style: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "SourceSpec":
-        """``FOLDER[:key=value,...]`` with keys name, weight, edge_ignore, align, group.  Only a ':' followed
+        """``FOLDER[:key=value,...]`` with keys name, weight, edge_ignore, align, group, style.  Only a ':' followed
         by a known key starts the options, so ``C:/tiles`` and folders with ':' in their names work."""
         import re
-        match = re.match(r"^(.*?):((?:name|weight|edge_ignore|align|group)=.*)$", str(text), re.S)
+        match = re.match(r"^(.*?):((?:name|weight|edge_ignore|align|group|style)=.*)$", str(text), re.S)
         folder, rest = match.groups() if match else (str(text), "")
         spec = cls(folder)
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
-            if not eq or key not in ("name", "weight", "edge_ignore", "align", "group"):
+            if not eq or key not in ("name", "weight", "edge_ignore", "align", "group", "style"):
                 raise ValueError(f"tile folder option '{item}' in '{text}': use name=, weight=, edge_ignore=, "
-                                 "align= or group=")
-            setattr(spec, key, {"weight": float, "edge_ignore": int, "align": int}.get(key, str)(value))
-        if spec.weight <= 0 or spec.edge_ignore < 0 or not 0 <= spec.align <= 8:
-            raise ValueError(f"'{text}': weight must be > 0, edge_ignore >= 0 and align 0 to 8")
+                                 "align=, group= or style=")
+            setattr(spec, key, {"weight": float, "edge_ignore": int, "align": int, "style": int}.get(key, str)(value))
+        if spec.weight <= 0 or spec.edge_ignore < 0 or not 0 <= spec.align <= 8 or not 0 <= spec.style <= 7:
+            raise ValueError(f"'{text}': weight must be > 0, edge_ignore >= 0, align 0 to 8 and style 0 to 7")
         return spec
 
     @property
@@ -407,7 +416,7 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
         log(f"label noise, {flag['source']} {flag['window']}: {flag['rule']}"
             + (f" ({flag['share']:.0%} of its mangrove pixels)" if "share" in flag else "") + f" -> {flag['decision']}")
     return TileSet(images, labels, valid, bounds, names, crs, dropped, [spec.source] * len(images), groups,
-                   weights, loss_valid, flags)
+                   weights, loss_valid, flags, np.full(len(images), spec.style, np.int64))
 
 
 def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygons_by_image=None,
@@ -593,11 +602,15 @@ class TrainResult:
 
 
 def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float,
-                weights: Optional[torch.Tensor] = None, boundary_weight: float = 0.0) -> torch.Tensor:
+                weights: Optional[torch.Tensor] = None, boundary_weight: float = 0.0,
+                styles: Optional[torch.Tensor] = None) -> torch.Tensor:
     """BCE (positives weighted) + soft Dice, both over valid pixels only; ``weights`` (N,) scale
     each window's pixels (per-source weights, down-weighted noisy windows); ``boundary_weight`` > 0
-    makes pixels within BOUNDARY_PX of a label boundary count 1 + that much (boundary-aware loss)."""
-    logits, v = logits[:, 0].float(), valid.float()
+    makes pixels within BOUNDARY_PX of a label boundary count 1 + that much (boundary-aware loss);
+    ``styles`` (N,) picks each window's output channel (its label style), else channel 0."""
+    channel = styles.to(logits.device) if styles is not None else torch.zeros(len(logits), dtype=torch.long,
+                                                                                device=logits.device)
+    logits, v = logits[torch.arange(len(logits), device=logits.device), channel].float(), valid.float()
     if weights is not None:
         v = v * weights.view(-1, 1, 1).to(v)
     if boundary_weight > 0:
@@ -694,6 +707,10 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                          f"(have {len(train_set)} and {len(val_set)})")
     check_both_classes(train_set.labels, train_set.valid, "the training windows", SPLIT_HINT)
     check_both_classes(val_set.labels, val_set.valid, "the validation windows", SPLIT_HINT)
+    label_styles = int(train_set.styles.max()) + 1
+    if not (train_set.styles == 0).any() or set(np.unique(train_set.styles)) != set(range(label_styles)):
+        raise ValueError(f"label styles of the training windows are {sorted(set(train_set.styles.tolist()))}: "
+                         "number them 0, 1, … without gaps; style 0 (what the saved model outputs) must have training windows")
     reporter.info(f"device: {device_text}")
     reporter.info(f"channel recipe: {options.recipe.label} ({', '.join(options.recipe.source_bands)})")
     reporter.info(f"windows: {len(train_set)} train, {len(val_set)} validation (split by location)"
@@ -708,11 +725,16 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     refine_width = options.refine_width if options.refine_width is not None else \
         (start.model.refine_width if start is not None else 0)
     bundle = new_bundle(options.head_width, imagenet, seed=options.seed, recipe=options.recipe,
-                        refine_width=refine_width)
+                        refine_width=refine_width, label_styles=label_styles)
     if start is not None:
         init_weights_from(bundle.model, start.model, Path(options.init_from).name)
         reporter.info(f"weights initialised from {Path(options.init_from).name} (recipe {start.recipe.label}); "
                       "channel statistics refitted on this data")
+    if label_styles > 1:
+        reporter.info(f"{label_styles} label styles, one output each: "
+                      + ", ".join(f"{src} style {int(train_set.styles[train_set.sources.index(src)])}"
+                                  for src in dict.fromkeys(train_set.sources))
+                      + "; validation scores and the saved model use style 0's output")
     if refine_width:
         reporter.info(f"image-guided refinement at full resolution, width {refine_width}"
                       + ("; it starts at zero" if start is not None and not start.model.refine_width else ""))
@@ -732,7 +754,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     gen = torch.Generator().manual_seed(options.seed)
     images = torch.from_numpy(np.nan_to_num(train_set.images))
     labels, valid = torch.from_numpy(train_set.labels), torch.from_numpy(train_set.loss_valid)
-    weights = torch.from_numpy(train_set.weights)
+    weights, styles = torch.from_numpy(train_set.weights), torch.from_numpy(train_set.styles)
     best_state, best, history, first_epoch = None, {"f1": -1.0}, [], 1
     resume = Path(options.resume_state) if options.resume_state else None
     if resume is not None and resume.is_file():
@@ -761,7 +783,8 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
             vb = torch.stack([dihedral(valid[i], k) for i, k in zip(idx.tolist(), ks)]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(prepare_batch(xb, vb, bundle, _reflectance_plan(xb.shape[1])))
-            loss = masked_loss(logits, yb, vb, pos_weight, weights[idx].to(device), options.boundary_weight)
+            loss = masked_loss(logits, yb, vb, pos_weight, weights[idx].to(device), options.boundary_weight,
+                               styles[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -791,7 +814,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             if options.save_best_to:
                 _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0, holdout)
-                save(bundle, options.save_best_to, half=True)
+                save(_one_style(bundle), options.save_best_to, half=True)
         if resume is not None:
             _save_resume_state(resume, epoch, model, opt, sched, gen, best, best_state, history, bundle.training)
         reporter.progress(100.0 * epoch / options.epochs)
@@ -802,10 +825,21 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                       f"{best['kappa']:.3f}): more epochs or more labels are needed before using it")
     model.load_state_dict(best_state)
     model.cpu().eval()
+    model.head.keep_label_style(0)
     _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0, holdout)
     bundle.training["history"] = history
     reporter.info(f"decision threshold {best['threshold']:.2f} (chosen on validation, stored in the model)")
     return TrainResult(bundle, history, best, len(train_set), len(val_set), holdout, val_set)
+
+
+def _one_style(bundle: ModelBundle) -> ModelBundle:
+    """The bundle as it will be saved: a copy cut to style 0's output when the head has several."""
+    if bundle.model.head.label_styles == 1:
+        return bundle
+    import copy
+    kept = copy.deepcopy(bundle)
+    kept.model.head.keep_label_style(0)
+    return kept
 
 
 def _save_resume_state(path: Path, epoch, model, opt, sched, gen, best, best_state, history, training) -> None:
@@ -846,6 +880,8 @@ def _describe(bundle, options, train_set, val_set, best, imagenet: bool, device_
     sources = {}
     for name in dict.fromkeys(train_set.sources + val_set.sources):
         sources[name] = {"train_windows": train_set.sources.count(name), "val_windows": val_set.sources.count(name)}
+        if train_set.styles.max() > 0 and name in train_set.sources:
+            sources[name]["label_style"] = int(train_set.styles[train_set.sources.index(name)])
     bundle.training = {
         "trained": True,
         "note": (f"trained {time.strftime('%Y-%m-%d')} on {len(train_set)} windows, "
