@@ -137,8 +137,9 @@ class MENetHead(nn.Module):
     ``label_styles`` > 1 (training only) gives each label style its own classifier and BFU
     (one output channel each, the BFU grouped so styles do not mix): sources whose labels draw a
     mangrove's edge differently (hand-drawn polygons against Global Mangrove Watch's coarse map)
-    then stop competing for one output.  ``keep_label_style`` cuts the head back to one style's
-    output before a model is saved, so a saved model always has one output, as before.
+    need not share one output.  ``keep_label_style`` cuts the head back to one style's output
+    before a model is saved, so a saved model always has one output, as before.  Tried with
+    MagSet-2 as a second style: lower than one shared output (MODEL_CARD, sixth round).
     """
 
     decoder_stages: Sequence[str] = ("stage4", "stage3", "stage2", "stage0")
