@@ -297,6 +297,13 @@ def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_st
     plain = training.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1)), recipe=channels.RECIPE_V2,
                                       spec=training.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,style=1,group=tile_(\\d+)_"))
     assert plain.styles.tolist() == [1] * 6
+    target = torch.zeros(2, 8, 8)
+    target[:, :, :4] = 1
+    right, wrong = 20 * (2 * target - 1), -20 * (2 * target - 1)
+    logits, valid = torch.stack([wrong, right], dim=1), torch.ones(2, 8, 8, dtype=torch.bool)
+    # each window is scored on its own style's output: style 1 reads the right channel here
+    assert training.masked_loss(logits, target, valid, 1.0, styles=torch.tensor([1, 1])) < 0.01
+    assert training.masked_loss(logits, target, valid, 1.0) > 10
     both = training.TileSet.concat([geo, plain])
     options = dict(epochs=1, batch_size=2, seed=0, head_width=16, device="cpu", recipe=channels.RECIPE_V2)
     two = checkpoint.new_bundle(head_width=16, seed=3, recipe=channels.RECIPE_V2, label_styles=2)
