@@ -669,8 +669,13 @@ def _set_seeds(seed: int) -> None:
 
 def init_weights_from(model: torch.nn.Module, start: torch.nn.Module, name: str) -> None:
     """Copy a checkpoint's weights for fine-tuning.  The one part allowed to be missing is the
-    image-guided refinement (its zero-started output leaves the model's maps as they were)."""
-    ours, theirs = model.state_dict(), start.state_dict()
+    image-guided refinement (its zero-started output leaves the model's maps as they were); with
+    several label styles every style's output starts as the checkpoint's one output."""
+    ours, theirs = model.state_dict(), dict(start.state_dict())
+    styles = model.head.label_styles
+    if styles > 1:
+        for key in [k for k in theirs if k.startswith(("head.classifier.", "head.boundary."))]:
+            theirs[key] = theirs[key].repeat(styles, *[1] * (theirs[key].ndim - 1))
     missing = [k for k in ours if k not in theirs]
     if set(theirs) - set(ours) or any(not k.startswith("head.refinement.") for k in missing) or \
             any(theirs[k].shape != ours[k].shape for k in theirs):
@@ -825,7 +830,8 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                       f"{best['kappa']:.3f}): more epochs or more labels are needed before using it")
     model.load_state_dict(best_state)
     model.cpu().eval()
-    model.head.keep_label_style(0)
+    if model.head.label_styles > 1:
+        model.head.keep_label_style(0)
     _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0, holdout)
     bundle.training["history"] = history
     reporter.info(f"decision threshold {best['threshold']:.2f} (chosen on validation, stored in the model)")
