@@ -322,7 +322,7 @@ def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_st
         assert loaded.model.head.classifier.out_channels == 1
         assert checkpoint.read_record(path)["architecture"]["version"] == 1  # readable by older plugins
     tuned = training.train(both, training.TrainOptions(**options, val_groups=["m:1"],
-                                                       init_from=str(tmp_path / "styled.pt")))
+                                                      init_from=str(tmp_path / "styled.pt")))
     assert tuned.bundle.model.head.classifier.out_channels == 1   # fine-tuning with styles: each starts as the model
     with pytest.raises(ValueError, match="style 0 .* must have training windows"):
         training.train(plain, training.TrainOptions(**options, val_fraction=0.34))
