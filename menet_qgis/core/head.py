@@ -165,6 +165,8 @@ class MENetHead(nn.Module):
         """Keep one label style's classifier and BFU (a one-output head, as every saved model has)."""
         if not 0 <= style < self.label_styles:
             raise ValueError(f"label style {style} out of range (the head has {self.label_styles})")
+        if self.label_styles == 1:
+            return
         with torch.no_grad():
             for conv in (self.classifier, self.boundary.residual[0], self.boundary.residual[2]):
                 conv.weight = nn.Parameter(conv.weight[style:style + 1].clone())

@@ -70,6 +70,10 @@ class TileSet:
     def __len__(self):
         return len(self.images)
 
+    def source_styles(self) -> Dict[str, int]:
+        """Each source's label style (a source has one)."""
+        return {src: int(style) for src, style in zip(self.sources, self.styles)}
+
     def subset(self, idx: Sequence[int]) -> "TileSet":
         idx = list(idx)
         return TileSet(self.images[idx], self.labels[idx], self.valid[idx], [self.bounds[i] for i in idx],
@@ -608,9 +612,8 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     each window's pixels (per-source weights, down-weighted noisy windows); ``boundary_weight`` > 0
     makes pixels within BOUNDARY_PX of a label boundary count 1 + that much (boundary-aware loss);
     ``styles`` (N,) picks each window's output channel (its label style), else channel 0."""
-    channel = styles.to(logits.device) if styles is not None else torch.zeros(len(logits), dtype=torch.long,
-                                                                                device=logits.device)
-    logits, v = logits[torch.arange(len(logits), device=logits.device), channel].float(), valid.float()
+    logits = logits[:, 0] if styles is None else logits[torch.arange(len(logits), device=logits.device), styles.to(logits.device)]
+    logits, v = logits.float(), valid.float()
     if weights is not None:
         v = v * weights.view(-1, 1, 1).to(v)
     if boundary_weight > 0:
@@ -713,7 +716,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     check_both_classes(train_set.labels, train_set.valid, "the training windows", SPLIT_HINT)
     check_both_classes(val_set.labels, val_set.valid, "the validation windows", SPLIT_HINT)
     label_styles = int(train_set.styles.max()) + 1
-    if not (train_set.styles == 0).any() or set(np.unique(train_set.styles)) != set(range(label_styles)):
+    if set(train_set.styles.tolist()) != set(range(label_styles)):
         raise ValueError(f"label styles of the training windows are {sorted(set(train_set.styles.tolist()))}: "
                          "number them 0, 1, … without gaps; style 0 (what the saved model outputs) must have training windows")
     reporter.info(f"device: {device_text}")
@@ -737,8 +740,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                       "channel statistics refitted on this data")
     if label_styles > 1:
         reporter.info(f"{label_styles} label styles, one output each: "
-                      + ", ".join(f"{src} style {int(train_set.styles[train_set.sources.index(src)])}"
-                                  for src in dict.fromkeys(train_set.sources))
+                      + ", ".join(f"{src} style {style}" for src, style in train_set.source_styles().items())
                       + "; validation scores and the saved model use style 0's output")
     if refine_width:
         reporter.info(f"image-guided refinement at full resolution, width {refine_width}"
@@ -830,8 +832,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                       f"{best['kappa']:.3f}): more epochs or more labels are needed before using it")
     model.load_state_dict(best_state)
     model.cpu().eval()
-    if model.head.label_styles > 1:
-        model.head.keep_label_style(0)
+    model.head.keep_label_style(0)
     _describe(bundle, options, train_set, val_set, best, imagenet is not None, device_text, t0, holdout)
     bundle.training["history"] = history
     reporter.info(f"decision threshold {best['threshold']:.2f} (chosen on validation, stored in the model)")
@@ -883,11 +884,11 @@ def _load_resume_state(path: Path, options: TrainOptions, train_set: TileSet, va
 def _describe(bundle, options, train_set, val_set, best, imagenet: bool, device_text: str, t0: float,
               holdout: Optional[TileSet] = None) -> None:
     """Training metadata the checkpoint carries (plain types only)."""
-    sources = {}
+    sources, styles = {}, train_set.source_styles()
     for name in dict.fromkeys(train_set.sources + val_set.sources):
         sources[name] = {"train_windows": train_set.sources.count(name), "val_windows": val_set.sources.count(name)}
-        if train_set.styles.max() > 0 and name in train_set.sources:
-            sources[name]["label_style"] = int(train_set.styles[train_set.sources.index(name)])
+        if max(styles.values()) > 0 and name in styles:
+            sources[name]["label_style"] = styles[name]
     bundle.training = {
         "trained": True,
         "note": (f"trained {time.strftime('%Y-%m-%d')} on {len(train_set)} windows, "
