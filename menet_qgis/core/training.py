@@ -612,8 +612,9 @@ def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     each window's pixels (per-source weights, down-weighted noisy windows); ``boundary_weight`` > 0
     makes pixels within BOUNDARY_PX of a label boundary count 1 + that much (boundary-aware loss);
     ``styles`` (N,) picks each window's output channel (its label style), else channel 0."""
-    logits = logits[:, 0] if styles is None else logits[torch.arange(len(logits), device=logits.device), styles.to(logits.device)]
-    logits, v = logits.float(), valid.float()
+    rows = torch.arange(len(logits), device=logits.device)
+    picked = logits[:, 0] if styles is None else logits[rows, styles.to(logits.device)]
+    logits, v = picked.float(), valid.float()
     if weights is not None:
         v = v * weights.view(-1, 1, 1).to(v)
     if boundary_weight > 0:
