@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--history", help="also write the per-epoch log as JSON here")
     train.add_argument("--recipe", type=int, choices=[1, 2], default=2,
                        help="channel recipe version: 2 = B2,B3,B4,B8,B11 (default), 1 = also B12")
-    train.add_argument("--init", dest="init_from", help="start from this checkpoint's weights (fine-tuning)")
+    train.add_argument("--init", dest="init_from",
+                       help="start from this checkpoint's weights (fine-tuning; its channel statistics are kept "
+                            "when its recipe is --recipe)")
     train.add_argument("--val-groups", type=lambda t: [x for x in t.split(",") if x], default=[],
                        help="location groups used for validation, e.g. magset2:6")
     train.add_argument("--holdout", type=lambda t: [x for x in t.split(",") if x], default=[],

@@ -288,6 +288,30 @@ def test_fine_tuning_adds_the_refinement_and_later_fine_tunes_keep_it(tmp_path):
         training.train(tiles, training.TrainOptions(**base, init_from=str(tmp_path / "refined.pt"), refine_width=0))
 
 
+def test_fine_tuning_keeps_the_start_models_channel_statistics_unless_its_recipe_differs(tmp_path):
+    """The start's first layer was trained on inputs normalised with its PCA, means and deviations;
+    refitted on a few windows of one coast they would shift every channel. Another recipe has other
+    channels, so a v1 start gets statistics fitted on the new data."""
+    from menet_qgis.core import channels as ch, checkpoint
+    from test_training import make_tiles
+    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
+    fitted = training.fit_statistics(tiles, recipe=ch.DEFAULT_RECIPE)
+    base = dict(epochs=1, batch_size=2, seed=1, head_width=16, device="cpu", val_fraction=0.34)
+    for recipe, name in ((ch.DEFAULT_RECIPE, "v2.pt"), (ch.RECIPE_V1, "v1.pt")):
+        start = checkpoint.new_bundle(head_width=16, seed=0, recipe=recipe)
+        start.norm_mean = [m + 0.25 for m in start.norm_mean]  # statistics no refit would give
+        checkpoint.save(start, tmp_path / name)
+        tuned = training.train(tiles, training.TrainOptions(**base, init_from=str(tmp_path / name))).bundle
+        if recipe is ch.DEFAULT_RECIPE:
+            assert tuned.norm_mean == pytest.approx(start.norm_mean)
+            assert tuned.norm_std == pytest.approx(start.norm_std)
+            assert (tuned.pca.mean, tuned.pca.component) == (pytest.approx(start.pca.mean),
+                                                              pytest.approx(start.pca.component))
+        else:
+            assert tuned.norm_mean == pytest.approx(fitted[1], abs=0.02)  # fitted on the training part
+            assert tuned.norm_mean != pytest.approx(start.norm_mean[:len(tuned.norm_mean)])
+
+
 def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_style_0(tmp_path):
     """style=1 sources train an output of their own; the saved model has one output, style 0's,
     and maps exactly as the two-output network's channel 0 did (what validation scored)."""

@@ -737,8 +737,11 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
                         refine_width=refine_width, label_styles=label_styles)
     if start is not None:
         init_weights_from(bundle.model, start.model, Path(options.init_from).name)
+    keep_statistics = start is not None and start.recipe is options.recipe
+    if start is not None:
         reporter.info(f"weights initialised from {Path(options.init_from).name} (recipe {start.recipe.label}); "
-                      "channel statistics refitted on this data")
+                      + ("its channel statistics kept, so its first layer sees the inputs it was trained on"
+                         if keep_statistics else "channel statistics refitted on this data (another recipe)"))
     if label_styles > 1:
         reporter.info(f"{label_styles} label styles, one output each: "
                       + ", ".join(f"{src} style {style}" for src, style in train_set.source_styles().items())
@@ -749,7 +752,11 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     if options.save_best_to:  # the best-so-far copy and the final model side by side, before hours of training
         require_free_space(Path(options.save_best_to).parent, 2 * saved_bytes(bundle, half=True),
                            "the model (best-so-far copy and final file)")
-    bundle.pca, bundle.norm_mean, bundle.norm_std = fit_statistics(train_set, seed=options.seed, recipe=options.recipe)
+    if keep_statistics:  # refitted on a few windows of one coast they would shift every input channel
+        bundle.pca, bundle.norm_mean, bundle.norm_std = start.pca, list(start.norm_mean), list(start.norm_std)
+    else:
+        bundle.pca, bundle.norm_mean, bundle.norm_std = fit_statistics(train_set, seed=options.seed,
+                                                                       recipe=options.recipe)
     bundle.window_size = 256
     pos = float(train_set.labels[train_set.loss_valid].mean())
     pos_weight = float(min(10.0, (1 - pos) / max(pos, 1e-6)))
