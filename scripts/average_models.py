@@ -3,14 +3,17 @@
 Models fine-tuned from the same weights on the same windows with different settings stay close to
 each other, and the uniform average of their weights often scores better than each of them, on new
 data too (Wortsman et al., ICML 2022, "Model soups"), at no cost when mapping: the result is one
-model of the same size.  The models must share architecture, channel recipe, PCA and normalisation
-(i.e. the same training windows, as every run of scripts/ablate_coasts.sh has; the first model's
-statistics are kept).  The decision
+model of the same size.  `--weights` gives a weighted average instead: a model and a copy of it
+fine-tuned on one coast, mixed (1 - a, a), keep much of what the first knew elsewhere while taking
+what the second learned there (Wortsman et al., CVPR 2022, "Robust fine-tuning of zero-shot models",
+WiSE-FT).  The models must share architecture, channel recipe, PCA and normalisation
+(the same training windows, as every run of scripts/ablate_coasts.sh has, or a fine-tune of the
+first model, which keeps its statistics; the first model's are kept).  The decision
 threshold is chosen again on the validation windows the first model was chosen on (Jambelí
 validation + MagSet-2 zone 6, rebuilt as scripts/evaluate_coasts.py does); held-out zones are not
 looked at.
 
-    .venv/bin/python scripts/average_models.py A.pt B.pt [C.pt ...] --out soup.pt
+    .venv/bin/python scripts/average_models.py A.pt B.pt [C.pt ...] [--weights 0.5 0.5 ...] --out soup.pt
 """
 from __future__ import annotations
 
@@ -41,11 +44,14 @@ def same_inputs(a, b) -> bool:
             and close(a.pca.mean, b.pca.mean) and close(a.pca.component, b.pca.component))
 
 
-def average(bundles):
-    """A copy of the first bundle holding the element-wise mean of every floating-point weight
-    (batch-norm running statistics included; integer counters are the first model's)."""
+def average(bundles, weights=None):
+    """A copy of the first bundle holding the element-wise (weighted) mean of every floating-point
+    weight (batch-norm running statistics included; integer counters are the first model's)."""
     states = [b.model.state_dict() for b in bundles]
-    mean = {k: (torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v)
+    w = torch.tensor(weights if weights is not None else [1.0] * len(bundles), dtype=torch.float64)
+    w = (w / w.sum()).float()
+    mean = {k: (torch.einsum("m,m...->...", w, torch.stack([s[k].float() for s in states]))
+                if v.is_floating_point() else v)
             for k, v in states[0].items()}
     soup = copy.deepcopy(bundles[0])
     soup.model.load_state_dict(mean)
@@ -56,25 +62,33 @@ def average(bundles):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W",
+                        help="one non-negative weight per model (normalised to sum 1; default: equal)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if len(args.models) < 2:
         parser.error("give at least two models")
+    if args.weights is not None and (len(args.weights) != len(args.models) or min(args.weights) < 0
+                                     or sum(args.weights) <= 0):
+        parser.error("--weights: one non-negative weight per model, not all zero")
     bundles = [checkpoint.load(m) for m in args.models]
     for path, b in zip(args.models[1:], bundles[1:]):
         if not same_inputs(bundles[0], b):
             parser.error(f"{path} differs from {args.models[0]} in architecture, recipe, PCA or normalisation")
-    soup = average(bundles)
-    val_names = soup.training.get("val_names", [])
+    soup = average(bundles, args.weights)
+    weights = args.weights or [1.0] * len(bundles)
+    shares = [w / sum(weights) for w in weights]
     tiles = load(soup.recipe, [JAMBELI, MAGSET2])
-    _, val_idx, _ = split(tiles, val_names)
+    _, val_idx, _ = split(tiles, soup)  # the first model's validation windows and held-out zones
     counts = training.probability_counts(soup, tiles.subset(val_idx), torch.device("cpu"))
     threshold, f1 = counts["all"].best_threshold()
     scores = counts["all"].confusion(threshold).scores()
     per_source = {s: counts[s].confusion(threshold).scores()["f1"] for s in ("jambeli", "magset2")}
-    sources = [{"model": Path(m).name, "sha256": hashlib.sha256(Path(m).read_bytes()).hexdigest()} for m in args.models]
+    sources = [{"model": Path(m).name, "sha256": hashlib.sha256(Path(m).read_bytes()).hexdigest(), "share": share}
+               for m, share in zip(args.models, shares)]
     soup.training = {**soup.training, "threshold": float(threshold),
-                     "note": f"uniform weight average of {len(bundles)} models fine-tuned from one start; "
+                     "note": f"weight average of {len(bundles)} models from one start "
+                             f"(shares {', '.join(f'{x:.2f}' for x in shares)}); "
                              f"validation F1 {f1:.4f} at threshold {threshold:.2f}",
                      "averaged_from": sources,
                      "validation": {**{k: float(v) for k, v in scores.items()}, "threshold": float(threshold)},
