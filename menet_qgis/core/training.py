@@ -735,10 +735,9 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
         (start.model.refine_width if start is not None else 0)
     bundle = new_bundle(options.head_width, imagenet, seed=options.seed, recipe=options.recipe,
                         refine_width=refine_width, label_styles=label_styles)
-    if start is not None:
-        init_weights_from(bundle.model, start.model, Path(options.init_from).name)
     keep_statistics = start is not None and start.recipe is options.recipe
     if start is not None:
+        init_weights_from(bundle.model, start.model, Path(options.init_from).name)
         reporter.info(f"weights initialised from {Path(options.init_from).name} (recipe {start.recipe.label}); "
                       + ("its channel statistics kept, so its first layer sees the inputs it was trained on"
                          if keep_statistics else "channel statistics refitted on this data (another recipe)"))

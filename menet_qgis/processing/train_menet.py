@@ -52,8 +52,9 @@ class TrainMENetAlgorithm(MENetAlgorithm):
                 "F1/IoU per epoch. CUDA with bf16 mixed precision when available.</p>"
                 "<p><b>Channel recipe</b>: v2 (default) reads B2, B3, B4, B8, B11 — every export has them; v1 also "
                 "needs B12. <b>Start from a model</b>: its weights (either recipe) are fine-tuned; a model of the "
-                "chosen recipe keeps its channel statistics (another recipe's are fitted on your data). The decision threshold that maximises validation F1 (0.2–0.8) is stored "
-                "in the model and used wherever it is thresholded. A stopped run continues with <b>Continue</b>.</p>"
+                "chosen recipe keeps its channel statistics (another recipe's are fitted on your data). The "
+                "decision threshold that maximises validation F1 (0.2–0.8) is stored in the model and used "
+                "wherever it is thresholded. A stopped run continues with <b>Continue</b>.</p>"
                 "<p><b>ImageNet weights</b>: optional torchvision ResNet-101 file (resnet101-*.pth); conv1 then "
                 "starts as the mean of the RGB kernels × 3/11. Nothing is downloaded.</p>")
 
