@@ -44,12 +44,12 @@ def same_inputs(a, b) -> bool:
             and close(a.pca.mean, b.pca.mean) and close(a.pca.component, b.pca.component))
 
 
-def average(bundles, weights=None):
-    """A copy of the first bundle holding the element-wise (weighted) mean of every floating-point
-    weight (batch-norm running statistics included; integer counters are the first model's)."""
+def average(bundles, shares):
+    """A copy of the first bundle holding the mean of every floating-point weight weighted by
+    ``shares`` (summing to 1; batch-norm running statistics included; integer counters are the first
+    model's)."""
     states = [b.model.state_dict() for b in bundles]
-    w = torch.tensor(weights if weights is not None else [1.0] * len(bundles), dtype=torch.float64)
-    w = (w / w.sum()).float()
+    w = torch.tensor(shares, dtype=torch.float32)
     mean = {k: (torch.einsum("m,m...->...", w, torch.stack([s[k].float() for s in states]))
                 if v.is_floating_point() else v)
             for k, v in states[0].items()}
@@ -75,9 +75,9 @@ def main() -> int:
     for path, b in zip(args.models[1:], bundles[1:]):
         if not same_inputs(bundles[0], b):
             parser.error(f"{path} differs from {args.models[0]} in architecture, recipe, PCA or normalisation")
-    soup = average(bundles, args.weights)
     weights = args.weights or [1.0] * len(bundles)
     shares = [w / sum(weights) for w in weights]
+    soup = average(bundles, shares)
     tiles = load(soup.recipe, [JAMBELI, MAGSET2])
     _, val_idx, _ = split(tiles, soup)  # the first model's validation windows and held-out zones
     counts = training.probability_counts(soup, tiles.subset(val_idx), torch.device("cpu"))

@@ -28,27 +28,17 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from evaluate_coasts import JAMBELI, MAGSET2, forest_probability, holdout_of, load, split  # noqa: E402
+from evaluate_coasts import JAMBELI, MAGSET2, by_group, forest_probability, holdout_of, load, split  # noqa: E402
+from local_threshold_study import window_counts  # noqa: E402
 from menet_qgis.core import checkpoint, training  # noqa: E402
-from menet_qgis.core.metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts  # noqa: E402
+from menet_qgis.core.metrics import LOCAL_THRESHOLD_RANGE, ProbabilityCounts  # noqa: E402
 
 METHODS = ("shipped", "local threshold", "fine-tuned", "fine-tuned, statistics refitted", "forest + local windows")
 
 
 def confusion(prob, tiles, threshold):
-    out = Confusion()
-    for i in range(len(tiles)):
-        ok = tiles.valid[i]
-        out.add(prob[i][ok] >= threshold, tiles.labels[i][ok] >= 0.5)
-    return out
-
-
-def counts(prob, tiles):
-    out = ProbabilityCounts()
-    for i in range(len(tiles)):
-        ok = tiles.valid[i]
-        out.add(prob[i][ok], tiles.labels[i][ok] >= 0.5)
-    return out
+    """Pooled confusion of all of ``tiles``' valid pixels at ``threshold``."""
+    return by_group(tiles, prob >= threshold, lambda i: "all")["all"]
 
 
 def fine_tune(start_path, local, options):
@@ -86,7 +76,8 @@ def main() -> int:
                 pick = sorted(rng.choice(idx, size=args.k, replace=False).tolist())
                 local, rest = held.subset(pick), held.subset([i for i in idx if i not in pick])
                 rest_prob = shipped_prob[[i for i in idx if i not in pick]]
-                local_threshold, _ = counts(shipped_prob[pick], local).best_threshold(*LOCAL_THRESHOLD_RANGE)
+                local_threshold, _ = sum(window_counts(shipped_prob[pick], local),
+                                          ProbabilityCounts()).best_threshold(*LOCAL_THRESHOLD_RANGE)
                 refit = copy.deepcopy(bundle)  # the start's weights with statistics fitted on the k windows
                 refit.pca, refit.norm_mean, refit.norm_std = training.fit_statistics(local, recipe=bundle.recipe)
                 checkpoint.save(refit, Path(tmp) / "refit.pt")
