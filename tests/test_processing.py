@@ -1,9 +1,11 @@
 """The algorithm inside QGIS: processing.run, loading into the project, batch rows, errors."""
+from pathlib import Path
+
 import numpy as np
 import pytest
-from qgis.core import (QgsLayerTreeGroup, QgsProcessingContext, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProcessingOutputLayerDefinition, QgsProcessingUtils, QgsProject, QgsRasterLayer,
-                       QgsSingleBandPseudoColorRenderer)
+from qgis.core import (QgsLayerTreeGroup, QgsLayerTreeRegistryBridge, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingFeedback, QgsProcessingOutputLayerDefinition, QgsProcessingUtils, QgsProject,
+                       QgsRasterLayer, QgsSingleBandPseudoColorRenderer)
 
 from helpers import read, s2_reflectance, write_raster, write_s2
 from menet_qgis.core import raster_io
@@ -65,37 +67,72 @@ def test_advanced_engine_parameters_reach_the_engine(processing, untrained_path,
     assert "test-time flips: each window's probability is the mean over its 8 flips" in log
 
 
-def load_like_processing(context, project, order):
-    """What QGIS does with context.layersToLoadOnCompletion() after a run (any version): load each
-    layer with its type hint, add it to the project, call its post-processor.  Done here on a real
-    project so the test does not depend on the desktop's layer tree view."""
-    items = sorted(context.layersToLoadOnCompletion().items(), key=lambda kv: order(kv[0]))
-    for path, details in items:
-        assert details.layerTypeHint == QgsProcessingUtils.LayerHint.Raster  # no "[OGR] Cannot open" first
-        layer = QgsRasterLayer(path, details.name, "gdal")
-        assert layer.isValid(), path
-        project.addMapLayer(layer)
-        details.postProcessor().postProcessLayer(layer, context, QgsProcessingFeedback())
+@pytest.fixture
+def desktop_selects_added_layers():
+    """What QGIS's main window does with every layer added to the tree (QgisApp::autoSelectAddedLayer):
+    it becomes the active layer — so without care a run leaves its last loaded result active."""
+    import qgis.utils
+    bridge = QgsProject.instance().layerTreeRegistryBridge()
+
+    def select(layers):
+        qgis.utils.iface.setActiveLayer(layers[0])
+
+    bridge.addedLayersToLayerTree.connect(select)
+    yield qgis.utils.iface
+    bridge.addedLayersToLayerTree.disconnect(select)
+    QgsProject.instance().clear()
+
+
+def run_and_load(alg_id, params):
+    """A run as the algorithm and batch dialogs make it: a context from Processing's own
+    ``dataobjects.createContext``, ``alg.run``, then QGIS's own post-processing
+    (``processing.gui.Postprocessing.handleAlgorithmResults``), which loads each result into the
+    project and calls its post-processor."""
+    from processing.gui.Postprocessing import handleAlgorithmResults
+    from processing.tools import dataobjects
+    from qgis.core import QgsApplication
+    feedback = LogFeedback()
+    alg = QgsApplication.processingRegistry().algorithmById(alg_id)
+    context = dataobjects.createContext(feedback)
+    results, ok = alg.run(params, context, feedback)
+    assert ok, "\n".join(feedback.lines)
+    for path, details in context.layersToLoadOnCompletion().items():
+        assert details.layerTypeHint == QgsProcessingUtils.LayerHint.Raster, path  # no "[OGR] Cannot open" first
+    assert handleAlgorithmResults(alg, context, feedback, False, params)
+    return results
+
+
+def tree_rows(group, depth=0):
+    """The layer panel top to bottom: (depth, name, file name of a layer's source or None for a group)."""
+    rows = []
+    for child in group.children():
+        is_group = isinstance(child, QgsLayerTreeGroup)
+        rows.append((depth, child.name(), None if is_group else Path(child.layer().source()).name))
+        if is_group:
+            rows += tree_rows(child, depth + 1)
+    return rows
 
 
 @pytest.mark.parametrize("stages_first", [False, True])
-def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path, tmp_path, stages_first):
+def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path, tmp_path, stages_first,
+                                                      desktop_selects_added_layers):
     """Probability on top, named after the input, on a ramp whose 0 is not white; the stage group right
     below it, collapsed and unchecked, stages in order with a single-band stretch — whatever order
-    QGIS loads the layers in."""
+    QGIS loads the layers in (it loads them by path: the stage folder decides).  Afterwards the input
+    is the active layer again and a layer added next lands on top, not in the hidden group."""
+    iface = desktop_selects_added_layers
     project = QgsProject.instance()
     project.clear()
     project.addMapLayer(QgsRasterLayer(str(write_s2(tmp_path / "other.tif", 20, 20)), "older layer"))
     src = write_s2(tmp_path / "scene.tif", 64, 64)
     layer = QgsRasterLayer(str(src), "scene")
     project.addMapLayer(layer)
-    context = QgsProcessingContext()
-    context.setProject(project)
-    out = str(tmp_path / "p.tif")
-    params = {"INPUT": layer, "MODEL": str(untrained_path), "STAGES": [3, 0], **FAST,
-              "OUTPUT": QgsProcessingOutputLayerDefinition(out, project)}  # = "open output file after running"
-    processing.run(ALG, params, context=context)
-    load_like_processing(context, project, lambda path: (path == out) == stages_first)
+    first, second_dir = (tmp_path / "a", tmp_path / "b") if not stages_first else (tmp_path / "b", tmp_path / "a")
+    second_dir.mkdir()
+    out = str(first / "p.tif")
+    params = {"INPUT": layer.id(), "MODEL": str(untrained_path), "STAGES": [3, 0], "STAGE_FOLDER": str(second_dir),
+              **FAST, "OUTPUT": QgsProcessingOutputLayerDefinition(out, project)}  # = "open output file after running"
+    run_and_load(ALG, params)
     root = project.layerTreeRoot()
     top, second = root.children()[0], root.children()[1]
     assert top.layer().source() == out and top.name() == "scene mangrove probability"
@@ -110,22 +147,43 @@ def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path
     assert isinstance(stage_renderer, QgsSingleBandPseudoColorRenderer) and stage_renderer.band() == 1
     assert stage_renderer.classificationMax() > stage_renderer.classificationMin()
     assert [n.name() for n in root.children()[2:]] == ["scene", "older layer"]
+    assert iface.activeLayer().id() == layer.id(), f"active: {iface.activeLayer().name()}"
+    project.addMapLayer(QgsRasterLayer(str(src), "added next"))
+    assert root.children()[0].name() == "added next", tree_rows(root)
+
+
+def test_batch_rows_each_keep_their_own_stage_group(processing, untrained_path, tmp_path,
+                                                    desktop_selects_added_layers):
+    """The batch dialog's path, rows on the same input layer (so their stage groups share a name): each
+    row's probability lands at the top level, each stage group holds only its own row's stages, the
+    input is active afterwards.  Before the second row the insertion point is put inside the first
+    row's stage group — where QGIS's rule put it once a stage was the last layer loaded, and where
+    a user's click on a stage layer puts it — and the result still lands outside."""
+    iface = desktop_selects_added_layers
+    project = QgsProject.instance()
     project.clear()
-
-
-def test_batch_of_two_inputs(processing, menet_provider, untrained_path, tmp_path):
-    """What the batch dialog does: one algorithm, one parameter row per input."""
-    alg = menet_provider.algorithm("extractmangroves")
-    rows = [{"INPUT": str(write_s2(tmp_path / f"in{i}.tif", 70 + 10 * i, 80, seed=i)), "MODEL": str(untrained_path),
-             "OUTPUT": str(tmp_path / f"out{i}.tif"), **FAST} for i in range(2)]
-    for row in rows:
-        context = QgsProcessingContext()
-        ok, msg = alg.checkParameterValues(row, context)
-        assert ok, msg
-        results = processing.run(alg.id(), row, context=context)
-        assert results["OUTPUT"] == row["OUTPUT"]
-    shapes = [read(r["OUTPUT"]).shape for r in rows]
-    assert shapes == [(1, 70, 80), (1, 80, 80)]
+    scene = QgsRasterLayer(str(write_s2(tmp_path / "scene.tif", 64, 64)), "scene")
+    project.addMapLayer(scene)
+    root = project.layerTreeRoot()
+    for name, stages in (("b1", [5]), ("b2", []), ("b3", [0, 5])):
+        params = {"INPUT": scene.id(), "MODEL": str(untrained_path), "STAGES": stages, **FAST,
+                  "OUTPUT": QgsProcessingOutputLayerDefinition(str(tmp_path / f"{name}.tif"), project)}
+        run_and_load(ALG, params)
+        if name == "b1":
+            group = root.children()[1]
+            project.layerTreeRegistryBridge().setLayerInsertionPoint(
+                QgsLayerTreeRegistryBridge.InsertionPoint(group, 0))
+    stage_group = "ME-Net stages — scene"
+    assert tree_rows(root) == [
+        (0, "scene mangrove probability", "b3.tif"), (0, stage_group, None),
+        (1, "scene stage0", "b3_stage0.tif"), (1, "scene stage5", "b3_stage5.tif"),
+        (0, "scene mangrove probability", "b2.tif"),
+        (0, "scene mangrove probability", "b1.tif"), (0, stage_group, None),
+        (1, "scene stage5", "b1_stage5.tif"),
+        (0, "scene", "scene.tif")]
+    assert iface.activeLayer().id() == scene.id(), f"active: {iface.activeLayer().name()}"
+    project.addMapLayer(QgsRasterLayer(str(tmp_path / "scene.tif"), "added next"))
+    assert root.children()[0].name() == "added next", tree_rows(root)
 
 
 @pytest.mark.parametrize("make_input, params, message", [

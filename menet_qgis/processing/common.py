@@ -6,11 +6,14 @@ algorithms run the core in a worker process (``worker_client.run_job``).
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Dict, List, Optional
 
-from qgis.core import (QgsColorRampShader, QgsProcessingAlgorithm, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils,
-                       QgsProject, QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle)
+import qgis.utils
+from qgis.core import (QgsColorRampShader, QgsLayerTree, QgsLayerTreeGroup, QgsLayerTreeRegistryBridge,
+                       QgsMapLayer, QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils, QgsProject, QgsRasterLayer,
+                       QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle)
 from qgis.PyQt.QtGui import QIcon
 
 from ..resources import icon_path
@@ -87,35 +90,110 @@ def style_stage(layer: QgsRasterLayer) -> None:
 
 
 class ResultLayout:
-    """Where one run's layers go in the layer tree: the probability on top of its branch, the stage
-    group right below it — collapsed and unchecked, so it never covers the result — with the stages
-    in stage order.  Post-processors run per layer in an order QGIS chooses; each calls ``arrange``,
-    which puts whatever has been loaded so far in place."""
+    """Where one run's layers go in the layer tree, and what the desktop is left on afterwards.
 
-    def __init__(self, group_name: str, stage_names: List[str]):
+    The probability goes on top of its branch with the run's stage group right below it — collapsed
+    and unchecked, so it never covers the result — holding this run's stages in stage order.  The
+    group is this run's by a custom property (two batch rows may share an input name); results never
+    stay inside any stage group, even when QGIS inserted them there.  Post-processors run per layer in
+    an order QGIS chooses; each calls ``arrange``, which puts whatever has been loaded so far in place,
+    then ``settle``.
+    """
+
+    def __init__(self, group_name: str, stage_names: List[str], input_id: str = "", input_source: str = ""):
         self.group_name, self.stage_names = group_name, list(stage_names)
+        self.run_id = uuid.uuid4().hex
+        self.input_id, self.input_source = input_id, input_source
         self.probability_id: Optional[str] = None
         self.stage_ids: Dict[str, str] = {}
 
+    def branch(self, project: QgsProject) -> QgsLayerTreeGroup:
+        """The group the results belong in: where QGIS put the probability (else a stage), outside
+        every stage group."""
+        root = project.layerTreeRoot()
+        anchors = [self.probability_id] + [self.stage_ids[n] for n in self.stage_names if n in self.stage_ids]
+        node = next((root.findLayer(i) for i in anchors if i and root.findLayer(i) is not None), None)
+        parent = node.parent() if node is not None else root
+        while parent is not root and is_stage_group(parent):
+            parent = parent.parent()
+        return parent
+
     def arrange(self, project: QgsProject) -> None:
         root = project.layerTreeRoot()
+        parent = self.branch(project)
         prob = root.findLayer(self.probability_id) if self.probability_id else None
-        parent = prob.parent() if prob is not None else root
         if prob is not None:
             prob = _move(prob, parent, 0)
         if not self.stage_ids:
             return
-        group = parent.findGroup(self.group_name)
+        position = 1 if prob is not None else 0
+        group = find_stage_group(root, self.run_id)
         if group is None:
-            group = parent.insertGroup(1 if prob is not None else 0, self.group_name)
-        elif prob is not None and parent.children().index(group) != 1:
-            group = _move(group, parent, 1)
-        for position, name in enumerate(n for n in self.stage_names if n in self.stage_ids):
+            group = parent.insertGroup(position, self.group_name)
+            group.setCustomProperty(STAGE_GROUP_PROPERTY, self.run_id)
+        else:
+            group = _move(group, parent, position)
+        for index, name in enumerate(n for n in self.stage_names if n in self.stage_ids):
             node = root.findLayer(self.stage_ids[name])
             if node is not None:
-                _move(node, group, position)
+                _move(node, group, index)
         group.setExpanded(False)
         group.setItemVisibilityChecked(False)
+
+    def settle(self, project: QgsProject) -> None:
+        """Leave the desktop ready for the next step: the input stays the active layer (so the next
+        Extract defaults to the scene again, not to a one-band result it cannot map) and new layers go
+        on top of the results' branch — never into the hidden stage group that QGIS's "above the
+        current layer" rule would otherwise pick once a stage was the last layer loaded.  Without a
+        desktop (qgis_process, scripts) only the insertion point is set."""
+        iface = getattr(qgis.utils, "iface", None)
+        active = self.input_layer(project) or project.mapLayer(self.probability_id or "")
+        if iface is not None and active is not None and QgsProject.instance().mapLayer(active.id()) is not None:
+            iface.setActiveLayer(active)  # QGIS then puts the insertion point above it: ours comes after
+        project.layerTreeRegistryBridge().setLayerInsertionPoint(
+            QgsLayerTreeRegistryBridge.InsertionPoint(self.branch(project), 0))
+
+    def input_layer(self, project: QgsProject) -> Optional[QgsMapLayer]:
+        """The run's input in the project: the layer itself, or (a batch row given a file) a layer of
+        that file outside every stage group."""
+        if self.input_id and project.mapLayer(self.input_id) is not None:
+            return project.mapLayer(self.input_id)
+        root = project.layerTreeRoot()
+        for layer in project.mapLayers().values():
+            node = root.findLayer(layer.id())
+            if (node is not None and not _inside_stage_group(node) and self.input_source
+                    and same_file(layer.source().split("|")[0], self.input_source)):
+                return layer
+        return None
+
+
+#: Custom property of a stage group: the id of the run whose stages it holds.
+STAGE_GROUP_PROPERTY = "menet_qgis/stage_group_of_run"
+
+
+def is_stage_group(node) -> bool:
+    return QgsLayerTree.isGroup(node) and bool(node.customProperty(STAGE_GROUP_PROPERTY))
+
+
+def _inside_stage_group(node) -> bool:
+    parent = node.parent()
+    while parent is not None:
+        if is_stage_group(parent):
+            return True
+        parent = parent.parent()
+    return False
+
+
+def find_stage_group(group: QgsLayerTreeGroup, run_id: str) -> Optional[QgsLayerTreeGroup]:
+    """The stage group of run ``run_id`` anywhere under ``group``."""
+    for child in group.children():
+        if QgsLayerTree.isGroup(child):
+            if child.customProperty(STAGE_GROUP_PROPERTY) == run_id:
+                return child
+            found = find_stage_group(child, run_id)
+            if found is not None:
+                return found
+    return None
 
 
 def _move(node, parent, index: int):
@@ -150,15 +228,17 @@ class ResultLayerPlacer(QgsProcessingLayerPostProcessorInterface):
             self.layout.stage_ids[self.role] = layer.id()
         project = context.project() or QgsProject.instance()
         self.layout.arrange(project)
+        self.layout.settle(project)
 
 
-def load_results(context: QgsProcessingContext, probability: str, stages: Dict[str, str], input_name: str) -> None:
+def load_results(context: QgsProcessingContext, probability: str, stages: Dict[str, str],
+                 input_layer: QgsMapLayer, input_source: str) -> None:
     """Name, style and place the probability layer (when the user asked to load it) and load the
     stage layers — explicitly as rasters, so QGIS does not try OGR on them first."""
-    layout = ResultLayout(f"ME-Net stages — {input_name}", list(stages))
+    layout = ResultLayout(f"ME-Net stages — {input_layer.name()}", list(stages), input_layer.id(), input_source)
     if context.willLoadLayerOnCompletion(probability):
         details = context.layerToLoadOnCompletionDetails(probability)
-        details.name = f"{input_name} mangrove probability"
+        details.name = f"{input_layer.name()} mangrove probability"
         details.forceName = True
         details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
         placer = ResultLayerPlacer(layout, "probability")
@@ -166,7 +246,7 @@ def load_results(context: QgsProcessingContext, probability: str, stages: Dict[s
         details.setPostProcessor(placer)
         _sort_key(details, 0)
     for order, (name, path) in enumerate(stages.items(), 1):
-        details = QgsProcessingContext.LayerDetails(f"{input_name} {name}", context.project(), name)
+        details = QgsProcessingContext.LayerDetails(f"{input_layer.name()} {name}", context.project(), name)
         details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
         details.forceName = True
         placer = ResultLayerPlacer(layout, name)

@@ -155,7 +155,7 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         folder = Path(stage_dir) if stage_dir else Path(output).parent
         expected = [output] + [str(folder / f"{Path(output).stem}_{name}.tif") for name in stages]
         result = run_job("extract", params, feedback, outputs=expected)
-        load_results(context, output, result.get("stages", {}), layer.name())
+        load_results(context, output, result.get("stages", {}), layer, source_path)
         return {self.OUTPUT: output, self.STAGE_LAYERS: list(result.get("stages", {}).values()),
                 self.THRESHOLD: float(result.get("threshold", 0.5))}
 
