@@ -121,14 +121,14 @@ def check_probability(scene: Path, output: Path) -> np.ndarray:
 
 
 def print_record(capsys, kind: str, record: dict) -> None:
+    """One line on the terminal (past pytest's capture) with the times and sizes of a fresh profile's first map."""
+    seconds, sizes = record["seconds"], record["bytes"]
+    clock = lambda key: "?" if seconds.get(key) is None else f"{seconds[key]:.1f} s"  # noqa: E731
     with capsys.disabled():
-        seconds, sizes = record["seconds"], record["bytes"]
-        print(f"\n[user path, {kind}] {record['machine']}: install dependencies "
-              f"{seconds.get('install_dependencies', float('nan')):.1f} s, install model "
-              f"{seconds.get('install_model', float('nan')):.1f} s, first map {seconds.get('first_map', float('nan')):.1f} s "
-              f"(fresh profile to map {seconds.get('fresh_profile_to_map', float('nan')):.1f} s); environment "
-              f"{sizes.get('environment', 0) / 1e6:.0f} MB, model {sizes.get('model', 0) / 1e6:.1f} MB "
-              f"({record['result_json']})")
+        print(f"\n[user path, {kind}] {record['machine']}: install dependencies {clock('install_dependencies')}, "
+              f"install model {clock('install_model')}, first map {clock('first_map')} (fresh profile to map "
+              f"{clock('fresh_profile_to_map')}); environment {sizes.get('environment', 0) / 1e6:.0f} MB, model "
+              f"{sizes.get('model', 0) / 1e6:.1f} MB ({record['result_json']})")
 
 
 def test_release_has_a_model_asset_that_runs_without_torch(release):
@@ -188,7 +188,7 @@ def headless(release, wheels):
     record = {
         "machine": machine(), "qgis": qgis_version(env),
         "seconds": {"install_dependencies": steps["install_dependencies"]["seconds"],
-                    "install_model": steps.get("install_model", {}).get("seconds", float("nan")),
+                    "install_model": steps.get("install_model", {}).get("seconds"),
                     "first_map": steps["extract"]["seconds"], "fresh_profile_to_map": total},
         "bytes": {"environment": directory_bytes(home / "env"),
                   "model": installed.stat().st_size if installed and installed.is_file() else 0},
@@ -244,3 +244,227 @@ def test_headless_first_map_with_the_default_model(headless, capsys):
     assert python == str(managed), f"the engine ran in {python} ({why}), not the managed environment {managed}"
     check_probability(headless["scene"], headless["output"])
     print_record(capsys, "headless qgis_process", headless["record"])
+
+
+# ------------------------------------------------------------------------------------------- desktop
+DRIVER = Path(__file__).resolve().parent / "gui" / "drive_user_path.py"
+QGIS = os.environ.get("MENET_GUI_QGIS") or shutil.which("qgis")
+HAS_DISPLAY = bool(os.environ.get("MENET_GUI_DISPLAY") or os.environ.get("MENET_GUI_XVFB") or shutil.which("Xvfb"))
+DESKTOP_TIMEOUT = float(os.environ.get("MENET_USER_PATH_TIMEOUT", "400"))
+PROFILE = "new-user"
+needs_desktop = pytest.mark.skipif(not QGIS or not HAS_DISPLAY,
+                                   reason="needs the `qgis` executable and an X display (Debian qgis, xvfb)")
+
+
+def new_profile(profiles: Path) -> Path:
+    """A fresh profile that asks nothing by itself: no plugin-repository check, news feed or tips at start, and
+    no question at exit about layers that live in the system's temporary folder (QGIS asks that of every file
+    under /tmp, where a clone of this repository may live; not a question about the plugin)."""
+    profile = profiles / "profiles" / PROFILE
+    ini = profile / "QGIS" / "QGIS3.ini"
+    ini.parent.mkdir(parents=True, exist_ok=True)
+    ini.write_text("[app]\nplugin_installer\\checkOnStart=false\nplugin_installer\\allowExperimental=true\n"
+                   "askToSaveMemoryLayers=false\n"
+                   "[core]\nNewsFeed\\httpsfeedqgisorg\\disabled=true\n"
+                   "[qgis]\ncheckVersion=false\nshowTips=false\n")
+    return profile
+
+
+@pytest.fixture(scope="module")
+def desktop(release, wheels):
+    """One QGIS desktop session driven by tests/gui/drive_user_path.py; returns what it recorded."""
+    from test_desktop_gui import descendants, outliving, x_display
+    work = OUT / "desktop"
+    shutil.rmtree(work, ignore_errors=True)
+    session = work / "session"
+    session.mkdir(parents=True)
+    profile = new_profile(session / "profiles")
+    scene = user_scene(session / "data")
+    output = session / "out" / "probability.tif"
+    output.parent.mkdir()
+    asset = release["asset"]
+    result_path, config = session / "result.json", session / "config.json"
+    with serve_model(asset) if asset is not None else _no_server() as server:
+        config.write_text(json.dumps({
+            "zip": str(release["zip"]), "variant_index": variant_index(VARIANT), "wheel_folder": str(wheels),
+            "model_url": server.url(asset.name) if server else "", "scene": str(scene),
+            "layer_name": "Jambeli 2020 crop" if SCENE.is_file() else "synthetic Sentinel-2",
+            "output": str(output), "result": str(result_path), "shots": str(work),
+            "step_timeout_s": max(60.0, DESKTOP_TIMEOUT - 150), "session_s": DESKTOP_TIMEOUT - 20}))
+        command = [QGIS, "--profiles-path", str(session / "profiles"), "--profile", PROFILE, "--nologo",
+                   "--noversioncheck", "--code", str(DRIVER)]
+        marker = f"USER_PATH_DRIVER_CONFIG={config}".encode()
+        started = time.monotonic()
+        with x_display(session / "xvfb.log") as display, open(session / "qgis.log", "wb") as log:
+            env = user_environment(DISPLAY=display, QT_QPA_PLATFORM="xcb", USER_PATH_DRIVER_CONFIG=str(config),
+                                   XDG_RUNTIME_DIR=str(fresh_runtime_dir(session / "runtime")),
+                                   XDG_DATA_HOME=str(session / "xdg-data"), XDG_CONFIG_HOME=str(session / "config"),
+                                   XDG_CACHE_HOME=str(session / "cache"))
+            qgis = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            returncode, left_behind = None, {}
+            try:
+                try:
+                    returncode = qgis.wait(DESKTOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    pass
+                if returncode is not None:
+                    left_behind = outliving(qgis.pid, marker, grace_s=10)
+            finally:
+                try:  # QGIS and anything it started go with its session
+                    os.killpg(qgis.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                qgis.wait()
+                for pid in descendants(qgis.pid, marker):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        served = {name: server.fetched(name) for name in (asset.name, asset.name + ".sha256")} if server else {}
+    recorded = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    home = profile / "menet_qgis"
+    installed = home / "models" / asset.name if asset is not None else None
+    seconds = recorded.get("seconds", {})
+    record = {"machine": machine(), "qgis": "desktop " + (recorded.get("steps") or ["? QGIS ?"])[0].split()[-1],
+              "seconds": {"install_dependencies": seconds.get("install_dependencies"),
+                          "install_model": seconds.get("install_model"), "first_map": seconds.get("extract"),
+                          "fresh_profile_to_map": seconds.get("fresh_profile_to_map"),
+                          "qgis_session": time.monotonic() - started},
+              "bytes": {"environment": directory_bytes(home / "env"),
+                        "model": installed.stat().st_size if installed and installed.is_file() else 0},
+              "asset": str(asset), "served": served, "screenshots": recorded.get("screenshots", {}),
+              "result_json": str(work / "result.json")}
+    (work / "result.json").write_text(json.dumps(record, indent=1))
+    fault = session / "faulthandler.txt"
+    return {"returncode": returncode, "recorded": recorded, "record": record, "left_behind": left_behind,
+            "work": work, "session": session, "profile": profile, "home": home, "scene": scene, "output": output,
+            "asset": asset, "installed": installed, "served": served,
+            "fault": fault.read_text(errors="replace") if fault.is_file() else "",
+            "qgis_log": (session / "qgis.log").read_text(errors="replace")}
+
+
+class _no_server:
+    """Stands in for the model server when make package wrote no model (the tests then say so)."""
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def desktop_story(run) -> str:
+    """How the session went: QGIS's exit, the driver's steps, exceptions and the end of QGIS's output."""
+    code = run["returncode"]
+    ended = ("QGIS did not exit (killed): a modal dialog or a hang" if code is None else
+             f"QGIS was killed by {signal.Signals(-code).name}" if code < 0 else f"QGIS exited with status {code}")
+    recorded = run["recorded"]
+    exceptions = "\n".join(e["text"] for e in recorded.get("exceptions", []))
+    return (f"{ended}\ndriver steps:\n  " + "\n  ".join(recorded.get("steps", ["(no result JSON)"])) +
+            (f"\nexceptions:\n{exceptions}" if exceptions else "") +
+            (f"\nfaulthandler:\n{run['fault'][:1500]}" if run["fault"].strip() else "") +
+            f"\nQGIS output (tail):\n{tail(run['qgis_log'], 15)}\nfiles: {run['session']}")
+
+
+def dialog_failed(run, name: str) -> str:
+    dialog = run["recorded"].get("dialogs", {}).get(name)
+    if dialog is None:
+        return f"the {name} dialog never ran\n{desktop_story(run)}"
+    return (f"{name}: finished={dialog.get('finished')} ok={dialog.get('ok')} after "
+            f"{dialog.get('seconds', float('nan')):.0f} s; dialog log (tail):\n{tail(dialog.get('log') or '', 20)}")
+
+
+@needs_desktop
+def test_desktop_exits_cleanly_without_questions(desktop):
+    """QGIS exits by File › Exit at the driver's end, nothing asked on the way, nothing left running."""
+    assert desktop["returncode"] == 0 and desktop["recorded"].get("done"), desktop_story(desktop)
+    prompts = desktop["recorded"].get("modal_dialogs", [])
+    assert not prompts, "QGIS showed modal dialogs:\n" + "\n".join(
+        f"  {p['title']!r}: {p['text']!r} (after: {p['last_step'].strip()})" for p in prompts)
+    assert desktop["left_behind"] == {}, f"still running 10 s after QGIS exited: {desktop['left_behind']}"
+
+
+@needs_desktop
+def test_desktop_plugin_from_zip_through_the_installer(desktop):
+    recorded = desktop["recorded"]
+    assert recorded.get("plugin_active") and recorded.get("provider_loaded"), desktop_story(desktop)
+    installed = desktop["profile"] / "python" / "plugins" / "menet_qgis"
+    assert (installed / "metadata.txt").is_file() and not installed.is_symlink(), f"not unpacked: {installed}"
+    assert not (installed.parent / ".venv").exists(), f"{installed.parent / '.venv'} exists in a fresh profile"
+
+
+@needs_desktop
+def test_desktop_installs_cpu_light_offline(desktop):
+    dialog = desktop["recorded"].get("dialogs", {}).get("install_dependencies", {})
+    assert dialog.get("ok"), dialog_failed(desktop, "install_dependencies")
+    env_dir = desktop["home"] / "env"
+    record = env_dir / "menet-environment.json"
+    assert record.is_file() and json.loads(record.read_text())["variant"] == VARIANT, \
+        f"no verified {VARIANT} environment in {env_dir}"
+    assert not list(env_dir.glob("lib/python*/site-packages/torch")), "cpu-light installed PyTorch"
+
+
+@needs_desktop
+def test_desktop_installs_model_over_loopback(desktop):
+    asset = desktop["asset"]
+    assert asset is not None, "no model asset in dist/ to serve"
+    dialog = desktop["recorded"].get("dialogs", {}).get("install_model", {})
+    assert dialog.get("ok"), dialog_failed(desktop, "install_model")
+    assert desktop["served"].get(asset.name), f"Install model never downloaded {asset.name}: {desktop['served']}"
+    installed = desktop["installed"]
+    assert installed.is_file() and sha256_file(installed) == \
+        asset.with_name(asset.name + ".sha256").read_text().split()[0], f"{installed} missing or not the asset"
+
+
+@needs_desktop
+def test_desktop_first_map_on_the_active_layer_with_the_default_model(desktop, capsys):
+    recorded = desktop["recorded"]
+    dialog = recorded.get("dialogs", {}).get("extract", {})
+    scene_layer = recorded.get("scene_layer") or {}
+    assert dialog.get("input_default") == scene_layer.get("id"), \
+        f"Extract proposed INPUT {dialog.get('input_default_name')!r}, not the active layer {scene_layer}"
+    assert not dialog.get("model_default"), f"MODEL was not empty: {dialog.get('model_default')!r}"
+    assert dialog.get("ok"), dialog_failed(desktop, "extract")
+    python, why = engine_python(dialog.get("log", ""))
+    managed = desktop["home"] / "env" / "bin" / "python"
+    assert python == str(managed), f"the engine ran in {python} ({why}), not the managed environment {managed}"
+    check_probability(desktop["scene"], desktop["output"])
+    print_record(capsys, "desktop QGIS", desktop["record"])
+
+
+@needs_desktop
+def test_desktop_map_on_top_visible_and_the_next_extract_proposes_the_scene(desktop):
+    recorded = desktop["recorded"]
+    tree = recorded.get("layer_tree")
+    assert tree, desktop_story(desktop)
+    listing = "\n".join(f"{'  ' * r['depth']}{r['kind']} {r['name']!r} visible={r['visible']}" for r in tree)
+    top = tree[0]
+    assert top["kind"] == "layer" and Path(top["source"] or "").resolve() == desktop["output"].resolve(), \
+        f"the probability is not the top entry of the layer panel:\n{listing}"
+    assert top["visible"], f"the probability layer is hidden:\n{listing}"
+    second = recorded.get("dialogs", {}).get("second_extract", {})
+    scene_layer = recorded.get("scene_layer") or {}
+    assert second.get("input_default") == scene_layer.get("id"), \
+        f"the second Extract proposes INPUT {second.get('input_default_name')!r}, not the scene " \
+        f"{scene_layer.get('name')!r}; active layer after the run: {recorded.get('active_layer_after_run')}\n{listing}"
+
+
+@needs_desktop
+def test_desktop_qgis_imports_no_engine_library_and_raises_nothing(desktop):
+    recorded = desktop["recorded"]
+    assert "heavy_modules" in recorded, desktop_story(desktop)
+    assert recorded["heavy_modules"] == [], f"imported inside QGIS: {recorded['heavy_modules'][:10]}"
+    assert not recorded.get("exceptions"), "\n".join(e["text"] for e in recorded["exceptions"])
+    errors = [m["text"] for m in recorded.get("messages", [])
+              if m["tag"] == "Python error" or (m["tag"] == "Python warning" and "Traceback" in m["text"])]
+    assert not errors, "\n".join(errors)
+
+
+@needs_desktop
+def test_desktop_screenshot_of_every_step(desktop):
+    shots = desktop["recorded"].get("screenshots", {})
+    expected = ["plugin_installed", "install_dependencies_parameters", "install_dependencies_log",
+                "install_model_parameters", "install_model_log", "extract_parameters", "extract_log",
+                "main_window_map", "second_extract_parameters"]
+    missing = [n for n in expected if not (shots.get(n) and Path(shots[n]).stat().st_size > 10_000)]
+    assert not missing, f"screenshots missing or blank: {missing}\n{desktop_story(desktop)}"
