@@ -20,6 +20,7 @@ tests/test_desktop_gui.py; ``MENET_USER_PATH_TIMEOUT`` seconds for the desktop s
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +37,8 @@ import pytest
 import rasterio
 
 from helpers import QGIS_PROCESS, ROOT, SCENE, crop_scene, write_s2
-from user_path_support import (BUILD, DIST, WheelCacheError, directory_bytes, fresh_runtime_dir, model_asset,
-                               serve_model, sha256_file, unzip_plugin, user_environment, wheel_folder)
+from user_path_support import (BUILD, MODEL_BASE, WheelCacheError, directory_bytes, fresh_runtime_dir,
+                               model_asset, serve_model, sha256_file, unzip_plugin, user_environment, wheel_folder)
 
 VARIANT = "cpu-light"
 # Mangrove forest, shrimp ponds and a channel of the real 2020 scene, no no-data (as the desktop GUI test).
@@ -129,6 +131,47 @@ def print_record(capsys, kind: str, record: dict) -> None:
               f"install model {clock('install_model')}, first map {clock('first_map')} (fresh profile to map "
               f"{clock('fresh_profile_to_map')}); environment {sizes.get('environment', 0) / 1e6:.0f} MB, model "
               f"{sizes.get('model', 0) / 1e6:.1f} MB ({record['result_json']})")
+
+
+#: The checkpoint the asset is exported from; torch fp32 on it is the reference map.
+REFERENCE_MODEL = ROOT / "resources" / "models" / f"{MODEL_BASE}.pt"
+THRESHOLD_TAG = "MENET_THRESHOLD"  # menet_qgis.core.engine: the model's threshold, stored in every probability
+#: How far the map a new user gets may be from torch fp32 on the .pt: the asset stores fp16 weights and the
+#: engine may pick bf16/int8 on CPUs that have them; a wrong normalisation or a broken export moves far more.
+MAX_CLASS_FLIPS = 0.01
+MAX_MEAN_ABS_DIFFERENCE = 0.01
+
+
+@pytest.fixture(scope="module")
+def reference_map() -> Path:
+    """The same crop mapped by the checkout's engine in this test's Python: torch fp32 with the .pt."""
+    if importlib.util.find_spec("torch") is None or not REFERENCE_MODEL.is_file():
+        pytest.skip(f"the reference map needs torch in this Python and {REFERENCE_MODEL}")
+    folder = OUT / "reference"
+    shutil.rmtree(folder, ignore_errors=True)
+    crop = user_scene(folder)
+    command = [sys.executable, "-m", "menet_qgis", "predict", "--model", str(REFERENCE_MODEL), "--runtime", "torch",
+               "--device", "cpu", "--precision", "fp32", "--quiet", "--out-dir", str(folder), str(crop)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"reference map failed: {' '.join(command)}\n{tail(done.stdout + done.stderr)}"
+    return folder / f"{crop.stem}_probability.tif"
+
+
+def compare_with_reference(output: Path, reference: Path) -> dict:
+    """Share of pixels on the other side of the model's threshold, and mean/max |Δp|, against the reference."""
+    with rasterio.open(output) as got, rasterio.open(reference) as ref:
+        p, q = got.read(1).astype(np.float64), ref.read(1).astype(np.float64)
+        threshold = float(ref.tags().get(THRESHOLD_TAG, 0.5))
+    difference = np.abs(p - q)
+    return {"class_flips": float(((p >= threshold) != (q >= threshold)).mean()), "threshold": threshold,
+            "mean_abs_difference": float(difference.mean()), "max_abs_difference": float(difference.max())}
+
+
+def check_against_reference(output: Path, reference: Path) -> dict:
+    found = compare_with_reference(output, reference)
+    assert found["class_flips"] <= MAX_CLASS_FLIPS and found["mean_abs_difference"] <= MAX_MEAN_ABS_DIFFERENCE, \
+        f"the new user's map differs from torch fp32 on {REFERENCE_MODEL.name}: {found}"
+    return found
 
 
 def test_release_has_a_model_asset_that_runs_without_torch(release):
@@ -244,6 +287,14 @@ def test_headless_first_map_with_the_default_model(headless, capsys):
     assert python == str(managed), f"the engine ran in {python} ({why}), not the managed environment {managed}"
     check_probability(headless["scene"], headless["output"])
     print_record(capsys, "headless qgis_process", headless["record"])
+
+
+def test_headless_map_matches_the_reference(headless, reference_map):
+    """The installed asset, run by cpu-light, maps the crop as torch fp32 does with the .pt it came from."""
+    assert headless["output"].is_file(), step_failed(headless, "extract")
+    found = check_against_reference(headless["output"], reference_map)
+    headless["record"]["against_torch_fp32"] = found
+    Path(headless["record"]["result_json"]).write_text(json.dumps(headless["record"], indent=1))
 
 
 # ------------------------------------------------------------------------------------------- desktop
@@ -468,3 +519,11 @@ def test_desktop_screenshot_of_every_step(desktop):
                 "main_window_map", "second_extract_parameters"]
     missing = [n for n in expected if not (shots.get(n) and Path(shots[n]).stat().st_size > 10_000)]
     assert not missing, f"screenshots missing or blank: {missing}\n{desktop_story(desktop)}"
+
+
+@needs_desktop
+def test_desktop_map_matches_the_reference(desktop, reference_map):
+    assert desktop["output"].is_file(), dialog_failed(desktop, "extract")
+    found = check_against_reference(desktop["output"], reference_map)
+    desktop["record"]["against_torch_fp32"] = found
+    Path(desktop["record"]["result_json"]).write_text(json.dumps(desktop["record"], indent=1))
