@@ -1,4 +1,5 @@
-"""A real QGIS desktop window (under Xvfb) runs "Extract mangroves" from its dialog's Run button.
+"""A real QGIS desktop window (under Xvfb) runs "Extract mangroves" from its dialog's Run button,
+then what a user does next: a second Extract, a raster added, a batch of two rows.
 
 Offscreen QGIS (pytest-qgis, qgis_process) never loads what a desktop session
 loads — Mesa's GL stack with its own LLVM, for one — so only a real window
@@ -18,7 +19,13 @@ Environment (all optional, for CI chroots and other QGIS versions):
 (default: built here by the project's packaging); ``MENET_GUI_OUT`` where
 screenshots go (default build/gui; the session's files — profile, scene,
 output, result.json, faulthandler.txt, qgis.log — in its ``session/``);
-``MENET_GUI_TIMEOUT`` seconds for the whole QGIS session (default 420).
+``MENET_GUI_TIMEOUT`` seconds for the whole QGIS session (default 600).
+
+The checkout may live under the system temp folder: QGIS counts layers of files
+there as temporary and asks before closing them, so the test's profile turns
+that question off (app/askToSaveMemoryLayers, a user setting); the driver
+records any question QGIS still asks on exit and answers it, and the test fails
+with its text.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ QGIS = os.environ.get("MENET_GUI_QGIS") or shutil.which("qgis")
 XVFB = os.environ.get("MENET_GUI_XVFB") or shutil.which("Xvfb")
 DISPLAY = os.environ.get("MENET_GUI_DISPLAY")
 OUT = Path(os.environ.get("MENET_GUI_OUT") or ROOT / "build" / "gui")  # screenshots; the session in OUT/session
-SESSION_TIMEOUT = float(os.environ.get("MENET_GUI_TIMEOUT", "420"))
+SESSION_TIMEOUT = float(os.environ.get("MENET_GUI_TIMEOUT", "600"))
 STARTUP_TIMEOUT = 90  # seconds until the driver's first sign of life (QGIS up, script running)
 EXIT_GRACE = 10  # seconds a process QGIS started may take to end after QGIS exited
 MODEL = ROOT / "resources" / "models" / "menet_coasts_v2.pt"
@@ -120,10 +127,13 @@ def gui_environment(display: str, work: Path, config: Path) -> dict:
 
 
 def profile_settings(profiles: Path):
-    """A fresh profile that asks nothing at start (no plugin repository check, no news feed)."""
+    """A fresh profile that asks nothing at start (no plugin repository check, no news feed) nor on exit
+    (askToSaveMemoryLayers: QGIS 3.22's QgisApp::checkMemoryLayers asks about layers whose files lie
+    under the temp folder — all of this test's, when the checkout is there)."""
     ini = profiles / "profiles" / PROFILE / "QGIS" / "QGIS3.ini"
     ini.parent.mkdir(parents=True, exist_ok=True)
     ini.write_text("[app]\nplugin_installer\\checkOnStart=false\nplugin_installer\\allowExperimental=true\n"
+                   "askToSaveMemoryLayers=false\n"
                    "[core]\nNewsFeed\\httpsfeedqgisorg\\disabled=true\n"
                    "[qgis]\ncheckVersion=false\nshowTips=false\n")
 
@@ -149,6 +159,9 @@ def gui_run():
         "layer_name": "Jambeli 2020 crop" if SCENE.is_file() else "synthetic Sentinel-2",
         "output": str(work / "out" / "probability.tif"), "model": str(MODEL) if MODEL.is_file() else "",
         "stage": 5, "result": str(result_path),
+        # Two rows on the same layer (their stage groups share a name), the first with stage layers.
+        "batch": [{"output": str(work / "out" / f"batch{row}.tif"), "stages": stages}
+                  for row, stages in ((1, [5]), (2, [0]))],
         "shots": str(OUT), "timeout_s": max(30.0, SESSION_TIMEOUT - 120), "session_s": SESSION_TIMEOUT - 30}))
     (work / "out").mkdir()
     command = [QGIS, "--profiles-path", str(profiles), "--profile", PROFILE, "--nologo", "--noversioncheck",
@@ -245,9 +258,13 @@ def describe(run, full: bool = False) -> str:
 
 
 def test_qgis_survives_clicking_run(gui_run):
-    """Clicking Run must never take QGIS down: it exits normally, through File › Exit, at the driver's end."""
+    """Clicking Run must never take QGIS down: it exits normally, through File › Exit, at the driver's end,
+    without asking anything (wherever the checkout lives: the temp folder's files are "temporary")."""
     assert gui_run["returncode"] == 0, describe(gui_run, full=True)
     assert gui_run["recorded"].get("done"), describe(gui_run, full=True)
+    assert not gui_run["recorded"].get("exit_questions"), \
+        f"QGIS asked on exit: {gui_run['recorded']['exit_questions']}; temporary layers: " \
+        f"{gui_run['recorded'].get('temporary_layers')}"
 
 
 def test_no_process_outlives_qgis(gui_run):
@@ -292,6 +309,73 @@ def test_probability_layer_is_on_top_and_visible(gui_run):
     assert top["visible"], f"the probability layer is hidden:\n{listing}"
 
 
+def tree_listing(tree) -> str:
+    return "\n".join(f"{'  ' * r['depth']}{r['kind']} {r['name']!r} visible={r['visible']} "
+                     f"{Path(r['source']).name if r['source'] else ''}" for r in tree)
+
+
+def stage_groups(tree) -> dict:
+    """Each stage group's run id -> (the layer right above the group, the file names in the group)."""
+    groups = {}
+    for i, row in enumerate(tree):
+        if row["kind"] == "group" and row["run"]:
+            above = next((r for r in reversed(tree[:i]) if r["depth"] == row["depth"]), None)
+            members = []
+            for inner in tree[i + 1:]:
+                if inner["depth"] <= row["depth"]:
+                    break
+                members.append(Path(inner["source"]).name)
+            groups[row["run"]] = (Path(above["source"]).name if above and above["source"] else None, members)
+    return groups
+
+
+def test_after_a_run_with_stages_the_scene_stays_active_and_nothing_hides(gui_run):
+    """After a run with stage layers: the scene is still the active layer and the main window's insertion
+    point is not inside the (collapsed, unchecked) stage group, so the next layer does not vanish there."""
+    recorded = gui_run["recorded"]
+    state, tree = recorded.get("after_run"), recorded.get("layer_tree")
+    assert state and tree, describe(gui_run)
+    assert state["active_layer"] == recorded["scene_id"], f"active: {state['active_name']}\n{tree_listing(tree)}"
+    assert state.get("insertion_group") is None, f"new layers would go into {state['insertion_group']!r}"
+    groups = stage_groups(tree)
+    assert list(groups.values()) == [("probability.tif", ["probability_stage5.tif"])], tree_listing(tree)
+    group = next(r for r in tree if r["kind"] == "group")
+    assert not group["expanded"] and not group["checked"], group
+
+
+def test_second_extract_defaults_to_the_scene(gui_run):
+    recorded = gui_run["recorded"]
+    assert "second_input_default" in recorded, describe(gui_run)
+    assert recorded["second_input_default"] == recorded["scene_id"], \
+        f"the second Extract starts on {recorded['second_input_default']}\n{tree_listing(recorded['layer_tree'])}"
+
+
+def test_a_raster_added_after_the_run_lands_at_the_top_level(gui_run):
+    recorded = gui_run["recorded"]
+    added = recorded.get("added_layer")
+    assert added, describe(gui_run)
+    assert added["parent"] is None, f"added inside {added['parent']!r}:\n{tree_listing(recorded['layer_tree_after_add'])}"
+
+
+def test_batch_rows_each_keep_their_own_stage_group(gui_run):
+    """The batch dialog's Run: two rows on the same scene layer, the first with stage5, the second with
+    stage0.  Each probability is at the top level with only its own row's stages in the group below it."""
+    recorded = gui_run["recorded"]
+    tree = recorded.get("layer_tree_after_batch")
+    assert tree, f"{describe(gui_run)}\nbatch log:\n{recorded.get('batch_log')}"
+    listing = tree_listing(tree)
+    for name in ("batch1.tif", "batch2.tif"):
+        row = next((r for r in tree if r["source"] and Path(r["source"]).name == name), None)
+        assert row is not None and row["depth"] == 0 and row["visible"], f"{name}:\n{listing}"
+    groups = sorted(stage_groups(tree).values())
+    assert groups == [("batch1.tif", ["batch1_stage5.tif"]), ("batch2.tif", ["batch2_stage0.tif"]),
+                      ("probability.tif", ["probability_stage5.tif"])], listing
+    state = recorded["after_batch"]
+    assert state["active_layer"] == recorded["scene_id"], f"active: {state['active_name']}\n{listing}"
+    assert state.get("insertion_group") is None, f"new layers would go into {state['insertion_group']!r}"
+    assert recorded.get("heavy_modules_after_batch") == [], recorded.get("heavy_modules_after_batch")
+
+
 def test_qgis_process_never_imports_torch(gui_run):
     """The engine runs in a worker process: torch's native libraries never meet the ones QGIS has loaded."""
     recorded = gui_run["recorded"]
@@ -311,5 +395,7 @@ def test_no_python_exception(gui_run):
 
 def test_screenshots_written(gui_run):
     shots = gui_run["recorded"].get("screenshots", {})
-    for name in ("dialog_parameters.png", "dialog_log.png", "main_window_result.png"):
+    for name in ("dialog_parameters.png", "dialog_log.png", "main_window_result.png", "second_dialog.png",
+                 "main_window_added.png", "batch_parameters.png", "batch_log.png", "main_window_batch.png",
+                 "main_window_batch_groups_open.png"):
         assert shots.get(name) and Path(shots[name]).stat().st_size > 10_000, (name, describe(gui_run))

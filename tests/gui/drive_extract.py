@@ -4,14 +4,17 @@ Started by tests/test_desktop_gui.py (never imported by pytest).  Inside QGIS's
 GUI process it installs the plugin from its ZIP with QGIS's own plugin
 installer, loads a Sentinel-2 scene as the active layer, opens "Extract
 mangroves", fills the output, presses the dialog's Run button and waits —
-on QTimers, never a blocking loop — for the algorithm to finish.  It records
-what a user would see (layer tree, output file, dialog log, Python
-exceptions, screenshots) in a JSON file and quits QGIS.  A crash leaves a
-faulthandler traceback instead.
+on QTimers, never a blocking loop — for the algorithm to finish.  Then what
+a user does next: a second Extract dialog (its INPUT default), a raster added
+(where it lands), and a batch of two rows on the same scene, the first with
+stage layers, run from the batch dialog's Run button.  It records what a
+user would see (layer trees, active layer, insertion point, output file,
+dialog logs, Python exceptions, screenshots) in a JSON file and quits QGIS
+through File › Exit.  A crash leaves a faulthandler traceback instead.
 
 Everything comes from the JSON file named by ``MENET_GUI_CONFIG``: ``zip``,
-``scene``, ``layer_name``, ``output``, ``model``, ``stage`` (index), ``result`` (JSON to write),
-``shots`` (PNG folder), ``timeout_s``.
+``scene``, ``layer_name``, ``output``, ``model``, ``stage`` (index), ``batch`` (rows of
+``output`` and ``stages``), ``result`` (JSON to write), ``shots`` (PNG folder), ``timeout_s``.
 """
 import faulthandler
 import json
@@ -29,7 +32,7 @@ faulthandler.enable(file=FAULT_LOG, all_threads=True)
 
 from qgis.core import Qgis, QgsApplication, QgsLayerTree, QgsProject  # noqa: E402
 from qgis.PyQt.QtCore import QTimer  # noqa: E402
-from qgis.PyQt.QtWidgets import QPushButton, QTextEdit  # noqa: E402
+from qgis.PyQt.QtWidgets import QApplication, QMessageBox, QPushButton, QTextEdit  # noqa: E402
 from qgis.utils import iface  # noqa: E402
 
 RESULT = {"steps": [], "exceptions": [], "messages": [], "libraries": {}}
@@ -89,6 +92,18 @@ def grab(widget, name):
     RESULT.setdefault("screenshots", {})[name] = path if ok else None
 
 
+def later(ms, action):
+    """Run ``action`` on a QTimer; a failure in it is recorded and still ends QGIS."""
+    def guarded():
+        try:
+            action()
+        except Exception:
+            record_exception("driver", *sys.exc_info())
+            quit_qgis()
+
+    QTimer.singleShot(ms, guarded)
+
+
 def wait_until(condition, then, timeout_s, on_timeout, every_ms=250):
     """Poll ``condition`` on a QTimer (the event loop keeps running); call ``then`` or ``on_timeout``."""
     deadline = time.monotonic() + timeout_s
@@ -141,6 +156,7 @@ def load_scene():
     show_toolbox()
     layer = iface.addRasterLayer(CONFIG["scene"], CONFIG["layer_name"])
     RESULT["scene_valid"] = bool(layer and layer.isValid())
+    RESULT["scene_id"] = layer.id()
     iface.setActiveLayer(layer)
     iface.mapCanvas().setExtent(layer.extent())
     step(f"scene loaded valid={RESULT['scene_valid']}")
@@ -167,7 +183,14 @@ def open_dialog(layer):
     output = parameters.get("OUTPUT")
     RESULT["output_opens_after_run"] = getattr(output, "destinationProject", None) is not None
     step("dialog open " + json.dumps(RESULT["parameters"]))
-    QTimer.singleShot(1000, lambda: press_run(dialog))
+    later(1000, lambda: press_run(dialog))
+
+
+def run_buttons(dialog):
+    """The dialog's own accessor where QGIS has one (any UI language), else the visible button labelled Run."""
+    buttons = [dialog.runButton()] if hasattr(dialog, "runButton") else [
+        b for b in dialog.findChildren(QPushButton) if b.text().replace("&", "") == "Run"]
+    return [b for b in buttons if b is not None and b.isVisible() and b.isEnabled()]
 
 
 def press_run(dialog):
@@ -175,10 +198,7 @@ def press_run(dialog):
     grab(iface.mainWindow(), "main_window_before.png")
     finished = {}
     dialog.algorithmFinished.connect(lambda ok, results: finished.update(ok=ok, results=results))
-    # The dialog's own accessor where QGIS has one (any UI language), else the visible button labelled Run.
-    buttons = [dialog.runButton()] if hasattr(dialog, "runButton") else [
-        b for b in dialog.findChildren(QPushButton) if b.text().replace("&", "") == "Run"]
-    buttons = [b for b in buttons if b is not None and b.isVisible() and b.isEnabled()]
+    buttons = run_buttons(dialog)
     RESULT["run_buttons"] = len(buttons)
     if len(buttons) != 1:
         step("no unique visible, enabled Run button")
@@ -204,19 +224,21 @@ def after_run(dialog, finished, timed_out=False):
     RESULT["libraries"]["after_run"] = loaded_libraries()
     step(f"algorithm finished={not timed_out} ok={finished.get('ok')}")
     # Layers are loaded and post-processed before algorithmFinished; give the canvas a moment to render.
-    QTimer.singleShot(500, lambda: record_outcome(dialog))
+    later(500, lambda: record_outcome(dialog))
 
 
 def layer_tree():
-    """The layer panel top to bottom: (depth, kind, name, visible, expanded)."""
+    """The layer panel top to bottom: (depth, kind, name, visible, expanded, source, id; a group's run)."""
     rows = []
 
     def walk(node, depth):
         for child in node.children():
             kind = "group" if QgsLayerTree.isGroup(child) else "layer"
+            layer = child.layer() if kind == "layer" else None
             rows.append({"depth": depth, "kind": kind, "name": child.name(), "visible": child.isVisible(),
                          "checked": child.itemVisibilityChecked(), "expanded": child.isExpanded(),
-                         "source": child.layer().source() if kind == "layer" and child.layer() else None})
+                         "source": layer.source() if layer else None, "id": layer.id() if layer else None,
+                         "run": child.customProperty("menet_qgis/stage_group_of_run") if kind == "group" else None})
             if kind == "group":
                 walk(child, depth + 1)
 
@@ -224,15 +246,32 @@ def layer_tree():
     return rows
 
 
+def desktop_state():
+    """What the next user action starts from: the active layer and where the main window puts a new
+    layer (its insertion point: a group, None for the top level, and a position in it)."""
+    active = iface.activeLayer()
+    state = {"active_layer": active.id() if active else None, "active_name": active.name() if active else None}
+    if hasattr(iface, "layerTreeInsertionPoint"):
+        point = iface.layerTreeInsertionPoint()
+        state["insertion_group"] = None if point.group.parent() is None else point.group.name()
+        state["insertion_position"] = point.position
+    return state
+
+
 def record_outcome(dialog):
     RESULT["layer_tree"] = layer_tree()
+    RESULT["after_run"] = desktop_state()
     # The log pane (txtLog in 3.22's .ui); else whichever text box holds the run's log.
-    logs = [dialog.findChild(QTextEdit, "txtLog")] + dialog.findChildren(QTextEdit)
-    texts = [w.toPlainText() for w in logs if w is not None]
-    RESULT["dialog_log"] = next((t for t in texts if "Algorithm started" in t), texts[0] if texts else None)
+    RESULT["dialog_log"] = dialog_log(dialog)
     canvas = iface.mapCanvas()
     canvas.refreshAllLayers()
     wait_until(lambda: not canvas.isDrawing(), lambda: screenshots(dialog), 30, lambda: screenshots(dialog))
+
+
+def dialog_log(dialog):
+    logs = [dialog.findChild(QTextEdit, "txtLog")] + dialog.findChildren(QTextEdit)
+    texts = [w.toPlainText() for w in logs if w is not None]
+    return next((t for t in texts if "Algorithm started" in t or "starting" in t), texts[0] if texts else None)
 
 
 def screenshots(dialog):
@@ -240,16 +279,109 @@ def screenshots(dialog):
     dialog.close()
     grab(iface.mainWindow(), "main_window_result.png")
     step("screenshots taken")
-    quit_qgis()
+    later(500, second_dialog)
+
+
+def second_dialog():
+    """Processing › Extract mangroves again: which layer does INPUT start on?"""
+    import processing
+    dialog = processing.createAlgorithmDialog("menet:extractmangroves")
+    dialog.show()
+    value = dialog.mainWidget().wrappers["INPUT"].parameterValue()
+    RESULT["second_input_default"] = value.id() if hasattr(value, "id") else value
+    step(f"second Extract dialog: INPUT {RESULT['second_input_default']}")
+    later(1000, lambda: (grab(dialog, "second_dialog.png"), dialog.close(), add_raster()))
+
+
+def add_raster():
+    """Layer › Add Raster Layer after the run: where does the new layer land?"""
+    layer = iface.addRasterLayer(CONFIG["scene"], "added after run")
+    node = QgsProject.instance().layerTreeRoot().findLayer(layer.id())
+    parent = node.parent()
+    RESULT["added_layer"] = {"id": layer.id(), "position": parent.children().index(node),
+                             "parent": None if parent.parent() is None else parent.name()}
+    RESULT["layer_tree_after_add"] = layer_tree()
+    step(f"raster added: {RESULT['added_layer']}")
+    later(1000, lambda: (grab(iface.mainWindow(), "main_window_added.png"), open_batch()))
+
+
+def open_batch():
+    """The toolbox's "Execute as Batch Process…": rows on the same scene, the first with stage layers."""
+    from processing.gui.BatchAlgorithmDialog import BatchAlgorithmDialog
+    from processing.tools import dataobjects
+    alg = QgsApplication.processingRegistry().algorithmById("menet:extractmangroves")
+    dialog = BatchAlgorithmDialog(alg.create(), parent=iface.mainWindow())
+    dialog.show()
+    panel = dialog.mainWidget()
+    rows = CONFIG["batch"]
+    panel.addRow(len(rows) - panel.batchRowCount())
+    context = dataobjects.createContext()
+    for row, spec in enumerate(rows):
+        values = {"INPUT": RESULT["scene_id"], "MODEL": CONFIG["model"], "STAGES": spec["stages"],
+                  "DEVICE": 2, "RUNTIME": 1}
+        for name, value in values.items():
+            panel.wrappers[row][panel.parameter_to_column[name]].setParameterValue(value, context)
+        panel.tblParameters.cellWidget(row + 1, panel.parameter_to_column["OUTPUT"]).setValue(spec["output"])
+    RESULT["batch_loads_layers"] = panel.checkLoadLayersOnCompletion.isChecked()
+    RESULT["batch_rows"] = [{k: str(v) for k, v in panel.parametersForRow(row, warnOnInvalid=False)[0].items()}
+                            for row in range(panel.batchRowCount())]
+    step(f"batch dialog: {len(rows)} rows")
+    later(1000, lambda: run_batch(dialog))
+
+
+def run_batch(dialog):
+    grab(dialog, "batch_parameters.png")
+    buttons = run_buttons(dialog)
+    if len(buttons) != 1:
+        step("batch: no unique visible, enabled Run button")
+        return quit_qgis()
+    step("batch: click Run")
+    buttons[0].click()  # 3.22 runs the rows right here, on the main thread, and loads each row's layers
+    RESULT["batch_log"] = dialog_log(dialog)
+    RESULT["layer_tree_after_batch"] = layer_tree()
+    RESULT["after_batch"] = desktop_state()
+    RESULT["heavy_modules_after_batch"] = heavy_modules()
+    step("batch finished")
+    canvas = iface.mapCanvas()
+    canvas.refreshAllLayers()
+    wait_until(lambda: not canvas.isDrawing(), lambda: batch_screenshots(dialog), 30,
+               lambda: batch_screenshots(dialog))
+
+
+def batch_screenshots(dialog):
+    grab(dialog, "batch_log.png")
+    dialog.close()
+    grab(iface.mainWindow(), "main_window_batch.png")
+    # The stage groups opened (after the tree was recorded), to show which stages each holds.
+    for node in QgsProject.instance().layerTreeRoot().children():
+        if QgsLayerTree.isGroup(node):
+            node.setExpanded(True)
+    later(500, lambda: (grab(iface.mainWindow(), "main_window_batch_groups_open.png"), quit_qgis()))
 
 
 def quit_qgis():
-    """File › Exit with nothing to save, so no question blocks the exit."""
+    """File › Exit with nothing to save.  QGIS asks before closing a project with layers it counts as
+    temporary — files under the system temp folder, where a checkout may live — unless the profile's
+    app/askToSaveMemoryLayers is false (the test's profile sets it, as a user may in Settings ›
+    Options › Advanced).  Whatever QGIS still asks is recorded and answered, so the test fails with the
+    question instead of hanging until it is killed."""
     step("exit")
     RESULT["done"] = True
+    RESULT["temporary_layers"] = sorted(layer.name() for layer in QgsProject.instance().mapLayers().values()
+                                        if layer.isTemporary())
     save()
     QgsProject.instance().setDirty(False)
+    QTimer.singleShot(1000, answer_exit_question)
     iface.actionExit().trigger()
+
+
+def answer_exit_question():
+    box = QApplication.activeModalWidget()
+    if isinstance(box, QMessageBox):
+        RESULT.setdefault("exit_questions", []).append(box.text())
+        save()
+        (box.button(QMessageBox.Yes) or box.button(QMessageBox.Discard) or box.defaultButton()).click()
+    QTimer.singleShot(1000, answer_exit_question)
 
 
 def start():
