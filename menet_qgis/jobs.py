@@ -35,21 +35,24 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from . import model_store
-from .resources import default_model_path
 
 #: The last checkpoint loaded: (path, mtime, size) -> bundle, so several inputs share one load.
 _MODEL_CACHE: Dict[Tuple[str, int, int], object] = {}
 
 
-def resolve_model(path: Optional[str]) -> Path:
-    """The given checkpoint, else the default model shipped with the plugin."""
+def resolve_model(path: Optional[str], runtime: str = "auto", device: str = "auto", reporter=None) -> Path:
+    """The given model, else the default one: THE function every front end (Extract and the example
+    graphical model through the worker, Export channels, Assess, the CLI's predict/export/batch) resolves
+    MODEL through.  The default comes from the model store the process was pointed at (MENET_HOME, which
+    the QGIS side sets for its engine) by the rule in ``model_store.find_default_model``."""
     if path:
         return Path(path)
-    default = default_model_path()
-    if not default.is_file():
-        raise ValueError(f"no model given and no default model installed at {default}; "
-                         "train one with 'Train ME-Net' and pass it as MODEL")
-    return default
+    found = model_store.find_default_model(runtime, device)
+    if found is None:
+        raise ValueError(model_store.no_default_model_message())
+    if reporter is not None:
+        reporter.info(f"default model: {found.why}")
+    return found.path
 
 
 def load_model(path: Path, reporter=None, runtime: str = "torch", device: str = "auto", stages=()):
@@ -80,7 +83,7 @@ def extract(params: Dict, reporter) -> Dict:
     options = engine.EngineOptions(**(params.get("options") or {}))
     bounds = params.get("bounds")
     raster_io.check_input_exists(str(params["input"]))
-    model_path = resolve_model(params.get("model"))
+    model_path = resolve_model(params.get("model"), options.runtime, options.device, reporter)
     bundle = load_model(model_path, reporter, options.runtime, options.device, options.stages)
     # The model's channel recipe says which bands to look for in the input.
     source = raster_io.RasterInput(params["input"], band_numbers=params.get("bands"), dn_offset=params.get("dn_offset"),
@@ -118,13 +121,20 @@ def prepare(params: Dict, reporter) -> Dict:
 
 def export_channels(params: Dict, reporter) -> Dict:
     """The 11 input channels as the model sees them (before normalisation)."""
-    from .core import checkpoint, sentinel2_product
-    model_path = resolve_model(params.get("model"))
+    from .core import sentinel2_product
+    # Only the model's PCA basis and recipe are read: the .onnx first (no torch needed).
+    model_path = resolve_model(params.get("model"), device="cpu", reporter=reporter)
     if not model_path.is_file():
         raise ValueError(f"model file not found: {model_path}")
-    path = sentinel2_product.export_channels(params["input"], params["output"], checkpoint.read_pca(model_path),
-                                             params.get("bands"), params.get("dn_offset"), reporter,
-                                             checkpoint.read_recipe(model_path))
+    if model_path.suffix.lower() == ".onnx":
+        from .core.runtimes import read_onnx_model
+        model = read_onnx_model(model_path)
+        pca, recipe = model.pca, model.recipe
+    else:
+        from .core import checkpoint
+        pca, recipe = checkpoint.read_pca(model_path), checkpoint.read_recipe(model_path)
+    path = sentinel2_product.export_channels(params["input"], params["output"], pca, params.get("bands"),
+                                             params.get("dn_offset"), reporter, recipe)
     return {"output": str(path)}
 
 
@@ -237,14 +247,16 @@ def assess(params: Dict, reporter) -> Dict:
             threshold=prediction_threshold(prediction, params.get("threshold"), reporter), name=params.get("name") or Path(prediction).name,
             image=params.get("image"), forest=forest)
     else:
-        if not (params.get("tiles") and params.get("model")):
+        if not params.get("tiles"):
             raise ValueError("give a prediction raster, or a tile folder and a model to score the model on its "
                              "validation split")
         from .core import training
-        bundle = load_model(Path(params["model"]))
+        # The checkpoint: it records its validation windows (an .onnx export does not).
+        model_path = resolve_model(params.get("model"), runtime="torch", reporter=reporter)
+        bundle = load_model(model_path)
         names = bundle.training.get("val_names")
         if not names:
-            raise ValueError(f"{Path(params['model']).name} records no validation windows")
+            raise ValueError(f"{model_path.name} records no validation windows")
         tiles = training.load_tile_folder(params["tiles"], recipe=bundle.recipe)
         results = assessment.compare_on_tiles(bundle, tiles, names)
     rows = [r.to_dict() for r in results]

@@ -1,20 +1,33 @@
-"""Installs ME-Net models into the user's model folder ("Install model"), verified by sha256.
+"""The model store: models installed with "Install model" (verified by sha256), their index, and
+the rule that picks the default model from them.
 
-QGIS-free and stdlib-only.  A model comes from a URL (streamed with urllib) or a
-local file; it is written to a hidden temporary file beside the target while its
+QGIS-free and stdlib-only (the QGIS process and a bare Python without numpy or
+torch run it).  A model comes from a URL (streamed with urllib) or a local
+file; it is written to a hidden temporary file beside the target while its
 sha256 is computed, checked against the expected size and hash, and only then
 renamed over the target (``os.replace``, atomic on one filesystem).  Any failure
 removes the temporary file, so the folder never holds a half-written model and a
-model installed before stays byte-identical.
+model installed before, and the index, stay byte-identical.
+
+The store is ``user_paths.installed_models_dir()``.  ``index.json`` in it
+describes every installed model (name, version, recipe, threshold, sha256,
+size, source, installed-at), read from the model file itself without torch or
+an ONNX runtime (:func:`read_model_record`), so ``install-model --list`` and the
+Install model log can show it anywhere.
 
 The project has no public release of its model yet, so :func:`default_model_url`
 is empty unless ``MENET_MODEL_URL`` (or the provider setting) names one.
 """
 from __future__ import annotations
 
+import collections
+import datetime
 import hashlib
 import http.client
+import io
+import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -22,24 +35,39 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import user_paths
+from .core.choices import decision_threshold
 
 CHUNK = 1 << 20
 #: Extra free space kept beyond the model's size before a download starts.
 SPACE_MARGIN = 16 << 20
 MODEL_SUFFIXES = (".pt", ".onnx")
 NO_RELEASE = ("no model URL is configured: the project has no public model release yet. Give a URL or a file "
-              "(e.g. dist/menet_coasts_v2.pt from 'make package'), or set the download location in "
+              "(e.g. dist/menet_coasts_v2.onnx from 'make package'), or set the download location in "
               "Processing › Options › Providers › ME-Net (or MENET_MODEL_URL)")
+#: The index of installed models, in the store.
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "menet_qgis.model_index"
+INDEX_FORMAT_VERSION = 1
+#: What the engine writes into its files (core/checkpoint.py FORMAT, core/runtimes.py ONNX_FORMAT and
+#: METADATA_KEY), repeated here because those modules import torch / numpy; a test keeps them equal.
+CHECKPOINT_FORMAT = "menet_qgis.checkpoint"
+ONNX_FORMAT = "menet_qgis.onnx"
+ONNX_METADATA_KEY = "menet_qgis"
 _SHA = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class ModelStoreError(ValueError):
     """A model could not be installed; the message is one line and nothing was changed."""
+
+
+class ModelRecordError(ValueError):
+    """A file whose ME-Net record cannot be read without torch or an ONNX runtime."""
 
 
 @dataclass
@@ -48,6 +76,10 @@ class InstalledModel:
     sha256: str
     size: int
     source: str
+    #: Where the expected sha256 came from, for the log ("the given SHA256", "... beside the source", ...).
+    sha256_from: str = ""
+    #: The model's entry in the index.
+    entry: Dict = field(default_factory=dict)
 
 
 def default_model_url() -> str:
@@ -116,22 +148,24 @@ def _open_url(url: str, timeout: float):
         raise ModelStoreError(f"no answer from {urllib.parse.urlparse(url).netloc} within {timeout:g} s") from None
 
 
-def _expected_sha256(source: str, name: str, sha256: Optional[str], timeout: float) -> str:
+def _expected_sha256(source: str, name: str, sha256: Optional[str], timeout: float) -> Tuple[str, str]:
+    """(the sha256 the model must have, where it came from, for the log)."""
     if sha256:
-        return parse_sha256(sha256, "the given SHA256")
+        return parse_sha256(sha256, "the given SHA256"), "from the given SHA256"
     if _is_url(source):
         try:
             with _open_url(source + ".sha256", timeout) as response:
-                return parse_sha256(response.read(4096).decode("utf-8", "replace"), f"{source}.sha256")
+                return (parse_sha256(response.read(4096).decode("utf-8", "replace"), f"{source}.sha256"),
+                        f"from {_name_from_source(source)}.sha256 beside the source ({source}.sha256)")
         except ModelStoreError:
             pass
     else:
         sidecar = Path(source + ".sha256")
         if sidecar.is_file():
-            return parse_sha256(sidecar.read_text(), sidecar.name)
+            return parse_sha256(sidecar.read_text(), sidecar.name), f"from {sidecar.name} beside the source"
     known = known_sha256(name)
     if known:
-        return known
+        return known, f"the checksum this plugin ships for {name}"
     raise ModelStoreError(f"no SHA256 given and no {name}.sha256 beside {source}: the model cannot be verified")
 
 
@@ -163,17 +197,20 @@ def _copy_hashing(read, write, expected_size: Optional[int], reporter) -> tuple:
 
 def install_model(source: str, name: Optional[str] = None, sha256: Optional[str] = None, models_dir=None,
                   timeout: float = 60.0, reporter=None) -> InstalledModel:
-    """Download or copy ``source`` into the model folder as ``name`` after checking its size and sha256."""
+    """Download or copy ``source`` into the model folder as ``name`` after checking its size and sha256,
+    and record it in the folder's index."""
     source = (source or "").strip()
     if not source:
         raise ModelStoreError(NO_RELEASE)
     name = check_model_name(name or _name_from_source(source))
     if not _is_url(source) and not Path(source).is_file():
         raise ModelStoreError(f"model file {source} does not exist")
-    expected_sha = _expected_sha256(source, name, sha256, timeout)
+    expected_sha, sha_from = _expected_sha256(source, name, sha256, timeout)
     folder = Path(models_dir) if models_dir else user_paths.installed_models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
+    if not _is_url(source):
+        source = str(Path(source).resolve())
 
     handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.partial.", delete=False)
     partial = Path(handle.name)
@@ -191,6 +228,9 @@ def install_model(source: str, name: Optional[str] = None, sha256: Optional[str]
         if digest != expected_sha:
             raise ModelStoreError(f"sha256 mismatch for {name}: expected {expected_sha}, got {digest}; "
                                   "the model was not installed")
+        if reporter is not None:
+            reporter.info(f"sha256 {digest} matches, {sha_from}")
+        entry = index_entry(partial, name, digest, size, source)
         os.chmod(partial, 0o644)  # mkstemp made it private; a model is an ordinary readable file
         os.replace(partial, target)
     except OSError as exc:
@@ -199,13 +239,16 @@ def install_model(source: str, name: Optional[str] = None, sha256: Optional[str]
         raise ModelStoreError(f"could not install {name}: {exc}") from None
     finally:
         partial.unlink(missing_ok=True)
-    sidecar_tmp = folder / f".{name}.sha256.partial"
-    sidecar_tmp.write_text(f"{digest}  {name}\n")
-    os.replace(sidecar_tmp, folder / f"{name}.sha256")
+    _atomic_write_text(folder / f"{name}.sha256", f"{digest}  {name}\n")
+    index = read_index(folder)
+    index[name] = entry
+    write_index(folder, index)
     if reporter is not None:
         reporter.progress(100)
         reporter.info(f"installed {name} ({size / 1e6:.1f} MB, sha256 {digest}) in {folder}")
-    return InstalledModel(target, digest, size, source)
+        if entry.get("record_note"):
+            getattr(reporter, "warn", reporter.info)(f"{name}: {entry['record_note']}")
+    return InstalledModel(target, digest, size, source, sha_from, entry)
 
 
 def _download(url: str, handle, folder: Path, timeout: float, reporter) -> tuple:
@@ -230,3 +273,365 @@ def _download(url: str, handle, folder: Path, timeout: float, reporter) -> tuple
         raise ModelStoreError(f"truncated download from {url}: got {size} of {expected_size} bytes; "
                               "nothing was installed")
     return size, digest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename over it: readers see the old or the new file, never half of one."""
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
+                                         delete=False, encoding="utf-8")
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, 0o644)
+        os.replace(handle.name, path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
+# --- what a model file says about itself, without torch or an ONNX runtime ----------------------
+def _no_tensor(*_args, **_kwargs):
+    return None
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    """Reads the pickle inside a ``torch.save`` file without torch: tensors become None (their bytes are
+    never read) and every global but the few torch.save writes for tensors is refused, so no code runs.
+
+    Hand-rolled because the process reading it may be QGIS's, which must never import torch (its
+    native libraries clash with QGIS's), and the record is plain dicts, lists, numbers and strings."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2") or \
+                (module == "torch" and name.endswith("Storage")):
+            return _no_tensor
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+    def persistent_load(self, pid):
+        return None  # a tensor's storage, kept in the archive's data/ entries: not needed for the record
+
+
+def checkpoint_record(path, label: str = "") -> Dict:
+    """The record of an ME-Net ``.pt`` checkpoint (core/checkpoint.py) without its weights.
+    ``label``: the file's name in messages (default: its own)."""
+    path = Path(path)
+    label = label or path.name
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if not pickles:
+                raise ModelRecordError(f"{label} is not a torch checkpoint (no data.pkl inside)")
+            record = _CheckpointUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError) as exc:
+        if isinstance(exc, ModelRecordError):
+            raise
+        raise ModelRecordError(f"{label} is not a readable torch checkpoint ({type(exc).__name__}: "
+                               f"{str(exc)[:120]})") from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ModelRecordError(f"{label} is not an ME-Net checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+    return {k: v for k, v in record.items() if k != "state_dict"}
+
+
+def _varint(read) -> int:
+    shift = value = 0
+    while True:
+        byte = read(1)
+        if not byte:
+            raise ModelRecordError("the file ends inside a protobuf field")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ModelRecordError("a protobuf varint longer than 64 bits")
+
+
+def _protobuf_fields(stream, end: int):
+    """(field number, bytes or None) for each top-level field of a protobuf message, skipping the
+    content of length-delimited fields the caller does not want (``stream.seek``) unless it asks."""
+    while stream.tell() < end:
+        key = _varint(stream.read)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _varint(stream.read)
+            yield number, None
+        elif wire in (1, 5):
+            stream.seek(8 if wire == 1 else 4, io.SEEK_CUR)
+            yield number, None
+        elif wire == 2:
+            length = _varint(stream.read)
+            start = stream.tell()
+            if start + length > end:
+                raise ModelRecordError("a protobuf field runs past the end of the file")
+            yield number, (start, length)
+            stream.seek(start + length)
+        else:
+            raise ModelRecordError(f"protobuf wire type {wire} is not valid here")
+
+
+def onnx_metadata(path, label: str = "") -> Dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (ModelProto field 14: key 1, value 2), read from the protobuf
+    wire format with the standard library: the graph (field 7, the weights) is skipped with a seek.
+
+    Hand-rolled rather than through onnxruntime/openvino (``runtimes.read_onnx_model``) because the reader
+    may be QGIS's process or a Python with no runtime at all, and loading a 50 MB graph to read 5 kB of
+    JSON costs seconds; the ``onnx`` package is no dependency of the plugin."""
+    path = Path(path)
+    label = label or path.name
+    props: Dict[str, str] = {}
+    has_graph = False
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            for number, span in _protobuf_fields(f, end):
+                if number == 7 and span is not None:
+                    has_graph = True
+                elif number == 14 and span is not None:
+                    here = f.tell()
+                    f.seek(span[0])
+                    entry = io.BytesIO(f.read(span[1]))
+                    f.seek(here)
+                    key = value = ""
+                    for sub, sub_span in _protobuf_fields(entry, span[1]):
+                        if sub_span is not None and sub in (1, 2):
+                            text = entry.getvalue()[sub_span[0]:sub_span[0] + sub_span[1]].decode("utf-8")
+                            key, value = (text, value) if sub == 1 else (key, text)
+                    props[key] = value
+    except (ModelRecordError, UnicodeDecodeError) as exc:
+        raise ModelRecordError(f"{label} is not an ONNX model ({exc})") from None
+    if not has_graph:
+        raise ModelRecordError(f"{label} is not an ONNX model (no graph)")
+    return props
+
+
+def onnx_record(path, label: str = "") -> Dict:
+    """The ME-Net record of an exported ``.onnx`` model (its metadata, else the ``.json`` beside it)."""
+    path = Path(path)
+    label = label or path.name
+    text = onnx_metadata(path, label).get(ONNX_METADATA_KEY)
+    sidecar = path.with_suffix(".json")
+    if text is None and sidecar.is_file():
+        text = sidecar.read_text()
+    if text is None:
+        raise ModelRecordError(f"{label} carries no ME-Net record ('{ONNX_METADATA_KEY}' metadata)")
+    try:
+        record = json.loads(text)
+    except ValueError:
+        raise ModelRecordError(f"{label}: its ME-Net record is not JSON") from None
+    if not isinstance(record, dict) or record.get("format") != ONNX_FORMAT:
+        raise ModelRecordError(f"{label} is not an ME-Net ONNX model (no '{ONNX_FORMAT}' record)")
+    return record
+
+
+def read_model_record(path, name: str = "") -> Dict:
+    """What an ``.onnx`` or ``.pt`` model records besides its weights, read with the standard library
+    alone; ``ModelRecordError`` when the file is not an ME-Net model.  ``name``: the model's file name when
+    ``path`` is a temporary file (its suffix says which format to read)."""
+    path = Path(path)
+    name = name or path.name
+    if name.lower().endswith(".onnx"):
+        return onnx_record(path, name)
+    return checkpoint_record(path, name)
+
+
+# --- the index ------------------------------------------------------------------------------------
+def _version_from_name(name: str) -> Optional[str]:
+    """'menet_coasts_v2.onnx' -> 'v2': released models carry their version in their name."""
+    match = re.search(r"_v(\d+)$", Path(name).stem)
+    return f"v{match.group(1)}" if match else None
+
+
+def describe_record(record: Dict) -> Dict:
+    """The index's view of a model record: recipe, threshold, trained, architecture, weights."""
+    recipe = record.get("recipe") or {}
+    bands = ", ".join(recipe.get("source_bands") or [])
+    training = record.get("training") or {}
+    arch = record.get("architecture") or {}
+    described = {
+        "recipe": f"v{recipe.get('version')} ({bands})" if recipe.get("version") else None,
+        "threshold": decision_threshold(training),
+        "trained": bool(training.get("trained", False)),
+        "architecture": f"{arch.get('name')} v{arch.get('version')}" if arch.get("name") else None,
+    }
+    if record.get("model_version"):
+        described["version"] = str(record["model_version"])
+    if record.get("weights"):
+        described["weights"] = record["weights"]
+    return described
+
+
+def index_entry(path, name: str, sha256: str, size: int, source: str) -> Dict:
+    """One model's line in the index.  A file whose record cannot be read is still described by what is
+    known (name, hash, size, source) with a note saying why the rest is missing."""
+    entry = {"name": name, "format": Path(name).suffix.lstrip(".").lower(), "version": _version_from_name(name),
+             "recipe": None, "threshold": None, "trained": None, "sha256": sha256, "size": size,
+             "source": source,
+             "installed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        entry.update(describe_record(read_model_record(path, name)))
+    except (ModelRecordError, OSError) as exc:
+        entry["record_note"] = f"no ME-Net record could be read ({exc}); indexed by name, size and sha256 only"
+    return entry
+
+
+def index_path(models_dir=None) -> Path:
+    return Path(models_dir or user_paths.installed_models_dir()) / INDEX_NAME
+
+
+def read_index(models_dir=None) -> Dict[str, Dict]:
+    """{file name: entry} from the store's index; {} when there is none or it cannot be read (the listing
+    then shows the files by name, and the next install rewrites it)."""
+    try:
+        data = json.loads(index_path(models_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT or not isinstance(data.get("models"), dict):
+        return {}
+    return {name: dict(entry) for name, entry in data["models"].items() if isinstance(entry, dict)}
+
+
+def write_index(models_dir, models: Dict[str, Dict]) -> None:
+    """Replace the index atomically (written beside it, then renamed)."""
+    text = json.dumps({"format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION,
+                       "models": dict(sorted(models.items()))}, indent=2) + "\n"
+    _atomic_write_text(index_path(models_dir), text)
+
+
+def installed_models(models_dir=None) -> List[Dict]:
+    """The store's models, sorted by name: index entries whose file is there, then model files the index
+    does not know (copied by hand, or installed by a version without an index) with a note."""
+    folder = Path(models_dir or user_paths.installed_models_dir())
+    index = read_index(folder)
+    found = []
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or not path.name.endswith(MODEL_SUFFIXES) or not path.is_file():
+                continue
+            entry = index.get(path.name)
+            if entry is None or entry.get("size") != path.stat().st_size:
+                sidecar = path.with_name(path.name + ".sha256")
+                try:
+                    sha = parse_sha256(sidecar.read_text(), sidecar.name) if sidecar.is_file() else None
+                except (OSError, ModelStoreError):
+                    sha = None
+                entry = {"name": path.name, "format": path.suffix.lstrip(".").lower(),
+                         "version": _version_from_name(path.name), "sha256": sha, "size": path.stat().st_size,
+                         "source": None, "installed_at": None,
+                         "record_note": "not in the index: copied by hand or installed by an older version; "
+                                        "reinstall it with Install model to record it"}
+            found.append(entry)
+    return found
+
+
+def listing_lines(models_dir=None) -> List[str]:
+    """The store as a few log lines (Install model's log, ``install-model --list``)."""
+    folder = Path(models_dir or user_paths.installed_models_dir())
+    entries = installed_models(folder)
+    if not entries:
+        return [f"model store {folder}: no model installed"]
+    lines = [f"model store {folder}: {len(entries)} model{'s' if len(entries) > 1 else ''}"]
+    for e in entries:
+        parts = [e["name"], e.get("version") or "", f"recipe {e['recipe']}" if e.get("recipe") else "",
+                 f"threshold {e['threshold']:g}" if e.get("threshold") is not None else "",
+                 "UNTRAINED" if e.get("trained") is False else "",
+                 f"{e['size'] / 1e6:.1f} MB", f"sha256 {e['sha256'][:12]}…" if e.get("sha256") else "",
+                 f"installed {e['installed_at']}" if e.get("installed_at") else "",
+                 f"from {e['source']}" if e.get("source") else ""]
+        lines.append("  " + "  ".join(p for p in parts if p))
+        if e.get("record_note"):
+            lines.append(f"    ({e['record_note']})")
+    lines.append(f"MODEL empty = {DEFAULT_RULE}")
+    return lines
+
+
+# --- the default model ----------------------------------------------------------------------------
+#: The default model's name without its suffix; installed as .onnx (the asset) and/or .pt (torch).
+DEFAULT_MODEL_BASE = "menet_coasts_v2"
+DEFAULT_RULE = (f"{DEFAULT_MODEL_BASE}.onnx (ONNX Runtime/OpenVINO, no PyTorch needed); {DEFAULT_MODEL_BASE}.pt "
+                "where the engine runs PyTorch (a CUDA GPU, or runtime torch) or no .onnx is there; installed "
+                "copies before the plugin's own")
+
+
+@dataclass
+class DefaultModel:
+    path: Path
+    why: str
+
+
+def engine_runs_torch(runtime: str = "auto", device: str = "auto") -> Tuple[bool, str]:
+    """(whether the engine in this Python will run the model with torch, why) — the question that decides
+    between the .pt and the .onnx.  Imports torch only for runtime and device 'auto'."""
+    runtime, device = (runtime or "auto").lower(), (device or "auto").lower()
+    if runtime == "torch":
+        return True, "runtime torch was asked for"
+    if runtime != "auto":
+        return False, f"runtime {runtime} was asked for"
+    if device == "cuda":
+        return True, "the CUDA device was asked for"
+    if device == "cpu":
+        return False, "the CPU was asked for"
+    try:
+        from .core import runtimes  # numpy: the engine's Python has it
+    except ImportError:
+        return False, "this Python cannot run the engine (no numpy)"
+    if not runtimes.torch_importable():
+        return False, "PyTorch is not installed"
+    if runtimes.torch_sees_cuda():
+        return True, "torch sees a CUDA GPU"
+    return False, "no CUDA GPU visible to torch"
+
+
+def find_default_model(runtime: str = "auto", device: str = "auto", models_dir=None) -> Optional[DefaultModel]:
+    """The default model (MODEL empty) for an engine that runs ``runtime`` on ``device``, or None.
+
+    Candidates: ``menet_coasts_v2.onnx`` and ``.pt`` among the store's installed models (the index), then the
+    copies inside the plugin (resources/models: the source checkout, the offline ZIP).  Rule:
+
+    * the ``.pt`` first only where the engine will run torch: runtime torch, device cuda, or auto with torch
+      seeing a CUDA GPU.  On a GPU torch (bf16 autocast) is the fastest path and the ONNX runners are
+      CPU-only; torch cannot run an ``.onnx`` at all.
+    * else the ``.onnx`` first: on the CPU ONNX Runtime/OpenVINO map 1.3-1.7x faster than torch (README,
+      Performance), it needs no PyTorch (the cpu-light environment has none) and no one-time export, and it
+      is the asset the project ships for mapping.
+    * the other form as a fallback (a ``.pt`` still maps on the CPU where torch can export it, or its
+      export is cached; an ``.onnx`` still maps on the CPU beside a GPU).
+    * within one form, the installed copy before the plugin's: the user installed it on purpose, and a
+      newer release goes to the store, not into the plugin folder.
+    Only when both forms are present with runtime and device 'auto' does this ask torch about CUDA.
+    """
+    from .resources import resources_dir
+    folder = Path(models_dir or user_paths.installed_models_dir())
+    installed = {e["name"] for e in installed_models(folder)}
+    candidates = []
+    for suffix in (".onnx", ".pt"):
+        name = DEFAULT_MODEL_BASE + suffix
+        if name in installed:
+            candidates.append((folder / name, suffix, f"installed in {folder}"))
+        shipped = resources_dir() / "models" / name
+        if shipped.is_file():
+            candidates.append((shipped, suffix, "inside the plugin"))
+    if not candidates:
+        return None
+    forms = {suffix for _, suffix, _ in candidates}
+    if len(forms) == 1:
+        path, suffix, where = candidates[0]
+        only = "the only form there" if suffix == ".pt" else "the ONNX asset"
+        return DefaultModel(path, f"{path.name} {where} ({only})")
+    torch_runs, why = engine_runs_torch(runtime, device)
+    first = ".pt" if torch_runs else ".onnx"
+    path, suffix, where = sorted(candidates, key=lambda c: c[1] != first)[0]
+    return DefaultModel(path, f"{path.name} {where} ({'the PyTorch checkpoint' if torch_runs else 'the ONNX asset'}: "
+                              f"{why})")
+
+
+def no_default_model_message() -> str:
+    """What to do when MODEL is empty and no default model is anywhere (one line)."""
+    from .resources import resources_dir
+    return (f"no model given and no default model installed (looked for {DEFAULT_MODEL_BASE}.onnx and .pt in "
+            f"{user_paths.installed_models_dir()} and {resources_dir() / 'models'}): install it with the "
+            f"'Install model' algorithm (menet:installmodel) or `python -m menet_qgis install-model "
+            f"dist/{DEFAULT_MODEL_BASE}.onnx`, or give a model")

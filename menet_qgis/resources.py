@@ -3,14 +3,22 @@
 In the repository they sit in ``resources/`` beside the package; in the
 installed plugin (``make package``) they are copied into the plugin folder.
 The plugin ZIP ships no weights: the default model is installed into the
-user's model folder ("Install model"), or comes inside the offline ZIP.
+user's model store ("Install model"), or comes inside the offline ZIP.
+Which file is the default is decided in one place: ``model_store.find_default_model``
+(through ``jobs.resolve_model`` for every front end).
 """
 from pathlib import Path
 
+from .model_store import DEFAULT_MODEL_BASE
 from .user_paths import installed_models_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_NAME = "menet_coasts_v2.pt"
+#: The default model as the asset every runtime maps with (ONNX Runtime, OpenVINO; no torch).
+DEFAULT_ASSET_NAME = DEFAULT_MODEL_BASE + ".onnx"
+#: The default model as a torch checkpoint (training, fine-tuning, CUDA).
+DEFAULT_CHECKPOINT_NAME = DEFAULT_MODEL_BASE + ".pt"
+#: Older name of the checkpoint's file name, kept for scripts that import it.
+DEFAULT_MODEL_NAME = DEFAULT_CHECKPOINT_NAME
 
 
 def resources_dir() -> Path:
@@ -24,15 +32,14 @@ def icon_path() -> Path:
     return resources_dir() / "icon.svg"
 
 
-def shipped_model_path() -> Path:
-    """The default model inside the plugin (source checkout, offline ZIP); absent from the lean ZIP."""
-    return resources_dir() / "models" / DEFAULT_MODEL_NAME
+def shipped_model_path(name: str = DEFAULT_CHECKPOINT_NAME) -> Path:
+    """A default model file inside the plugin (source checkout, offline ZIP); absent from the lean ZIP."""
+    return resources_dir() / "models" / name
 
 
-def default_model_path() -> Path:
-    """The installed default model first, then the shipped one; where to install it when neither exists."""
-    installed = installed_models_dir() / DEFAULT_MODEL_NAME
-    if installed.is_file():
-        return installed
-    shipped = shipped_model_path()
-    return shipped if shipped.is_file() else installed
+def default_model_path(runtime: str = "auto", device: str = "auto") -> Path:
+    """The default model as ``model_store.find_default_model`` picks it; where Install model puts the asset
+    when there is none (scripts use this as an argument default; jobs.resolve_model says what to do)."""
+    from .model_store import find_default_model
+    found = find_default_model(runtime, device)
+    return found.path if found is not None else installed_models_dir() / DEFAULT_ASSET_NAME

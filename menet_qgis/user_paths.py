@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Dict
+
+#: The environment variable that names the menet home (and so the model store) for every process.
+HOME_VARIABLE = "MENET_HOME"
 
 
 def qgis_profile_dir():
@@ -23,8 +27,8 @@ def qgis_profile_dir():
 
 
 def menet_home() -> Path:
-    if os.environ.get("MENET_HOME"):
-        return Path(os.environ["MENET_HOME"])
+    if os.environ.get(HOME_VARIABLE):
+        return Path(os.environ[HOME_VARIABLE])
     profile = qgis_profile_dir()
     if profile is not None:
         return profile / "menet_qgis"
@@ -46,3 +50,10 @@ def managed_python(env_dir=None) -> Path:
 def installed_models_dir() -> Path:
     """Models installed with 'Install model' (verified by sha256)."""
     return menet_home() / "models"
+
+
+def engine_environment(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` with MENET_HOME set to this process's menet home.  The engine process QGIS starts has no QGIS
+    to ask for the profile: without this it would look for models in ~/.local/share/menet_qgis instead of
+    the profile's store where 'Install model' put them (and keep its ONNX cache elsewhere too)."""
+    return dict(env, **{HOME_VARIABLE: str(menet_home())})
