@@ -166,6 +166,81 @@ def test_auto_choice_follows_what_is_installed_and_says_why(bundle, exported, mo
         in log.messages
 
 
+def test_auto_says_torch_is_not_installed_rather_than_no_gpu(monkeypatch):
+    monkeypatch.setattr(runtimes, "installed", lambda m: m in {"openvino", "onnxruntime"})
+    assert runtimes.choose_runtime("auto", "auto", "onnx") == \
+        ("openvino", "auto: torch is not installed; OpenVINO is installed")
+    monkeypatch.setattr(runtimes, "installed", lambda m: m == "onnxruntime")
+    assert runtimes.choose_runtime("auto", "auto", "file") == \
+        ("onnxruntime", "auto: torch is not installed; OpenVINO is not installed, onnxruntime is")
+
+
+AVX2_ONLY = frozenset("sse4_2 avx avx2 fma f16c sha_ni".split())
+AVX512_NO_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni"}
+
+
+def test_auto_precision_on_the_cpu_is_bf16_exactly_where_the_cpu_has_native_bf16():
+    rule = runtimes.auto_cpu_precision
+    assert rule("openvino", AVX2_ONLY) == ("fp32", "this CPU has no bf16 instructions (AVX2)")
+    assert rule("openvino", AVX512_NO_BF16) == ("fp32", "this CPU has no bf16 instructions (AVX-512)")
+    assert rule("openvino", AVX512_NO_BF16 | {"avx512_bf16"}) == ("bf16", "this CPU has AVX512_BF16")
+    assert rule("openvino", AVX512_NO_BF16 | {"avx512_bf16", "amx_bf16", "amx_tile"}) == \
+        ("bf16", "this CPU has AMX-BF16 and AVX512_BF16")
+    assert rule("openvino", frozenset({"avx2", "amx_bf16"}))[0] == "bf16"
+    assert rule("openvino", frozenset()) == ("fp32", "this CPU has no bf16 instructions")
+    # ONNX Runtime computes fp32 on x86 whatever the CPU has
+    precision, why = rule("onnxruntime", AVX512_NO_BF16 | {"avx512_bf16"})
+    assert precision == "fp32" and "onnxruntime runs fp32" in why
+    # asked-for precisions pass through; the features matter only for auto
+    assert runtimes.cpu_precision("openvino", "fp32", AVX512_NO_BF16 | {"avx512_bf16"}) == ("fp32", "asked for")
+    assert runtimes.cpu_precision("openvino", "auto", AVX2_ONLY)[0] == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        runtimes.cpu_precision("openvino", "int4", AVX2_ONLY)
+
+
+def test_this_cpus_features_are_read_and_the_choice_is_logged_on_every_run(bundle, exported, tmp_path, monkeypatch):
+    features = runtimes.cpu_features()
+    assert {"sse4_2", "avx2"} & features or "neon" in features or "asimd" in features  # read, not empty
+    src = write_raster(tmp_path / "in.tif", s2_reflectance(64, 64), S2_NAMES)
+    for runtime in ("onnxruntime", "openvino"):
+        if not runtimes.installed(runtime):
+            continue
+        log = Log()
+        engine.extract(bundle, raster_io.RasterInput(src), tmp_path / f"{runtime}.tif",
+                       engine.EngineOptions(window=64, overlap=0, runtime=runtime), log)
+        precision, why = runtimes.auto_cpu_precision(runtime, features)
+        assert f"precision {precision}: {why}" in log.messages
+    monkeypatch.setattr(runtimes, "cpu_features", lambda: AVX2_ONLY)
+    log = Log()
+    engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "avx2.tif",
+                   engine.EngineOptions(window=64, overlap=0, runtime="onnxruntime"), log)
+    assert "precision fp32: this CPU has no bf16 instructions (AVX2)" in log.messages
+    log = Log()
+    engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "torch.tif",
+                   engine.EngineOptions(window=64, overlap=0, runtime="torch", device="cpu"), log)
+    assert any(m.startswith("precision fp32: torch runs fp32 on the CPU") for m in log.messages)
+
+
+def test_exports_store_the_checkpoints_fp16_weights_exactly(bundle, exported, untrained_path):
+    """Every weight of an fp16 checkpoint is stored as fp16 behind a Cast (lossless: the file is no bigger
+    than the .pt, and the runtimes compute in fp32 with the very same values)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    path = exported["stages"].path
+    proto = onnx.load(path)
+    floats = [t for t in proto.graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
+    assert floats and all(t.data_type == TensorProto.FLOAT16 for t in floats)
+    casts = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Cast"}
+    state = {k: v for k, v in bundle.model.state_dict().items() if v.is_floating_point()}
+    stored = {casts[t.name].removeprefix("model."): numpy_helper.to_array(t) for t in floats}
+    for name, value in stored.items():  # batch norm unfused: every stored tensor is a checkpoint weight
+        assert np.array_equal(value.astype(np.float32), state[name].numpy()), name
+    for name in set(state) - set(stored):  # the exporter stores weights of equal value once
+        assert any(v.shape == state[name].shape and np.array_equal(v, state[name].numpy()) for v in stored.values())
+    assert os.path.getsize(path) <= os.path.getsize(untrained_path)
+    assert '"weights":"fp16 where exact' in proto.metadata_props[0].value
+
+
 def test_precision_bf16_is_refused_where_it_cannot_run(bundle, exported, tmp_path):
     src = write_raster(tmp_path / "in.tif", s2_reflectance(64, 64), S2_NAMES)
     with pytest.raises(ValueError, match="onnxruntime runs fp32"):
@@ -201,8 +276,27 @@ def test_mapping_without_torch_gives_the_same_map(bundle, exported, real_crop, t
                            "--out-dir", tmp_path / "fresh_out", "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.startswith("menet_qgis: error:")
-    assert "exported to ONNX once, which needs torch" in proc.stderr
+    assert "fresh.pt is a torch checkpoint and has not been exported to ONNX" in proc.stderr
+    assert "python -m menet_qgis export fresh.pt --stages --out fresh.onnx" in proc.stderr
     assert not (tmp_path / "fresh_out").exists() or not any((tmp_path / "fresh_out").iterdir())
+    # the same checkpoint with its .onnx beside it (a model installed as both): that export runs it
+    shutil.copy(exported["stages"].path, fresh.with_suffix(".onnx"))
+    proc = subprocess.run([sys.executable, "-m", "menet_qgis", "predict", real_crop, "--model", fresh,
+                           "--out-dir", tmp_path / "fresh_out", "--window", "128", "--overlap", "32"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    got = read(tmp_path / "fresh_out" / "crop_probability.tif")[0]
+    assert np.nanmax(np.abs(got - want)) <= 1e-4
+    assert "auto: torch is not installed" in proc.stderr
+
+
+def test_a_torch_checkpoint_without_torch_names_the_file_to_use_instead():
+    default = runtimes.torch_required_message(runtimes.Path("/models/menet_coasts_v2.pt"))
+    assert "install its ONNX asset menet_coasts_v2.onnx instead" in default
+    assert "python -m menet_qgis install-model dist/menet_coasts_v2.onnx" in default and "Install model" in default
+    other = runtimes.torch_required_message(runtimes.Path("/models/my_coast.pt"))
+    assert "menet_coasts_v2" not in other
+    assert "python -m menet_qgis export my_coast.pt --stages --out my_coast.onnx" in other
 
 
 def test_cli_refuses_runtime_model_mismatches_in_one_line(exported, real_crop, tmp_path):

@@ -3,7 +3,8 @@ so argument parsers and dialogs can list them without importing numpy or a runti
 
 #: Inference runtimes; "auto" = torch on a CUDA GPU, else OpenVINO, else ONNX Runtime, else torch.
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
-#: Numeric precision; "auto" = bf16 autocast on CUDA, fp32 on the CPU.
+#: Numeric precision; "auto" = bf16 autocast on CUDA; on the CPU bf16 in OpenVINO where the CPU has
+#: AVX512_BF16 or AMX-BF16, else fp32 (``runtimes.auto_cpu_precision``).
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Overlap of neighbouring windows when the user sets none (px).  32 rather than 64: 24 % fewer
 #: windows on the Jambelí scene for the same validation F1 (0.9305 vs 0.9309) and 0.29 % of pixels

@@ -81,7 +81,7 @@ class EngineOptions:
     stage_mode: str = "compact"    # "compact" (3 summary bands) or "all" channels
     readers: int = 0               # reader threads; 0 = automatic (2 on the CPU, up to 8 with CUDA)
     threads: int = 0               # CPU threads for the runtime; 0 = every core this process may use
-    precision: str = "auto"        # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32"
+    precision: str = "auto"        # "auto" (see choices.PRECISIONS), "bf16", "fp32"
     runtime: str = "auto"          # "auto", "torch", "onnxruntime", "openvino" (see runtimes.choose_runtime)
     tta: bool = False              # test-time flips: mean over the 8 flips of each window (8x the model's time)
 
@@ -274,8 +274,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     if options.tta:
         reporter.info("test-time flips: each window's probability is the mean over its 8 flips/rotations "
                       "(8x the model's time)")
-    if runner.runtime == "torch":
-        reporter.info(f"precision: {'bf16 autocast' if runner.fast else 'fp32'}, channels_last memory format")
+    reporter.info(f"precision {runner.precision}: {runner.precision_why}")
     sink = SinkThread()
     stitchers: Dict[str, StripStitcher] = {}
     created: List[AtomicRaster] = []
@@ -404,6 +403,11 @@ class TorchRunner:
         self.device, self.description = choose_device(options.device)
         self.device_type = self.device.type
         self.fast = use_bf16(options.precision, self.device)
+        self.precision = "bf16" if self.fast else "fp32"
+        self.precision_why = ("asked for" if options.precision != "auto" else
+                              "autocast on the CUDA GPU" if self.fast else
+                              "torch runs fp32 on the CPU (OpenVINO runs bf16 where the CPU has it)")
+        self.precision_why += ", channels_last memory format"
         self._auto_batch_size = auto_batch_size
         self.bundle, self.stages, self.stage_mode = bundle, list(stages), options.stage_mode
         self.tta = options.tta

@@ -82,6 +82,56 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# --- precision on the CPU ------------------------------------------------------------
+#: CPU flags (as /proc/cpuinfo spells them) of native bf16 dot products, and their usual names.
+BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512_BF16"}
+#: The widest vector extension, named in the log when the CPU has no bf16 (best first).
+SIMD_FLAGS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"), ("neon", "NEON"),
+              ("asimd", "NEON"))
+
+
+def cpu_features() -> frozenset:
+    """This CPU's feature flags: /proc/cpuinfo's on Linux; elsewhere what OpenVINO reports
+    (its ``BF16`` capability, which it grants for AVX512_BF16 or AMX, stands for ``avx512_bf16``)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    if installed("openvino"):
+        import openvino as ov
+        if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            return frozenset({"avx512_bf16"})
+    return frozenset()
+
+
+def auto_cpu_precision(runtime: str, features) -> Tuple[str, str]:
+    """(precision, why) that ``auto`` runs on the CPU, a rule of the CPU's features: bf16 where
+    OpenVINO runs the model and the CPU computes bf16 natively (AVX512_BF16 or AMX-BF16; on a
+    2-core AVX512_BF16 EPYC, issue 24: 2.2x torch fp32 end to end against OpenVINO fp32's 1.4x,
+    0.006 % of pixels changing class), fp32 otherwise (OpenVINO refuses bf16 it would have to
+    emulate, and ONNX Runtime runs fp32 on x86)."""
+    native = [name for flag, name in BF16_FLAGS.items() if flag in features]
+    if native and runtime == "openvino":
+        return "bf16", f"this CPU has {' and '.join(native)}"
+    if native:
+        return "fp32", f"{runtime} runs fp32 on the CPU (this CPU's {native[0]} is used by OpenVINO)"
+    simd = next((name for flag, name in SIMD_FLAGS if flag in features), "")
+    return "fp32", "this CPU has no bf16 instructions" + (f" ({simd})" if simd else "")
+
+
+def cpu_precision(runtime: str, requested: str, features=None) -> Tuple[str, str]:
+    """(precision, why) for ``requested`` ('auto', 'fp32', 'bf16') on the CPU in ``runtime``."""
+    requested = (requested or "auto").lower()
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested, "asked for"
+    return auto_cpu_precision(runtime, cpu_features() if features is None else features)
+
+
 # --- the model as the ONNX runtimes see it -------------------------------------
 @dataclass
 class OnnxModel:
@@ -199,10 +249,21 @@ def cache_name(checkpoint: Path, sha256: str, need: str) -> str:
 
 
 def find_cached(checkpoint: Path, sha256: str, need: str) -> Optional[Path]:
+    """An export of this very checkpoint: a cached one, or the ``.onnx`` of the same name beside it
+    (the model asset installed with its ``.pt``) when its record names the checkpoint's sha256."""
     for folder in cache_dirs(checkpoint):
-        candidate = folder / cache_name(checkpoint, sha256, need)
-        if candidate.is_file():
-            return candidate
+        for candidate_need in (need, "stages"):  # the stages graph also serves the probability alone
+            candidate = folder / cache_name(checkpoint, sha256, candidate_need)
+            if candidate.is_file():
+                return candidate
+    sibling = Path(checkpoint).with_suffix(".onnx")
+    if sibling.is_file():
+        try:
+            model = read_onnx_model(sibling)
+        except (ValueError, KeyError, ImportError):
+            return None
+        if model.source_sha256 == sha256 and (need == "probability" or model.has_stages):
+            return sibling
     return None
 
 
@@ -258,7 +319,8 @@ def choose_runtime(requested: str, device: str, kind: str) -> Tuple[str, str]:
         return "torch", "auto: the CUDA device was asked for"
     if kind == "memory":
         return "torch", "auto: an in-memory model (the ONNX runtimes need a checkpoint file to export)"
-    why = "no CUDA GPU visible to torch" if device != "cpu" else "the CPU was asked for"
+    why = ("the CPU was asked for" if device == "cpu" else
+           "no CUDA GPU visible to torch" if torch_importable() else "torch is not installed")
     if onnx_runtimes:
         which = "OpenVINO is installed" if onnx_runtimes[0] == "openvino" else \
             "OpenVINO is not installed, onnxruntime is"
@@ -314,7 +376,7 @@ class OnnxRunner:
                              f"{', '.join(missing)}: export it with stages (python -m menet_qgis export --stages)")
         self.model, self.stages, self.stage_mode = model, list(stages), stage_mode
         self.threads = threads or default_threads()
-        self.precision = "fp32" if precision in ("auto", "fp32") else precision
+        self.precision, self.precision_why = cpu_precision(self.runtime, precision)
         self.output_names = ["probability"] + self.stages
 
     @property
@@ -401,6 +463,7 @@ class OnnxRuntimeRunner(OnnxRunner):
 
 
 def openvino_bf16_supported() -> bool:
+    """Whether OpenVINO runs bf16 on this CPU (it refuses to emulate it)."""
     import openvino as ov
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
@@ -428,13 +491,17 @@ class OpenVinoRunner(OnnxRunner):
         def make():
             core = self.ov.Core()
             net = core.read_model(self.model.path)
+            if len(net.outputs) > len(self.output_names):  # only the outputs read: no stage map copied out
+                net = self.ov.Model([net.output(name) for name in self.output_names], net.get_parameters(),
+                                    net.get_friendly_name())
             net.reshape({net.inputs[0].get_any_name(): list(shape)})
             config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
                       # explicit: on a bf16-capable CPU OpenVINO's default would be bf16
                       "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
             return core.compile_model(net, "CPU", config)
 
-        compiled = _cached((self.model.path, self.runtime, self.threads, self.precision, tuple(shape)), make)
+        compiled = _cached((self.model.path, self.runtime, self.threads, self.precision, tuple(shape),
+                            tuple(self.output_names)), make)
         return compiled.create_infer_request(), compiled
 
     def prepare(self, batch_size, window):
@@ -476,7 +543,23 @@ def load_model(path, runtime: str = "auto", device: str = "auto", stages: Sequen
         if cached is not None:
             return read_onnx_model(cached)
         if not torch_importable():
-            raise TorchRequired(f"{path.name} must be exported to ONNX once, which needs torch; "
-                                     f"without torch give an exported .onnx model")
+            raise TorchRequired(torch_required_message(path))
     from .checkpoint import load
     return load(path)
+
+
+#: The default model's base name; its ``.onnx`` asset is what a Python without torch installs.
+DEFAULT_MODEL_STEM = "menet_coasts_v2"
+
+
+def torch_required_message(checkpoint: Path) -> str:
+    """Why a ``.pt`` cannot run in this Python, and which file to use instead."""
+    name = Path(checkpoint).name
+    if Path(checkpoint).stem == DEFAULT_MODEL_STEM:
+        asset = f"{DEFAULT_MODEL_STEM}.onnx"
+        return (f"{name} is the torch checkpoint of the default model (for training and fine-tuning); "
+                f"without torch install its ONNX asset {asset} instead: 'Install model' in QGIS, or "
+                f"`python -m menet_qgis install-model dist/{asset}` (it runs with onnxruntime or OpenVINO)")
+    return (f"{name} is a torch checkpoint and has not been exported to ONNX: export it once where torch "
+            f"is installed (`python -m menet_qgis export {name} --stages --out {Path(name).stem}.onnx`) "
+            f"and give that .onnx here, or install torch")
