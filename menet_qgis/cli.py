@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from .core.choices import DEFAULT_OVERLAP, PRECISIONS, RUNTIMES
 from .core.stages import STAGE_NAMES, stage_table
-from .resources import default_model_path
+from .model_store import DEFAULT_MODEL_BASE
 
 
 class CliReporter:
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="mangrove probability (and stage layers) for rasters")
     predict.add_argument("inputs", nargs="+", help="input rasters (Sentinel-2 bands or an 11-band ME-Net stack)")
-    predict.add_argument("--model", help=f"checkpoint (.pt) or exported model (.onnx; runs without torch) "
-                         f"(default: {default_model_path().name} shipped with the plugin)")
+    predict.add_argument("--model", help=f"exported model (.onnx; runs without torch) or checkpoint (.pt) "
+                         f"(default: {DEFAULT_MODEL_BASE}.onnx from the model store, or its .pt where torch runs "
+                         "on a CUDA GPU; see install-model --list)")
     predict.add_argument("--out-dir", required=True, help="writes <input stem>_probability.tif here")
     predict.add_argument("--stages", default="", help=f"comma-separated stages to write ({','.join(STAGE_NAMES)})")
     predict.add_argument("--stage-mode", choices=["compact", "all"], default="compact",
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "--init's model, else none)")
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX (runs without torch; needs torch to make)")
-    export.add_argument("model", nargs="?", help=f"checkpoint (.pt; default: {default_model_path().name})")
+    export.add_argument("model", nargs="?", help=f"checkpoint (.pt; default: {DEFAULT_MODEL_BASE}.pt from the "
+                        "model store, else the plugin's)")
     export.add_argument("--out", help="the .onnx to write (default: the cache beside the checkpoint)")
     export.add_argument("--stages", action="store_true", help="also output every stage map (for --stages)")
 
@@ -174,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--image", help="the Sentinel-2 raster: also score MVI (and the forest) on the same pixels")
     assess.add_argument("--tiles", help="tile folder: train the random-forest baseline on it; without a "
                         "prediction, score --model on its own validation windows next to both baselines")
-    assess.add_argument("--model", help="checkpoint (with --tiles and no prediction)")
+    assess.add_argument("--model", help=f"checkpoint (with --tiles and no prediction; default: "
+                        f"{DEFAULT_MODEL_BASE}.pt)")
     assess.add_argument("--report", help="write an HTML report here")
     assess.add_argument("--table", help="write a CSV table here")
 
@@ -189,8 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the environment see the system's packages (e.g. Debian's rasterio/GDAL)")
     deps.add_argument("--fresh", action="store_true", help="delete the environment first")
 
-    model = sub.add_parser("install-model", help="download or copy a model, verify its sha256, store it")
-    model.add_argument("source", nargs="?", help="URL or file (default: the MENET_MODEL_URL environment variable)")
+    model = sub.add_parser("install-model", help="download or copy a model, verify its sha256, store it in the "
+                           "model store (MENET_HOME/models); --list shows the store")
+    model.add_argument("source", nargs="?", help=f"URL or file, e.g. dist/{DEFAULT_MODEL_BASE}.onnx (default: the "
+                       "MENET_MODEL_URL environment variable)")
+    model.add_argument("--list", action="store_true", help="list the installed models (after installing SOURCE, "
+                       "if given) and the default-model rule")
     model.add_argument("--sha256", help="expected sha256 (default: <source>.sha256 beside it)")
     model.add_argument("--name", help="file name to store it under (default: the source's file name)")
     model.add_argument("--timeout", type=float, default=60, help="seconds without data before giving up")
@@ -219,7 +226,7 @@ def cmd_predict(args) -> int:
     stems = [Path(p).stem for p in args.inputs]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
-    model_path = jobs.resolve_model(args.model)
+    model_path = jobs.resolve_model(args.model, args.runtime, args.device, CliReporter(args.quiet))
     outputs = [Path(args.out_dir) / f"{stem}_probability.tif" for stem in stems]
     raster_io.refuse_overwriting_inputs(outputs + [engine.stage_path(o, None, n) for o in outputs for n in stages],
                                         [*args.inputs, model_path])
@@ -244,7 +251,10 @@ def cmd_export(args) -> int:
     from .core import checkpoint
     from .core.onnx_export import check_against_torch, check_input, ensure_onnx, export
     from .core.runtimes import read_onnx_model
-    model_path = Path(args.model) if args.model else default_model_path()
+    from . import jobs
+    model_path = jobs.resolve_model(args.model, runtime="torch")
+    if model_path.suffix.lower() == ".onnx":
+        raise ValueError(f"{model_path.name} is already an ONNX model: export needs a .pt checkpoint")
     bundle = checkpoint.load(model_path)
     need = "stages" if args.stages else "probability"
     if args.out:
@@ -263,9 +273,8 @@ def cmd_export(args) -> int:
 
 def cmd_batch(args) -> int:
     from .batch import BatchOptions, run_batch
-    model_path = Path(args.model) if args.model else default_model_path()
-    if not args.model and not model_path.is_file():
-        raise ValueError(f"no --model given and no default model installed at {model_path}")
+    from . import jobs
+    model_path = jobs.resolve_model(args.model, device=args.device)
     try:
         resources = {k.strip(): float(v) for k, v in (p.split("=") for p in args.resources.split(",") if p)}
     except ValueError:
@@ -357,11 +366,26 @@ def cmd_install_deps(args) -> int:
 
 def cmd_install_model(args) -> int:
     from . import model_store
+    if args.list and not args.source:
+        print("\n".join(_store_listing()))
+        return 0
     installed = model_store.install_model(args.source or model_store.default_model_url(), name=args.name,
                                           sha256=args.sha256, timeout=args.timeout, reporter=CliReporter())
-    print(json.dumps({"model": str(installed.path), "sha256": installed.sha256, "bytes": installed.size},
-                     indent=2))
+    if args.list:
+        print("\n".join(_store_listing()))
+    else:
+        print(json.dumps({"model": str(installed.path), "sha256": installed.sha256, "bytes": installed.size,
+                          "sha256_from": installed.sha256_from, "index": installed.entry}, indent=2))
     return 0
+
+
+def _store_listing() -> List[str]:
+    """The store's index, the rule, and the default model this Python's engine would take (runtime auto)."""
+    from . import model_store
+    found = model_store.find_default_model()
+    return model_store.listing_lines() + [
+        f"default model here (this Python, runtime auto): {found.why}" if found else
+        f"default model here: none ({model_store.no_default_model_message()})"]
 
 
 COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "export": cmd_export, "batch": cmd_batch,
