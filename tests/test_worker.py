@@ -270,3 +270,84 @@ def test_provider_setting_comes_before_the_environment_variable(processing, tmp_
                                  "OUTPUT": str(tmp_path / "p.tif")}, feedback=RecordingFeedback())
     finally:
         settings.remove(SETTING_KEY)
+
+
+# --- the model store the QGIS side passes to its engine (issue 24) -------------------------------------
+class NoResourceWarnings:
+    """Turns ResourceWarning into an error and collects those raised where Python cannot raise them
+    (an unclosed file found by the garbage collector), so a test fails on either."""
+
+    def __enter__(self):
+        import gc
+        import warnings
+        self.caught = []
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("error", ResourceWarning)
+        self._hook, sys.unraisablehook = sys.unraisablehook, self.caught.append
+        gc.collect()
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+        gc.collect()
+        sys.unraisablehook = self._hook
+        self._warnings.__exit__(*exc)
+        messages = [f"{u.exc_type.__name__}: {u.exc_value}" for u in self.caught]
+        assert not messages, messages
+        return False
+
+
+@pytest.fixture
+def profile_store(tmp_path, monkeypatch):
+    """This QGIS's profile is a fresh folder and MENET_HOME is unset: the store is whatever the QGIS side
+    (user_paths, asking QgsApplication for the profile) says."""
+    from qgis.core import QgsApplication
+    from menet_qgis import user_paths
+    monkeypatch.delenv("MENET_HOME", raising=False)
+    profile = tmp_path / "profile"
+    monkeypatch.setattr(QgsApplication, "qgisSettingsDirPath", staticmethod(lambda: str(profile) + "/"))
+    store = user_paths.installed_models_dir()
+    assert store == profile / "menet_qgis" / "models"
+    return store
+
+
+def test_every_worker_gets_the_profiles_store(profile_store):
+    """The checkout's Python and the managed environment's (whose environment is rebuilt from scratch by
+    environment_installer.child_environment) both get MENET_HOME = the profile's menet folder."""
+    from menet_qgis.processing import worker_client
+    from menet_qgis.user_paths import managed_python
+    assert "MENET_HOME" not in os.environ
+    assert worker_client.worker_env(str(ENGINE_PYTHON))["MENET_HOME"] == str(profile_store.parent)
+    managed = worker_client.worker_env(str(managed_python()))
+    assert managed["MENET_HOME"] == str(profile_store.parent) and "PYTHONPATH" not in managed
+
+
+def test_extract_with_model_empty_maps_with_the_model_installed_in_the_profile(processing, profile_store,
+                                                                              untrained_path, tmp_path):
+    """Issue 24: the model 'Install model' put into the profile's store is the one a real worker process
+    (which has no QGIS to ask for the profile) maps with when MODEL is empty — not ~/.local/share's, not
+    the plugin's own (trained) copy.  And the run leaves no unclosed file behind in QGIS."""
+    from menet_qgis import model_store
+    import hashlib
+    model_store.install_model(str(untrained_path), name=f"{model_store.DEFAULT_MODEL_BASE}.pt",
+                              sha256=hashlib.sha256(untrained_path.read_bytes()).hexdigest())
+    src = write_s2(tmp_path / "in.tif", 64, 64)
+    feedback = RecordingFeedback()
+    with NoResourceWarnings():
+        result = processing.run(ALG, {"INPUT": str(src), "OUTPUT": str(tmp_path / "p.tif"), "WINDOW_SIZE": 64,
+                                      "OVERLAP": 32, "RUNTIME": 1}, feedback=feedback)  # runtime torch
+    assert Path(result["OUTPUT"]).is_file()
+    assert f"default model: menet_coasts_v2.pt installed in {profile_store} (the only form there)" in \
+        feedback.text()
+    assert any(level == "warning" and "UNTRAINED" in text for level, text in feedback.lines)  # ours, not the plugin's
+
+
+def test_a_failed_job_and_the_probe_leave_no_unclosed_file(processing, tmp_path):
+    from menet_qgis.processing import worker_client
+    worker_client._GOOD_PYTHONS.clear()
+    with NoResourceWarnings():
+        assert worker_client.probe(str(ENGINE_PYTHON)) is None
+        with pytest.raises(QgsProcessingException, match="not found"):
+            worker_client.run_job("extract", {"input": str(tmp_path / "missing.tif"),
+                                              "output": str(tmp_path / "p.tif")}, RecordingFeedback())

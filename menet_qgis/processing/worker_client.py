@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from qgis.core import QgsProcessingException, QgsProcessingFeedback, QgsSettings
 
-from ..user_paths import managed_env_dir, managed_python
+from ..user_paths import engine_environment, managed_env_dir, managed_python
 
 #: The menet_qgis package, resolved (in a checkout's build/plugins, the checkout's).
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -74,11 +74,12 @@ def install_hint() -> str:
 
 def worker_env(python: str = "") -> Dict[str, str]:
     """The worker's environment.  The managed environment is isolated: QGIS's PYTHONPATH/PYTHONHOME and
-    the user's ~/.local site would shadow its pinned packages (see environment_installer)."""
+    the user's ~/.local site would shadow its pinned packages (see environment_installer).  Every worker
+    gets MENET_HOME = this profile's menet folder, so it finds the models 'Install model' put there."""
     if python and Path(python) == managed_python():
         from ..environment_installer import child_environment
-        return child_environment()
-    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        return engine_environment(child_environment())
+    return engine_environment(dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8"))
 
 
 def _popen_kwargs() -> Dict:
@@ -279,8 +280,10 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
             final, final_at = message, time.monotonic()
     _close(proc)
     returncode = proc.wait()
-    for reader in readers:
+    for reader, stream in zip(readers, (proc.stdout, proc.stderr)):
         reader.join(timeout=2)
+        if not reader.is_alive():  # closing a stream another thread still reads would block on its lock
+            stream.close()
     if final is not None and final["type"] == "result":
         if returncode != 0:
             feedback.pushWarning(f"the ME-Net engine {exit_text(returncode)} after finishing its job")
