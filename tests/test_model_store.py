@@ -264,9 +264,12 @@ def test_install_model_through_processing(menet_provider, tmp_path, monkeypatch)
     target = tmp_path / "home" / "models" / resources.DEFAULT_MODEL_NAME
     assert result["OUTPUT"] == str(target) and target.read_bytes() == GOOD
     assert resources.default_model_path() == target
+    index = (target.parent / model_store.INDEX_NAME).read_bytes()
     with pytest.raises(QgsProcessingException, match="sha256 mismatch"):
         processing.run("menet:installmodel", {"SOURCE": str(src), "SHA256": OTHER_SHA, "NAME": "second.pt"})
-    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".sha256"]
+    assert sorted(p.name for p in target.parent.iterdir()) == \
+        [model_store.INDEX_NAME, target.name, target.name + ".sha256"]
+    assert (target.parent / model_store.INDEX_NAME).read_bytes() == index
 
 
 def test_an_older_installed_default_model_is_named_when_it_runs(untrained_path, tmp_path):
@@ -287,3 +290,297 @@ def test_an_older_installed_default_model_is_named_when_it_runs(untrained_path, 
     assert f"{resources.DEFAULT_MODEL_NAME} in {home / 'models'} is not the version this plugin ships" in proc.stderr
     assert f"sha256 {old_sha[:12]}" in proc.stderr
     assert model_store.outdated_copy_note(resources.shipped_model_path()) is None   # the shipped one is current
+
+
+# --- the index and the default-model rule (issue 24) -------------------------------------------------
+BASE = model_store.DEFAULT_MODEL_BASE
+
+
+@pytest.fixture(scope="module")
+def record_only_onnx(bundle, tmp_path_factory) -> Path:
+    """A tiny ONNX file (one Identity node) carrying the engine's own record of the untrained model: what
+    the store reads, without the half-minute export of the real network."""
+    import json
+    import onnx
+    from onnx import TensorProto, helper
+    from menet_qgis.core import runtimes
+    record = runtimes.model_record(bundle, ["probability"], "0" * 64)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["probability"])], "record_only",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("probability", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    helper.set_model_props(model, {runtimes.METADATA_KEY: json.dumps(record)})
+    path = tmp_path_factory.mktemp("onnx") / "record_only.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def sha_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def blocked_env(tmp_path, *modules, **extra) -> dict:
+    """The environment of a Python in which ``modules`` (e.g. torch) fail to import: packages of those
+    names that raise ImportError, first on PYTHONPATH (works wherever the real ones are installed)."""
+    for name in modules:
+        blocker = tmp_path / "blocked" / name
+        blocker.mkdir(parents=True, exist_ok=True)
+        (blocker / "__init__.py").write_text(f"raise ImportError('{name} blocked for this test')\n")
+    path = [str(tmp_path / "blocked"), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), **extra)
+
+
+def test_the_stores_constants_are_the_engines():
+    """model_store repeats three format strings so it can read models with the standard library alone."""
+    from menet_qgis.core import checkpoint, runtimes
+    assert model_store.CHECKPOINT_FORMAT == checkpoint.FORMAT
+    assert model_store.ONNX_FORMAT == runtimes.ONNX_FORMAT
+    assert model_store.ONNX_METADATA_KEY == runtimes.METADATA_KEY
+
+
+def test_records_read_without_torch_match_what_the_engine_reads(untrained_path, record_only_onnx, bundle,
+                                                                tmp_path):
+    """The index reads a .pt's and an .onnx's record with the standard library: the same record torch
+    (core/checkpoint.py) and ONNX Runtime (runtimes.read_onnx_model) read from those files."""
+    import json
+    import subprocess
+    import sys
+    from helpers import ROOT
+    from menet_qgis.core import checkpoint, runtimes
+    by_torch = {k: v for k, v in checkpoint.read_record(untrained_path).items() if k != "state_dict"}
+    assert model_store.read_model_record(untrained_path) == json.loads(json.dumps(by_torch))
+    by_runtime = runtimes.read_onnx_model(record_only_onnx)
+    record = model_store.read_model_record(record_only_onnx)
+    assert runtimes.ch.PCABasis.from_record(record["pca"]).to_record() == by_runtime.pca.to_record()
+    assert record["recipe"] == by_runtime.recipe.record() and record["window_size"] == by_runtime.window_size
+    assert model_store.describe_record(record)["threshold"] == by_runtime.threshold == bundle.threshold
+    # ... and in a Python where torch, onnxruntime and openvino cannot be imported at all
+    code = ("import json, sys; from menet_qgis import model_store as m; "
+            "print(json.dumps([m.describe_record(m.read_model_record(p)) for p in sys.argv[1:]]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(untrained_path), str(record_only_onnx)], cwd=ROOT,
+                          env=blocked_env(tmp_path, "torch", "onnxruntime", "openvino", "numpy"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    described = json.loads(proc.stdout)
+    assert described[0] == described[1] == {"recipe": "v2 (B2, B3, B4, B8, B11)", "threshold": 0.5,
+                                             "trained": False, "architecture": "menet-resnet101 v1"}
+
+
+def test_not_a_model_is_named(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff" * 100)
+    with pytest.raises(model_store.ModelRecordError, match="junk.onnx is not an ONNX model"):
+        model_store.read_model_record(junk)
+    (tmp_path / "junk.pt").write_bytes(GOOD)
+    with pytest.raises(model_store.ModelRecordError, match="junk.pt is not a readable torch checkpoint"):
+        model_store.read_model_record(tmp_path / "junk.pt")
+
+
+def test_a_checkpoint_holding_code_is_not_unpickled(tmp_path):
+    """The torch-free reader refuses any global but those torch.save writes for tensors: nothing runs."""
+    import pickle
+    import zipfile
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"format": model_store.CHECKPOINT_FORMAT, "x": Exploit()}))
+    with pytest.raises(model_store.ModelRecordError, match="unexpected object"):
+        model_store.read_model_record(path)
+    assert not marker.exists()
+
+
+def test_index_install_list_reinstall(untrained_path, record_only_onnx, tmp_path, monkeypatch):
+    """Installing writes the model's entry; `install-model --list` shows it in a Python without torch;
+    installing the same name again replaces its entry; the index is JSON any tool can read."""
+    import json
+    import subprocess
+    import sys
+    from helpers import ROOT
+    home = tmp_path / "home"
+    monkeypatch.setenv("MENET_HOME", str(home))
+    store = home / "models"
+    first = model_store.install_model(str(untrained_path), name=f"{BASE}.pt", sha256=sha_of(untrained_path))
+    entry = json.loads((store / model_store.INDEX_NAME).read_text())["models"][f"{BASE}.pt"]
+    assert entry == first.entry
+    assert {k: entry[k] for k in ("name", "format", "version", "recipe", "threshold", "trained", "sha256",
+                                  "size", "source")} == {
+        "name": f"{BASE}.pt", "format": "pt", "version": "v2", "recipe": "v2 (B2, B3, B4, B8, B11)",
+        "threshold": 0.5, "trained": False, "sha256": sha_of(untrained_path),
+        "size": untrained_path.stat().st_size, "source": str(untrained_path)}
+    assert entry["installed_at"].endswith("+00:00") and first.sha256_from == "from the given SHA256"
+    onnx_copy = tmp_path / "dl" / f"{BASE}.onnx"
+    onnx_copy.parent.mkdir()
+    onnx_copy.write_bytes(record_only_onnx.read_bytes())
+    (tmp_path / "dl" / f"{BASE}.onnx.sha256").write_text(f"{sha_of(onnx_copy)}  {BASE}.onnx\n")
+    second = model_store.install_model(str(onnx_copy))
+    assert second.sha256_from == f"from {BASE}.onnx.sha256 beside the source"
+    proc = subprocess.run([sys.executable, "-m", "menet_qgis", "install-model", "--list"], cwd=ROOT,
+                          env=blocked_env(tmp_path, "torch"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"model store {store}: 2 models"
+    assert lines[1].startswith(f"  {BASE}.onnx  v2  recipe v2 (B2, B3, B4, B8, B11)  threshold 0.5  UNTRAINED")
+    assert lines[2].startswith(f"  {BASE}.pt  v2  recipe v2 (B2, B3, B4, B8, B11)  threshold 0.5  UNTRAINED")
+    assert f"from {untrained_path}" in lines[2]
+    assert lines[-1] == f"default model here (this Python, runtime auto): {BASE}.onnx installed in {store} " \
+                        "(the ONNX asset: PyTorch is not installed)"
+    # the same name again, other bytes: one entry, the new one
+    other = tmp_path / "other.pt"
+    other.write_bytes(GOOD)
+    model_store.install_model(str(other), name=f"{BASE}.pt", sha256=GOOD_SHA)
+    index = model_store.read_index(store)
+    assert sorted(index) == [f"{BASE}.onnx", f"{BASE}.pt"]
+    assert index[f"{BASE}.pt"]["sha256"] == GOOD_SHA and index[f"{BASE}.pt"]["recipe"] is None
+    assert "no ME-Net record could be read" in index[f"{BASE}.pt"]["record_note"]
+    assert index[f"{BASE}.onnx"] == second.entry
+
+
+def test_failed_installs_leave_the_index_byte_identical(server, untrained_path, tmp_path):
+    store = tmp_path / "models"
+    model_store.install_model(str(untrained_path), sha256=sha_of(untrained_path), models_dir=store)
+    index = (store / model_store.INDEX_NAME).read_bytes()
+    before = sorted(p.name for p in store.iterdir())
+    for source, sha in ((str(untrained_path), "0" * 64), (f"{server}/corrupt/model.pt", None),
+                        (f"{server}/truncated/model.pt", GOOD_SHA), (f"{server}/missing/model.pt", GOOD_SHA)):
+        with pytest.raises(model_store.ModelStoreError):
+            model_store.install_model(source, sha256=sha, models_dir=store, timeout=5)
+        assert (store / model_store.INDEX_NAME).read_bytes() == index
+        assert sorted(p.name for p in store.iterdir()) == before
+
+
+def test_a_model_installed_before_the_index_is_listed_and_used(tmp_path):
+    """A store from a plugin version without the index (issue 24's user): the model is still found."""
+    store = tmp_path / "models"
+    store.mkdir()
+    (store / f"{BASE}.pt").write_bytes(GOOD)
+    (store / f"{BASE}.pt.sha256").write_text(f"{GOOD_SHA}  {BASE}.pt\n")
+    [entry] = model_store.installed_models(store)
+    assert entry["sha256"] == GOOD_SHA and "not in the index" in entry["record_note"]
+    assert model_store.find_default_model(models_dir=store).path == store / f"{BASE}.pt"
+
+
+def install_both_forms(store, untrained_path, record_only_onnx):
+    model_store.install_model(str(untrained_path), name=f"{BASE}.pt", sha256=sha_of(untrained_path),
+                              models_dir=store)
+    model_store.install_model(str(record_only_onnx), name=f"{BASE}.onnx", sha256=sha_of(record_only_onnx),
+                              models_dir=store)
+
+
+RESOLVE = ("import sys; from menet_qgis import jobs\n"
+           "for runtime, device in (a.split('/') for a in sys.argv[1:]):\n"
+           "    print(jobs.resolve_model(None, runtime, device).name)")
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["with-torch", "torch-blocked"])
+def test_default_rule_picks_the_form_the_engine_runs(untrained_path, record_only_onnx, tmp_path, blocked):
+    """Both forms installed: the .onnx unless the engine runs torch (runtime torch or the CUDA device);
+    the same answers in a Python whose torch cannot be imported (no CUDA GPU here: see the next test)."""
+    import subprocess
+    import sys
+    from helpers import ROOT
+    home = tmp_path / "home"
+    install_both_forms(home / "models", untrained_path, record_only_onnx)
+    env = blocked_env(tmp_path, "torch", MENET_HOME=str(home)) if blocked else dict(os.environ, MENET_HOME=str(home))
+    cases = {"auto/auto": f"{BASE}.onnx", "auto/cpu": f"{BASE}.onnx", "onnxruntime/auto": f"{BASE}.onnx",
+             "torch/auto": f"{BASE}.pt", "auto/cuda": f"{BASE}.pt"}
+    proc = subprocess.run([sys.executable, "-c", RESOLVE, *cases], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == list(cases.values())
+    why = model_store.engine_runs_torch("auto", "auto")[1]
+    assert why == "no CUDA GPU visible to torch"  # this machine; the blocked Python says so too:
+    proc = subprocess.run([sys.executable, "-c", "from menet_qgis import model_store as m; "
+                           "print(m.find_default_model().why)"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == f"{BASE}.onnx installed in {home / 'models'} (the ONNX asset: " + \
+        ("PyTorch is not installed)" if blocked else "no CUDA GPU visible to torch)")
+
+
+def test_default_rule_on_a_cuda_gpu_takes_the_checkpoint(untrained_path, record_only_onnx, tmp_path, monkeypatch):
+    """Where torch sees a CUDA GPU the .pt runs there (bf16 autocast); the ONNX runners are CPU-only.
+    This machine has no GPU, so torch's answer is replaced: what is tested is the rule's branch."""
+    from menet_qgis.core import runtimes
+    store = tmp_path / "models"
+    install_both_forms(store, untrained_path, record_only_onnx)
+    monkeypatch.setattr(runtimes, "torch_sees_cuda", lambda: True)
+    found = model_store.find_default_model(models_dir=store)
+    assert found.path == store / f"{BASE}.pt"
+    assert found.why == f"{BASE}.pt installed in {store} (the PyTorch checkpoint: torch sees a CUDA GPU)"
+    assert model_store.find_default_model("auto", "cpu", models_dir=store).path == store / f"{BASE}.onnx"
+
+
+def test_installed_copies_come_before_the_plugins_and_a_form_that_runs_before_either(untrained_path,
+                                                                                      record_only_onnx, tmp_path):
+    shipped = resources.shipped_model_path(f"{BASE}.pt")
+    assert shipped.is_file(), "the source checkout keeps resources/models/menet_coasts_v2.pt"
+    store = tmp_path / "models"
+    assert model_store.find_default_model(models_dir=store).path == shipped
+    model_store.install_model(str(untrained_path), name=f"{BASE}.pt", sha256=sha_of(untrained_path),
+                              models_dir=store)
+    assert model_store.find_default_model(models_dir=store).path == store / f"{BASE}.pt"
+    model_store.install_model(str(record_only_onnx), name=f"{BASE}.onnx", sha256=sha_of(record_only_onnx),
+                              models_dir=store)
+    assert model_store.find_default_model("torch", models_dir=store).path == store / f"{BASE}.pt"
+    assert model_store.find_default_model("auto", "cpu", models_dir=store).path == store / f"{BASE}.onnx"
+
+
+def test_no_default_model_says_install_it(tmp_path, monkeypatch):
+    """Nothing in the store nor in the plugin (the lean ZIP): the error says how to install the asset."""
+    import subprocess
+    import sys
+    from helpers import ROOT
+    monkeypatch.setenv("MENET_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(resources, "resources_dir", lambda: tmp_path / "plugin_resources")
+    from menet_qgis import jobs
+    with pytest.raises(ValueError) as err:
+        jobs.resolve_model(None)
+    text = str(err.value)
+    assert text == (f"no model given and no default model installed (looked for {BASE}.onnx and .pt in "
+                    f"{tmp_path / 'home' / 'models'} and {tmp_path / 'plugin_resources' / 'models'}): install it "
+                    f"with the 'Install model' algorithm (menet:installmodel) or `python -m menet_qgis "
+                    f"install-model dist/{BASE}.onnx`, or give a model")
+    assert "train" not in text.lower()
+    # the CLI says it in one line, before reading any input
+    proc = subprocess.run([sys.executable, "-c", "import sys; from menet_qgis import cli, resources; "
+                           f"resources.resources_dir = lambda: __import__('pathlib').Path({str(tmp_path)!r}); "
+                           "sys.exit(cli.main(sys.argv[1:]))", "predict", __file__, "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=dict(os.environ, MENET_HOME=str(tmp_path / "home")), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("menet_qgis: error: no model given and no default "
+                                                           "model installed")
+    assert "install-model dist/menet_coasts_v2.onnx" in proc.stderr
+
+
+def test_install_model_source_takes_a_file_or_a_url(menet_provider, server, tmp_path, monkeypatch):
+    """SOURCE is a file parameter with a model filter (the dialog's picker) that still accepts a typed URL;
+    the log says where the expected hash came from and ends with the store's index."""
+    import processing
+    from qgis.core import QgsApplication, QgsProcessingContext
+    from test_worker import RecordingFeedback
+    monkeypatch.setenv("MENET_HOME", str(tmp_path / "home"))
+    alg = QgsApplication.processingRegistry().algorithmById("menet:installmodel")
+    source = alg.parameterDefinition("SOURCE")
+    assert source.type() == "file" and source.fileFilter().startswith("ME-Net models (*.onnx *.pt)")
+    for value in (f"{server}/good/model.pt", "https://example.org/download?id=3", "/data/menet_coasts_v2.onnx"):
+        assert source.checkValueIsAcceptable(value), value
+    feedback = RecordingFeedback()
+    result = processing.run("menet:installmodel", {"SOURCE": f"{server}/good/model.pt"}, feedback=feedback)
+    assert Path(result["OUTPUT"]).read_bytes() == GOOD
+    log = feedback.text()
+    assert f"sha256 {GOOD_SHA} matches, from model.pt.sha256 beside the source ({server}/good/model.pt.sha256)" in log
+    store = tmp_path / "home" / "models"
+    assert f"model store {store}: 1 model" in log and f"from {server}/good/model.pt" in log
+    feedback = RecordingFeedback()
+    processing.run("menet:installmodel", {"SOURCE": f"{server}/good/model.pt", "SHA256": GOOD_SHA,
+                                          "NAME": "copy.pt"}, feedback=feedback)
+    assert f"matches, from the given SHA256" in feedback.text()
+    assert f"model store {store}: 2 models" in feedback.text()
+    context = QgsProcessingContext()
+    ok, _ = alg.checkParameterValues({"SOURCE": f"{server}/no-suffix"}, context)
+    assert ok

@@ -1,19 +1,24 @@
 """Processing algorithm "Install model", id ``menet:installmodel``.
 
 Downloads (or copies) a model, verifies its sha256 and stores it in the user's
-model folder; the installed ``menet_coasts_v2.pt`` becomes MODEL's default.
+model store (the profile's, which the engine is pointed at); the installed
+``menet_coasts_v2.onnx`` (or ``.pt``) becomes MODEL's default.
 """
 from __future__ import annotations
 
-from qgis.core import QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterString
+from qgis.core import (QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterFile,
+                       QgsProcessingParameterString)
 
 from .. import model_store, user_paths
-from ..resources import DEFAULT_MODEL_NAME
+from ..resources import DEFAULT_ASSET_NAME, DEFAULT_CHECKPOINT_NAME
 from .common import MENetAlgorithm
 from .install_dependencies import FeedbackReporter
 
 #: Processing › Options › Providers › ME-Net: where 'Install model' downloads from by default.
 MODEL_URL_SETTING = "MENET_MODEL_URL"
+#: SOURCE's file picker shows models first; "All files (*)" also makes the parameter accept any text, so a
+#: typed URL passes QGIS's check (a filter with extensions alone refuses values without one, e.g. '...?id=3').
+SOURCE_FILTER = "ME-Net models (*.onnx *.pt);;All files (*)"
 
 
 def register_settings(provider_name: str) -> None:
@@ -57,31 +62,38 @@ class InstallModelAlgorithm(MENetAlgorithm):
 
     def shortHelpString(self):  # noqa: N802
         return (
-            "<p>Installs an ME-Net model into your model folder "
-            f"(<i>{user_paths.installed_models_dir()}</i>). Installed as <i>{DEFAULT_MODEL_NAME}</i>, it is "
-            "the model 'Extract mangroves' uses when MODEL is empty.</p>"
-            "<p><b>Source</b>: an http(s) URL or a model file (e.g. <i>menet_coasts_v2.pt</i> next to the plugin "
-            "ZIP). Empty = the download location set in Processing › Options › Providers › ME-Net. "
-            "<b>The project has no public model release yet</b>, so that location is empty until you set it.</p>"
+            "<p>Installs an ME-Net model into your model store "
+            f"(<i>{user_paths.installed_models_dir()}</i>), where every ME-Net algorithm looks for the default "
+            f"model. Installed as <i>{DEFAULT_ASSET_NAME}</i> (runs with ONNX Runtime or OpenVINO, no PyTorch "
+            f"needed) or <i>{DEFAULT_CHECKPOINT_NAME}</i> (PyTorch: training, fine-tuning, a CUDA GPU), it is "
+            "the model 'Extract mangroves' uses when MODEL is empty: the .onnx, unless the engine runs PyTorch "
+            "on a CUDA GPU and the .pt is installed.</p>"
+            f"<p><b>Source</b>: a model file (pick it, e.g. <i>{DEFAULT_ASSET_NAME}</i> next to the plugin ZIP) "
+            "or type an http(s) URL. Empty = the download location set in Processing › Options › Providers › "
+            "ME-Net. <b>The project has no public model release yet</b>, so that location is empty until you "
+            "set it.</p>"
             "<p><b>SHA256</b>: the expected checksum; empty = read from <i>&lt;source&gt;.sha256</i> beside it "
-            "(or the checksum the plugin knows for its default model). A file that does not match is not "
-            "installed; a download that breaks off leaves nothing behind, and a model installed before stays "
-            "as it was.</p>")
+            "(or the checksum the plugin ships for its default model); the log says which. A file that does "
+            "not match is not installed; a download that breaks off leaves nothing behind, and a model "
+            "installed before stays as it was.</p>"
+            "<p>The log ends with the store's index: every installed model with its version, channel recipe, "
+            "threshold, size, sha256 and source.</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        source = QgsProcessingParameterString(self.SOURCE, "Source: URL or model file",
-                                              defaultValue=configured_model_url(), optional=True)
-        source.setHelp("An http(s) URL or a local .pt file; empty = the configured download location")
+        source = QgsProcessingParameterFile(self.SOURCE, "Source: model file or URL", fileFilter=SOURCE_FILTER,
+                                            defaultValue=configured_model_url() or None, optional=True)
+        source.setHelp("A model file (.onnx or .pt), or an http(s) URL typed in; empty = the configured "
+                       "download location")
         sha256 = QgsProcessingParameterString(self.SHA256, "SHA256", optional=True)
         sha256.setHelp("Expected checksum; empty = read from <source>.sha256 beside it")
         name = QgsProcessingParameterString(self.NAME, "Install as", optional=True)
-        name.setHelp(f"File name in the models folder; empty = the source's file name, e.g. {DEFAULT_MODEL_NAME}")
+        name.setHelp(f"File name in the model store; empty = the source's file name, e.g. {DEFAULT_ASSET_NAME}")
         for param in (source, sha256, name):
             self.addParameter(param)
         self.addOutput(QgsProcessingOutputFile(self.OUTPUT, "Installed model"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        source = self.parameterAsString(parameters, self.SOURCE, context).strip() or configured_model_url()
+        source = self.parameterAsFile(parameters, self.SOURCE, context).strip() or configured_model_url()
         sha256 = self.parameterAsString(parameters, self.SHA256, context).strip() or None
         name = self.parameterAsString(parameters, self.NAME, context).strip() or None
         try:
@@ -89,4 +101,6 @@ class InstallModelAlgorithm(MENetAlgorithm):
                                                   reporter=FeedbackReporter(feedback))
         except model_store.ModelStoreError as exc:
             raise QgsProcessingException(str(exc)) from None
+        for line in model_store.listing_lines(installed.path.parent):
+            feedback.pushInfo(line)
         return {self.OUTPUT: str(installed.path)}
