@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 from qgis.core import QgsProcessingException, QgsProcessingFeedback
 
@@ -351,3 +352,75 @@ def test_a_failed_job_and_the_probe_leave_no_unclosed_file(processing, tmp_path)
         with pytest.raises(QgsProcessingException, match="not found"):
             worker_client.run_job("extract", {"input": str(tmp_path / "missing.tif"),
                                               "output": str(tmp_path / "p.tif")}, RecordingFeedback())
+
+
+MODEL3 = ROOT / "resources" / "models" / "mangrove_mask.model3"
+
+
+def test_example_model_takes_onnx_and_pt(qgis_app):
+    """The example graphical model's MODEL accepts both forms (it refused .onnx with QGIS's generic
+    'Wrong or missing parameter value'), and stays optional (empty = the default model)."""
+    from qgis.core import QgsProcessingModelAlgorithm
+    model = QgsProcessingModelAlgorithm()
+    assert model.fromFile(str(MODEL3))
+    param = model.parameterDefinition("model")
+    assert param.fileFilter().startswith("ME-Net models (*.onnx *.pt)") and param.extension() == ""
+    for value in ("/data/menet_coasts_v2.onnx", "/data/menet_coasts_v2.pt", None, ""):
+        assert param.checkValueIsAcceptable(value), value
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A loopback HTTP server for the files in tmp_path/served."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    folder = tmp_path / "served"
+    folder.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_qgis_process_installs_the_asset_and_the_example_model_maps_with_it(qgis_env, bundle, served, tmp_path):
+    """The headless path of issue 24 with a fresh profile and no MENET_HOME: qgis_process installs the .onnx
+    from a URL (SOURCE=...), and the example graphical model with model empty maps with it — the engine
+    process found it in the profile's store."""
+    import hashlib
+    from helpers import qgis_process
+    from menet_qgis.core.onnx_export import ensure_onnx
+    folder, url = served
+    exported = Path(ensure_onnx(bundle, "probability").path)  # cached beside the session's checkpoint
+    asset = folder / "menet_coasts_v2.onnx"
+    asset.symlink_to(exported)
+    (folder / "menet_coasts_v2.onnx.sha256").write_text(
+        f"{hashlib.sha256(exported.read_bytes()).hexdigest()}  menet_coasts_v2.onnx\n")
+    profile = tmp_path / "profile"
+    env = {k: v for k, v in qgis_env.items() if k != "MENET_HOME"}
+    env.update(XDG_DATA_HOME=str(profile), QGIS_CUSTOM_CONFIG_PATH=str(profile), QGIS_OPTIONS_PATH=str(profile))
+    enabled = qgis_process(["plugins", "enable", "menet_qgis"], env)
+    assert enabled.returncode == 0, enabled.stdout + enabled.stderr
+    store = profile / "profiles" / "default" / "menet_qgis" / "models"
+
+    installed = qgis_process(["run", "menet:installmodel", "--", f"SOURCE={url}/menet_coasts_v2.onnx"], env)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    assert (store / "menet_coasts_v2.onnx").read_bytes() == exported.read_bytes()
+    assert "matches, from menet_coasts_v2.onnx.sha256 beside the source" in installed.stdout
+    assert f"model store {store}: 1 model" in installed.stdout
+
+    src = write_s2(tmp_path / "in.tif", 64, 80)
+    out = tmp_path / "mask.tif"
+    proc = qgis_process(["--json", "run", str(MODEL3), "--", f"input={src}", f"mask:mangrove_mask={out}"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout
+    assert f"default model: menet_coasts_v2.onnx installed in {store} (the ONNX asset" in log
+    from helpers import read
+    mask = read(out)[0]
+    assert mask.shape == (64, 80) and set(np.unique(mask)) <= {0, 1}
