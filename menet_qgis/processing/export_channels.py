@@ -40,7 +40,8 @@ class ExportChannelsAlgorithm(MENetAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Sentinel-2 raster"))
-        model = QgsProcessingParameterFile(self.MODEL, "Model checkpoint", extension="pt", optional=True)
+        model = QgsProcessingParameterFile(self.MODEL, "Model", fileFilter="ME-Net models (*.onnx *.pt)",
+                                           optional=True)
         model.setHelp("Its PCA basis gives pc1; empty = the default model")
         self.addParameter(model)
         for param in band_parameters(self.INPUT):
