@@ -186,6 +186,20 @@ def test_batch_rows_each_keep_their_own_stage_group(processing, untrained_path, 
     assert root.children()[0].name() == "added next", tree_rows(root)
 
 
+def test_nothing_loads_when_the_user_does_not_load_results(processing, untrained_path, tmp_path,
+                                                         desktop_selects_added_layers):
+    """The batch dialog's "Load layers on completion" off (or "Open output file after running"): the
+    probability is not loaded, and its stage layers are not loaded on their own either."""
+    project = QgsProject.instance()
+    project.clear()
+    scene = QgsRasterLayer(str(write_s2(tmp_path / "scene.tif", 64, 64)), "scene")
+    project.addMapLayer(scene)
+    run_and_load(ALG, {"INPUT": scene.id(), "MODEL": str(untrained_path), "STAGES": [5], **FAST,
+                       "OUTPUT": QgsProcessingOutputLayerDefinition(str(tmp_path / "p.tif"), None)})
+    assert (tmp_path / "p_stage5.tif").is_file()
+    assert tree_rows(project.layerTreeRoot()) == [(0, "scene", "scene.tif")]
+
+
 @pytest.mark.parametrize("make_input, params, message", [
     (lambda d: write_raster(d / "rgb.tif", np.ones((3, 20, 20), "float32"), ["Red", "Green", "Blue"]), {},
      "cannot identify Sentinel-2 bands"),

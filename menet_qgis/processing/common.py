@@ -233,20 +233,24 @@ class ResultLayerPlacer(QgsProcessingLayerPostProcessorInterface):
 
 def load_results(context: QgsProcessingContext, probability: str, stages: Dict[str, str],
                  input_layer: QgsMapLayer, input_source: str) -> None:
-    """Name, style and place the probability layer (when the user asked to load it) and load the
-    stage layers — explicitly as rasters, so QGIS does not try OGR on them first."""
+    """Name, style and place the probability layer and load the stage layers with it — explicitly as
+    rasters, so QGIS does not try OGR on them first — when the run loads its result (the dialog's
+    "Open output file after running", the batch dialog's "Load layers on completion"); without the
+    probability the stage layers are not loaded either."""
+    if not context.willLoadLayerOnCompletion(probability):
+        return
     layout = ResultLayout(f"ME-Net stages — {input_layer.name()}", list(stages), input_layer.id(), input_source)
-    if context.willLoadLayerOnCompletion(probability):
-        details = context.layerToLoadOnCompletionDetails(probability)
-        details.name = f"{input_layer.name()} mangrove probability"
-        details.forceName = True
-        details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
-        placer = ResultLayerPlacer(layout, "probability")
-        KEEP_ALIVE.append(placer)
-        details.setPostProcessor(placer)
-        _sort_key(details, 0)
+    details = context.layerToLoadOnCompletionDetails(probability)
+    details.name = f"{input_layer.name()} mangrove probability"
+    details.forceName = True
+    details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
+    placer = ResultLayerPlacer(layout, "probability")
+    KEEP_ALIVE.append(placer)
+    details.setPostProcessor(placer)
+    _sort_key(details, 0)
+    project = details.project  # where the user asked the probability to go: the stages go there too
     for order, (name, path) in enumerate(stages.items(), 1):
-        details = QgsProcessingContext.LayerDetails(f"{input_layer.name()} {name}", context.project(), name)
+        details = QgsProcessingContext.LayerDetails(f"{input_layer.name()} {name}", project, name)
         details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
         details.forceName = True
         placer = ResultLayerPlacer(layout, name)

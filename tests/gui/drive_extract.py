@@ -322,7 +322,8 @@ def open_batch():
         for name, value in values.items():
             panel.wrappers[row][panel.parameter_to_column[name]].setParameterValue(value, context)
         panel.tblParameters.cellWidget(row + 1, panel.parameter_to_column["OUTPUT"]).setValue(spec["output"])
-    RESULT["batch_loads_layers"] = panel.checkLoadLayersOnCompletion.isChecked()
+    RESULT["batch_loads_layers_by_default"] = panel.checkLoadLayersOnCompletion.isChecked()
+    panel.checkLoadLayersOnCompletion.setChecked(True)  # "Load layers on completion": the maps, please
     RESULT["batch_rows"] = [{k: str(v) for k, v in panel.parametersForRow(row, warnOnInvalid=False)[0].items()}
                             for row in range(panel.batchRowCount())]
     step(f"batch dialog: {len(rows)} rows")
