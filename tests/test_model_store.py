@@ -584,3 +584,31 @@ def test_install_model_source_takes_a_file_or_a_url(menet_provider, server, tmp_
     context = QgsProcessingContext()
     ok, _ = alg.checkParameterValues({"SOURCE": f"{server}/no-suffix"}, context)
     assert ok
+
+
+def test_export_channels_reads_either_form_and_defaults_to_the_onnx(untrained_path, record_only_onnx, tmp_path,
+                                                                    monkeypatch):
+    """Export channels needs only the model's PCA and recipe: with MODEL empty it takes the .onnx (no
+    torch needed), and both forms of one model give the same channels."""
+    from helpers import read, write_s2
+    from menet_qgis import jobs
+    from menet_qgis.core.engine import Reporter
+
+    class Lines(Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+    home = tmp_path / "home"
+    monkeypatch.setenv("MENET_HOME", str(home))
+    install_both_forms(home / "models", untrained_path, record_only_onnx)
+    src = write_s2(tmp_path / "in.tif", 40, 30)
+    reporter = Lines()
+    jobs.export_channels({"input": str(src), "output": str(tmp_path / "from_onnx.tif")}, reporter)
+    assert reporter.lines[0] == f"default model: {BASE}.onnx installed in {home / 'models'} (the ONNX asset: " \
+                                "the CPU was asked for)"
+    jobs.export_channels({"input": str(src), "output": str(tmp_path / "from_pt.tif"),
+                          "model": str(untrained_path)}, Lines())
+    assert read(tmp_path / "from_onnx.tif").shape[0] == 11
+    assert (read(tmp_path / "from_onnx.tif") == read(tmp_path / "from_pt.tif")).all()
