@@ -612,3 +612,48 @@ def test_export_channels_reads_either_form_and_defaults_to_the_onnx(untrained_pa
                           "model": str(untrained_path)}, Lines())
     assert read(tmp_path / "from_onnx.tif").shape[0] == 11
     assert (read(tmp_path / "from_onnx.tif") == read(tmp_path / "from_pt.tif")).all()
+
+
+def test_install_model_dialog_has_a_picker_and_takes_a_typed_url(tmp_path):
+    """QGIS's own Processing dialog (a fresh GUI QgsApplication: the suite's has no GUI): SOURCE is a file
+    widget filtered to models, with its browse button, and a URL typed into it reaches the algorithm."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+    from helpers import ROOT
+    url = "http://127.0.0.1:8765/download?id=3"
+    script = tmp_path / "dialog.py"
+    script.write_text(textwrap.dedent(f"""\
+        import json, sys
+        from qgis.core import QgsApplication, QgsProcessingContext
+        app = QgsApplication([], True)
+        app.initQgis()
+        sys.path.append("/usr/share/qgis/python/plugins")
+        from processing.core.Processing import Processing
+        Processing.initialize()
+        sys.path.insert(0, {str(ROOT)!r})
+        from menet_qgis.plugin import MENetPlugin
+        plugin = MENetPlugin(None)
+        plugin.initProcessing()
+        from processing.gui.AlgorithmDialog import AlgorithmDialog
+        from qgis.gui import QgsFileWidget
+        from qgis.PyQt.QtTest import QTest
+        from qgis.PyQt.QtWidgets import QLineEdit, QToolButton
+        dialog = AlgorithmDialog(QgsApplication.processingRegistry().createAlgorithmById("menet:installmodel"))
+        dialog.show()
+        [picker] = dialog.findChildren(QgsFileWidget)
+        QTest.keyClicks(picker.findChild(QLineEdit), {url!r})
+        typed = dialog.createProcessingParameters()
+        ok, _ = dialog.algorithm().checkParameterValues(typed, QgsProcessingContext())
+        print(json.dumps({{"filter": picker.filter(), "buttons": [b.text() for b in picker.findChildren(QToolButton)],
+                          "source": typed["SOURCE"], "accepted": ok}}))
+        dialog.close()
+        """))
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_DATA_HOME=str(tmp_path / "profile"),
+               QGIS_CUSTOM_CONFIG_PATH=str(tmp_path / "profile"))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "…" in report.pop("buttons")  # the browse button
+    assert report == {"filter": "ME-Net models (*.onnx *.pt);;All files (*)", "source": url, "accepted": True}
