@@ -32,7 +32,7 @@ faulthandler.enable(file=FAULT_LOG, all_threads=True)
 
 from qgis.core import Qgis, QgsApplication, QgsLayerTree, QgsProject  # noqa: E402
 from qgis.PyQt.QtCore import QTimer  # noqa: E402
-from qgis.PyQt.QtWidgets import QApplication, QMessageBox, QPushButton, QTextEdit  # noqa: E402
+from qgis.PyQt.QtWidgets import QApplication, QDockWidget, QMessageBox, QPushButton, QTextEdit  # noqa: E402
 from qgis.utils import iface  # noqa: E402
 
 RESULT = {"steps": [], "exceptions": [], "messages": [], "libraries": {}}
@@ -353,10 +353,16 @@ def batch_screenshots(dialog):
     grab(dialog, "batch_log.png")
     dialog.close()
     grab(iface.mainWindow(), "main_window_batch.png")
-    # The stage groups opened (after the tree was recorded), to show which stages each holds.
+    # After the tree was recorded: every stage group opened, legends folded and the Browser panel
+    # hidden, so the whole layer panel shows which stages each group holds.
+    for node in QgsProject.instance().layerTreeRoot().findLayers():
+        node.setExpanded(False)
     for node in QgsProject.instance().layerTreeRoot().children():
         if QgsLayerTree.isGroup(node):
             node.setExpanded(True)
+    browser = iface.mainWindow().findChild(QDockWidget, "Browser")
+    if browser is not None:
+        browser.hide()
     later(500, lambda: (grab(iface.mainWindow(), "main_window_batch_groups_open.png"), quit_qgis()))
 
 
