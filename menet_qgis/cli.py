@@ -54,6 +54,35 @@ def _int_list(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser, threads_auto: str) -> None:
+    """The engine options (``EngineOptions``) as predict and batch take them: declared once, so a
+    batch runs with the same runtimes, precisions and defaults as a single map.
+    ``threads_auto``: what --threads 0 means for this command."""
+    parser.add_argument("--stages", default="", help=f"comma-separated stages to write ({','.join(STAGE_NAMES)})")
+    parser.add_argument("--stage-mode", choices=["compact", "all"], default="compact",
+                        help="compact = mean/max/std of channels (3 bands); all = every channel")
+    parser.add_argument("--window", type=int, default=0, help="window size in px; 0 = the model's (256)")
+    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+                        help=f"overlap of neighbouring windows in px, a multiple of 32 (default {DEFAULT_OVERLAP})")
+    parser.add_argument("--batch-size", type=_non_negative, default=0, help="0 = automatic")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--runtime", choices=list(RUNTIMES), default="auto",
+                        help="auto = torch on a CUDA GPU when torch sees one, else OpenVINO if installed, "
+                             "else onnxruntime, else torch. The ONNX runtimes run on the CPU (1.3-1.7x faster "
+                             "than torch there when the CPU is quiet, more when it is busy) and export a .pt "
+                             "checkpoint once (cached by its sha256)")
+    parser.add_argument("--threads", type=_non_negative, default=0,
+                        help=f"CPU threads for the runtime (torch, onnxruntime or OpenVINO); 0 = {threads_auto}. "
+                             "On a machine shared with other heavy jobs, fewer threads can be much faster")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto = bf16 autocast on CUDA, fp32 on the CPU. bf16 on the CPU (openvino on a CPU "
+                             "with AVX512-BF16/AMX, or torch) is about 2x faster and changes the probability by "
+                             "up to ~0.02 (a few pixels in 10 000 change class at 0.5)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flips: average the model over the 8 flips/rotations of every window "
+                             "(+0.1-0.8 F1 points on the validation and held-out coasts, 8x the model's time)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m menet_qgis", description="ME-Net mangrove extraction")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,29 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default: {DEFAULT_MODEL_BASE}.onnx from the model store, or its .pt where torch runs "
                          "on a CUDA GPU; see install-model --list)")
     predict.add_argument("--out-dir", required=True, help="writes <input stem>_probability.tif here")
-    predict.add_argument("--stages", default="", help=f"comma-separated stages to write ({','.join(STAGE_NAMES)})")
-    predict.add_argument("--stage-mode", choices=["compact", "all"], default="compact",
-                         help="compact = mean/max/std of channels (3 bands); all = every channel")
-    predict.add_argument("--window", type=int, default=0, help="window size in px; 0 = the model's (256)")
-    predict.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
-                         help=f"overlap of neighbouring windows in px, a multiple of 32 (default {DEFAULT_OVERLAP})")
-    predict.add_argument("--batch-size", type=_non_negative, default=0, help="0 = automatic")
-    predict.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    predict.add_argument("--runtime", choices=list(RUNTIMES), default="auto",
-                         help="auto = torch on a CUDA GPU when torch sees one, else OpenVINO if installed, "
-                              "else onnxruntime, else torch. The ONNX runtimes run on the CPU (1.3-1.7x faster "
-                              "than torch there when the CPU is quiet, more when it is busy) and export a .pt "
-                              "checkpoint once (cached by its sha256)")
-    predict.add_argument("--threads", type=_non_negative, default=0,
-                         help="CPU threads for the runtime; 0 = every core this process may use. On a machine "
-                              "shared with other heavy jobs, fewer threads can be much faster")
-    predict.add_argument("--precision", choices=PRECISIONS, default="auto",
-                         help="auto = bf16 autocast on CUDA, fp32 on the CPU. bf16 on the CPU (openvino on a CPU "
-                              "with AVX512-BF16/AMX, or torch) is about 2x faster and changes the probability by "
-                              "up to ~0.02 (a few pixels in 10 000 change class at 0.5)")
-    predict.add_argument("--tta", action="store_true",
-                         help="test-time flips: average the model over the 8 flips/rotations of every window "
-                              "(+0.1-0.8 F1 points on the validation and held-out coasts, 8x the model's time)")
+    add_engine_arguments(predict, "every core this process may use")
     predict.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12, e.g. 1,2,3,4,5,6")
     predict.add_argument("--dn-offset", type=float, help="DN offset when product metadata has none (-1000 for baseline 04.00+)")
     predict.add_argument("--quiet", action="store_true")
@@ -146,25 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "name,bands,dn_offset]) or STAC JSON (ItemCollection, Item, static catalog)")
     batch.add_argument("--out-dir", required=True, help="writes <scene>_probability.tif (COG), batch_summary.csv "
                        "and batch_manifest.json here")
-    batch.add_argument("--model", help=f"checkpoint (default: {default_model_path().name} shipped with the plugin)")
+    batch.add_argument("--model", help="exported model (.onnx; runs without torch) or checkpoint (.pt) (default: "
+                       "the default model, found as predict and Extract find it)")
     batch.add_argument("--workers", type=_non_negative, default=0, help="worker processes of the embedded cluster; "
                        "0 = automatic")
     batch.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead")
     batch.add_argument("--retries", type=_non_negative, default=2, help="further attempts for a failed scene")
     batch.add_argument("--resources", default="", help="Dask resources per scene, e.g. GPU=1 (workers started "
                        "with --resources GPU=1)")
-    batch.add_argument("--stages", default="", help=f"comma-separated stage layers ({','.join(STAGE_NAMES)})")
-    batch.add_argument("--stage-mode", choices=["compact", "all"], default="compact")
-    batch.add_argument("--window", type=int, default=0, help="window size in px; 0 = the model's (256)")
-    batch.add_argument("--overlap", type=int, default=64)
-    batch.add_argument("--batch-size", type=_non_negative, default=0, help="0 = automatic")
-    batch.add_argument("--threads", type=_non_negative, default=0, help="torch CPU threads per worker; "
-                       "0 = the worker's share of its host's cores")
-    batch.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    add_engine_arguments(batch, "each worker's share of its host's cores")
     batch.add_argument("--bands", type=_int_list, help="band numbers of B2,B3,B4,B8,B11,B12 for scenes that "
                        "do not name their bands")
     batch.add_argument("--dn-offset", type=float, help="DN offset when the product metadata has none")
-    batch.add_argument("--tta", action="store_true", help="test-time flips (8x the model's time; see predict --tta)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     assess = sub.add_parser("assess", help="accuracy of a map against a reference, next to MVI and random forest")
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--table", help="write a CSV table here")
 
     deps = sub.add_parser("install-deps", help="create/update the managed Python environment the worker runs in")
-    deps.add_argument("--variant", choices=["cpu-light", "cpu", "cuda"], default="cpu",
+    deps.add_argument("--variant", choices=["cpu-light", "cpu", "cuda"], default="cpu-light",
                       help="cpu-light = mapping through ONNX Runtime; cpu / cuda = + PyTorch (menet_qgis/requirements/)")
     deps.add_argument("--wheel-folder", help="install offline from this folder of wheels (pip --no-index --find-links)")
     deps.add_argument("--index-url", help="package index to use instead of PyPI (a mirror)")
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     deps.add_argument("--python", help="Python to create the environment from (default: found automatically)")
     deps.add_argument("--system-site-packages", action="store_true",
                       help="let the environment see the system's packages (e.g. Debian's rasterio/GDAL)")
-    deps.add_argument("--fresh", action="store_true", help="delete the environment first")
+    deps.add_argument("--fresh", action="store_true", help="build a new environment even when the installed one "
+                      "is up to date (the installed one stays in use until the new one has passed its check)")
 
     model = sub.add_parser("install-model", help="download or copy a model, verify its sha256, store it in the "
                            "model store (MENET_HOME/models); --list shows the store")
@@ -273,22 +274,21 @@ def cmd_export(args) -> int:
 
 def cmd_batch(args) -> int:
     from .batch import BatchOptions, run_batch
-    from . import jobs
-    model_path = jobs.resolve_model(args.model, device=args.device)
     try:
         resources = {k.strip(): float(v) for k, v in (p.split("=") for p in args.resources.split(",") if p)}
     except ValueError:
         raise ValueError(f"--resources must look like GPU=1, got {args.resources!r}") from None
     engine_options = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
                       "device": args.device, "stages": [s for s in args.stages.split(",") if s],
-                      "stage_mode": args.stage_mode, "threads": args.threads}
+                      "stage_mode": args.stage_mode, "threads": args.threads, "runtime": args.runtime,
+                      "precision": args.precision}
     if args.tta:  # only when asked: maps made before the option existed keep their result keys
         engine_options["tta"] = True
     options = BatchOptions(workers=args.workers, scheduler=args.scheduler, retries=args.retries, resources=resources,
                            engine_options=engine_options, band_numbers=args.bands, dn_offset=args.dn_offset,
                            progress=not args.no_progress)
     try:
-        manifest = run_batch(args.inputs, args.out_dir, model_path, options)
+        manifest = run_batch(args.inputs, args.out_dir, args.model, options)
     except KeyboardInterrupt:
         counts = _batch_counts(Path(args.out_dir))
         print(f"menet_qgis: cancelled ({counts}); finished outputs are kept, no partial files: "

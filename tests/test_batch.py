@@ -1,9 +1,11 @@
 """Batch mapping on Dask distributed: a LocalCluster over real scene crops with different band
 namings, a DN-scaled scene and a STAC item; resume, a worker killed mid-scene, a corrupt scene,
-Ctrl-C and re-run.  Two worker processes × one thread, 128² windows: the whole file stays small."""
+Ctrl-C and re-run; an .onnx model with no torch anywhere, mapping as Extract does.  Two worker
+processes × one thread, 128² windows: the whole file stays small."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.skipif(not SCENE.is_file(), reason=f"real Sentinel-2 sc
 
 WINDOW, OVERLAP = 128, 32
 OPTIONS = ["--window", WINDOW, "--overlap", OVERLAP, "--batch-size", 4]
+CLI_ENGINE = {"window": WINDOW, "overlap": OVERLAP, "batch_size": 4}  # what OPTIONS ask of the engine
 ENGINE = {"window": WINDOW, "overlap": OVERLAP, "batch_size": 4, "device": "cpu", "stages": [], "stage_mode": "compact",
           "threads": 0}
 H, W = 256, 384
@@ -177,27 +180,50 @@ def test_local_cluster_maps_every_scene(clean_run, inputs, untrained_path):
     assert not partial_files(out)
 
 
-def map_in_process(bundle, src, out, **options):
-    """engine.extract in this process with the batch's engine options, on one torch thread as a batch
-    worker here runs (the suite's own thread count is restored afterwards)."""
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+    def warn(self, message):
+        self.lines.append("WARNING: " + message)
+
+    def progress(self, percent):
+        pass
+
+    def cancelled(self):
+        return False
+
+
+def extract_in_process(model, src, out, **options):
+    """What Extract runs (jobs.extract) in this process with these engine options (the rest default),
+    on one thread as a batch worker here runs (the suite's torch thread count is restored afterwards)."""
     import torch
-    from menet_qgis.core import engine, raster_io
+    from menet_qgis import jobs
     threads = torch.get_num_threads()
+    log = Log()
     try:
-        engine.extract(bundle, raster_io.RasterInput(src), out, engine.EngineOptions(**dict(ENGINE, threads=1, **options)))
+        result = jobs.extract({"input": str(src), "output": str(out), "model": str(model),
+                               "options": dict(threads=1, **options)}, log)
     finally:
         torch.set_num_threads(threads)
+    return result, log.lines
 
 
-def test_batch_output_is_the_engine_output(clean_run, inputs, bundle, tmp_path):
-    """Same engine: a scene mapped in-process by engine.extract equals the batch's COG, pixel for pixel."""
-    out, _ = clean_run
-    map_in_process(bundle, inputs["folder"] / "south.tif", tmp_path / "solo.tif")
-    np.testing.assert_array_equal(read(tmp_path / "solo.tif"), read(out / "south_probability.tif"))
+def test_batch_output_is_the_extract_output(clean_run, inputs, untrained_path, tmp_path):
+    """One front door: a scene mapped in-process by jobs.extract (what Extract and predict run), with the
+    same model and options, equals the batch's COG, and both say the same runtime and precision."""
+    out, proc = clean_run
+    _, lines = extract_in_process(untrained_path, inputs["folder"] / "south.tif", tmp_path / "solo.tif", **CLI_ENGINE)
+    np.testing.assert_allclose(read(tmp_path / "solo.tif"), read(out / "south_probability.tif"), rtol=0, atol=1e-5)
+    choice = [line for line in lines if line.startswith(("runtime:", "precision"))]
+    assert len(choice) == 2 and all(line in proc.stderr for line in choice), (choice, proc.stderr[-3000:])
 
 
-def test_tta_gives_the_engines_flip_averaged_map_and_is_a_result_parameter(clean_run, inputs, bundle,
-                                                                             untrained_path, tmp_path):
+def test_tta_gives_the_engines_flip_averaged_map_and_is_a_result_parameter(clean_run, inputs, untrained_path,
+                                                                             tmp_path):
     from menet_qgis.batch.runner import BatchOptions, prepare_run
     out, _ = clean_run
     _, todo, _, _ = prepare_run([str(inputs["manifest"])], out, untrained_path,
@@ -206,9 +232,72 @@ def test_tta_gives_the_engines_flip_averaged_map_and_is_a_result_parameter(clean
     proc = cli("batch", inputs["folder"] / "south.tif", "--out-dir", tmp_path / "flips", "--model",
                untrained_path, "--workers", 1, "--threads", 1, "--tta", *OPTIONS)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    map_in_process(bundle, inputs["folder"] / "south.tif", tmp_path / "solo.tif", tta=True)
-    np.testing.assert_array_equal(read(tmp_path / "solo.tif"), read(tmp_path / "flips" / "south_probability.tif"))
+    extract_in_process(untrained_path, inputs["folder"] / "south.tif", tmp_path / "solo.tif", tta=True, **CLI_ENGINE)
+    np.testing.assert_allclose(read(tmp_path / "solo.tif"), read(tmp_path / "flips" / "south_probability.tif"),
+                               rtol=0, atol=1e-5)
     assert not np.array_equal(read(tmp_path / "solo.tif"), read(out / "south_probability.tif"), equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def no_torch_env(tmp_path_factory):
+    """Environment in which no process (client or Dask worker: they are spawned, so a flag set in the
+    client would not reach them) can import torch: a package named torch that refuses, first on the path."""
+    blocker = tmp_path_factory.mktemp("no_torch") / "torch"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('torch blocked for this test')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")]))
+
+
+def test_batch_maps_an_onnx_model_without_torch_as_extract_does(inputs, bundle, untrained_path, no_torch_env,
+                                                                 tmp_path):
+    """Same model loading, runtime and precision choice as Extract: with torch impossible to import, a
+    batch maps with an .onnx model (runtime and precision chosen and logged with the reason) and with a
+    .pt whose ONNX export is cached; the maps are Extract's, with Extract's default overlap; a .pt never
+    exported is refused in one line before any cluster starts."""
+    from menet_qgis.cli import build_parser
+    from menet_qgis.core import engine
+    from menet_qgis.core.choices import DEFAULT_OVERLAP
+    from menet_qgis.core.onnx_export import ensure_onnx
+    defaults = {name: build_parser().parse_args([name, "in.tif", "--out-dir", "out"]).overlap
+                for name in ("predict", "batch")}
+    assert defaults == {"predict": DEFAULT_OVERLAP, "batch": DEFAULT_OVERLAP} and \
+        engine.EngineOptions().overlap == DEFAULT_OVERLAP
+    lone = tmp_path / "model" / "model.onnx"  # an .onnx alone, no checkpoint beside it
+    lone.parent.mkdir()
+    shutil.copy(ensure_onnx(bundle, "probability").path, lone)  # and the .pt's export is now cached
+    scene = inputs["folder"] / "south.tif"
+    options = ["--window", WINDOW, "--batch-size", 4, "--workers", 1, "--threads", 1, "--no-progress"]  # no --overlap
+    proc = cli("batch", scene, "--out-dir", tmp_path / "onnx", "--model", lone, *options, env=no_torch_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^runtime: (openvino|onnxruntime) \(auto: .+\)$", proc.stderr, re.M), \
+        proc.stderr[-3000:]
+    assert re.search(r"^precision (fp32|bf16): \S.+$", proc.stderr, re.M), proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "onnx" / "batch_manifest.json").read_text())
+    assert manifest["parameters"]["overlap"] == DEFAULT_OVERLAP and manifest["counts"] == {"ok": 1}
+    want, lines = extract_in_process(lone, scene, tmp_path / "extract.tif", window=WINDOW, batch_size=4)
+    assert [line for line in lines if line.startswith("precision")][0] in proc.stderr  # Extract's choice, and why
+    assert manifest["scenes"][0]["windows"] == want["windows"]
+    got = read(tmp_path / "onnx" / "south_probability.tif")
+    expected = read(want["probability"])
+    assert np.array_equal(np.isnan(got), np.isnan(expected)) and np.isfinite(expected).any()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    with rasterio.open(tmp_path / "onnx" / "south_probability.tif") as ds:
+        assert ds.tags()[engine.THRESHOLD_TAG] == f"{want['threshold']:g}"  # as Extract's map says it
+    # the checkpoint, through the export Extract cached: the same map from another runtime
+    proc = cli("batch", scene, "--out-dir", tmp_path / "pt", "--model", untrained_path, "--runtime", "onnxruntime",
+               *options, env=no_torch_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runtime: onnxruntime (asked for)" in proc.stderr
+    np.testing.assert_allclose(read(tmp_path / "pt" / "south_probability.tif"), expected, rtol=0, atol=1e-4)
+    # a checkpoint never exported cannot run without torch: one line, no cluster, nothing written
+    fresh = tmp_path / "fresh" / "fresh.pt"
+    fresh.parent.mkdir()
+    shutil.copy(untrained_path, fresh)
+    proc = cli("batch", scene, "--out-dir", tmp_path / "fresh_out", "--model", fresh, *options, env=no_torch_env)
+    assert proc.returncode == 2 and proc.stderr.startswith("menet_qgis: error:"), proc.stderr[-3000:]
+    assert proc.stderr.strip().count("\n") == 0 and "export" in proc.stderr and "Dask" not in proc.stderr
+    assert not list((tmp_path / "fresh_out").glob("*.tif"))
 
 
 def test_stac_item_becomes_a_band_vrt(clean_run, inputs):

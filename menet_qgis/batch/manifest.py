@@ -28,7 +28,9 @@ from .inputs import Scene, is_virtual
 RESULT_KEY_TAG = "MENET_RESULT_KEY"
 EDGE_BYTES = 2**20
 #: Engine options that change how fast a map is made, not the map: they do not invalidate a result.
-PERFORMANCE_OPTIONS = ("batch_size", "readers", "threads", "device")
+#: The runtime is one: torch, onnxruntime and OpenVINO give the same probability within 1e-4 in fp32
+#: (tests/test_runtimes.py).
+PERFORMANCE_OPTIONS = ("batch_size", "readers", "threads", "device", "runtime")
 SUMMARY_COLUMNS = ("scene", "status", "mangrove_ha", "threshold", "seconds", "worker", "attempts", "model_sha256",
                    "windows", "date", "region", "input", "output", "note")
 
@@ -67,9 +69,12 @@ def scene_fingerprint(scene: Scene) -> Dict:
 
 
 def result_parameters(engine_options: Dict) -> Dict:
-    """The engine options that define the map (window, overlap, stages, precision, …)."""
+    """The engine options that define the map (window, overlap, stages, precision, …).
+
+    Precision counts when it is asked for (bf16 moves probabilities by up to ~0.02); ``auto`` is
+    left out, so maps made before the option existed (all with auto) keep their result keys."""
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(engine_options.items())
-            if k not in PERFORMANCE_OPTIONS}
+            if k not in PERFORMANCE_OPTIONS and not (k == "precision" and v == "auto")}
 
 
 def result_key(fingerprint: Dict, model_sha256: str, parameters: Dict) -> str:

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import uuid
-from ..core.choices import decision_threshold
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,7 +31,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .inputs import Scene, collect_scenes
 from .manifest import (RunManifest, SceneRecord, file_sha256, is_done, result_key, result_parameters,
                        scene_fingerprint)
-from .worker import EVENT_TOPIC, Job, engine_options, model_for, output_paths, run_scene
+from .worker import ENGINE_CHOICE_PREFIXES, EVENT_TOPIC, Job, engine_options, load_model, output_paths, run_scene
 
 WORK_FOLDER = ".menet-batch"
 
@@ -43,7 +42,7 @@ class BatchOptions:
     scheduler: Optional[str] = None     # address of an existing Dask scheduler instead
     retries: int = 2                    # further attempts after a failed one (error or worker death)
     resources: Dict[str, float] = field(default_factory=dict)   # per task, e.g. {"GPU": 1}
-    engine_options: Dict = field(default_factory=dict)          # EngineOptions fields
+    engine_options: Dict = field(default_factory=dict)          # EngineOptions fields (runtime, precision, …)
     band_numbers: Optional[Sequence[int]] = None
     dn_offset: Optional[float] = None
     progress: bool = True
@@ -51,10 +50,12 @@ class BatchOptions:
 
 
 class PreloadModel(WorkerPlugin):
-    """Loads the run's model when a worker (re)starts, so no scene waits for it."""
+    """Loads the run's model (for its runtime, device and stages) when a worker (re)starts,
+    so no scene waits for it."""
 
-    def __init__(self, path: str, sha256: str, ignore_sigint: bool = False):
-        self.path, self.sha256, self.ignore_sigint = path, sha256, ignore_sigint
+    def __init__(self, path: str, sha256: str, engine_options: Dict, ignore_sigint: bool = False):
+        self.path, self.sha256, self.engine_options = path, sha256, engine_options
+        self.ignore_sigint = ignore_sigint
 
     def setup(self, worker):
         if self.ignore_sigint and threading.current_thread() is threading.main_thread():
@@ -62,7 +63,7 @@ class PreloadModel(WorkerPlugin):
             # (it cancels the run), not a signal that kills workers mid-write
             import signal
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        model_for(self.path, self.sha256)
+        load_model(self.path, self.sha256, self.engine_options)
 
 
 def default_workers(cpus: int, memory_bytes: int, cuda: bool) -> int:
@@ -70,7 +71,7 @@ def default_workers(cpus: int, memory_bytes: int, cuda: bool) -> int:
 
     One process per GPU would need per-process GPU pinning (dask-cuda does it);
     the embedded cluster uses one GPU with one worker.  On the CPU: one
-    single-threaded process per core — measured here, 2 processes × 1 torch
+    single-threaded process per core — measured here, 2 processes × 1 runtime
     thread mapped the same scenes faster than 1 process × 2 threads (README,
     batch scaling) — at most one per 3 GB of memory (a worker peaks at about
     1.7 GB with a ResNet-101 and a full tile).
@@ -90,7 +91,7 @@ def _cpu_count() -> int:
 def embedded_cluster(workers: int, resources: Dict[str, float]) -> LocalCluster:
     """Worker processes (the GIL never serialises two scenes), one task thread each (a
     scene already keeps its reader, compute and writer threads busy; two scenes in one
-    process would share one model's torch threads and, on a GPU, each size its batch to
+    process would share one model's runtime threads and, on a GPU, each size its batch to
     70 % of the free memory)."""
     import dask
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
@@ -99,13 +100,16 @@ def embedded_cluster(workers: int, resources: Dict[str, float]) -> LocalCluster:
 
 
 class Progress:
-    """Scenes and windows on the terminal (tqdm), fed by the workers' events."""
+    """Scenes and windows on the terminal (tqdm), fed by the workers' events; the engine's
+    runtime, device and precision lines, each distinct one once."""
 
     def __init__(self, total_scenes: int, enabled: bool, stream=sys.stderr):
         self.enabled, self.stream = enabled, stream
         self.lock = threading.Lock()
         self.windows: Dict[str, List[int]] = {}  # token -> [done, total]
         self.started: Dict[str, List[Dict]] = {}  # scene -> start events
+        self.engine_lines: List[str] = []        # distinct engine choice lines the workers reported
+        self._engine_shown = 0
         self.scenes = self.window_bar = None
         if enabled:
             from tqdm import tqdm
@@ -122,6 +126,19 @@ class Progress:
                 self.windows[msg["token"]] = [0, int(msg.get("total", 0))]
             elif msg.get("event") == "windows" and msg.get("token") in self.windows:
                 self.windows[msg["token"]][0] = int(msg["done"])
+        if msg.get("event") == "engine":
+            self.add_engine_lines([msg.get("line", "")])
+
+    def add_engine_lines(self, lines: Sequence[str]) -> None:
+        with self.lock:
+            self.engine_lines += [l for l in dict.fromkeys(lines) if l and l not in self.engine_lines]
+
+    def new_engine_lines(self) -> List[str]:
+        """Engine choice lines not shown yet."""
+        with self.lock:
+            lines = self.engine_lines[self._engine_shown:]
+            self._engine_shown = len(self.engine_lines)
+        return lines
 
     def starts(self, scene: str) -> List[Dict]:
         with self.lock:
@@ -175,9 +192,30 @@ def _lock(work: Path):
     return handle
 
 
-def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOptions):
-    """Everything checked and decided before a cluster starts: scenes, model, parameters, what is done."""
-    from ..core import checkpoint
+class _Say:
+    """Engine reporter that prints through the run's log function."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+
+    def info(self, message: str) -> None:
+        self.say(message)
+
+    def warn(self, message: str) -> None:
+        self.say("WARNING: " + message)
+
+
+def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOptions,
+                log: Optional[Callable[[str], None]] = None):
+    """Everything checked and decided before a cluster starts: scenes, model, parameters, what is done.
+
+    ``model_path`` None = the default model, found as Extract finds it (``jobs.resolve_model``).
+    The model is loaded here as Extract loads it (``jobs.load_model``), so a model the chosen
+    runtime cannot run (a .pt without torch and without its ONNX export, an .onnx for torch) is
+    refused before any cluster starts; when scenes are to be mapped by an ONNX runtime from a .pt
+    checkpoint, its ONNX export is made here once, not by every worker."""
+    from .. import jobs
+    from ..core import runtimes
     from ..core.stages import parse_stage_names
     from ..core.tiling import check_window
     out_dir = Path(out_dir)
@@ -185,13 +223,15 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
     scenes = collect_scenes(inputs, work / "vrt", options.band_numbers, options.dn_offset)
     opts = engine_options(options.engine_options)  # refuses unknown fields early
     check_window(opts.window or 256, opts.overlap)
-    parse_stage_names(opts.stages)
+    stages = parse_stage_names(opts.stages)
     if options.retries < 0:
         raise ValueError(f"retries must be 0 or more, got {options.retries}")
-    model_path = Path(model_path).resolve()
-    record = checkpoint.read_record(model_path)  # a bad checkpoint is refused before any cluster starts
+    say = _Say(log or (lambda _line: None))
+    model_path = jobs.resolve_model(str(model_path) if model_path else None, opts.runtime, opts.device, say).resolve()
+    model = jobs.load_model(model_path, None, opts.runtime, opts.device, stages)
+    runtime, why = runtimes.check_model_fits(model, opts.runtime, opts.device, stages)
     sha = file_sha256(model_path)
-    threshold = decision_threshold(record.get("training", {}))  # chosen on validation when it was trained
+    threshold = model.threshold  # chosen on validation when it was trained
     params = result_parameters(options.engine_options)
     records, todo = [], []
     for scene in scenes:
@@ -206,8 +246,12 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
         else:
             todo.append((scene, rec))
         records.append(rec)
+    if todo and runtime != "torch" and not isinstance(model, runtimes.OnnxModel):
+        from ..core.onnx_export import ensure_onnx  # a checkpoint in memory means torch is here
+        ensure_onnx(model, runtimes.need_for(stages), say)
     run = {"run_id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "model": str(model_path), "model_sha256": sha, "model_trained": bool(record.get("training", {}).get("trained")),
+           "model": str(model_path), "model_sha256": sha, "model_trained": model.trained,
+           "runtime": runtime, "runtime_why": why,  # as the client sees it; each scene's log has its worker's
            "threshold": threshold, "parameters": params, "engine_options": options.engine_options,
            "retries": options.retries, "inputs": list(inputs)}
     return RunManifest(out_dir, run, records, threshold), todo, sha, threshold
@@ -217,9 +261,11 @@ def _job_stub(out_dir: Path, options: BatchOptions) -> Job:
     return Job("", "", options.engine_options, str(out_dir), "", 0.5)
 
 
-def run_batch(inputs: Sequence[str], out_dir, model_path, options: BatchOptions = BatchOptions(),
+def run_batch(inputs: Sequence[str], out_dir, model_path=None, options: BatchOptions = BatchOptions(),
               client: Optional[Client] = None, log: Optional[Callable[[str], None]] = None) -> RunManifest:
     """Map every scene of ``inputs`` into ``out_dir``; returns the run manifest (also written there).
+
+    ``model_path``: an .onnx model or a .pt checkpoint; None = the default model, as for Extract.
 
     ``client``: use this Dask client (its cluster is left running); else connect to
     ``options.scheduler`` or start an embedded LocalCluster.  Raises
@@ -232,7 +278,8 @@ def run_batch(inputs: Sequence[str], out_dir, model_path, options: BatchOptions 
     staging = work / "staging"
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed (we hold the lock)
-        manifest, todo, sha, threshold = prepare_run(inputs, out_dir, model_path, options)
+        say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        manifest, todo, sha, threshold = prepare_run(inputs, out_dir, model_path, options, say)
         progress = Progress(len(todo), options.progress and bool(todo))
         say = log or progress.write
         for rec in manifest.records:
@@ -243,7 +290,8 @@ def run_batch(inputs: Sequence[str], out_dir, model_path, options: BatchOptions 
             say(f"nothing to do: all {len(manifest.records)} scenes are up to date in {out_dir}")
             return manifest
         if not manifest.run["model_trained"]:
-            say(f"WARNING: model {Path(model_path).name} is UNTRAINED (random weights): outputs only test the pipeline")
+            say(f"WARNING: model {Path(manifest.run['model']).name} is UNTRAINED (random weights): outputs only "
+                "test the pipeline")
         _execute(manifest, todo, sha, threshold, options, client, staging, progress, say)
         return manifest
     finally:
@@ -260,8 +308,10 @@ def _execute(manifest: RunManifest, todo, sha, threshold, options: BatchOptions,
             say(f"connected to Dask scheduler {options.scheduler}")
         else:
             import psutil
-            import torch
-            cuda = engine_opts.get("device", "auto") != "cpu" and torch.cuda.is_available()
+
+            from ..core.runtimes import torch_sees_cuda
+            cuda = (manifest.run["runtime"] == "torch" and engine_opts.get("device", "auto") != "cpu"
+                    and torch_sees_cuda())
             n = options.workers or default_workers(_cpu_count(), psutil.virtual_memory().total, cuda)
             cluster = own_cluster = embedded_cluster(min(n, len(todo)), options.resources)
             client = Client(cluster)
@@ -270,16 +320,16 @@ def _execute(manifest: RunManifest, todo, sha, threshold, options: BatchOptions,
         own_client = False
     try:
         if not engine_opts.get("threads"):
-            engine_opts["threads"] = _torch_threads(client)
+            engine_opts["threads"] = _runtime_threads(client)
         info = client.scheduler_info()
         workers = info.get("workers", {})
         say(f"Dask: {len(workers)} worker(s) × {max([w.get('nthreads', 1) for w in workers.values()] or [1])} "
-            f"thread(s), torch {engine_opts['threads']} thread(s) each" +
+            f"task thread(s), {engine_opts['threads']} runtime thread(s) each" +
             (f"; dashboard {client.dashboard_link}" if importlib.util.find_spec("bokeh") and client.dashboard_link
              else "; no dashboard (install bokeh for Dask's)"))
-        manifest.run.update(dask_workers=len(workers), torch_threads=engine_opts["threads"])
-        client.register_plugin(PreloadModel(manifest.run["model"], sha, ignore_sigint=own_cluster is not None),
-                               name="menet-preload-model")
+        manifest.run.update(dask_workers=len(workers), runtime_threads=engine_opts["threads"])
+        client.register_plugin(PreloadModel(manifest.run["model"], sha, engine_opts,
+                                            ignore_sigint=own_cluster is not None), name="menet-preload-model")
         cancel = Event(f"menet-cancel-{manifest.run['run_id']}", client=client)
         job = Job(manifest.run["model"], sha, engine_opts, str(manifest.out_dir), str(staging), threshold,
                   cancel.name)
@@ -304,9 +354,10 @@ def _execute(manifest: RunManifest, todo, sha, threshold, options: BatchOptions,
         manifest.save()
 
 
-def _torch_threads(client: Client) -> int:
-    """Torch threads per worker: the cores of its host shared by the task threads there
-    (Dask's nanny sets OMP_NUM_THREADS=1, so torch would otherwise use one)."""
+def _runtime_threads(client: Client) -> int:
+    """CPU threads of the runtime (torch, onnxruntime or OpenVINO) per worker: the cores of its host
+    shared by the task threads there (Dask's nanny sets OMP_NUM_THREADS=1, so torch would otherwise
+    use one, and the ONNX runtimes would each use every core of the host)."""
     cpus = client.run(_cpu_count)
     info = client.scheduler_info()["workers"]
     per_host: Dict[str, int] = {}
@@ -338,9 +389,15 @@ def _schedule(client, job: Job, todo, options: BatchOptions, manifest: RunManife
             progress.refresh()
             if not done:
                 time.sleep(0.25)
+            for line in progress.new_engine_lines():
+                say(line)
             for fut in done:
                 scene, rec, seen_before = active.pop(fut)
                 starts = progress.starts(scene.name)[seen_before:]
+                if fut.status == "finished":  # its log has the lines even if their events come late
+                    progress.add_engine_lines([l for l in fut.result()["log"] if l.startswith(ENGINE_CHOICE_PREFIXES)])
+                    for line in progress.new_engine_lines():
+                        say(line)
                 _settle(fut, scene, rec, starts, options, progress, say)
                 if rec.status == "retry":
                     submit(scene, rec)

@@ -1,13 +1,16 @@
-"""The per-scene task that runs on a Dask worker: the same engine as ``predict`` and QGIS.
+"""The per-scene task that runs on a Dask worker: ``jobs.extract``, the job ``predict`` and QGIS run.
 
-One model per worker process, loaded once: ``model_for`` keeps loaded
-checkpoints keyed by their sha256 (the run's ``PreloadModel`` worker plugin
-fills it when a worker starts, so a restarted worker is warm before its first
-scene).  Each attempt writes into its own staging folder (a fresh uuid), so
-two attempts at one scene — a retry racing a worker the scheduler thought
-dead — never write the same file; finished COGs are renamed into place,
-stage layers first and the probability last (the probability is what
-resume looks at).
+Each scene goes through the same front door as Extract (``jobs.extract``): the
+same model loader (``jobs.load_model``: an ``.onnx`` model or a ``.pt``
+checkpoint, the ONNX export cache), the same runtime and precision choice, the
+same engine.  One model per worker process, loaded once (``jobs.load_model``
+keeps it; the run's ``PreloadModel`` worker plugin loads it when a worker
+starts, so a restarted worker is warm before its first scene), after checking
+that the file on this worker is the one the client hashed.  Each attempt
+writes into its own staging folder (a fresh uuid), so two attempts at one
+scene — a retry racing a worker the scheduler thought dead — never write the
+same file; finished COGs are renamed into place, stage layers first and the
+probability last (the probability is what resume looks at).
 """
 from __future__ import annotations
 
@@ -18,13 +21,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .inputs import Scene
 from .manifest import RESULT_KEY_TAG, file_sha256, mangrove_hectares, write_cog
 
 EVENT_TOPIC = "menet-batch"
-_MODELS: Dict[str, object] = {}
+#: Engine log lines that say which runtime, device and precision run the model and why; the
+#: client shows each distinct one once (the per-scene logs keep them all).
+ENGINE_CHOICE_PREFIXES = ("runtime:", "device:", "precision")
+#: (path, mtime, size) -> sha256 of the model files this process has checked.
+_CHECKED: Dict[Tuple[str, int, int], str] = {}
 
 
 @dataclass(frozen=True)
@@ -41,16 +48,19 @@ class Job:
     extra_tags: Dict = field(default_factory=dict)
 
 
-def model_for(path: str, sha256: str):
-    """The checkpoint's bundle, loaded once per process (and checked to be the file the client hashed)."""
-    bundle = _MODELS.get(sha256)
-    if bundle is None:
-        from ..core import checkpoint
-        actual = file_sha256(path)
-        if actual != sha256:
-            raise RuntimeError(f"model {path} on this worker has sha256 {actual[:12]}…, the run uses {sha256[:12]}…")
-        bundle = _MODELS[sha256] = checkpoint.load(path)
-    return bundle
+def load_model(path: str, sha256: str, options: Dict, reporter=None):
+    """The run's model as Extract loads it (``jobs.load_model``, kept between scenes), once the
+    file here is checked to be the one the client hashed (hashed once per file version)."""
+    from .. import jobs
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _CHECKED:
+        _CHECKED[key] = file_sha256(path)
+    if _CHECKED[key] != sha256:
+        raise RuntimeError(f"model {path} on this worker has sha256 {_CHECKED[key][:12]}…, "
+                           f"the run uses {sha256[:12]}…")
+    return jobs.load_model(Path(path), reporter, options.get("runtime", "auto"), options.get("device", "auto"),
+                           tuple(options.get("stages", ())))
 
 
 def output_paths(job: Job, scene: Scene) -> List[Path]:
@@ -78,7 +88,8 @@ def _emit(message: Dict) -> None:
 
 class TaskReporter:
     """Engine reporter on a worker: keeps the log, sends window progress to the client
-    (at most twice a second) and asks the run's cancel event (at most once a second)."""
+    (at most twice a second) and the engine's runtime choice, and asks the run's cancel
+    event (at most once a second)."""
 
     def __init__(self, scene: str, token: str, windows: int, cancel_event: str):
         self.scene, self.token, self.windows = scene, token, windows
@@ -93,6 +104,8 @@ class TaskReporter:
 
     def info(self, message: str) -> None:
         self.lines.append(message)
+        if message.startswith(ENGINE_CHOICE_PREFIXES):
+            _emit({"event": "engine", "scene": self.scene, "token": self.token, "line": message})
 
     def warn(self, message: str) -> None:
         self.lines.append("WARNING: " + message)
@@ -113,7 +126,8 @@ class TaskReporter:
 
 
 def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
-    """Map one scene: engine -> COG(s) with the result key -> rename into place."""
+    """Map one scene: ``jobs.extract`` into staging -> COG(s) with the result key -> rename into place."""
+    from .. import jobs
     from ..core import engine, raster_io
     from ..core.tiling import WindowGrid
     token = uuid.uuid4().hex[:12]
@@ -125,20 +139,24 @@ def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
         raise engine.Cancelled("the run was cancelled before this scene started")
     try:
         staging.mkdir(parents=True)
-        bundle = model_for(job.model_path, job.model_sha256)
-        source = raster_io.RasterInput(scene.path, band_numbers=scene.band_numbers, dn_offset=scene.dn_offset,
-                                       recipe=bundle.recipe)
+        model = load_model(job.model_path, job.model_sha256, job.engine_options, reporter)
         options = engine_options(job.engine_options)
-        grid = WindowGrid(source.height, source.width, options.window or bundle.window_size, options.overlap)
-        reporter.windows = len(grid)
-        _emit({"event": "start", "scene": scene.name, "token": token, "worker": worker, "total": len(grid)})
-        result = engine.extract(bundle, source, staging / f"{scene.name}_probability.tif", options, reporter)
-        hectares = mangrove_hectares(result.probability, job.threshold)
+        source = raster_io.RasterInput(scene.path, band_numbers=scene.band_numbers, dn_offset=scene.dn_offset,
+                                       recipe=model.recipe)
+        source.close()  # opened for its size (the progress bar's window count); jobs.extract opens it again
+        reporter.windows = len(WindowGrid(source.height, source.width, options.window or model.window_size,
+                                          options.overlap))
+        _emit({"event": "start", "scene": scene.name, "token": token, "worker": worker, "total": reporter.windows})
+        result = jobs.extract({"input": scene.path, "output": str(staging / f"{scene.name}_probability.tif"),
+                               "model": job.model_path, "bands": scene.band_numbers, "dn_offset": scene.dn_offset,
+                               "options": job.engine_options}, reporter)
+        hectares = mangrove_hectares(result["probability"], job.threshold)
         tags = {RESULT_KEY_TAG: result_key, "MENET_MODEL_SHA256": job.model_sha256,
-                "MENET_INPUT": scene.path, "MENET_THRESHOLD": f"{job.threshold:g}",
+                "MENET_INPUT": scene.path, engine.THRESHOLD_TAG: f"{job.threshold:g}",
                 "MENET_MANGROVE_HA": "" if hectares is None else f"{hectares:g}", **job.extra_tags}
         finals = output_paths(job, scene)
-        staged = [result.stages[s] for s in job.engine_options.get("stages", ())] + [result.probability]
+        staged = [Path(result["stages"][s]) for s in job.engine_options.get("stages", ())] + \
+            [Path(result["probability"])]
         threads = options.threads or 1
         cogs = [write_cog(src, staging / ("cog-" + final.name), tags, threads) for src, final in zip(staged, finals)]
         for cog, final in zip(cogs, finals):
@@ -146,8 +164,8 @@ def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"scene": scene.name, "token": token, "worker": worker, "seconds": time.perf_counter() - t0,
-            "mangrove_ha": hectares, "windows": result.windows, "windows_run": result.windows_run,
-            "device": result.device, "log": reporter.lines}
+            "mangrove_ha": hectares, "windows": result["windows"], "windows_run": result["windows_run"],
+            "device": result["device"], "log": reporter.lines}
 
 
 def engine_options(values: Dict):
