@@ -1,10 +1,19 @@
-"""Builds the release files in dist/ (``make package``), stdlib only.
+"""Builds the release files in dist/ (``make package``); the ZIPs with the standard library only.
 
-- ``menet_qgis-<version>.zip``: the plugin for *Install from ZIP* and the QGIS plugin
-  repository, without weights (the repository refuses uploads over 25 MB).
-- ``menet_coasts_v2.pt`` + ``.sha256``: the default model as a separate asset,
-  installed with "Install model".
-- ``menet_qgis-<version>-with-model.zip``: the plugin with the model inside, for offline machines.
+- ``menet_coasts_v2.onnx`` + ``.sha256``: the default model as the asset that runs everywhere
+  (ONNX Runtime or OpenVINO on the CPU, no torch): probability and every stage map, the model
+  record (recipe, PCA, normalisation, window, threshold, source sha256) in its metadata, weights
+  stored in fp16 (exactly the ``.pt``'s), so it is no bigger than the ``.pt``.  Exporting needs
+  torch and onnx: ``--export-python`` (``make package`` passes the checkout's .venv) runs
+  ``python -m menet_qgis export``.  The export is deterministic, so its sha256 must equal the one
+  the plugin ships (``resources/models/menet_coasts_v2.onnx.sha256``, which *Install model*
+  checks); ``--record-asset-hash`` writes that file when the model or the exporter changed on purpose.
+- ``menet_qgis-<version>.zip``: the plugin for *Install from ZIP* and the QGIS plugin repository,
+  without weights (the repository refuses uploads over 25 MB), with ``LICENSE``.
+- ``menet_coasts_v2.pt`` + ``.sha256``: the torch checkpoint, for training, fine-tuning and CUDA GPUs.
+- ``menet_qgis-<version>-with-model.zip``: the plugin with the ``.onnx`` asset inside, for offline
+  machines: it maps with any engine variant, torch or not.  The ``.pt`` stays out (it would double the
+  ZIP for what only training or a CUDA GPU needs, and *Install model* takes it from a file offline too).
 
 Each file is written under a temporary name and renamed when complete.
 """
@@ -12,15 +21,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "menet_qgis"
-MODEL_NAME = "menet_coasts_v2.pt"
+MODEL_STEM = "menet_coasts_v2"
+MODEL_NAME = f"{MODEL_STEM}.pt"
+ASSET_NAME = f"{MODEL_STEM}.onnx"
+MODELS = ROOT / "resources" / "models"
 #: The QGIS plugin repository's upload limit.
 REPOSITORY_LIMIT_BYTES = 25 * 1000 * 1000
 SKIP_DIRS = {"__pycache__", ".pytest_cache", "tests"}
@@ -35,8 +49,11 @@ def version() -> str:
 
 
 def plugin_files():
-    """(path on disk, name in the ZIP) for the plugin: the package, metadata.txt, resources without weights."""
+    """(path on disk, name in the ZIP) for the plugin: the package, metadata.txt, LICENSE, resources
+    without weights (the shipped .sha256 files included: Install model checks downloads against them)."""
     yield ROOT / "metadata.txt", f"{PLUGIN}/metadata.txt"
+    if (ROOT / "LICENSE").is_file():
+        yield ROOT / "LICENSE", f"{PLUGIN}/LICENSE"
     for base, prefix in ((ROOT / PLUGIN, PLUGIN), (ROOT / "resources", f"{PLUGIN}/resources")):
         for path in sorted(base.rglob("*")):
             rel = path.relative_to(base)
@@ -53,6 +70,12 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def shipped_sha256(name: str):
+    """The hash the plugin ships for ``name`` (resources/models/<name>.sha256), or None."""
+    path = MODELS / f"{name}.sha256"
+    return path.read_text().split()[0] if path.is_file() else None
 
 
 def write_zip(target: Path, files, extra=()) -> Path:
@@ -72,43 +95,96 @@ def copy_file(source: Path, target: Path) -> None:
     os.replace(partial, target)
 
 
-def build(dist: Path) -> dict:
+def write_sha256(path: Path) -> Path:
+    sidecar = path.with_name(f"{path.name}.sha256")
+    sidecar.write_text(f"{sha256_of(path)}  {path.name}\n")
+    return sidecar
+
+
+def export_asset(model: Path, dist: Path, export_python: str, record_hash: bool) -> Path:
+    """dist/menet_coasts_v2.onnx, exported from ``model`` unless dist already holds the shipped bytes;
+    its sha256 must be the one the plugin ships (or is recorded as such with ``record_hash``)."""
+    target = dist / ASSET_NAME
+    shipped = shipped_sha256(ASSET_NAME)
+    if not (target.is_file() and shipped and not record_hash and sha256_of(target) == shipped):
+        partial = dist / f".{ASSET_NAME}.partial.onnx"
+        command = [export_python, "-m", PLUGIN, "export", str(model), "--stages", "--out", str(partial)]
+        try:
+            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        except OSError as exc:
+            raise SystemExit(f"package: cannot run {export_python} to export {ASSET_NAME}: {exc.strerror}")
+        if proc.returncode != 0:
+            partial.unlink(missing_ok=True)
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"package: exporting {ASSET_NAME} with {export_python} failed ({last}); the export "
+                             f"needs torch and onnx: run `make package` (it uses the checkout's .venv) or "
+                             f"give --export-python")
+        checked = json.loads(proc.stdout)["checked_max_difference"]
+        print(f"exported {ASSET_NAME}: max |probability difference| against torch {checked:.1e}")
+        os.replace(partial, target)
+    digest = sha256_of(target)
+    if record_hash:
+        (MODELS / f"{ASSET_NAME}.sha256").write_text(f"{digest}  {ASSET_NAME}\n")
+        print(f"recorded {digest} in resources/models/{ASSET_NAME}.sha256 (commit it)")
+    elif digest != shipped:
+        raise SystemExit(f"package: {ASSET_NAME} exports to sha256 {digest}, but the plugin ships "
+                         f"{shipped or 'no hash'} (resources/models/{ASSET_NAME}.sha256), so Install model "
+                         f"would reject it. If the model, torch or onnx changed on purpose, rebuild with "
+                         f"--record-asset-hash (make package PACKAGE_ARGS=--record-asset-hash) and commit the file")
+    write_sha256(target)
+    return target
+
+
+def build(dist: Path, export_python: str = sys.executable, record_hash: bool = False) -> dict:
     dist.mkdir(parents=True, exist_ok=True)
     ver = version()
+    model = MODELS / MODEL_NAME
+    asset = None
+    if model.is_file():
+        digest = sha256_of(model)
+        if shipped_sha256(MODEL_NAME) not in (None, digest):
+            raise SystemExit(f"package: {MODEL_NAME} does not match {MODEL_NAME}.sha256; the plugin would reject it")
+        asset = export_asset(model, dist, export_python, record_hash)  # before the ZIPs: they ship its hash
+    else:
+        print(f"package: no {model} in this checkout: built the plugin ZIP only", file=sys.stderr)
     files = list(plugin_files())
     lean = write_zip(dist / f"{PLUGIN}-{ver}.zip", files)
     if lean.stat().st_size > REPOSITORY_LIMIT_BYTES:
+        size = lean.stat().st_size
         lean.unlink()
-        raise SystemExit(f"package: {lean.name} is {lean.stat().st_size / 1e6:.1f} MB, over the plugin "
+        raise SystemExit(f"package: {lean.name} is {size / 1e6:.1f} MB, over the plugin "
                          f"repository's {REPOSITORY_LIMIT_BYTES / 1e6:.0f} MB limit")
     built = {"plugin": lean}
-
-    model = ROOT / "resources" / "models" / MODEL_NAME
-    if not model.is_file():
-        print(f"package: no {model} in this checkout: built the plugin ZIP only", file=sys.stderr)
+    if asset is None:
         return built
-    digest = sha256_of(model)
-    shipped = (model.parent / f"{MODEL_NAME}.sha256")
-    if shipped.is_file() and shipped.read_text().split()[0] != digest:
-        raise SystemExit(f"package: {MODEL_NAME} does not match {shipped.name}; the plugin would reject it")
+    built["asset"], built["asset.sha256"] = asset, asset.with_name(f"{ASSET_NAME}.sha256")
     copy_file(model, dist / MODEL_NAME)
-    sidecar = dist / f"{MODEL_NAME}.sha256"
-    sidecar.write_text(f"{digest}  {MODEL_NAME}\n")
-    built["model"], built["sha256"] = dist / MODEL_NAME, sidecar
+    built["model"], built["model.sha256"] = dist / MODEL_NAME, write_sha256(dist / MODEL_NAME)
     built["offline"] = write_zip(dist / f"{PLUGIN}-{ver}-with-model.zip", files,
-                                 [(model, f"{PLUGIN}/resources/models/{MODEL_NAME}")])
+                                 [(asset, f"{PLUGIN}/resources/models/{ASSET_NAME}")])
     return built
+
+
+def default_export_python() -> str:
+    """The checkout's virtual environment (torch, onnx) when there is one, else this Python."""
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.is_file() else sys.executable
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dist", default=str(ROOT / "dist"), help="output folder (default: dist/)")
+    parser.add_argument("--export-python", default=default_export_python(),
+                        help="the Python with torch and onnx that exports the .onnx asset (default: .venv's)")
+    parser.add_argument("--record-asset-hash", action="store_true",
+                        help=f"write the exported asset's sha256 to resources/models/{ASSET_NAME}.sha256 "
+                             "(when the model or the exporter changed on purpose)")
     args = parser.parse_args(argv)
-    built = build(Path(args.dist))
+    built = build(Path(args.dist), args.export_python, args.record_asset_hash)
     for kind, path in built.items():
-        print(f"{kind:8} {path}  {path.stat().st_size / 1e6:.1f} MB")
+        print(f"{kind:13} {path}  {path.stat().st_size / 1e6:.1f} MB")
     print("QGIS: Plugins › Manage and Install Plugins › Install from ZIP; then run 'Install ME-Net dependencies' "
-          "and 'Install model' from the Processing toolbox")
+          f"and 'Install model' ({ASSET_NAME} runs without torch) from the Processing toolbox")
     return 0
 
 

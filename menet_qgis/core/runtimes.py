@@ -548,15 +548,13 @@ def load_model(path, runtime: str = "auto", device: str = "auto", stages: Sequen
     return load(path)
 
 
-#: The default model's base name; its ``.onnx`` asset is what a Python without torch installs.
-DEFAULT_MODEL_STEM = "menet_coasts_v2"
-
-
 def torch_required_message(checkpoint: Path) -> str:
-    """Why a ``.pt`` cannot run in this Python, and which file to use instead."""
+    """Why a ``.pt`` cannot run in this Python, and which file to use instead: for the default
+    model its ``.onnx`` asset (what a Python without torch installs)."""
+    from ..model_store import DEFAULT_MODEL_BASE
     name = Path(checkpoint).name
-    if Path(checkpoint).stem == DEFAULT_MODEL_STEM:
-        asset = f"{DEFAULT_MODEL_STEM}.onnx"
+    if Path(checkpoint).stem == DEFAULT_MODEL_BASE:
+        asset = f"{DEFAULT_MODEL_BASE}.onnx"
         return (f"{name} is the torch checkpoint of the default model (for training and fine-tuning); "
                 f"without torch install its ONNX asset {asset} instead: 'Install model' in QGIS, or "
                 f"`python -m menet_qgis install-model dist/{asset}` (it runs with onnxruntime or OpenVINO)")
