@@ -58,9 +58,11 @@ test-sid:
 run: plugin
 	$(PY) scripts/run_demo.py
 
-# dist/: the plugin ZIP without weights (<= 25 MB, asserted), the model + .sha256, and an offline ZIP with the model.
-package:
-	python3 scripts/package.py
+# dist/: the plugin ZIP without weights (<= 25 MB, asserted), the model as menet_coasts_v2.onnx (runs without
+# torch; exported with the venv's torch, checked against the shipped .sha256) and .pt, each with its .sha256, and an
+# offline ZIP with the .onnx.  The ZIPs are built by the system python3 (stdlib only).
+package: setup
+	python3 scripts/package.py --export-python $(abspath $(PY)) $(PACKAGE_ARGS)
 
 # The README's screenshots, from the desktop GUI test (real QGIS under Xvfb); copied only when it passes.
 .PHONY: screenshots
