@@ -205,7 +205,7 @@ def extract_in_process(model, src, out, **options):
     threads = torch.get_num_threads()
     log = Log()
     try:
-        result = jobs.extract({"input": str(src), "output": str(out), "model": str(model),
+        result = jobs.extract({"input": str(src), "output": str(out), "model": model and str(model),
                                "options": dict(threads=1, **options)}, log)
     finally:
         torch.set_num_threads(threads)
@@ -250,33 +250,43 @@ def no_torch_env(tmp_path_factory):
 
 
 def test_batch_maps_an_onnx_model_without_torch_as_extract_does(inputs, bundle, untrained_path, no_torch_env,
-                                                                 tmp_path):
-    """Same model loading, runtime and precision choice as Extract: with torch impossible to import, a
-    batch maps with an .onnx model (runtime and precision chosen and logged with the reason) and with a
-    .pt whose ONNX export is cached; the maps are Extract's, with Extract's default overlap; a .pt never
-    exported is refused in one line before any cluster starts."""
+                                                                 tmp_path, monkeypatch):
+    """Same model store, model loading, runtime and precision choice as Extract: with torch impossible to
+    import, a batch with no --model maps with the .onnx installed as the default model (runtime and
+    precision chosen and logged with the reason) and with a .pt whose ONNX export is cached; the maps
+    are Extract's, with Extract's default overlap; a .pt never exported is refused in one line before
+    any cluster starts."""
+    from menet_qgis.batch.manifest import file_sha256
     from menet_qgis.cli import build_parser
     from menet_qgis.core import engine
     from menet_qgis.core.choices import DEFAULT_OVERLAP
     from menet_qgis.core.onnx_export import ensure_onnx
+    from menet_qgis.model_store import DEFAULT_MODEL_BASE
     defaults = {name: build_parser().parse_args([name, "in.tif", "--out-dir", "out"]).overlap
                 for name in ("predict", "batch")}
     assert defaults == {"predict": DEFAULT_OVERLAP, "batch": DEFAULT_OVERLAP} and \
         engine.EngineOptions().overlap == DEFAULT_OVERLAP
-    lone = tmp_path / "model" / "model.onnx"  # an .onnx alone, no checkpoint beside it
-    lone.parent.mkdir()
-    shutil.copy(ensure_onnx(bundle, "probability").path, lone)  # and the .pt's export is now cached
+    export = ensure_onnx(bundle, "probability").path  # and the .pt's export is now cached
+    home = tmp_path / "home"  # a model store holding the .onnx alone, as the default model
+    env = dict(no_torch_env, MENET_HOME=str(home))
+    installed = cli("install-model", export, "--sha256", file_sha256(export), "--name", f"{DEFAULT_MODEL_BASE}.onnx",
+                    env=env)
+    assert installed.returncode == 0, installed.stderr[-3000:]
     scene = inputs["folder"] / "south.tif"
     options = ["--window", WINDOW, "--batch-size", 4, "--workers", 1, "--threads", 1, "--no-progress"]  # no --overlap
-    proc = cli("batch", scene, "--out-dir", tmp_path / "onnx", "--model", lone, *options, env=no_torch_env)
+    proc = cli("batch", scene, "--out-dir", tmp_path / "onnx", *options, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"default model: {DEFAULT_MODEL_BASE}.onnx installed in {home}" in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"^runtime: (openvino|onnxruntime) \(auto: .+\)$", proc.stderr, re.M), \
         proc.stderr[-3000:]
     assert re.search(r"^precision (fp32|bf16): \S.+$", proc.stderr, re.M), proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "onnx" / "batch_manifest.json").read_text())
     assert manifest["parameters"]["overlap"] == DEFAULT_OVERLAP and manifest["counts"] == {"ok": 1}
-    want, lines = extract_in_process(lone, scene, tmp_path / "extract.tif", window=WINDOW, batch_size=4)
+    monkeypatch.setenv("MENET_HOME", str(home))  # Extract with MODEL empty, on the same store
+    want, lines = extract_in_process(None, scene, tmp_path / "extract.tif", window=WINDOW, batch_size=4)
+    assert manifest["model"] == str(home / "models" / f"{DEFAULT_MODEL_BASE}.onnx")
     assert [line for line in lines if line.startswith("precision")][0] in proc.stderr  # Extract's choice, and why
+    assert any(line.startswith("model: ") and manifest["model"] in line for line in lines)
     assert manifest["scenes"][0]["windows"] == want["windows"]
     got = read(tmp_path / "onnx" / "south_probability.tif")
     expected = read(want["probability"])
