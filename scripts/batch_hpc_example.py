@@ -34,7 +34,6 @@ def main() -> int:
     from distributed import Client
 
     from menet_qgis.batch import BatchOptions, run_batch
-    from menet_qgis.resources import default_model_path
 
     common = dict(queue=args.queue, cores=8, processes=1, memory="48GB", walltime="06:00:00",
                   # one worker per job, one task thread, the GPU as a resource tasks ask for
@@ -49,7 +48,7 @@ def main() -> int:
     cluster.scale(jobs=args.jobs)
     with Client(cluster) as client:
         client.wait_for_workers(1, timeout=3600)
-        manifest = run_batch(args.inputs, args.out_dir, args.model or default_model_path(),
+        manifest = run_batch(args.inputs, args.out_dir, args.model,  # None: the default model, chosen for cuda
                              BatchOptions(resources={"GPU": 1}, retries=2,
                                           engine_options={"device": "cuda", "threads": 4}),
                              client=client)
