@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from rasterio.enums import Resampling
 
-from helpers import ROOT, SCENE, crop_scene, read, write_raster
+from helpers import ROOT, SCENE, crop_scene, read
 
 pytestmark = pytest.mark.skipif(not SCENE.is_file(), reason=f"real Sentinel-2 scene not available at {SCENE}")
 
