@@ -3,6 +3,7 @@ repository accepts, the model as a separate verified asset (.onnx that runs with
 offline ZIP with the .onnx inside."""
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -25,11 +26,22 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def release_toolchain() -> bool:
+    """Whether this Python exports with the torch and onnx the release pins (the Makefile's), whose export
+    gives the shipped hash; a distribution's torch (the Debian CI chroot) exports other bytes."""
+    import onnx
+    import torch
+    makefile = (ROOT / "Makefile").read_text()
+    return all(re.search(rf"(?<![\w-]){name}=={re.escape(version)}(?![\w.])", makefile)
+               for name, version in (("torch", torch.__version__.split("+")[0]), ("onnx", onnx.__version__)))
+
+
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "package.py"), "--dist", str(out),
-                           "--export-python", sys.executable], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(ROOT / "scripts" / "package.py"), "--dist", str(out), "--export-python",
+               sys.executable] + ([] if release_toolchain() else ["--any-asset-hash"])
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -79,8 +91,10 @@ def test_onnx_asset_is_the_shipped_hash_and_no_bigger_than_the_pt(dist):
     asset = dist / ASSET
     digest = sha256(asset.read_bytes())
     assert (dist / f"{ASSET}.sha256").read_text() == f"{digest}  {ASSET}\n"
-    assert digest == SHIPPED_ASSET_SHA256.read_text().split()[0]
     assert asset.stat().st_size <= MODEL.stat().st_size
+    if not release_toolchain():
+        pytest.skip("torch/onnx here are not the release's (Makefile): the export's bytes differ")
+    assert digest == SHIPPED_ASSET_SHA256.read_text().split()[0]
 
 
 def test_offline_zip_carries_the_onnx_asset(dist):
