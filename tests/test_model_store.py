@@ -579,7 +579,7 @@ def test_install_model_source_takes_a_file_or_a_url(menet_provider, server, tmp_
     feedback = RecordingFeedback()
     processing.run("menet:installmodel", {"SOURCE": f"{server}/good/model.pt", "SHA256": GOOD_SHA,
                                           "NAME": "copy.pt"}, feedback=feedback)
-    assert f"matches, from the given SHA256" in feedback.text()
+    assert "matches, from the given SHA256" in feedback.text()
     assert f"model store {store}: 2 models" in feedback.text()
     context = QgsProcessingContext()
     ok, _ = alg.checkParameterValues({"SOURCE": f"{server}/no-suffix"}, context)
