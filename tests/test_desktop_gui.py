@@ -354,7 +354,8 @@ def test_a_raster_added_after_the_run_lands_at_the_top_level(gui_run):
     recorded = gui_run["recorded"]
     added = recorded.get("added_layer")
     assert added, describe(gui_run)
-    assert added["parent"] is None, f"added inside {added['parent']!r}:\n{tree_listing(recorded['layer_tree_after_add'])}"
+    assert added["parent"] is None, \
+        f"added inside {added['parent']!r}:\n{tree_listing(recorded['layer_tree_after_add'])}"
 
 
 def test_batch_rows_each_keep_their_own_stage_group(gui_run):
