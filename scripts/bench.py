@@ -13,6 +13,19 @@ and goes hits every runtime alike.  Reports medians and per-round ratios:
 end-to-end vs the runtime's own forward-only rate, vs the torch path, vs naive;
 km²/s and the implied time for a full 10980² tile; the map difference between
 each runtime and torch (max |Δp|, % pixels changing class at the model's threshold).
+With ``--asset [dist/menet_coasts_v2.onnx]`` it compares the shipped model asset with torch fp32 on
+the ``.pt`` it was exported from (``--model``, default resources/models/menet_coasts_v2.pt), in the
+same interleaved rounds: torch fp32, ``auto`` (the runtime and precision the engine picks on this
+CPU, and why), every other precision ``auto`` can pick on this CPU in OpenVINO, and ONNX Runtime
+fp32 (auto's pick without OpenVINO).  Per configuration: the CLI end to end (process wall time and
+engine windows/s), forward-only windows/s, in-process load time (file to first batch ready: torch
+load, ONNX Runtime session, OpenVINO read + compile), the map difference against torch fp32 and,
+with ``--validation``, F1 per source on the model's validation and held-out windows (its own split,
+as scripts/evaluate_coasts.py rebuilds it).  Prints the CPU's flags that matter and the load average
+before and after:
+
+    make bench BENCH_ARGS="--asset --raster /work/shared/data/jambeli/scene_2020.tif --validation"
+
 With ``--memory-sizes 1024,4096`` it instead measures peak RSS on generated
 rasters of those sizes (flat memory): of the CLI, or with ``--memory-via
 qgis_process`` of ``qgis_process run menet:extractmangroves`` plus its engine
@@ -51,13 +64,13 @@ CLI_WITH_PEAK_RSS = ("import runpy, sys\nsys.argv[0] = 'menet_qgis'\ntry:\n"
                      "file=sys.stderr)\n")
 
 
-def run_cli(raster, out_dir, runtime, a, extra=()):
+def run_cli(raster, out_dir, runtime, a, extra=(), model=None):
     """One whole `predict` process; returns its summary plus wall time and peak RSS (MB)."""
     cmd = [sys.executable, "-c", CLI_WITH_PEAK_RSS, "predict", str(raster), "--out-dir", str(out_dir), "--quiet",
            "--runtime", runtime, "--device", a.device, "--overlap", str(a.overlap), "--window", str(a.window),
            "--threads", str(a.threads), "--batch-size", str(a.batch_size), *extra]
-    if a.model:
-        cmd += ["--model", str(a.model)]
+    if model or a.model:
+        cmd += ["--model", str(model or a.model)]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "stdout.json", "w") as out, open(out_dir / "stderr.txt", "w") as err:
         t0 = time.perf_counter()
@@ -223,6 +236,222 @@ def memory_mode(a, work) -> int:
     return 0
 
 
+# --- the model asset against torch fp32 ------------------------------------------------------
+CPU_FLAGS_OF_NOTE = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                     "amx_int8")
+
+
+class Config:
+    """One way of mapping: a model file, a runtime and a precision (``auto`` as the engine resolves it)."""
+
+    def __init__(self, label, model, runtime, precision):
+        self.label, self.model, self.runtime, self.precision = label, Path(model), runtime, precision
+
+    def resolved(self):
+        """(runtime, precision, why) the engine runs for this configuration on this machine."""
+        runtime, why = runtimes.choose_runtime(self.runtime, "cpu", "onnx" if self.model.suffix == ".onnx" else "file")
+        if runtime == "torch":
+            return runtime, "fp32" if self.precision in ("auto", "fp32") else self.precision, why
+        precision, precision_why = runtimes.cpu_precision(runtime, self.precision)
+        return runtime, precision, f"{why}; precision: {precision_why}"
+
+
+def asset_configs(asset: Path, checkpoint_path: Path):
+    """torch fp32 on the .pt, auto on the asset, every other precision auto can pick here, ONNX Runtime."""
+    configs = [Config("torch fp32 (.pt)", checkpoint_path, "torch", "fp32"), Config("auto (.onnx)", asset, "auto", "auto")]
+    auto_runtime, auto_precision, _ = configs[1].resolved()
+    if runtimes.installed("openvino"):
+        pickable = {runtimes.auto_cpu_precision("openvino", runtimes.cpu_features())[0], "fp32"}
+        configs += [Config(f"openvino {p} (.onnx)", asset, "openvino", p) for p in sorted(pickable)
+                    if (auto_runtime, auto_precision) != ("openvino", p)]
+    if runtimes.installed("onnxruntime") and auto_runtime != "onnxruntime":
+        configs.append(Config("onnxruntime fp32 (.onnx)", asset, "onnxruntime", "fp32"))
+    return configs
+
+
+class AssetRunner:
+    """A configuration in this process: its load time and forward-only rate on ready input."""
+
+    def __init__(self, config, threads, batch, window):
+        self.config, self.threads, self.batch, self.window = config, threads, batch, window
+        self.runtime, self.precision, _ = config.resolved()
+
+    def load(self):
+        """Seconds from the file to a model ready for the first batch (no cache between rounds)."""
+        t0 = time.perf_counter()
+        if self.runtime == "torch":
+            import torch
+            from menet_qgis.core import checkpoint
+            torch.set_num_threads(self.threads)
+            bundle = checkpoint.load(self.config.model)
+            self.model = bundle.model.eval().to(memory_format=torch.channels_last)
+            self.bundle = bundle
+        else:
+            runtimes._CACHE.clear()
+            self.bundle = runtimes.read_onnx_model(self.config.model)
+            self.runner = runtimes.open_onnx_runner(self.runtime, self.bundle, [], "compact", self.threads,
+                                                    self.precision)
+            self.runner.prepare(self.batch, self.window)
+        return time.perf_counter() - t0
+
+    def infer(self, x):
+        if self.runtime == "torch":
+            import torch
+            with torch.inference_mode():
+                return torch.sigmoid(self.model(torch.from_numpy(x).contiguous(
+                    memory_format=torch.channels_last)))[:, 0].numpy()
+        return self.runner.infer(x, self.batch)["probability"][:, 0]
+
+    def rate(self, x, batches):
+        self.infer(x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            self.infer(x)
+        return batches * x.shape[0] / (time.perf_counter() - t0)
+
+
+def validation_f1(runner: AssetRunner, bundle, tiles, batch: int):
+    """F1 per source (and pooled held-out zones) on ``tiles``; returns it and the probabilities."""
+    import evaluate_coasts
+    from menet_qgis.core.metrics import Confusion
+    from menet_qgis.core.training import _reflectance_plan
+    plan = _reflectance_plan(tiles.images.shape[1])
+    prob = np.empty(tiles.labels.shape, np.float32)
+    for i in range(0, len(tiles), batch):
+        raw, valid = np.nan_to_num(tiles.images[i:i + batch]), tiles.valid[i:i + batch]
+        x = runtimes.prepare_batch_numpy(raw, valid, runner.bundle, plan)
+        prob[i:i + batch] = runner.infer(x)
+    holdout = evaluate_coasts.holdout_of(bundle)
+
+    def unit(i):
+        g = tiles.groups[i]
+        return "jambeli (validation)" if tiles.sources[i] == "jambeli" else \
+            f"{g} ({'held out' if g in holdout else 'validation'})"
+
+    groups = evaluate_coasts.by_group(tiles, prob >= bundle.threshold, unit)
+    groups["held-out zones pooled"] = sum((c for u, c in groups.items() if "held out" in u), Confusion())
+    return {u: round(c.scores()["f1"], 4) for u, c in sorted(groups.items())}, prob
+
+
+def scored_tiles(bundle):
+    """The checkpoint's own validation and held-out windows (its stored split, as evaluate_coasts rebuilds it)."""
+    import evaluate_coasts
+    tiles = evaluate_coasts.load(bundle.recipe, [evaluate_coasts.JAMBELI, evaluate_coasts.MAGSET2])
+    _train, val, test = evaluate_coasts.split(tiles, bundle)
+    return tiles.subset(val + test)
+
+
+def cpu_description():
+    features = runtimes.cpu_features()
+    name = ""
+    try:
+        name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"model": name, "cores_usable": runtimes.default_threads(),
+            "flags_of_note": [f for f in CPU_FLAGS_OF_NOTE if f in features],
+            "absent": [f for f in CPU_FLAGS_OF_NOTE if f not in features]}
+
+
+def asset_mode(a, work) -> int:
+    """The asset against torch fp32, interleaved: see the module docstring."""
+    from menet_qgis.core import checkpoint
+    asset = Path(a.asset)
+    pt = Path(a.model) if a.model else ROOT / "resources" / "models" / "menet_coasts_v2.pt"
+    if not asset.is_file():
+        raise SystemExit(f"bench: no {asset}: run `make package` first")
+    raster = Path(a.raster) if a.raster else work / f"synthetic_{a.size}.tif"
+    if not raster.exists():
+        generate(raster, a.size)
+    load_before = os.getloadavg()
+    configs = asset_configs(asset, pt)
+    bundle = checkpoint.load(pt)
+    batch = a.batch_size or 4
+    threads = a.threads or runtimes.default_threads()
+    x = real_input(raster, bundle, a.window, batch)
+    runners = [AssetRunner(c, threads, batch, a.window) for c in configs]
+    rounds = []
+    for i in range(a.rounds):
+        row = {"e2e": {}, "forward": {}, "load_s": {}}
+        for c in configs:
+            row["e2e"][c.label] = run_cli(raster, work / f"round{i}_{c.runtime}_{c.precision}", c.runtime, a,
+                                          ["--precision", c.precision], model=c.model)
+            print(f"round {i + 1} {c.label}: wall {row['e2e'][c.label]['wall_s']} s, engine "
+                  f"{row['e2e'][c.label]['windows_per_s']:.2f} windows/s", file=sys.stderr)
+        for r in runners:
+            row["load_s"][r.config.label] = r.load()
+            row["forward"][r.config.label] = r.rate(x, a.forward_batches)
+        print(f"round {i + 1} forward-only: " + ", ".join(f"{k} {v:.2f}" for k, v in row["forward"].items()),
+              file=sys.stderr)
+        rounds.append(row)
+    torch_label = configs[0].label
+    summary = {}
+    for c in configs:
+        runtime, precision, why = c.resolved()
+        entry = {"runtime": runtime, "precision": precision, "why": why,
+                 "model_file_mb": round(c.model.stat().st_size / 1e6, 2),
+                 "process_wall_s": median([rd["e2e"][c.label]["wall_s"] for rd in rounds]),
+                 "engine_windows_per_s": median([rd["e2e"][c.label]["windows_per_s"] for rd in rounds]),
+                 "forward_only_windows_per_s": median([rd["forward"][c.label] for rd in rounds]),
+                 "load_s": median([rd["load_s"][c.label] for rd in rounds]),
+                 "peak_rss_mb": max(rd["e2e"][c.label]["peak_rss_mb"] for rd in rounds)}
+        if c.label != torch_label:
+            entry["wall_speedup_vs_torch_per_round"] = [round(rd["e2e"][torch_label]["wall_s"] / rd["e2e"][c.label]["wall_s"], 3)
+                                                        for rd in rounds]
+            entry["engine_speedup_vs_torch_per_round"] = [
+                round(rd["e2e"][c.label]["windows_per_s"] / rd["e2e"][torch_label]["windows_per_s"], 3) for rd in rounds]
+            entry["forward_speedup_vs_torch_per_round"] = [round(rd["forward"][c.label] / rd["forward"][torch_label], 3)
+                                                           for rd in rounds]
+            entry["map_vs_torch_fp32"] = map_difference(rounds[-1]["e2e"][c.label]["probability"],
+                                                        rounds[-1]["e2e"][torch_label]["probability"])
+        summary[c.label] = entry
+    if a.validation:
+        want, tiles = None, scored_tiles(bundle)
+        for r in runners:
+            f1, prob = validation_f1(r, bundle, tiles, batch)
+            summary[r.config.label]["validation_f1"] = f1
+            if want is None:
+                want = prob
+            else:
+                valid = tiles.valid
+                summary[r.config.label]["validation_windows_vs_torch"] = {
+                    "max_abs_diff": float(np.abs(prob - want)[valid].max()),
+                    "class_flips_pct": float(100 * ((prob >= bundle.threshold) != (want >= bundle.threshold))[valid].mean())}
+        report_extra = {"validation_windows": len(tiles)}
+    else:
+        report_extra = {}
+    with raster_io.rasterio.open(raster) as ds:
+        size = f"{ds.width} x {ds.height} px"
+    report = {"mode": "asset", "raster": str(raster), "raster_size": size, "window": a.window,
+              "overlap": a.overlap, "rounds": a.rounds, "threads": threads, "batch_size": batch,
+              "cpu": cpu_description(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "asset": str(asset), "checkpoint": str(pt), **report_extra, "summary": summary, "per_round": rounds}
+    print(json.dumps({k: v for k, v in report.items() if k != "per_round"}, indent=2))
+    print(markdown_table(report), file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def markdown_table(report) -> str:
+    """The README's table: one row per configuration, ratios as per-round ranges."""
+    def span(values):
+        return f"{min(values):.2f}–{max(values):.2f}×" if values else "1"
+    lines = ["| configuration | runs as | end to end (s) | vs torch | engine windows/s | forward windows/s | "
+             "vs torch | load (s) | max abs Δp | class flips | validation F1 (pooled held-out) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, e in report["summary"].items():
+        diff = e.get("map_vs_torch_fp32")
+        max_diff = f"{diff['max_abs_diff']:.1e}" if diff else "—"
+        flips = f"{diff['class_flips_pct']:.4f} %" if diff else "—"
+        f1 = e.get("validation_f1", {}).get("held-out zones pooled", "—")
+        lines.append(f"| {label} | {e['runtime']} {e['precision']} | {e['process_wall_s']} | "
+                     f"{span(e.get('wall_speedup_vs_torch_per_round', []))} | {e['engine_windows_per_s']} | "
+                     f"{e['forward_only_windows_per_s']} | {span(e.get('forward_speedup_vs_torch_per_round', []))} | "
+                     f"{e['load_s']} | {max_diff} | {flips} | {f1} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raster", help="input raster (default: a generated one of --size)")
@@ -245,6 +474,10 @@ def main(argv=None) -> int:
     p.add_argument("--memory-via", choices=("cli", "qgis_process"), default="cli",
                    help="peak-RSS mode through the CLI or through qgis_process (run it via `make bench`, "
                         "which stages the plugin)")
+    p.add_argument("--asset", nargs="?", const=str(ROOT / "dist" / "menet_coasts_v2.onnx"),
+                   help="compare this model asset (default: dist/menet_coasts_v2.onnx) with torch fp32 on --model")
+    p.add_argument("--validation", action="store_true",
+                   help="with --asset: also F1 per source on the model's validation and held-out windows")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--workdir", help="where generated rasters and outputs go (default: a temp folder)")
     a = p.parse_args(argv)
@@ -253,6 +486,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if a.memory_sizes:
         return memory_mode(a, work)
+    if a.asset:
+        return asset_mode(a, work)
     raster = Path(a.raster) if a.raster else work / f"synthetic_{a.size}.tif"
     if not raster.exists():
         generate(raster, a.size)
