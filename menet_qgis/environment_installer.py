@@ -818,9 +818,16 @@ def install_environment(variant: str = DEFAULT_VARIANT, env_dir=None, base_pytho
     with _install_lock(env_dir):
         python = env_python(env_dir)
         record = read_install_record(env_dir)
-        if record and not fresh and _runs(python):
-            pins = applicable_pins(python, lines)
-            if (record.get("variant") == variant and record.get("requirements") == pins
+        if record and not _runs(python):  # e.g. the Python it was made from was removed or upgraded
+            reporter.warn(f"the installed environment's Python {python} no longer runs: building a new one")
+            (env_dir / RECORD_NAME).unlink(missing_ok=True)
+            record = None
+        if record and not fresh:
+            try:
+                pins = applicable_pins(python, lines)
+            except InstallError:  # e.g. pip removed from it by hand: a new one is built
+                pins = []
+            if (pins and record.get("variant") == variant and record.get("requirements") == pins
                     and record.get("system_site_packages") == system_site_packages and not unsatisfied(python, pins)):
                 reporter.info(f"ME-Net environment '{variant}' at {env_dir}: {', '.join(pins)}")
                 reporter.info(f"all {len(pins)} pinned requirements are already installed: nothing to download")

@@ -308,6 +308,22 @@ def test_second_run_is_quick_and_says_so(built, wheels):
     assert record(env_dir)["requirements"] == GOOD
 
 
+def test_an_installed_environment_that_no_longer_passes_is_rebuilt(built, wheels):
+    """Damaged after its install (here: a package's code replaced): the rerun's check fails, and a new one is
+    built and swapped in instead of 'already installed'."""
+    env_dir, _, _ = built
+    damaged = next((env_dir / "lib").glob("python3*/site-packages/menet_probe_extra/__init__.py"))
+    damaged.write_text("raise ImportError('damaged by hand')\n")
+    log = Log()
+    again = installer.install_environment("cpu-light", env_dir=env_dir, wheel_folder=wheels, reporter=log,
+                                          requirements=GOOD)
+    assert not again.already_installed and again.verification.ok
+    assert log.warnings == ["the installed environment no longer passes its check (menet_probe_extra: ImportError: "
+                            "damaged by hand): building a new one"]
+    assert "damaged" not in next((env_dir / "lib").glob("python3*/site-packages/menet_probe_extra/__init__.py")
+                                 ).read_text()
+
+
 def test_failed_verification_keeps_the_verified_environment_in_use(built, wheels):
     env_dir, _, _ = built
     before, digest = record(env_dir), tree_digest(env_dir)
