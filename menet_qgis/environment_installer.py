@@ -672,10 +672,10 @@ def check_variant_index(python, variant: Variant, reporter) -> None:
         if any(version_matches(v, version) for v in versions):
             reporter.info(f"package index {url}: has {name} {version} for this Python")
             continue
-        if any("unknown command" in l for l in lines) and _unreachable_reason(url, name) is None:
+        reason = _unreachable_reason(url, name)
+        if reason is None and any("unknown command" in l for l in lines):
             reporter.info(f"package index {url}: answers (this pip is too old to list its versions)")
             continue
-        reason = _unreachable_reason(url, name)
         if reason is not None:
             raise InstallError(
                 f"the {variant.name} variant's package index {url} cannot be reached ({reason}), so nothing was "
