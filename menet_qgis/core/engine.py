@@ -405,9 +405,10 @@ class TorchRunner:
         self.fast = use_bf16(options.precision, self.device)
         self.precision = "bf16" if self.fast else "fp32"
         self.precision_why = ("asked for" if options.precision != "auto" else
-                              "autocast on the CUDA GPU" if self.fast else
+                              "auto on the CUDA GPU" if self.fast else
                               "torch runs fp32 on the CPU (OpenVINO runs bf16 where the CPU has it)")
-        self.precision_why += ", channels_last memory format"
+        self.precision_why += (" (bf16 autocast, channels_last memory format)" if self.fast
+                               else " (channels_last memory format)")
         self._auto_batch_size = auto_batch_size
         self.bundle, self.stages, self.stage_mode = bundle, list(stages), options.stage_mode
         self.tta = options.tta
