@@ -75,9 +75,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threads_auto: str) -> 
                         help=f"CPU threads for the runtime (torch, onnxruntime or OpenVINO); 0 = {threads_auto}. "
                              "On a machine shared with other heavy jobs, fewer threads can be much faster")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto = bf16 autocast on CUDA, fp32 on the CPU. bf16 on the CPU (openvino on a CPU "
-                             "with AVX512-BF16/AMX, or torch) is about 2x faster and changes the probability by "
-                             "up to ~0.02 (a few pixels in 10 000 change class at 0.5)")
+                        help="auto = bf16 autocast on CUDA; on the CPU bf16 in OpenVINO where the CPU has "
+                             "AVX512_BF16 or AMX-BF16, else fp32 (the log says which and why). bf16 on the CPU "
+                             "is about 2x faster and changes the probability by up to ~0.02 (a few pixels in "
+                             "10 000 change class at 0.5)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time flips: average the model over the 8 flips/rotations of every window "
                              "(+0.1-0.8 F1 points on the validation and held-out coasts, 8x the model's time)")
