@@ -11,7 +11,8 @@ builds (variant cpu-light, no PyTorch) with the model *Install model* fetched.
 
 Shared by both: the plugin ZIP and the model asset from ``make package`` (dist/), the model served with its
 ``.sha256`` by a loopback HTTP server (127.0.0.1), and the cpu-light wheels from ``pip download``, cached in
-build/wheels/ so only the first run needs the package index.  Each writes times (install dependencies,
+build/wheels/ so only the first run needs the package index.  The map is compared with torch fp32 on the
+``.pt`` the asset was exported from (the checkout's engine in this test's Python).  Each writes times (install dependencies,
 install model, first map) and sizes (environment, model) to build/user_path/<kind>/result.json and prints
 them.  Marked ``user_path`` (``pytest -m user_path`` runs only these, ``-m "not user_path"`` skips them).
 
@@ -272,7 +273,8 @@ def test_headless_installs_model_over_loopback(headless):
     asset = headless["asset"]
     assert asset is not None, "no model asset in dist/ to serve"
     assert headless["steps"]["install_model"]["returncode"] == 0, step_failed(headless, "install_model")
-    assert headless["served"].get(asset.name), f"Install model never downloaded {asset.name}: {headless['served']}"
+    assert all(headless["served"].values()) and headless["served"], \
+        f"Install model did not download {asset.name} and its .sha256 from the server: {headless['served']}"
     installed = headless["installed"]
     assert installed.is_file(), f"{asset.name} is not in the profile's model store {installed.parent}"
     assert sha256_file(installed) == asset.with_name(asset.name + ".sha256").read_text().split()[0]
@@ -285,6 +287,9 @@ def test_headless_first_map_with_the_default_model(headless, capsys):
     python, why = engine_python(log)
     managed = headless["home"] / "env" / "bin" / "python"
     assert python == str(managed), f"the engine ran in {python} ({why}), not the managed environment {managed}"
+    assert str(headless["installed"]) in log, \
+        f"the log does not name the model Install model put in the profile's store ({headless['installed']}):\n" \
+        f"{tail(log)}"
     check_probability(headless["scene"], headless["output"])
     print_record(capsys, "headless qgis_process", headless["record"])
 
@@ -461,7 +466,8 @@ def test_desktop_installs_model_over_loopback(desktop):
     assert asset is not None, "no model asset in dist/ to serve"
     dialog = desktop["recorded"].get("dialogs", {}).get("install_model", {})
     assert dialog.get("ok"), dialog_failed(desktop, "install_model")
-    assert desktop["served"].get(asset.name), f"Install model never downloaded {asset.name}: {desktop['served']}"
+    assert all(desktop["served"].values()) and desktop["served"], \
+        f"Install model did not download {asset.name} and its .sha256 from the server: {desktop['served']}"
     installed = desktop["installed"]
     assert installed.is_file() and sha256_file(installed) == \
         asset.with_name(asset.name + ".sha256").read_text().split()[0], f"{installed} missing or not the asset"
@@ -479,6 +485,8 @@ def test_desktop_first_map_on_the_active_layer_with_the_default_model(desktop, c
     python, why = engine_python(dialog.get("log", ""))
     managed = desktop["home"] / "env" / "bin" / "python"
     assert python == str(managed), f"the engine ran in {python} ({why}), not the managed environment {managed}"
+    assert str(desktop["installed"]) in dialog.get("log", ""), \
+        f"the log does not name the model Install model put in the profile's store ({desktop['installed']})"
     check_probability(desktop["scene"], desktop["output"])
     print_record(capsys, "desktop QGIS", desktop["record"])
 
