@@ -50,11 +50,6 @@ def requirement_files(variant: str) -> List[Path]:
     return files
 
 
-def python_tag(version=None) -> str:
-    major, minor = (version or sys.version_info)[:2]
-    return f"py{major}.{minor}"
-
-
 @contextmanager
 def _locked(path: Path):
     """An exclusive lock file: two pytest processes never fill the same wheel folder at once."""
