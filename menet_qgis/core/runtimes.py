@@ -9,7 +9,10 @@ and the model's record (recipe, PCA, normalisation, window) travels in the ONNX
 file's metadata, so an ``.onnx`` file alone is a complete model.
 
 ``auto`` picks CUDA torch when torch sees a GPU, else OpenVINO if installed,
-else ONNX Runtime, else torch; ``choose_runtime`` says why in one line.
+else ONNX Runtime, else torch; ``choose_runtime`` says why in one line.  On the
+CPU ``auto`` precision is a rule of the CPU's flags (``auto_cpu_precision``):
+bf16 in OpenVINO where the CPU computes bf16 natively, fp32 otherwise; the
+engine logs the choice and its reason on every run.
 """
 from __future__ import annotations
 
