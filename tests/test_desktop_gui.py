@@ -155,7 +155,7 @@ def gui_run():
     result_path = work / "result.json"
     config = work / "config.json"
     config.write_text(json.dumps({
-        "zip": str(plugin_zip), "scene": str(scene),
+        "harness_folder": str(DRIVER.parent), "zip": str(plugin_zip), "scene": str(scene),
         "layer_name": "Jambeli 2020 crop" if SCENE.is_file() else "synthetic Sentinel-2",
         "output": str(work / "out" / "probability.tif"), "model": str(MODEL) if MODEL.is_file() else "",
         "stage": 5, "result": str(result_path),

@@ -11,71 +11,30 @@ stage layers, run from the batch dialog's Run button.  It records what a
 user would see (layer trees, active layer, insertion point, output file,
 dialog logs, Python exceptions, screenshots) in a JSON file and quits QGIS
 through File › Exit.  A crash leaves a faulthandler traceback instead.
+What any driver does (the record, waiting, screenshots, exit) is in harness.py.
 
-Everything comes from the JSON file named by ``MENET_GUI_CONFIG``: ``zip``,
-``scene``, ``layer_name``, ``output``, ``model``, ``stage`` (index), ``batch`` (rows of
-``output`` and ``stages``), ``result`` (JSON to write), ``shots`` (PNG folder), ``timeout_s``.
+Everything comes from the JSON file named by ``MENET_GUI_CONFIG``: ``harness_folder``
+(this folder), ``zip``, ``scene``, ``layer_name``, ``output``, ``model``, ``stage`` (index),
+``batch`` (rows of ``output`` and ``stages``), ``result`` (JSON to write), ``shots``
+(PNG folder), ``timeout_s``, ``session_s``.
 """
-import faulthandler
 import json
 import os
 import sys
-import threading
-import time
-import traceback
 
 CONFIG = json.load(open(os.environ["MENET_GUI_CONFIG"], encoding="utf-8"))
-os.makedirs(CONFIG["shots"], exist_ok=True)
-# Kept open for the process's life: a segfault in any thread writes every thread's stack here.
-FAULT_LOG = open(os.path.join(os.path.dirname(CONFIG["result"]), "faulthandler.txt"), "w")
-faulthandler.enable(file=FAULT_LOG, all_threads=True)
+# `qgis --code` runs this file with neither its folder on sys.path nor __file__: the config names the folder.
+sys.path.insert(0, CONFIG["harness_folder"])
+from harness import (RESULT, add_scene, answer_modal_dialogs, begin, dialog_log, grab, heavy_modules,  # noqa: E402
+                     install_plugin, later, layer_tree, quit_qgis, run_buttons, show_toolbox, step, wait_until)
+sys.path.remove(CONFIG["harness_folder"])
 
-from qgis.core import Qgis, QgsApplication, QgsLayerTree, QgsProject  # noqa: E402
+from qgis.core import QgsApplication, QgsLayerTree, QgsProject  # noqa: E402
 from qgis.PyQt.QtCore import QTimer  # noqa: E402
-from qgis.PyQt.QtWidgets import QApplication, QDockWidget, QMessageBox, QPushButton, QTextEdit  # noqa: E402
+from qgis.PyQt.QtWidgets import QDockWidget  # noqa: E402
 from qgis.utils import iface  # noqa: E402
 
-RESULT = {"steps": [], "exceptions": [], "messages": [], "libraries": {}}
-STARTED = time.monotonic()
-LEVELS = {Qgis.Info: "info", Qgis.Warning: "warning", Qgis.Critical: "critical", Qgis.Success: "success"}
-
-
-def step(text):
-    """Progress marker, flushed to disk at once: if QGIS dies, the JSON says how far it got."""
-    RESULT["steps"].append(f"{time.monotonic() - STARTED:7.1f}s {text}")
-    save()
-
-
-def save():
-    tmp = CONFIG["result"] + ".part"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(RESULT, fh, indent=1, default=str)
-    os.replace(tmp, CONFIG["result"])
-
-
-def record_exception(kind, exc_type, value, tb):
-    RESULT["exceptions"].append({"where": kind, "text": "".join(traceback.format_exception(exc_type, value, tb))})
-    save()
-
-
-_qgis_excepthook = sys.excepthook
-
-
-def excepthook(exc_type, value, tb):
-    record_exception("sys.excepthook", exc_type, value, tb)
-    _qgis_excepthook(exc_type, value, tb)  # QGIS's own hook still shows it, as for a user
-
-
-sys.excepthook = excepthook
-threading.excepthook = lambda args: record_exception(
-    f"thread {args.thread.name if args.thread else '?'}", args.exc_type, args.exc_value, args.exc_traceback)
-
-
-def on_message(message, tag, level):
-    RESULT["messages"].append({"tag": tag, "level": LEVELS.get(level, str(level)), "text": message})
-
-
-QgsApplication.messageLog().messageReceived.connect(on_message)
+RESULT["libraries"] = {}
 
 
 def loaded_libraries():
@@ -86,80 +45,15 @@ def loaded_libraries():
     return sorted(p for p in paths if any(w in os.path.basename(p) for w in wanted))
 
 
-def grab(widget, name):
-    path = os.path.join(CONFIG["shots"], name)
-    ok = widget.grab().save(path, "PNG")
-    RESULT.setdefault("screenshots", {})[name] = path if ok else None
-
-
-def later(ms, action):
-    """Run ``action`` on a QTimer; a failure in it is recorded and still ends QGIS."""
-    def guarded():
-        try:
-            action()
-        except Exception:
-            record_exception("driver", *sys.exc_info())
-            quit_qgis()
-
-    QTimer.singleShot(ms, guarded)
-
-
-def wait_until(condition, then, timeout_s, on_timeout, every_ms=250):
-    """Poll ``condition`` on a QTimer (the event loop keeps running); call ``then`` or ``on_timeout``."""
-    deadline = time.monotonic() + timeout_s
-
-    def poll():
-        try:
-            if condition():
-                then()
-            elif time.monotonic() > deadline:
-                on_timeout()
-            else:
-                QTimer.singleShot(every_ms, poll)
-        except Exception:  # a failure in the driver itself must still end QGIS
-            record_exception("driver", *sys.exc_info())
-            quit_qgis()
-
-    QTimer.singleShot(every_ms, poll)
-
-
 # ---------------------------------------------------------------------------------------------- steps
-def install_plugin():
-    """Plugins › Manage and Install Plugins › Install from ZIP, through QGIS's own installer."""
-    step("install from ZIP " + CONFIG["zip"])
-    import pyplugin_installer
-    import qgis.utils
-    pyplugin_installer.instance().installFromZipFile(CONFIG["zip"])
-    RESULT["plugin_active"] = "menet_qgis" in qgis.utils.active_plugins
-    # qgis.utils.home_plugin_path is gone in QGIS 3.40: the profile's plugin folder, as the installer uses it
-    RESULT["plugin_folder"] = os.path.join(QgsApplication.qgisSettingsDirPath(), "python", "plugins", "menet_qgis")
-    provider = QgsApplication.processingRegistry().providerById("menet")
-    RESULT["provider_loaded"] = provider is not None
-    step(f"plugin active={RESULT['plugin_active']} provider={RESULT['provider_loaded']}")
-    if provider is None:
+def first_step():
+    RESULT["libraries"]["start"] = loaded_libraries()
+    install_plugin()
+    if not RESULT["provider_loaded"]:
         return quit_qgis()
-    load_scene()
-
-
-def show_toolbox():
-    """The Processing toolbox filtered to the plugin, as a user finds the algorithm (screenshots only)."""
-    try:
-        import qgis.utils
-        toolbox = qgis.utils.plugins["processing"].toolbox
-        toolbox.setVisible(True)
-        toolbox.searchBox.setText("mangroves")
-    except Exception as exc:  # cosmetic: a QGIS without these attributes still runs the test
-        RESULT["toolbox"] = f"not shown: {exc!r}"
-
-
-def load_scene():
-    show_toolbox()
-    layer = iface.addRasterLayer(CONFIG["scene"], CONFIG["layer_name"])
-    RESULT["scene_valid"] = bool(layer and layer.isValid())
+    show_toolbox("mangroves")
+    layer = add_scene()
     RESULT["scene_id"] = layer.id()
-    iface.setActiveLayer(layer)
-    iface.mapCanvas().setExtent(layer.extent())
-    step(f"scene loaded valid={RESULT['scene_valid']}")
     open_dialog(layer)
 
 
@@ -186,13 +80,6 @@ def open_dialog(layer):
     later(1000, lambda: press_run(dialog))
 
 
-def run_buttons(dialog):
-    """The dialog's own accessor where QGIS has one (any UI language), else the visible button labelled Run."""
-    buttons = [dialog.runButton()] if hasattr(dialog, "runButton") else [
-        b for b in dialog.findChildren(QPushButton) if b.text().replace("&", "") == "Run"]
-    return [b for b in buttons if b is not None and b.isVisible() and b.isEnabled()]
-
-
 def press_run(dialog):
     grab(dialog, "dialog_parameters.png")
     grab(iface.mainWindow(), "main_window_before.png")
@@ -211,11 +98,6 @@ def press_run(dialog):
                CONFIG["timeout_s"], lambda: after_run(dialog, finished, timed_out=True))
 
 
-def heavy_modules():
-    """Deep-learning modules imported into QGIS's own process (the engine belongs in a worker process)."""
-    return sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "torchvision", "triton"))
-
-
 def after_run(dialog, finished, timed_out=False):
     RESULT["finished"] = not timed_out
     RESULT["heavy_modules"] = heavy_modules()
@@ -225,25 +107,6 @@ def after_run(dialog, finished, timed_out=False):
     step(f"algorithm finished={not timed_out} ok={finished.get('ok')}")
     # Layers are loaded and post-processed before algorithmFinished; give the canvas a moment to render.
     later(500, lambda: record_outcome(dialog))
-
-
-def layer_tree():
-    """The layer panel top to bottom: (depth, kind, name, visible, expanded, source, id; a group's run)."""
-    rows = []
-
-    def walk(node, depth):
-        for child in node.children():
-            kind = "group" if QgsLayerTree.isGroup(child) else "layer"
-            layer = child.layer() if kind == "layer" else None
-            rows.append({"depth": depth, "kind": kind, "name": child.name(), "visible": child.isVisible(),
-                         "checked": child.itemVisibilityChecked(), "expanded": child.isExpanded(),
-                         "source": layer.source() if layer else None, "id": layer.id() if layer else None,
-                         "run": child.customProperty("menet_qgis/stage_group_of_run") if kind == "group" else None})
-            if kind == "group":
-                walk(child, depth + 1)
-
-    walk(QgsProject.instance().layerTreeRoot(), 0)
-    return rows
 
 
 def desktop_state():
@@ -261,17 +124,10 @@ def desktop_state():
 def record_outcome(dialog):
     RESULT["layer_tree"] = layer_tree()
     RESULT["after_run"] = desktop_state()
-    # The log pane (txtLog in 3.22's .ui); else whichever text box holds the run's log.
     RESULT["dialog_log"] = dialog_log(dialog)
     canvas = iface.mapCanvas()
     canvas.refreshAllLayers()
     wait_until(lambda: not canvas.isDrawing(), lambda: screenshots(dialog), 30, lambda: screenshots(dialog))
-
-
-def dialog_log(dialog):
-    logs = [dialog.findChild(QTextEdit, "txtLog")] + dialog.findChildren(QTextEdit)
-    texts = [w.toPlainText() for w in logs if w is not None]
-    return next((t for t in texts if "Algorithm started" in t or "starting" in t), texts[0] if texts else None)
 
 
 def screenshots(dialog):
@@ -366,49 +222,14 @@ def batch_screenshots(dialog):
     later(500, lambda: (grab(iface.mainWindow(), "main_window_batch_groups_open.png"), quit_qgis()))
 
 
-def quit_qgis():
-    """File › Exit with nothing to save.  QGIS asks before closing a project with layers it counts as
-    temporary — files under the system temp folder, where a checkout may live — unless the profile's
-    app/askToSaveMemoryLayers is false (the test's profile sets it, as a user may in Settings ›
-    Options › Advanced).  Whatever QGIS still asks is recorded and answered, so the test fails with the
-    question instead of hanging until it is killed."""
-    step("exit")
-    RESULT["done"] = True
+def before_exit():
+    """QGIS asks before closing a project with layers it counts as temporary — files under the system temp
+    folder, where a checkout may live — unless the profile's app/askToSaveMemoryLayers is false (the test's
+    profile sets it, as a user may in Settings › Options › Advanced).  Whatever QGIS still asks is recorded and
+    answered, so the test fails with the question instead of hanging until it is killed."""
     RESULT["temporary_layers"] = sorted(layer.name() for layer in QgsProject.instance().mapLayers().values()
                                         if layer.isTemporary())
-    save()
-    QgsProject.instance().setDirty(False)
-    QTimer.singleShot(1000, answer_exit_question)
-    iface.actionExit().trigger()
+    QTimer.singleShot(1000, lambda: answer_modal_dialogs("exit_questions"))
 
 
-def answer_exit_question():
-    box = QApplication.activeModalWidget()
-    if isinstance(box, QMessageBox):
-        RESULT.setdefault("exit_questions", []).append(box.text())
-        save()
-        (box.button(QMessageBox.Yes) or box.button(QMessageBox.Discard) or box.defaultButton()).click()
-    QTimer.singleShot(1000, answer_exit_question)
-
-
-def start():
-    try:
-        step("QGIS " + Qgis.QGIS_VERSION)
-        iface.mainWindow().resize(*CONFIG.get("window", (1280, 800)))
-        RESULT["libraries"]["start"] = loaded_libraries()
-        install_plugin()
-    except Exception:
-        record_exception("driver", *sys.exc_info())
-        quit_qgis()
-
-
-def watchdog():
-    """Whatever went wrong in the steps above, QGIS does not outlive the test's patience."""
-    record_exception("watchdog", TimeoutError, TimeoutError(f"driver still running after {CONFIG['session_s']} s"),
-                     None)
-    quit_qgis()
-
-
-# --code runs before the main window's event loop: start once it is running.
-QTimer.singleShot(2000, start)
-QTimer.singleShot(int(CONFIG["session_s"] * 1000), watchdog)
+begin(CONFIG, first_step, before_exit=before_exit)

@@ -15,145 +15,31 @@ its own dialog and Run button:
 It waits on QTimers (the event loop keeps running), records what a user sees (dialog logs, layer panel,
 active layer, modal dialogs, Python errors, times) in a JSON file, takes a screenshot of every step and quits
 QGIS.  A modal dialog nobody expects (an error box, a question at exit) is recorded with its text and
-answered so that QGIS never waits for a person.
+answered so that QGIS never waits for a person.  What any driver does (the record, waiting, screenshots,
+answering, exit) is in harness.py.
 
 Everything comes from the JSON file named by ``USER_PATH_DRIVER_CONFIG`` (not a MENET_* variable: a new user
-has none): ``zip``, ``variant``, ``wheel_folder``, ``model_url``, ``scene``, ``layer_name``, ``output``,
-``result``, ``shots``, ``step_timeout_s``, ``session_s``.
+has none): ``harness_folder`` (this folder), ``zip``, ``variant_index``, ``wheel_folder``, ``model_url``,
+``scene``, ``layer_name``, ``output``, ``result``, ``shots``, ``step_timeout_s``, ``session_s``.
 """
-import faulthandler
 import json
 import os
 import sys
-import threading
 import time
-import traceback
 
 CONFIG = json.load(open(os.environ["USER_PATH_DRIVER_CONFIG"], encoding="utf-8"))
-os.makedirs(CONFIG["shots"], exist_ok=True)
-FAULT_LOG = open(os.path.join(os.path.dirname(CONFIG["result"]), "faulthandler.txt"), "w")
-faulthandler.enable(file=FAULT_LOG, all_threads=True)
+# `qgis --code` runs this file with neither its folder on sys.path nor __file__: the config names the folder.
+sys.path.insert(0, CONFIG["harness_folder"])
+from harness import (RESULT, STARTED, add_scene, answer_modal_dialogs, begin, dialog_log, grab,  # noqa: E402
+                     heavy_modules, install_plugin, later, layer_tree, quit_qgis, run_buttons, show_toolbox, step,
+                     wait_until)
+sys.path.remove(CONFIG["harness_folder"])
 
-from qgis.core import NULL, Qgis, QgsApplication, QgsLayerTree, QgsProject  # noqa: E402
+from qgis.core import NULL, QgsProject  # noqa: E402
 from qgis.PyQt.QtCore import QTimer  # noqa: E402
-from qgis.PyQt.QtWidgets import QApplication, QMessageBox, QPushButton, QTextEdit  # noqa: E402
 from qgis.utils import iface  # noqa: E402
 
-RESULT = {"steps": [], "exceptions": [], "messages": [], "modal_dialogs": [], "dialogs": {}, "seconds": {}}
-STARTED = time.monotonic()
-LEVELS = {Qgis.Info: "info", Qgis.Warning: "warning", Qgis.Critical: "critical", Qgis.Success: "success"}
-SHOT_NUMBER = [0]
-
-
-def step(text):
-    """Progress marker, flushed to disk at once: if QGIS dies, the JSON says how far it got."""
-    RESULT["steps"].append(f"{time.monotonic() - STARTED:7.1f}s {text}")
-    save()
-
-
-def save():
-    tmp = CONFIG["result"] + ".part"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(RESULT, fh, indent=1, default=str)
-    os.replace(tmp, CONFIG["result"])
-
-
-def record_exception(kind, exc_type, value, tb):
-    RESULT["exceptions"].append({"where": kind, "text": "".join(traceback.format_exception(exc_type, value, tb))})
-    save()
-
-
-_qgis_excepthook = sys.excepthook
-
-
-def excepthook(exc_type, value, tb):
-    record_exception("sys.excepthook", exc_type, value, tb)
-    _qgis_excepthook(exc_type, value, tb)  # QGIS's own hook still shows it (the modal watcher answers it)
-
-
-sys.excepthook = excepthook
-threading.excepthook = lambda args: record_exception(
-    f"thread {args.thread.name if args.thread else '?'}", args.exc_type, args.exc_value, args.exc_traceback)
-QgsApplication.messageLog().messageReceived.connect(
-    lambda message, tag, level: RESULT["messages"].append({"tag": tag, "level": LEVELS.get(level, str(level)),
-                                                           "text": message}))
-
-
-def grab(widget, name):
-    """A numbered screenshot (01_..., 02_...) so the folder reads in the order of the steps."""
-    SHOT_NUMBER[0] += 1
-    path = os.path.join(CONFIG["shots"], f"{SHOT_NUMBER[0]:02d}_{name}.png")
-    ok = widget.grab().save(path, "PNG")
-    RESULT.setdefault("screenshots", {})[name] = path if ok else None
-
-
-def answer_modal_dialogs():
-    """Every second: a modal dialog is recorded (title, text, screenshot) and answered, so QGIS never waits for a
-    person.  A question is answered with its accepting button (Yes/OK: at exit, QGIS then goes on exiting)."""
-    widget = QApplication.activeModalWidget()
-    if widget is not None:
-        text = widget.text() if isinstance(widget, QMessageBox) else ""
-        if isinstance(widget, QMessageBox) and widget.informativeText():
-            text += " " + widget.informativeText()
-        RESULT["modal_dialogs"].append({"at": f"{time.monotonic() - STARTED:.1f}s", "title": widget.windowTitle(),
-                                        "class": type(widget).__name__, "text": text.strip(),
-                                        "last_step": RESULT["steps"][-1] if RESULT["steps"] else ""})
-        grab(widget, f"modal_{len(RESULT['modal_dialogs'])}")
-        save()
-        accept = None
-        if isinstance(widget, QMessageBox):
-            accept = next((b for b in widget.buttons() if widget.buttonRole(b) in
-                           (QMessageBox.YesRole, QMessageBox.AcceptRole)), None)
-        if accept is not None:
-            accept.click()
-        else:
-            widget.close()
-    QTimer.singleShot(1000, answer_modal_dialogs)
-
-
-def wait_until(condition, then, timeout_s, on_timeout, every_ms=250):
-    """Poll ``condition`` on a QTimer (the event loop keeps running); call ``then`` or ``on_timeout``."""
-    deadline = time.monotonic() + timeout_s
-
-    def poll():
-        try:
-            if condition():
-                then()
-            elif time.monotonic() > deadline:
-                on_timeout()
-            else:
-                QTimer.singleShot(every_ms, poll)
-        except Exception:  # a failure in the driver itself must still end QGIS
-            record_exception("driver", *sys.exc_info())
-            quit_qgis()
-
-    QTimer.singleShot(every_ms, poll)
-
-
-def guarded(function):
-    """A QTimer callback whose exception is recorded and ends the session instead of leaving QGIS waiting."""
-    def run(*args):
-        try:
-            function(*args)
-        except Exception:
-            record_exception("driver", *sys.exc_info())
-            quit_qgis()
-    return run
-
-
-def dialog_log(dialog):
-    """The dialog's Log pane (txtLog in 3.22's .ui); else whichever text box holds the run's log."""
-    boxes = [dialog.findChild(QTextEdit, "txtLog")] + dialog.findChildren(QTextEdit)
-    texts = [box.toPlainText() for box in boxes if box is not None]
-    return next((t for t in texts if "Algorithm started" in t), texts[0] if texts else "")
-
-
-def run_button(dialog):
-    """The dialog's own accessor where QGIS has one (any UI language), else the visible button labelled Run."""
-    buttons = [dialog.runButton()] if hasattr(dialog, "runButton") else [
-        b for b in dialog.findChildren(QPushButton) if b.text().replace("&", "") == "Run"]
-    buttons = [b for b in buttons if b is not None and b.isVisible() and b.isEnabled()]
-    return buttons[0] if len(buttons) == 1 else None
+RESULT.update(modal_dialogs=[], dialogs={}, seconds={})
 
 
 def run_in_dialog(name, algorithm, values, then, inspect=None):
@@ -174,13 +60,13 @@ def run_in_dialog(name, algorithm, values, then, inspect=None):
 
     def press():
         grab(dialog, f"{name}_parameters")
-        button = run_button(dialog)
-        if button is None:
+        buttons = run_buttons(dialog)
+        if len(buttons) != 1:
             step(f"{name}: no unique visible, enabled Run button")
             return quit_qgis()
         started = time.monotonic()
         step(f"{name}: click Run")
-        button.click()
+        buttons[0].click()
 
         def done(timed_out=False):
             record.update(finished=not timed_out, ok=bool(finished.get("ok")), seconds=time.monotonic() - started,
@@ -189,7 +75,7 @@ def run_in_dialog(name, algorithm, values, then, inspect=None):
             RESULT["seconds"][name] = record["seconds"]
             step(f"{name}: finished={not timed_out} ok={record['ok']} in {record['seconds']:.1f} s")
             # Layers load before algorithmFinished; give the canvas a moment, then the screenshot.
-            QTimer.singleShot(500, guarded(lambda: after(timed_out)))
+            later(500, lambda: after(timed_out))
 
         def after(timed_out):
             grab(dialog, f"{name}_log")
@@ -200,39 +86,18 @@ def run_in_dialog(name, algorithm, values, then, inspect=None):
 
         wait_until(lambda: "ok" in finished, done, CONFIG["step_timeout_s"], lambda: done(timed_out=True))
 
-    QTimer.singleShot(1000, guarded(press))
+    later(1000, press)
 
 
 # ---------------------------------------------------------------------------------------------- the steps
-def install_plugin():
-    """Plugins › Manage and Install Plugins › Install from ZIP, through QGIS's own installer."""
-    step("install from ZIP " + CONFIG["zip"])
-    import pyplugin_installer
-    import qgis.utils
-    started = time.monotonic()
-    pyplugin_installer.instance().installFromZipFile(CONFIG["zip"])
-    RESULT["seconds"]["install_plugin"] = time.monotonic() - started
-    RESULT["plugin_active"] = "menet_qgis" in qgis.utils.active_plugins
-    RESULT["plugin_folder"] = os.path.join(QgsApplication.qgisSettingsDirPath(), "python", "plugins", "menet_qgis")
-    RESULT["provider_loaded"] = QgsApplication.processingRegistry().providerById("menet") is not None
-    step(f"plugin active={RESULT['plugin_active']} provider={RESULT['provider_loaded']}")
+def first_step():
+    RESULT["seconds"]["install_plugin"] = install_plugin()
     if not RESULT["provider_loaded"]:
         return quit_qgis()
-    show_toolbox()
+    show_toolbox("ME-Net")
     grab(iface.mainWindow(), "plugin_installed")
     run_in_dialog("install_dependencies", "menet:installdependencies",
                   {"VARIANT": CONFIG["variant_index"], "WHEEL_FOLDER": CONFIG["wheel_folder"]}, install_model)
-
-
-def show_toolbox():
-    """The Processing toolbox filtered to the plugin, as a user finds its algorithms (screenshots only)."""
-    try:
-        import qgis.utils
-        toolbox = qgis.utils.plugins["processing"].toolbox
-        toolbox.setVisible(True)
-        toolbox.searchBox.setText("ME-Net")
-    except Exception as exc:  # cosmetic: a QGIS without these attributes still runs the test
-        RESULT["toolbox"] = f"not shown: {exc!r}"
 
 
 def install_model():
@@ -240,12 +105,8 @@ def install_model():
 
 
 def load_scene():
-    layer = iface.addRasterLayer(CONFIG["scene"], CONFIG["layer_name"])
-    RESULT["scene_valid"] = bool(layer and layer.isValid())
+    layer = add_scene()
     RESULT["scene_layer"] = {"id": layer.id(), "name": layer.name()} if layer else None
-    iface.setActiveLayer(layer)
-    iface.mapCanvas().setExtent(layer.extent())
-    step(f"scene loaded valid={RESULT['scene_valid']}")
     run_in_dialog("extract", "menet:extractmangroves", {"OUTPUT": CONFIG["output"]}, after_extract,
                   inspect=proposed_values)
 
@@ -261,30 +122,6 @@ def proposed_values(dialog, record):
     record["model_default"] = "" if model is None or model == NULL or model == "" else str(model)
     active = iface.activeLayer()
     record["active_layer"] = active.id() if active else None
-
-
-def layer_tree():
-    """The layer panel top to bottom."""
-    rows = []
-
-    def walk(node, depth):
-        for child in node.children():
-            kind = "group" if QgsLayerTree.isGroup(child) else "layer"
-            rows.append({"depth": depth, "kind": kind, "name": child.name(), "visible": child.isVisible(),
-                         "checked": child.itemVisibilityChecked(), "expanded": child.isExpanded(),
-                         "source": child.layer().source() if kind == "layer" and child.layer() else None,
-                         "id": child.layer().id() if kind == "layer" and child.layer() else None})
-            if kind == "group":
-                walk(child, depth + 1)
-
-    walk(QgsProject.instance().layerTreeRoot(), 0)
-    return rows
-
-
-def heavy_modules():
-    """Deep-learning modules imported into QGIS's own process (the engine belongs in a worker process)."""
-    return sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "torchvision", "onnxruntime",
-                                                                          "openvino", "triton"))
 
 
 def after_extract():
@@ -308,7 +145,7 @@ def second_extract():
     record = RESULT["dialogs"]["second_extract"] = {}
     proposed_values(dialog, record)
     step(f"second Extract dialog proposes INPUT={record['input_default_name']!r}")
-    QTimer.singleShot(800, guarded(lambda: close_second(dialog)))
+    later(800, lambda: close_second(dialog))
 
 
 def close_second(dialog):
@@ -317,38 +154,11 @@ def close_second(dialog):
     quit_qgis()
 
 
-def quit_qgis():
-    """File › Exit with nothing to save; any question QGIS still asks is recorded and answered by the watcher."""
-    if RESULT.get("done"):
-        return
+def before_exit():
+    """What a failed session still tells: the layer panel and the modules QGIS imported by then."""
     RESULT.setdefault("layer_tree", layer_tree())
     RESULT.setdefault("heavy_modules", heavy_modules())
-    step("exit")
-    RESULT["done"] = True
-    save()
-    QgsProject.instance().setDirty(False)
-    iface.actionExit().trigger()
 
 
-def start():
-    try:
-        step("QGIS " + Qgis.QGIS_VERSION)
-        iface.mainWindow().resize(*CONFIG.get("window", (1280, 800)))
-        install_plugin()
-    except Exception:
-        record_exception("driver", *sys.exc_info())
-        quit_qgis()
-
-
-def watchdog():
-    """Whatever went wrong above, QGIS does not outlive the test's patience (exit even if quit_qgis ran)."""
-    record_exception("watchdog", TimeoutError, TimeoutError(f"driver still running after {CONFIG['session_s']} s"),
-                     None)
-    QgsProject.instance().setDirty(False)
-    iface.actionExit().trigger()
-
-
-# --code runs before the main window's event loop: start once it is running.
-QTimer.singleShot(2000, start)
+begin(CONFIG, first_step, before_exit=before_exit, numbered_shots=True)
 QTimer.singleShot(1000, answer_modal_dialogs)
-QTimer.singleShot(int(CONFIG["session_s"] * 1000), watchdog)
