@@ -1,7 +1,10 @@
 """Test helpers: real GeoTIFFs with real georeferencing, written with rasterio."""
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -73,6 +76,29 @@ def crop_scene(path, row: int, col: int, height: int, width: int) -> Path:
 
 def qgis_process(args, env, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([QGIS_PROCESS, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_fresh_qgis(script: Path, body: str, env: dict, gui: bool = False, timeout: int = 600) -> dict:
+    """Runs ``body`` in a new Python with its own QgsApplication (a GUI one if ``gui``), Processing and this
+    checkout's provider loaded: what the pytest process imported or set up stays out of it.  The body prints
+    one JSON line last; returns it."""
+    script.write_text(textwrap.dedent(f"""\
+        import json, sys
+        from qgis.core import QgsApplication
+        app = QgsApplication([], {gui})
+        app.initQgis()
+        sys.path.append("/usr/share/qgis/python/plugins")
+        from processing.core.Processing import Processing
+        Processing.initialize()
+        import processing
+        sys.path.insert(0, {str(ROOT)!r})
+        from menet_qgis.plugin import MENetPlugin
+        plugin = MENetPlugin(None)
+        plugin.initProcessing()
+        """) + textwrap.dedent(body))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def read(path) -> np.ndarray:

@@ -617,25 +617,12 @@ def test_export_channels_reads_either_form_and_defaults_to_the_onnx(untrained_pa
 def test_install_model_dialog_has_a_picker_and_takes_a_typed_url(tmp_path):
     """QGIS's own Processing dialog (a fresh GUI QgsApplication: the suite's has no GUI): SOURCE is a file
     widget filtered to models, with its browse button, and a URL typed into it reaches the algorithm."""
-    import json
-    import subprocess
-    import sys
-    import textwrap
-    from helpers import ROOT
+    from helpers import run_in_fresh_qgis
     url = "http://127.0.0.1:8765/download?id=3"
-    script = tmp_path / "dialog.py"
-    script.write_text(textwrap.dedent(f"""\
-        import json, sys
-        from qgis.core import QgsApplication, QgsProcessingContext
-        app = QgsApplication([], True)
-        app.initQgis()
-        sys.path.append("/usr/share/qgis/python/plugins")
-        from processing.core.Processing import Processing
-        Processing.initialize()
-        sys.path.insert(0, {str(ROOT)!r})
-        from menet_qgis.plugin import MENetPlugin
-        plugin = MENetPlugin(None)
-        plugin.initProcessing()
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_DATA_HOME=str(tmp_path / "profile"),
+               QGIS_CUSTOM_CONFIG_PATH=str(tmp_path / "profile"))
+    report = run_in_fresh_qgis(tmp_path / "dialog.py", f"""\
+        from qgis.core import QgsProcessingContext
         from processing.gui.AlgorithmDialog import AlgorithmDialog
         from qgis.gui import QgsFileWidget
         from qgis.PyQt.QtTest import QTest
@@ -649,11 +636,6 @@ def test_install_model_dialog_has_a_picker_and_takes_a_typed_url(tmp_path):
         print(json.dumps({{"filter": picker.filter(), "buttons": [b.text() for b in picker.findChildren(QToolButton)],
                           "source": typed["SOURCE"], "accepted": ok}}))
         dialog.close()
-        """))
-    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_DATA_HOME=str(tmp_path / "profile"),
-               QGIS_CUSTOM_CONFIG_PATH=str(tmp_path / "profile"))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+        """, env, gui=True, timeout=300)
     assert "…" in report.pop("buttons")  # the browse button
     assert report == {"filter": "ME-Net models (*.onnx *.pt);;All files (*)", "source": url, "accepted": True}

@@ -38,8 +38,10 @@ import pytest
 import rasterio
 
 from helpers import QGIS_PROCESS, ROOT, SCENE, crop_scene, write_s2
-from user_path_support import (BUILD, MODEL_BASE, WheelCacheError, directory_bytes, fresh_runtime_dir,
-                               model_asset, serve_model, sha256_file, unzip_plugin, user_environment, wheel_folder)
+from menet_qgis.core.runtimes import file_sha256
+from menet_qgis.environment_installer import directory_size
+from user_path_support import (BUILD, MODEL_BASE, WheelCacheError, fresh_runtime_dir, model_asset, serve_model,
+                               unzip_plugin, user_environment, wheel_folder)
 
 VARIANT = "cpu-light"
 # Mangrove forest, shrimp ponds and a channel of the real 2020 scene, no no-data (as the desktop GUI test).
@@ -182,7 +184,7 @@ def test_release_has_a_model_asset_that_runs_without_torch(release):
     assert asset.suffix == ".onnx", \
         f"the model asset is {asset.name}: the cpu-light environment has no PyTorch, so users need the .onnx"
     recorded = asset.with_name(asset.name + ".sha256").read_text().split()[0]
-    assert recorded == sha256_file(asset), f"{asset.name}.sha256 does not match {asset.name}"
+    assert recorded == file_sha256(asset), f"{asset.name}.sha256 does not match {asset.name}"
 
 
 # ------------------------------------------------------------------------------------------- headless
@@ -234,7 +236,7 @@ def headless(release, wheels):
         "seconds": {"install_dependencies": steps["install_dependencies"]["seconds"],
                     "install_model": steps.get("install_model", {}).get("seconds"),
                     "first_map": steps["extract"]["seconds"], "fresh_profile_to_map": total},
-        "bytes": {"environment": directory_bytes(home / "env"),
+        "bytes": {"environment": directory_size(home / "env"),
                   "model": installed.stat().st_size if installed and installed.is_file() else 0},
         "returncodes": {name: step["returncode"] for name, step in steps.items()},
         "asset": str(asset), "served": served, "result_json": str(work / "result.json")}
@@ -277,7 +279,7 @@ def test_headless_installs_model_over_loopback(headless):
         f"Install model did not download {asset.name} and its .sha256 from the server: {headless['served']}"
     installed = headless["installed"]
     assert installed.is_file(), f"{asset.name} is not in the profile's model store {installed.parent}"
-    assert sha256_file(installed) == asset.with_name(asset.name + ".sha256").read_text().split()[0]
+    assert file_sha256(installed) == asset.with_name(asset.name + ".sha256").read_text().split()[0]
 
 
 def test_headless_first_map_with_the_default_model(headless, capsys):
@@ -342,7 +344,8 @@ def desktop(release, wheels):
     result_path, config = session / "result.json", session / "config.json"
     with serve_model(asset) if asset is not None else _no_server() as server:
         config.write_text(json.dumps({
-            "zip": str(release["zip"]), "variant_index": variant_index(VARIANT), "wheel_folder": str(wheels),
+            "harness_folder": str(DRIVER.parent), "zip": str(release["zip"]),
+            "variant_index": variant_index(VARIANT), "wheel_folder": str(wheels),
             "model_url": server.url(asset.name) if server else "", "scene": str(scene),
             "layer_name": "Jambeli 2020 crop" if SCENE.is_file() else "synthetic Sentinel-2",
             "output": str(output), "result": str(result_path), "shots": str(work),
@@ -386,7 +389,7 @@ def desktop(release, wheels):
                           "install_model": seconds.get("install_model"), "first_map": seconds.get("extract"),
                           "fresh_profile_to_map": seconds.get("fresh_profile_to_map"),
                           "qgis_session": time.monotonic() - started},
-              "bytes": {"environment": directory_bytes(home / "env"),
+              "bytes": {"environment": directory_size(home / "env"),
                         "model": installed.stat().st_size if installed and installed.is_file() else 0},
               "asset": str(asset), "served": served, "screenshots": recorded.get("screenshots", {}),
               "result_json": str(work / "result.json")}
@@ -469,7 +472,7 @@ def test_desktop_installs_model_over_loopback(desktop):
     assert all(desktop["served"].values()) and desktop["served"], \
         f"Install model did not download {asset.name} and its .sha256 from the server: {desktop['served']}"
     installed = desktop["installed"]
-    assert installed.is_file() and sha256_file(installed) == \
+    assert installed.is_file() and file_sha256(installed) == \
         asset.with_name(asset.name + ".sha256").read_text().split()[0], f"{installed} missing or not the asset"
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from qgis.core import QgsProcessingException, QgsProcessingFeedback
 
-from helpers import ROOT, write_s2
+from helpers import ROOT, run_in_fresh_qgis, write_s2
 
 ALG = "menet:extractmangroves"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -205,32 +205,16 @@ def test_qgis_process_never_imports_torch(tmp_path, untrained_path):
     """A fresh QGIS process (the pytest process imports torch through other tests) runs Extract
     through the worker; afterwards none of the heavy libraries is in its sys.modules."""
     src = write_s2(tmp_path / "in.tif", 40, 50)
-    script = tmp_path / "fresh_qgis.py"
-    script.write_text(textwrap.dedent(f"""\
-        import json, sys
-        from qgis.core import QgsApplication
-        app = QgsApplication([], False)
-        app.initQgis()
-        sys.path.append("/usr/share/qgis/python/plugins")
-        from processing.core.Processing import Processing
-        Processing.initialize()
-        import processing
-        sys.path.insert(0, {str(ROOT)!r})
-        from menet_qgis.plugin import MENetPlugin
-        plugin = MENetPlugin(None)
-        plugin.initProcessing()
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    env.pop("MENET_PYTHON", None)
+    report = run_in_fresh_qgis(tmp_path / "fresh_qgis.py", f"""\
         result = processing.run("menet:extractmangroves", {{"INPUT": {str(src)!r}, "MODEL": {str(untrained_path)!r},
                                 "OUTPUT": {str(tmp_path / "p.tif")!r}, "WINDOW_SIZE": 64, "OVERLAP": 32}})
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in
                        ("torch", "torchvision", "triton", "rasterio", "onnxruntime", "openvino", "dask")
                        or m in ("menet_qgis.core.engine", "menet_qgis.core.raster_io", "menet_qgis.core.checkpoint"))
         print(json.dumps({{"output": result["OUTPUT"], "heavy": heavy}}))
-        """))
-    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
-    env.pop("MENET_PYTHON", None)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+        """, env)
     assert report["output"] == str(tmp_path / "p.tif") and (tmp_path / "p.tif").is_file()
     assert report["heavy"] == []
 

@@ -1,5 +1,5 @@
 """What the user-path tests (tests/test_user_path.py) need besides QGIS: a wheel cache, a loopback model
-server, a clean user environment and a few size/time helpers.
+server, a clean user environment and the unpacked plugin for ``qgis_process``.
 
 Nothing here imports QGIS or the plugin's engine, so the same helpers serve the desktop driver's test and the
 headless ``qgis_process`` test.
@@ -108,26 +108,6 @@ def unzip_plugin(plugin_zip: Path, plugins_dir: Path) -> Path:
     with zipfile.ZipFile(plugin_zip) as archive:
         archive.extractall(plugins_dir)
     return plugins_dir / "menet_qgis"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def directory_bytes(path: Path) -> int:
-    """Bytes on disk under ``path`` as ``du --apparent-size`` counts them (symlinks not followed)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 # ------------------------------------------------------------------------------------------- loopback server
