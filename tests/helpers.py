@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -113,3 +114,13 @@ def refined_bundle(width: int = 8):
     refined = checkpoint.new_bundle(seed=2, refine_width=width)
     torch.nn.init.normal_(refined.model.head.refinement.correction.weight, std=0.5)
     return refined
+
+
+def release_toolchain() -> bool:
+    """Whether this Python exports with the torch and onnx the release pins (the Makefile's), whose export
+    gives the shipped hash; a distribution's torch (the Debian CI chroot) exports other bytes."""
+    import onnx
+    import torch
+    makefile = (ROOT / "Makefile").read_text()
+    return all(re.search(rf"(?<![\w-]){name}=={re.escape(version)}(?![\w.])", makefile)
+               for name, version in (("torch", torch.__version__.split("+")[0]), ("onnx", onnx.__version__)))

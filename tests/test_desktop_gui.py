@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from helpers import ROOT, SCENE, crop_scene, write_s2
+from helpers import ROOT, SCENE, crop_scene, release_toolchain, write_s2
 
 DRIVER = Path(__file__).resolve().parent / "gui" / "drive_extract.py"
 QGIS = os.environ.get("MENET_GUI_QGIS") or shutil.which("qgis")
@@ -74,8 +74,11 @@ def build_plugin_zip() -> Path:
     version = next(line.split("=", 1)[1].strip() for line in (ROOT / "metadata.txt").read_text().splitlines()
                    if line.startswith("version="))
     # `make package` writes dist/menet_qgis-<version>.zip; -o: do not re-run `make setup` from inside a test.
-    done = subprocess.run(["make", "-s", "-o", ".venv/.installed", "package"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    # With another torch than the release's (the Debian CI chroot) the .onnx asset exports to other bytes:
+    # the user's path is tested with those, verified by the .sha256 written beside them.
+    extra = [] if release_toolchain() else ["PACKAGE_ARGS=--any-asset-hash"]
+    done = subprocess.run(["make", "-s", "-o", ".venv/.installed", "package", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"packaging failed:\n{done.stdout}\n{done.stderr}"
     built = ROOT / "dist" / f"menet_qgis-{version}.zip"
     assert built.is_file(), f"packaging did not write {built}"

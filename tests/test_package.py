@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from helpers import ROOT, SCENE, crop_scene, qgis_process, read
+from helpers import ROOT, SCENE, crop_scene, qgis_process, read, release_toolchain
 
 MODEL = ROOT / "resources" / "models" / "menet_coasts_v2.pt"
 ASSET = "menet_coasts_v2.onnx"
@@ -24,16 +24,6 @@ ASSET_TOLERANCE = 1e-4
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def release_toolchain() -> bool:
-    """Whether this Python exports with the torch and onnx the release pins (the Makefile's), whose export
-    gives the shipped hash; a distribution's torch (the Debian CI chroot) exports other bytes."""
-    import onnx
-    import torch
-    makefile = (ROOT / "Makefile").read_text()
-    return all(re.search(rf"(?<![\w-]){name}=={re.escape(version)}(?![\w.])", makefile)
-               for name, version in (("torch", torch.__version__.split("+")[0]), ("onnx", onnx.__version__)))
 
 
 @pytest.fixture(scope="module")
