@@ -45,8 +45,10 @@ plugin: setup
 	@$(QGIS_PROCESS) plugins enable menet_qgis >/dev/null 2>&1 || true  # exits 1 when already enabled
 	@$(QGIS_PROCESS) list 2>/dev/null | grep -q "menet:extractmangroves" || { echo "menet provider did not load in qgis_process"; exit 1; }
 
+# TESTS: what pytest runs (default: everything), e.g. make test TESTS="tests/test_processing.py -m 'not user_path'".
+TESTS ?= tests
 test: plugin
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(TESTS)
 
 # The suite on newer QGIS in a Debian chroot (root; see scripts/ci_chroot.sh). .ci/run runs test-trixie.
 test-trixie:

@@ -98,7 +98,7 @@ def run_and_load(alg_id, params):
     assert ok, "\n".join(feedback.lines)
     for path, details in context.layersToLoadOnCompletion().items():
         assert details.layerTypeHint == QgsProcessingUtils.LayerHint.Raster, path  # no "[OGR] Cannot open" first
-    assert handleAlgorithmResults(alg, context, feedback, False, params)
+    assert handleAlgorithmResults(alg, context, feedback, parameters=params)  # 3.22 also takes showResults (unused)
     return results
 
 
