@@ -161,6 +161,15 @@ def add_raster():
     later(1000, lambda: (grab(iface.mainWindow(), "main_window_added.png"), open_batch()))
 
 
+def row_parameters(panel, row, context) -> dict:
+    """A batch row's parameters as the dialog will run them (newer QGIS, e.g. 3.40, takes the context too;
+    3.22 has parametersForRow(row, destinationProject=None, warnOnInvalid=True))."""
+    import inspect
+    if "context" in inspect.signature(panel.parametersForRow).parameters:
+        return panel.parametersForRow(row, context, warnOnInvalid=False)[0]
+    return panel.parametersForRow(row, warnOnInvalid=False)[0]
+
+
 def open_batch():
     """The toolbox's "Execute as Batch Process…": rows on the same scene, the first with stage layers."""
     from processing.gui.BatchAlgorithmDialog import BatchAlgorithmDialog
@@ -180,7 +189,7 @@ def open_batch():
         panel.tblParameters.cellWidget(row + 1, panel.parameter_to_column["OUTPUT"]).setValue(spec["output"])
     RESULT["batch_loads_layers_by_default"] = panel.checkLoadLayersOnCompletion.isChecked()
     panel.checkLoadLayersOnCompletion.setChecked(True)  # "Load layers on completion": the maps, please
-    RESULT["batch_rows"] = [{k: str(v) for k, v in panel.parametersForRow(row, warnOnInvalid=False)[0].items()}
+    RESULT["batch_rows"] = [{k: str(v) for k, v in row_parameters(panel, row, context).items()}
                             for row in range(panel.batchRowCount())]
     step(f"batch dialog: {len(rows)} rows")
     later(1000, lambda: run_batch(dialog))
