@@ -68,10 +68,12 @@ package: setup
 
 # The README's screenshots, from the desktop GUI test (real QGIS under Xvfb); copied only when it passes.
 .PHONY: screenshots
-screenshots: setup
-	$(PY) -m pytest -q tests/test_desktop_gui.py
+screenshots: plugin
+	$(PY) -m pytest -q tests/test_desktop_gui.py tests/test_user_path.py
 	mkdir -p docs/screenshots
 	cp build/gui/dialog_parameters.png build/gui/dialog_log.png build/gui/main_window_result.png docs/screenshots/
+	cp build/user_path/desktop/08_main_window_map.png docs/screenshots/user_path_map.png
+	cp build/user_path/desktop/07_extract_log.png docs/screenshots/user_path_extract_log.png
 
 bench: plugin
 	$(PY) scripts/bench.py $(BENCH_ARGS)
