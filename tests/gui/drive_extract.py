@@ -202,7 +202,12 @@ def run_batch(dialog):
         step("batch: no unique visible, enabled Run button")
         return quit_qgis()
     step("batch: click Run")
-    buttons[0].click()  # 3.22 runs the rows right here, on the main thread, and loads each row's layers
+    buttons[0].click()  # 3.22 runs the rows right here, on the main thread; 3.40 starts them as a task
+    wait_until(lambda: "Batch execution completed" in (dialog_log(dialog) or ""), lambda: after_batch(dialog), 300,
+               lambda: (step("batch: no 'Batch execution completed' in the log after 300 s"), after_batch(dialog)))
+
+
+def after_batch(dialog):
     RESULT["batch_log"] = dialog_log(dialog)
     RESULT["layer_tree_after_batch"] = layer_tree()
     RESULT["after_batch"] = desktop_state()
