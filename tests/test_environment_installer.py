@@ -258,7 +258,7 @@ def test_a_marker_picks_the_pin_for_each_python_version(tmp_path):
     """numpy 1.26.4 has no wheels for Python 3.13: the files pin 2.3.5 there, decided in the target Python."""
     lines = installer.load_variant("cpu-light").requirements
     pythons = {}
-    for candidate in [sys.executable, *sorted(Path("/root/.pyenv/versions").glob("3.1[0-9]*/bin/python3")),
+    for candidate in [sys.executable, *sorted((Path.home() / ".pyenv" / "versions").glob("3.1[0-9]*/bin/python3")),
                       *map(Path, filter(None, (shutil.which(f"python3.{m}") for m in range(10, 15))))]:
         probe = installer.inspect_interpreter(candidate)
         if not probe.problem and probe.version[:2] not in pythons:
@@ -433,7 +433,7 @@ def test_system_site_packages_option_sees_the_distribution_and_switching_rebuild
 # --------------------------------------------------------------------------------------------- the base Python
 def other_interpreter():
     """A real Python that is not the running one (another version or installation), or None."""
-    candidates = sorted(Path("/root/.pyenv/versions").glob("3.*/bin/python3"))
+    candidates = sorted((Path.home() / ".pyenv" / "versions").glob("3.*/bin/python3"))
     candidates += [Path(p) for p in (shutil.which(f"python3.{m}") for m in range(8, 15)) if p]
     for path in candidates:
         probe = installer.inspect_interpreter(path)
