@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 import subprocess
 import sys
 import textwrap
@@ -124,3 +125,23 @@ def release_toolchain() -> bool:
     makefile = (ROOT / "Makefile").read_text()
     return all(re.search(rf"(?<![\w-]){name}=={re.escape(version)}(?![\w.])", makefile)
                for name, version in (("torch", torch.__version__.split("+")[0]), ("onnx", onnx.__version__)))
+
+
+@contextmanager
+def serve_folder(folder):
+    """A quiet loopback HTTP server (127.0.0.1, a free port) for the files under ``folder``; yields its base URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

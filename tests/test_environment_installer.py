@@ -11,16 +11,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import functools
 import hashlib
-import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -29,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, qgis_process
+from helpers import ROOT, qgis_process, serve_folder
 from menet_qgis import environment_installer as installer
 
 GOOD = ["menet-probe-core==1.0", "menet-probe-extra==2.1"]
@@ -98,18 +95,8 @@ def loopback_index(wheels: list):
         for page in (Path(root) / "simple").iterdir():
             links = "".join(f'<a href="{urllib.parse.quote(w.name)}">{w.name}</a><br>' for w in page.glob("*.whl"))
             (page / "index.html").write_text(f"<!DOCTYPE html><html><body>{links}</body></html>")
-
-        class Quiet(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=root))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/simple"
-        finally:
-            server.shutdown()
-            server.server_close()
+        with serve_folder(root) as url:
+            yield f"{url}/simple"
 
 
 def closed_loopback_url() -> str:

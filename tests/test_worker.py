@@ -356,21 +356,11 @@ def test_example_model_takes_onnx_and_pt(qgis_app):
 @pytest.fixture
 def served(tmp_path):
     """A loopback HTTP server for the files in tmp_path/served."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+    from helpers import serve_folder
     folder = tmp_path / "served"
     folder.mkdir()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(folder) as url:
+        yield folder, url
 
 
 def test_qgis_process_installs_the_asset_and_the_example_model_maps_with_it(qgis_env, bundle, served, tmp_path):
