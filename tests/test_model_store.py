@@ -223,14 +223,14 @@ def test_default_model_resolves_installed_then_shipped(tmp_path, monkeypatch):
     shipped = resources.shipped_model_path()
     assert shipped.is_file(), "the source checkout keeps resources/models for make run and the CLI"
     assert resources.default_model_path() == shipped
-    src = tmp_path / resources.DEFAULT_MODEL_NAME
+    src = tmp_path / resources.DEFAULT_CHECKPOINT_NAME
     src.write_bytes(GOOD)
     model_store.install_model(str(src), sha256=GOOD_SHA)
-    assert resources.default_model_path() == tmp_path / "home" / "models" / resources.DEFAULT_MODEL_NAME
+    assert resources.default_model_path() == tmp_path / "home" / "models" / resources.DEFAULT_CHECKPOINT_NAME
 
 
 def test_the_default_model_verifies_against_the_hash_the_plugin_ships(tmp_path):
-    known = model_store.known_sha256(resources.DEFAULT_MODEL_NAME)
+    known = model_store.known_sha256(resources.DEFAULT_CHECKPOINT_NAME)
     assert known == (resources.resources_dir() / "models" / "menet_coasts_v2.pt.sha256").read_text().split()[0]
     installed = model_store.install_model(str(resources.shipped_model_path()), models_dir=tmp_path)
     assert installed.sha256 == known
@@ -258,10 +258,10 @@ def test_install_model_through_processing(menet_provider, tmp_path, monkeypatch)
     import processing
     from qgis.core import QgsProcessingException
     monkeypatch.setenv("MENET_HOME", str(tmp_path / "home"))
-    src = tmp_path / resources.DEFAULT_MODEL_NAME
+    src = tmp_path / resources.DEFAULT_CHECKPOINT_NAME
     src.write_bytes(GOOD)
     result = processing.run("menet:installmodel", {"SOURCE": str(src), "SHA256": GOOD_SHA})
-    target = tmp_path / "home" / "models" / resources.DEFAULT_MODEL_NAME
+    target = tmp_path / "home" / "models" / resources.DEFAULT_CHECKPOINT_NAME
     assert result["OUTPUT"] == str(target) and target.read_bytes() == GOOD
     assert resources.default_model_path() == target
     index = (target.parent / model_store.INDEX_NAME).read_bytes()
@@ -280,14 +280,14 @@ def test_an_older_installed_default_model_is_named_when_it_runs(untrained_path, 
     home = tmp_path / "home"
     env = dict(os.environ, MENET_HOME=str(home))
     old_sha = hashlib.sha256(untrained_path.read_bytes()).hexdigest()
-    model_store.install_model(str(untrained_path), name=resources.DEFAULT_MODEL_NAME, sha256=old_sha,
+    model_store.install_model(str(untrained_path), name=resources.DEFAULT_CHECKPOINT_NAME, sha256=old_sha,
                               models_dir=home / "models")
     raster = write_s2(tmp_path / "small.tif", 64, 64)
     proc = subprocess.run([sys.executable, "-m", "menet_qgis", "predict", str(raster), "--out-dir", str(tmp_path / "out"),
                            "--device", "cpu", "--runtime", "torch"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"{resources.DEFAULT_MODEL_NAME} in {home / 'models'} is not the version this plugin ships" in proc.stderr
+    assert f"{resources.DEFAULT_CHECKPOINT_NAME} in {home / 'models'} is not the version this plugin ships" in proc.stderr
     assert f"sha256 {old_sha[:12]}" in proc.stderr
     assert model_store.outdated_copy_note(resources.shipped_model_path()) is None   # the shipped one is current
 
@@ -341,8 +341,8 @@ def test_the_stores_constants_are_the_engines():
 
 def test_records_read_without_torch_match_what_the_engine_reads(untrained_path, record_only_onnx, bundle,
                                                                 tmp_path):
-    """The index reads a .pt's and an .onnx's record with the standard library: the same record torch
-    (core/checkpoint.py) and ONNX Runtime (runtimes.read_onnx_model) read from those files."""
+    """The index (and runtimes.read_onnx_model) read a .pt's and an .onnx's record with the standard library:
+    the same record torch (core/checkpoint.py) and ONNX Runtime's own metadata reader find in those files."""
     import json
     import subprocess
     import sys
@@ -350,6 +350,10 @@ def test_records_read_without_torch_match_what_the_engine_reads(untrained_path, 
     from menet_qgis.core import checkpoint, runtimes
     by_torch = {k: v for k, v in checkpoint.read_record(untrained_path).items() if k != "state_dict"}
     assert model_store.read_model_record(untrained_path) == json.loads(json.dumps(by_torch))
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(record_only_onnx), providers=["CPUExecutionProvider"])
+    assert model_store.onnx_record(record_only_onnx) == json.loads(
+        session.get_modelmeta().custom_metadata_map[model_store.ONNX_METADATA_KEY])
     by_runtime = runtimes.read_onnx_model(record_only_onnx)
     record = model_store.read_model_record(record_only_onnx)
     assert runtimes.ch.PCABasis.from_record(record["pca"]).to_record() == by_runtime.pca.to_record()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -179,43 +178,19 @@ def model_record(bundle, outputs: Sequence[str], source_sha256: Optional[str]) -
     }
 
 
-def _metadata_from_file(path: Path) -> Optional[str]:
-    """The record's JSON from the ONNX file itself, with whichever reader is installed."""
-    if installed("onnxruntime"):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        meta = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).get_modelmeta()
-        return meta.custom_metadata_map.get(METADATA_KEY)
-    if installed("openvino"):
-        import openvino as ov
-        model = ov.Core().read_model(str(path))
-        if model.has_rt_info(["framework", METADATA_KEY]):
-            return model.get_rt_info(["framework", METADATA_KEY]).astype(str)
-    return None
-
-
 def read_onnx_model(path) -> OnnxModel:
-    """Load an exported model's record (from the file's metadata, else its ``.json`` sidecar) and check it."""
+    """Load an exported model's record (from the file's metadata, else its ``.json`` sidecar) and check it.
+    The record is read by ``model_store.onnx_record`` (the standard library, the weights skipped): no runtime
+    session is built just to read 5 kB of JSON, and a Python without any runtime can read it too."""
+    from ..model_store import ModelRecordError, onnx_record
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file not found: {path}")
-    text = None
     try:
-        text = _metadata_from_file(path)
-    except ImportError:
-        raise  # a runtime that is there but does not import: a missing dependency, not a bad file
-    except Exception as exc:  # runtimes raise their own types for foreign files
-        raise ValueError(f"{path.name} is not a readable ONNX model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
-    sidecar = path.with_suffix(".json")
-    if text is None and sidecar.is_file():
-        text = sidecar.read_text()
-    if text is None:
-        raise ValueError(f"{path.name} carries no ME-Net record ('{METADATA_KEY}' metadata) and has no "
-                         f"{sidecar.name} beside it: export it with `python -m menet_qgis export`")
-    record = json.loads(text)
-    if record.get("format") != ONNX_FORMAT or record.get("format_version") != ONNX_FORMAT_VERSION:
+        record = onnx_record(path)
+    except ModelRecordError as exc:
+        raise ValueError(f"{exc}: export it with `python -m menet_qgis export`") from None
+    if record.get("format_version") != ONNX_FORMAT_VERSION:
         raise ValueError(f"{path.name}: ME-Net ONNX format {record.get('format')} v{record.get('format_version')}, "
                          f"this plugin reads {ONNX_FORMAT} v{ONNX_FORMAT_VERSION}")
     try:
