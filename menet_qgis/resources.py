@@ -17,8 +17,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ASSET_NAME = DEFAULT_MODEL_BASE + ".onnx"
 #: The default model as a torch checkpoint (training, fine-tuning, CUDA).
 DEFAULT_CHECKPOINT_NAME = DEFAULT_MODEL_BASE + ".pt"
-#: Older name of the checkpoint's file name, kept for scripts that import it.
-DEFAULT_MODEL_NAME = DEFAULT_CHECKPOINT_NAME
 
 
 def resources_dir() -> Path:

@@ -127,11 +127,8 @@ def quantize(work: Path, asset: Path, rounds: int, batches: int) -> None:
                 request.infer({0: window})
             timing[name]["windows_per_s"].append(round(batches * len(window) / (time.perf_counter() - t0), 2))
     speedup = [round(i / f, 2) for i, f in zip(timing["int8"]["windows_per_s"], timing["fp32"]["windows_per_s"])]
-    features = set()
-    try:
-        features = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
+    from menet_qgis.core.runtimes import cpu_features
+    features = cpu_features()
     report = {"asset": str(asset), "int8": str(int8_path), "quantize_s": round(quantize_s, 1),
               "calibration_windows": meta["calibration_windows"], "scored_windows": len(x),
               "threshold": meta["threshold"], "f1": f1, "f1_int8_minus_fp32": delta,
