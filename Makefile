@@ -66,7 +66,7 @@ run: plugin
 package: setup
 	python3 scripts/package.py --export-python $(abspath $(PY)) $(PACKAGE_ARGS)
 
-# The README's screenshots, from the desktop GUI test (real QGIS under Xvfb); copied only when it passes.
+# The README's and docs' screenshots, from the desktop GUI test (real QGIS under Xvfb); copied only when it passes.
 .PHONY: screenshots
 screenshots: plugin
 	$(PY) -m pytest -q tests/test_desktop_gui.py tests/test_user_path.py

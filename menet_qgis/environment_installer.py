@@ -45,7 +45,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import user_paths
 
-#: The pinned requirement lists, one pip requirements file per variant (cited by the README).
+#: The pinned requirement lists, one pip requirements file per variant (cited by docs/install.md).
 REQUIREMENTS_DIR = Path(__file__).resolve().parent / "requirements"
 VARIANTS = ("cpu-light", "cpu", "cuda")
 #: The dialog's and the CLI's default: maps on any CPU through ONNX Runtime, the smallest download.

@@ -594,8 +594,8 @@ def find_default_model(runtime: str = "auto", device: str = "auto", models_dir=N
     * the ``.pt`` first only where the engine will run torch: runtime torch, device cuda, or auto with torch
       seeing a CUDA GPU.  On a GPU torch (bf16 autocast) is the fastest path and the ONNX runners are
       CPU-only; torch cannot run an ``.onnx`` at all.
-    * else the ``.onnx`` first: on the CPU ONNX Runtime/OpenVINO map 1.3-1.7x faster than torch (README,
-      Performance), it needs no PyTorch (the cpu-light environment has none) and no one-time export, and it
+    * else the ``.onnx`` first: on the CPU ONNX Runtime/OpenVINO map 1.3-1.7x faster than torch (docs/performance.md),
+      it needs no PyTorch (the cpu-light environment has none) and no one-time export, and it
       is the asset the project ships for mapping.
     * the other form as a fallback (a ``.pt`` still maps on the CPU where torch can export it, or its
       export is cached; an ``.onnx`` still maps on the CPU beside a GPU).

@@ -72,7 +72,7 @@ def default_workers(cpus: int, memory_bytes: int, cuda: bool) -> int:
     One process per GPU would need per-process GPU pinning (dask-cuda does it);
     the embedded cluster uses one GPU with one worker.  On the CPU: one
     single-threaded process per core — measured here, 2 processes × 1 runtime
-    thread mapped the same scenes faster than 1 process × 2 threads (README,
+    thread mapped the same scenes faster than 1 process × 2 threads (docs/cli.md,
     batch scaling) — at most one per 3 GB of memory (a worker peaks at about
     1.7 GB with a ResNet-101 and a full tile).
     """

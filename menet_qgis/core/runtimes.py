@@ -2,7 +2,7 @@
 
 Most QGIS users map on a CPU.  There the same network exported to ONNX runs
 faster in ONNX Runtime or OpenVINO than in torch eager mode (1.3–1.7× on a quiet
-2-core AVX2 CPU, 2–4× when the CPU is busy: README, Performance), and neither
+2-core AVX2 CPU, 2–4× when the CPU is busy: docs/performance.md), and neither
 needs torch's 5 GB: this module imports torch only to ask whether it sees a
 CUDA GPU.  The channels are built in numpy (``channels.compute_channels_numpy``)
 and the model's record (recipe, PCA, normalisation, window) travels in the ONNX
@@ -77,7 +77,7 @@ def torch_sees_cuda() -> bool:
 
 def default_threads() -> int:
     """CPU threads for a runtime when the user sets none: every core this process may use.
-    (Measured in scripts/bench.py --threads-sweep; see the README's performance section.)"""
+    (Measured in scripts/bench.py --threads-sweep; see docs/performance.md.)"""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
