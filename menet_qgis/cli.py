@@ -14,33 +14,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from .core.choices import DEFAULT_OVERLAP, PRECISIONS, RUNTIMES
-from .core.stages import STAGE_NAMES, stage_table
-from .model_store import DEFAULT_MODEL_BASE
-
-
-class CliReporter:
-    """Prints engine messages to stderr; progress as a single updating percentage."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self._last = -1
-
-    def info(self, message):
-        if not self.quiet:
-            print(message, file=sys.stderr)
-
-    def warn(self, message):
-        """Warnings are printed even with --quiet: they say a result may be wrong."""
-        print("warning: " + message, file=sys.stderr)
-
-    def progress(self, percent):
-        step = int(percent) // 10
-        if not self.quiet and step != self._last:
-            self._last = step
-            print(f"  {int(percent)}%", file=sys.stderr)
-
-    def cancelled(self):
-        return False
+from .core.model.stages import STAGE_NAMES, stage_table
+from .core.reporting import ConsoleReporter
+from .resources import DEFAULT_MODEL_BASE
 
 
 def _non_negative(text: str) -> int:
@@ -205,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--timeout", type=float, default=60, help="seconds without data before giving up")
 
     sub.add_parser("worker", help="run one job read as JSON from stdin, speaking JSON lines on stdout "
-                   "(what the QGIS algorithms start; see menet_qgis/worker.py)")
+                   "(what the QGIS algorithms start; see menet_qgis/engine_process.py)")
     return parser
 
 
@@ -216,9 +192,10 @@ def cmd_stages(args) -> int:
 
 def cmd_predict(args) -> int:
     from . import jobs
-    from .core import engine, raster_io
-    from .core.stages import parse_stage_names
-    from .core.tiling import check_window
+    from .core.inference import engine
+    from .core.io import raster_io
+    from .core.model.stages import parse_stage_names
+    from .core.inference.tiling import check_window
     # Cheap checks first: parameters, every input, then the model, before any compute.
     stages = [s for s in args.stages.split(",") if s]
     check_window(args.window or 256, args.overlap)
@@ -228,7 +205,7 @@ def cmd_predict(args) -> int:
     stems = [Path(p).stem for p in args.inputs]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
-    model_path = jobs.resolve_model(args.model, args.runtime, args.device, CliReporter(args.quiet))
+    model_path = jobs.resolve_model(args.model, args.runtime, args.device, ConsoleReporter(args.quiet))
     outputs = [Path(args.out_dir) / f"{stem}_probability.tif" for stem in stems]
     raster_io.refuse_overwriting_inputs(outputs + [engine.stage_path(o, None, n) for o in outputs for n in stages],
                                         [*args.inputs, model_path])
@@ -238,7 +215,7 @@ def cmd_predict(args) -> int:
     options = dict(window=args.window, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
                    stages=stages, stage_mode=args.stage_mode, runtime=args.runtime, threads=args.threads,
                    precision=args.precision, tta=args.tta)
-    reporter = CliReporter(args.quiet)
+    reporter = ConsoleReporter(args.quiet)
     summary = []
     for path, output in zip(args.inputs, outputs):
         result = jobs.extract({"input": path, "output": str(output), "model": str(model_path),
@@ -250,9 +227,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .core import checkpoint
-    from .core.onnx_export import check_against_torch, check_input, ensure_onnx, export
-    from .core.runtimes import read_onnx_model
+    from .core.model import checkpoint
+    from .core.inference.export import check_against_torch, check_input, ensure_onnx, export
+    from .core.inference.runtimes import read_onnx_model
     from . import jobs
     model_path = jobs.resolve_model(args.model, runtime="torch")
     if model_path.suffix.lower() == ".onnx":
@@ -267,7 +244,7 @@ def cmd_export(args) -> int:
         model = read_onnx_model(out)
         diff = check_against_torch(bundle, model, check_input(bundle, bundle.window_size))
     else:
-        model = ensure_onnx(bundle, need, CliReporter())
+        model = ensure_onnx(bundle, need, ConsoleReporter())
         diff = None
     print(json.dumps({"onnx": model.path, "outputs": model.outputs, "checked_max_difference": diff}, indent=2))
     return 0
@@ -319,7 +296,7 @@ def cmd_train(args) -> int:
                          "val_groups": args.val_groups, "holdout_groups": args.holdout,
                          "val_names_from": args.val_names_from, "resume": args.resume, "threads": args.threads,
                          "boundary_weight": args.boundary_weight, "refine_width": args.refine_width},
-                        CliReporter())
+                        ConsoleReporter())
     print(json.dumps({"checkpoint": result["checkpoint"], "best": result["best"]}, indent=2))
     return 0
 
@@ -327,7 +304,7 @@ def cmd_train(args) -> int:
 def cmd_prepare(args) -> int:
     from . import jobs
     result = jobs.prepare({"folder": args.folder, "output": args.out, "bounds": args.bounds,
-                           "resampling": args.resampling}, CliReporter())
+                           "resampling": args.resampling}, ConsoleReporter())
     print(json.dumps(result, indent=2))
     return 0
 
@@ -342,13 +319,13 @@ def cmd_assess(args) -> int:
             raise ValueError("--reference is required with a prediction raster")
         is_raster = Path(args.reference).suffix.lower() in (".tif", ".tiff", ".vrt", ".img")
         params["reference" if is_raster else "reference_file"] = args.reference
-    result = jobs.assess(params, CliReporter(quiet=True))
+    result = jobs.assess(params, ConsoleReporter(quiet=True))
     print(json.dumps(result["results"], indent=2))
     return 0
 
 
 def cmd_worker(args) -> int:
-    from .worker import main as worker_main
+    from .engine_process import main as worker_main
     return worker_main()
 
 
@@ -357,7 +334,7 @@ def cmd_install_deps(args) -> int:
     result = environment_installer.install_environment(
         args.variant, env_dir=args.env_dir, base_python=args.python, wheel_folder=args.wheel_folder,
         index_url=args.index_url, system_site_packages=args.system_site_packages, fresh=args.fresh,
-        reporter=CliReporter())
+        reporter=ConsoleReporter())
     print(json.dumps({"python": str(result.python), "variant": result.variant,
                       "already_installed": result.already_installed, "versions": result.verification.versions,
                       "torch_device": result.verification.torch_device,
@@ -371,7 +348,7 @@ def cmd_install_model(args) -> int:
         print("\n".join(_store_listing()))
         return 0
     installed = model_store.install_model(args.source or model_store.default_model_url(), name=args.name,
-                                          sha256=args.sha256, timeout=args.timeout, reporter=CliReporter())
+                                          sha256=args.sha256, timeout=args.timeout, reporter=ConsoleReporter())
     if args.list:
         print("\n".join(_store_listing()))
     else:
@@ -403,7 +380,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous_sigterm = raise_on_sigterm()  # a terminated run discards its partial outputs like a cancelled one
     try:
         if args.command not in ("install-deps", "install-model"):  # these run on a bare Python (stdlib only)
-            from .core.raster_io import limit_gdal_cache
+            from .core.io.raster_io import limit_gdal_cache
             limit_gdal_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

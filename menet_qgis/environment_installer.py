@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import user_paths
+from .core.reporting import Reporter
 
 #: The pinned requirement lists, one pip requirements file per variant (cited by docs/install.md).
 REQUIREMENTS_DIR = Path(__file__).resolve().parent / "requirements"
@@ -107,20 +108,6 @@ class InstallResult:
     verification: Verification
     already_installed: bool
     seconds: float
-
-
-class _QuietReporter:
-    def info(self, message):
-        pass
-
-    def warn(self, message):
-        pass
-
-    def progress(self, percent):
-        pass
-
-    def cancelled(self):
-        return False
 
 
 # --- requirement files ------------------------------------------------------------------------------------
@@ -310,7 +297,7 @@ def find_base_python(explicit: Optional[str] = None, reporter=None) -> Path:
     warning.  The log says which one was taken and why the others were not.  ``explicit`` (the CLI's
     ``--python``) is used as given once it can make venvs.
     """
-    reporter = reporter or _QuietReporter()
+    reporter = reporter or Reporter()
     if explicit:
         path = Path(explicit)
         if not path.is_file():
@@ -526,7 +513,7 @@ def verify_environment(python, requirements: Sequence[str], reporter=None, cpu_o
     Linux build, ~5 GB, where PyTorch's CPU build was meant); a version other than the pin (possible only
     through system site-packages) is a warning.
     """
-    reporter = reporter or _QuietReporter()
+    reporter = reporter or Reporter()
     pins = [_pin_parts(r) for r in requirements]
     args: List[str] = []
     for name, _ in pins:
@@ -806,7 +793,7 @@ def install_environment(variant: str = DEFAULT_VARIANT, env_dir=None, base_pytho
     ``requirements`` overrides the variant's pins (tests use tiny local wheels).
     """
     started = time.monotonic()
-    reporter = reporter or _QuietReporter()
+    reporter = reporter or Reporter()
     spec = load_variant(variant)
     lines = list(requirements) if requirements is not None else spec.requirements
     for pin in lines:

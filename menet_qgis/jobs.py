@@ -1,11 +1,11 @@
 """The five ME-Net jobs as plain functions: a JSON-able dict of parameters in, a JSON-able dict out.
 
-The CLI, the worker process the QGIS algorithms start (``worker.py``) and
+The CLI, the worker process the QGIS algorithms start (``engine_process.py``) and
 batch runners all call these, so a job behaves the same wherever it runs.
 QGIS-free; the heavy core modules (torch, rasterio) are imported inside each
 job, so a missing library surfaces as an ImportError the worker can explain.
 Errors are the core's one-line ``ValueError``/``OSError``; a cancelled job
-raises ``core.engine.Cancelled`` and leaves no output.
+raises ``core.reporting.Cancelled`` and leaves no output.
 
 Parameters (``None`` or absent = default):
 
@@ -56,11 +56,11 @@ def resolve_model(path: Optional[str], runtime: str = "auto", device: str = "aut
 
 
 def load_model(path: Path, reporter=None, runtime: str = "torch", device: str = "auto", stages=()):
-    """The model for ``runtime`` (a torch checkpoint, or an exported ONNX model: see core/runtimes.py),
+    """The model for ``runtime`` (a torch checkpoint, or an exported ONNX model: see core/inference/runtimes.py),
     loaded once per file version and runtime (the worker may run several jobs on one model)."""
     import time
 
-    from .core import runtimes
+    from .core.inference import runtimes
     try:
         stat = os.stat(path)
     except FileNotFoundError:
@@ -79,7 +79,8 @@ def load_model(path: Path, reporter=None, runtime: str = "torch", device: str = 
 
 def extract(params: Dict, reporter) -> Dict:
     """Mangrove probability (and stage layers) for one raster."""
-    from .core import engine, raster_io
+    from .core.inference import engine
+    from .core.io import raster_io
     options = engine.EngineOptions(**(params.get("options") or {}))
     bounds = params.get("bounds")
     raster_io.check_input_exists(str(params["input"]))
@@ -105,7 +106,7 @@ def prepare(params: Dict, reporter) -> Dict:
     """The 6-band 10 m stack of an unzipped Sentinel-2 product."""
     from rasterio.warp import transform_bounds, transform_geom
 
-    from .core import sentinel2_product
+    from .core.io import sentinel2_product
     product = sentinel2_product.find_product(params["folder"])
     bounds, polygon = params.get("bounds"), params.get("polygon")
     if bounds and params.get("bounds_crs"):
@@ -121,17 +122,17 @@ def prepare(params: Dict, reporter) -> Dict:
 
 def export_channels(params: Dict, reporter) -> Dict:
     """The 11 input channels as the model sees them (before normalisation)."""
-    from .core import sentinel2_product
+    from .core.io import sentinel2_product
     # Only the model's PCA basis and recipe are read: the .onnx first (no torch needed).
     model_path = resolve_model(params.get("model"), device="cpu", reporter=reporter)
     if not model_path.is_file():
         raise ValueError(f"model file not found: {model_path}")
     if model_path.suffix.lower() == ".onnx":
-        from .core.runtimes import read_onnx_model
+        from .core.inference.runtimes import read_onnx_model
         model = read_onnx_model(model_path)
         pca, recipe = model.pca, model.recipe
     else:
-        from .core import checkpoint
+        from .core.model import checkpoint
         pca, recipe = checkpoint.read_pca(model_path), checkpoint.read_recipe(model_path)
     path = sentinel2_product.export_channels(params["input"], params["output"], pca, params.get("bands"),
                                              params.get("dn_offset"), reporter, recipe)
@@ -140,12 +141,13 @@ def export_channels(params: Dict, reporter) -> Dict:
 
 def train(params: Dict, reporter) -> Dict:
     """Train ME-Net; the checkpoint appears at ``output`` only when training has finished."""
-    from .core import raster_io, training
-    from .core.checkpoint import save
+    from .core.io import raster_io
+    from .core.training import train as training
+    from .core.model.checkpoint import save
     out = Path(params["output"])
     if out.suffix != ".pt":
         raise ValueError(f"the model file {out.name} must end in .pt")
-    from .core import channels
+    from .core.model import channels
     tiles_arg, images = params.get("tiles"), params.get("images")
     if tiles_arg and images:
         raise ValueError("give either tile folders or rasters with labels, not both")
@@ -180,7 +182,7 @@ def train(params: Dict, reporter) -> Dict:
     reporter.info(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
     val_names = []
     if params.get("val_names_from"):
-        from .core.checkpoint import read_record
+        from .core.model.checkpoint import read_record
         val_names = list(read_record(Path(params["val_names_from"])).get("training", {}).get("val_names", []))
         reporter.info(f"validation windows: the {len(val_names)} of {Path(params['val_names_from']).name} "
                       "where their source has them")
@@ -218,7 +220,8 @@ def train(params: Dict, reporter) -> Dict:
 def assess(params: Dict, reporter) -> Dict:
     """Accuracy of a map against a reference (next to MVI and a random forest), or of a model
     on the validation windows it records."""
-    from .core import assessment, raster_io
+    from .core.evaluation import assessment
+    from .core.io import polygons as polygons_io, raster_io
     prediction = params.get("prediction")
     raster_io.refuse_overwriting_inputs(
         [params.get("report"), params.get("table")],
@@ -230,10 +233,10 @@ def assess(params: Dict, reporter) -> Dict:
             crs = ds.crs
         reference, polygons = params.get("reference"), params.get("reference_polygons")
         if params.get("reference_file"):
-            polygons = assessment.read_polygons(params["reference_file"], crs)
+            polygons = polygons_io.read_polygons(params["reference_file"], crs)
         area = params.get("area_polygons")
         if params.get("area_file"):
-            area = assessment.read_polygons(params["area_file"], crs)
+            area = polygons_io.read_polygons(params["area_file"], crs)
         if reference is None and polygons is None:
             raise ValueError("give a reference: a mask raster or polygons")
         if params.get("tiles") and not params.get("image"):
@@ -250,7 +253,7 @@ def assess(params: Dict, reporter) -> Dict:
         if not params.get("tiles"):
             raise ValueError("give a prediction raster, or a tile folder and a model to score the model on its "
                              "validation split")
-        from .core import training
+        from .core.training import train as training
         # The checkpoint: it records its validation windows (an .onnx export does not).
         model_path = resolve_model(params.get("model"), runtime="torch", reporter=reporter)
         bundle = load_model(model_path)
@@ -279,7 +282,7 @@ def prediction_threshold(prediction, given: Optional[float], reporter) -> float:
         return float(given)
     import rasterio
 
-    from .core.engine import THRESHOLD_TAG
+    from .core.inference.engine import THRESHOLD_TAG
     with rasterio.open(prediction) as ds:
         stored = ds.tags().get(THRESHOLD_TAG)
     try:

@@ -20,14 +20,11 @@ is empty unless ``MENET_MODEL_URL`` (or the provider setting) names one.
 """
 from __future__ import annotations
 
-import collections
 import datetime
 import hashlib
 import http.client
-import io
 import json
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -35,12 +32,13 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import user_paths
+from .model_records import ModelRecordError, read_model_record
+from .resources import DEFAULT_ASSET_NAME, DEFAULT_MODEL_BASE, resources_dir
 from .core.choices import decision_threshold
 
 CHUNK = 1 << 20
@@ -54,20 +52,12 @@ NO_RELEASE = ("no model URL is configured: the project has no public model relea
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "menet_qgis.model_index"
 INDEX_FORMAT_VERSION = 1
-#: What the engine writes into its files (core/checkpoint.py FORMAT, core/runtimes.py ONNX_FORMAT and
-#: METADATA_KEY), repeated here because those modules import torch / numpy; a test keeps them equal.
-CHECKPOINT_FORMAT = "menet_qgis.checkpoint"
-ONNX_FORMAT = "menet_qgis.onnx"
-ONNX_METADATA_KEY = "menet_qgis"
 _SHA = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class ModelStoreError(ValueError):
     """A model could not be installed; the message is one line and nothing was changed."""
 
-
-class ModelRecordError(ValueError):
-    """A file whose ME-Net record cannot be read without torch or an ONNX runtime."""
 
 
 @dataclass
@@ -113,7 +103,6 @@ def parse_sha256(text: str, where: str) -> str:
 
 def known_sha256(name: str) -> Optional[str]:
     """The sha256 the plugin ships for a model it knows by name (resources/models/<name>.sha256)."""
-    from .resources import resources_dir
     sidecar = resources_dir() / "models" / f"{name}.sha256"
     return parse_sha256(sidecar.read_text(), sidecar.name) if sidecar.is_file() else None
 
@@ -290,154 +279,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         Path(handle.name).unlink(missing_ok=True)
 
 
-# --- what a model file says about itself, without torch or an ONNX runtime ----------------------
-def _no_tensor(*_args, **_kwargs):
-    return None
-
-
-class _CheckpointUnpickler(pickle.Unpickler):
-    """Reads the pickle inside a ``torch.save`` file without torch: tensors become None (their bytes are
-    never read) and every global but the few torch.save writes for tensors is refused, so no code runs.
-
-    Hand-rolled because the process reading it may be QGIS's, which must never import torch (its
-    native libraries clash with QGIS's), and the record is plain dicts, lists, numbers and strings."""
-
-    def find_class(self, module, name):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2") or \
-                (module == "torch" and name.endswith("Storage")):
-            return _no_tensor
-        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
-
-    def persistent_load(self, pid):
-        return None  # a tensor's storage, kept in the archive's data/ entries: not needed for the record
-
-
-def checkpoint_record(path, label: str = "") -> Dict:
-    """The record of an ME-Net ``.pt`` checkpoint (core/checkpoint.py) without its weights.
-    ``label``: the file's name in messages (default: its own)."""
-    path = Path(path)
-    label = label or path.name
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            if not pickles:
-                raise ModelRecordError(f"{label} is not a torch checkpoint (no data.pkl inside)")
-            record = _CheckpointUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-            AttributeError, IndexError, KeyError) as exc:
-        if isinstance(exc, ModelRecordError):
-            raise
-        raise ModelRecordError(f"{label} is not a readable torch checkpoint ({type(exc).__name__}: "
-                               f"{str(exc)[:120]})") from None
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
-        raise ModelRecordError(f"{label} is not an ME-Net checkpoint (no '{CHECKPOINT_FORMAT}' header)")
-    return {k: v for k, v in record.items() if k != "state_dict"}
-
-
-def _varint(read) -> int:
-    shift = value = 0
-    while True:
-        byte = read(1)
-        if not byte:
-            raise ModelRecordError("the file ends inside a protobuf field")
-        value |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            return value
-        shift += 7
-        if shift > 63:
-            raise ModelRecordError("a protobuf varint longer than 64 bits")
-
-
-def _protobuf_fields(stream, end: int):
-    """(field number, bytes or None) for each top-level field of a protobuf message, skipping the
-    content of length-delimited fields the caller does not want (``stream.seek``) unless it asks."""
-    while stream.tell() < end:
-        key = _varint(stream.read)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _varint(stream.read)
-            yield number, None
-        elif wire in (1, 5):
-            stream.seek(8 if wire == 1 else 4, io.SEEK_CUR)
-            yield number, None
-        elif wire == 2:
-            length = _varint(stream.read)
-            start = stream.tell()
-            if start + length > end:
-                raise ModelRecordError("a protobuf field runs past the end of the file")
-            yield number, (start, length)
-            stream.seek(start + length)
-        else:
-            raise ModelRecordError(f"protobuf wire type {wire} is not valid here")
-
-
-def onnx_metadata(path, label: str = "") -> Dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (ModelProto field 14: key 1, value 2), read from the protobuf
-    wire format with the standard library: the graph (field 7, the weights) is skipped with a seek.
-
-    Hand-rolled rather than through onnxruntime/openvino (``runtimes.read_onnx_model``) because the reader
-    may be QGIS's process or a Python with no runtime at all, and loading a 50 MB graph to read 5 kB of
-    JSON costs seconds; the ``onnx`` package is no dependency of the plugin."""
-    path = Path(path)
-    label = label or path.name
-    props: Dict[str, str] = {}
-    has_graph = False
-    try:
-        with open(path, "rb") as f:
-            end = os.fstat(f.fileno()).st_size
-            for number, span in _protobuf_fields(f, end):
-                if number == 7 and span is not None:
-                    has_graph = True
-                elif number == 14 and span is not None:
-                    here = f.tell()
-                    f.seek(span[0])
-                    entry = io.BytesIO(f.read(span[1]))
-                    f.seek(here)
-                    key = value = ""
-                    for sub, sub_span in _protobuf_fields(entry, span[1]):
-                        if sub_span is not None and sub in (1, 2):
-                            text = entry.getvalue()[sub_span[0]:sub_span[0] + sub_span[1]].decode("utf-8")
-                            key, value = (text, value) if sub == 1 else (key, text)
-                    props[key] = value
-    except (ModelRecordError, UnicodeDecodeError) as exc:
-        raise ModelRecordError(f"{label} is not an ONNX model ({exc})") from None
-    if not has_graph:
-        raise ModelRecordError(f"{label} is not an ONNX model (no graph)")
-    return props
-
-
-def onnx_record(path, label: str = "") -> Dict:
-    """The ME-Net record of an exported ``.onnx`` model (its metadata, else the ``.json`` beside it)."""
-    path = Path(path)
-    label = label or path.name
-    text = onnx_metadata(path, label).get(ONNX_METADATA_KEY)
-    sidecar = path.with_suffix(".json")
-    if text is None and sidecar.is_file():
-        text = sidecar.read_text()
-    if text is None:
-        raise ModelRecordError(f"{label} carries no ME-Net record ('{ONNX_METADATA_KEY}' metadata)")
-    try:
-        record = json.loads(text)
-    except ValueError:
-        raise ModelRecordError(f"{label}: its ME-Net record is not JSON") from None
-    if not isinstance(record, dict) or record.get("format") != ONNX_FORMAT:
-        raise ModelRecordError(f"{label} is not an ME-Net ONNX model (no '{ONNX_FORMAT}' record)")
-    return record
-
-
-def read_model_record(path, name: str = "") -> Dict:
-    """What an ``.onnx`` or ``.pt`` model records besides its weights, read with the standard library
-    alone; ``ModelRecordError`` when the file is not an ME-Net model.  ``name``: the model's file name when
-    ``path`` is a temporary file (its suffix says which format to read)."""
-    path = Path(path)
-    name = name or path.name
-    if name.lower().endswith(".onnx"):
-        return onnx_record(path, name)
-    return checkpoint_record(path, name)
-
-
 # --- the index ------------------------------------------------------------------------------------
 def _version_from_name(name: str) -> Optional[str]:
     """'menet_coasts_v2.onnx' -> 'v2': released models carry their version in their name."""
@@ -549,8 +390,6 @@ def listing_lines(models_dir=None) -> List[str]:
 
 
 # --- the default model ----------------------------------------------------------------------------
-#: The default model's name without its suffix; installed as .onnx (the asset) and/or .pt (torch).
-DEFAULT_MODEL_BASE = "menet_coasts_v2"
 DEFAULT_RULE = (f"{DEFAULT_MODEL_BASE}.onnx (ONNX Runtime/OpenVINO, no PyTorch needed); {DEFAULT_MODEL_BASE}.pt "
                 "where the engine runs PyTorch (a CUDA GPU, or runtime torch) or no .onnx is there; installed "
                 "copies before the plugin's own")
@@ -575,7 +414,7 @@ def engine_runs_torch(runtime: str = "auto", device: str = "auto") -> Tuple[bool
     if device == "cpu":
         return False, "the CPU was asked for"
     try:
-        from .core import runtimes  # numpy: the engine's Python has it
+        from .core.inference import runtimes  # numpy: the engine's Python has it
     except ImportError:
         return False, "this Python cannot run the engine (no numpy)"
     if not runtimes.torch_importable():
@@ -603,7 +442,6 @@ def find_default_model(runtime: str = "auto", device: str = "auto", models_dir=N
       newer release goes to the store, not into the plugin folder.
     Only when both forms are present with runtime and device 'auto' does this ask torch about CUDA.
     """
-    from .resources import resources_dir
     folder = Path(models_dir or user_paths.installed_models_dir())
     installed = {e["name"] for e in installed_models(folder)}
     candidates = []
@@ -630,8 +468,14 @@ def find_default_model(runtime: str = "auto", device: str = "auto", models_dir=N
 
 def no_default_model_message() -> str:
     """What to do when MODEL is empty and no default model is anywhere (one line)."""
-    from .resources import resources_dir
     return (f"no model given and no default model installed (looked for {DEFAULT_MODEL_BASE}.onnx and .pt in "
             f"{user_paths.installed_models_dir()} and {resources_dir() / 'models'}): install it with the "
             f"'Install model' algorithm (menet:installmodel) or `python -m menet_qgis install-model "
             f"dist/{DEFAULT_MODEL_BASE}.onnx`, or give a model")
+
+
+def default_model_path(runtime: str = "auto", device: str = "auto") -> Path:
+    """The default model as ``model_store.find_default_model`` picks it; where Install model puts the asset
+    when there is none (scripts use this as an argument default; jobs.resolve_model says what to do)."""
+    found = find_default_model(runtime, device)
+    return found.path if found is not None else user_paths.installed_models_dir() / DEFAULT_ASSET_NAME

@@ -9,10 +9,10 @@ Which file is the default is decided in one place: ``model_store.find_default_mo
 """
 from pathlib import Path
 
-from .model_store import DEFAULT_MODEL_BASE
-from .user_paths import installed_models_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+#: The default model's name without its suffix; installed as .onnx (the asset) and/or .pt (torch).
+DEFAULT_MODEL_BASE = "menet_coasts_v2"
 #: The default model as the asset every runtime maps with (ONNX Runtime, OpenVINO; no torch).
 DEFAULT_ASSET_NAME = DEFAULT_MODEL_BASE + ".onnx"
 #: The default model as a torch checkpoint (training, fine-tuning, CUDA).
@@ -33,11 +33,3 @@ def icon_path() -> Path:
 def shipped_model_path(name: str = DEFAULT_CHECKPOINT_NAME) -> Path:
     """A default model file inside the plugin (source checkout, offline ZIP); absent from the lean ZIP."""
     return resources_dir() / "models" / name
-
-
-def default_model_path(runtime: str = "auto", device: str = "auto") -> Path:
-    """The default model as ``model_store.find_default_model`` picks it; where Install model puts the asset
-    when there is none (scripts use this as an argument default; jobs.resolve_model says what to do)."""
-    from .model_store import find_default_model
-    found = find_default_model(runtime, device)
-    return found.path if found is not None else installed_models_dir() / DEFAULT_ASSET_NAME

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 from evaluate_coasts import JAMBELI, MAGSET2, load, split  # noqa: E402
-from menet_qgis.core import checkpoint, training  # noqa: E402
+from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import train as training  # noqa: E402
 
 
 def same_inputs(a, b) -> bool:

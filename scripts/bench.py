@@ -46,11 +46,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from menet_qgis.core import raster_io, runtimes  # noqa: E402
+from menet_qgis.core.io import raster_io
+from menet_qgis.core.inference import runtimes  # noqa: E402
 from menet_qgis.core.choices import RUNTIMES  # noqa: E402
-from menet_qgis.core.engine import THRESHOLD_TAG  # noqa: E402
-from menet_qgis.core.tiling import DEFAULT_OVERLAP, WindowGrid  # noqa: E402
-from menet_qgis.resources import default_model_path  # noqa: E402
+from menet_qgis.core.inference.engine import THRESHOLD_TAG  # noqa: E402
+from menet_qgis.core.inference.tiling import DEFAULT_OVERLAP, WindowGrid  # noqa: E402
+from menet_qgis.model_store import default_model_path  # noqa: E402
 from synthetic_s2 import generate  # noqa: E402
 
 FULL_TILE = 10980
@@ -117,7 +118,7 @@ class ForwardOnly:
             self.model = bundle.model.to(self.device).eval().to(memory_format=torch.channels_last)
             self.xt = torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
         else:
-            from menet_qgis.core.onnx_export import ensure_onnx
+            from menet_qgis.core.inference.export import ensure_onnx
             onnx_model = ensure_onnx(bundle, "probability")
             self.runner = runtimes.RUNNERS[runtime](onnx_model, [], "compact", threads, "fp32")
             self.runner.prepare(x.shape[0], x.shape[-1])
@@ -281,7 +282,7 @@ class AssetRunner:
         t0 = time.perf_counter()
         if self.runtime == "torch":
             import torch
-            from menet_qgis.core import checkpoint
+            from menet_qgis.core.model import checkpoint
             torch.set_num_threads(self.threads)
             bundle = checkpoint.load(self.config.model)
             self.model = bundle.model.eval().to(memory_format=torch.channels_last)
@@ -313,8 +314,8 @@ class AssetRunner:
 def validation_f1(runner: AssetRunner, bundle, tiles, batch: int):
     """F1 per source (and pooled held-out zones) on ``tiles``; returns it and the probabilities."""
     import evaluate_coasts
-    from menet_qgis.core.metrics import Confusion
-    from menet_qgis.core.training import _reflectance_plan
+    from menet_qgis.core.evaluation.metrics import Confusion
+    from menet_qgis.core.training.train import _reflectance_plan
     plan = _reflectance_plan(tiles.images.shape[1])
     prob = np.empty(tiles.labels.shape, np.float32)
     for i in range(0, len(tiles), batch):
@@ -355,7 +356,7 @@ def cpu_description():
 
 def asset_mode(a, work) -> int:
     """The asset against torch fp32, interleaved: see the module docstring."""
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     asset = Path(a.asset)
     pt = Path(a.model) if a.model else ROOT / "resources" / "models" / "menet_coasts_v2.pt"
     if not asset.is_file():
@@ -491,7 +492,7 @@ def main(argv=None) -> int:
     raster = Path(a.raster) if a.raster else work / f"synthetic_{a.size}.tif"
     if not raster.exists():
         generate(raster, a.size)
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     model_path = Path(a.model) if a.model else default_model_path()
     bundle = checkpoint.load(model_path)
     batch = a.batch_size or 4

@@ -31,7 +31,7 @@ def main() -> int:
 
     from helpers import crop_scene
     from menet_qgis.batch.runner import BatchOptions, embedded_cluster, run_batch
-    from menet_qgis.resources import default_model_path
+    from menet_qgis.model_store import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=6)

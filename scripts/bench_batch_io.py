@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def main() -> int:
     from synthetic_s2 import generate
     from menet_qgis.batch.manifest import write_cog
-    from menet_qgis.core.raster_io import AtomicRaster, RasterInput, limit_gdal_cache
-    from menet_qgis.core.tiling import WindowGrid
+    from menet_qgis.core.io.raster_io import AtomicRaster, RasterInput, limit_gdal_cache
+    from menet_qgis.core.inference.tiling import WindowGrid
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=2048)

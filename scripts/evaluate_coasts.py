@@ -30,9 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from menet_qgis.core import assessment, checkpoint, training  # noqa: E402
-from menet_qgis.core.flips import dihedral, undo_dihedral  # noqa: E402
-from menet_qgis.core.metrics import Confusion  # noqa: E402
+from menet_qgis.core.evaluation import assessment
+from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import train as training  # noqa: E402
+from menet_qgis.core.model.flips import dihedral, undo_dihedral  # noqa: E402
+from menet_qgis.core.evaluation.metrics import Confusion  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 JAMBELI = f"{SHARED / 'jambeli' / 'train'}:name=jambeli"

@@ -34,8 +34,9 @@ def prepare(work: Path, model: Path, calibration: int) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
     import evaluate_coasts
-    from menet_qgis.core import checkpoint, runtimes
-    from menet_qgis.core.training import _reflectance_plan
+    from menet_qgis.core.model import checkpoint
+    from menet_qgis.core.inference import runtimes
+    from menet_qgis.core.training.train import _reflectance_plan
     bundle = checkpoint.load(model)
     tiles = evaluate_coasts.load(bundle.recipe, [evaluate_coasts.JAMBELI, evaluate_coasts.MAGSET2])
     train, val, test = evaluate_coasts.split(tiles, bundle)
@@ -127,7 +128,7 @@ def quantize(work: Path, asset: Path, rounds: int, batches: int) -> None:
                 request.infer({0: window})
             timing[name]["windows_per_s"].append(round(batches * len(window) / (time.perf_counter() - t0), 2))
     speedup = [round(i / f, 2) for i, f in zip(timing["int8"]["windows_per_s"], timing["fp32"]["windows_per_s"])]
-    from menet_qgis.core.runtimes import cpu_features
+    from menet_qgis.core.inference.runtimes import cpu_features
     features = cpu_features()
     report = {"asset": str(asset), "int8": str(int8_path), "quantize_s": round(quantize_s, 1),
               "calibration_windows": meta["calibration_windows"], "scored_windows": len(x),

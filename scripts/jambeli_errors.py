@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 from evaluate_coasts import JAMBELI, SHARED, load  # noqa: E402
-from menet_qgis.core import checkpoint, training  # noqa: E402
-from menet_qgis.core.metrics import Confusion  # noqa: E402
+from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import train as training  # noqa: E402
+from menet_qgis.core.evaluation.metrics import Confusion  # noqa: E402
 
 V1 = ROOT.parent / "resources" / "models" / "menet_jambeli_v1.pt"
 

@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from evaluate_coasts import JAMBELI, MAGSET2, by_group, forest_probability, holdout_of, load, split  # noqa: E402
 from local_threshold_study import window_counts  # noqa: E402
-from menet_qgis.core import checkpoint, training  # noqa: E402
-from menet_qgis.core.metrics import LOCAL_THRESHOLD_RANGE, ProbabilityCounts  # noqa: E402
+from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import train as training  # noqa: E402
+from menet_qgis.core.evaluation.metrics import LOCAL_THRESHOLD_RANGE, ProbabilityCounts  # noqa: E402
 
 METHODS = ("shipped", "local threshold", "fine-tuned", "fine-tuned, statistics refitted", "forest + local windows")
 

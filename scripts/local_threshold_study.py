@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 from evaluate_coasts import JAMBELI, MAGSET2, forest_probability, holdout_of, load, split  # noqa: E402
-from menet_qgis.core import checkpoint, training  # noqa: E402
-from menet_qgis.core.metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts  # noqa: E402
+from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import train as training  # noqa: E402
+from menet_qgis.core.evaluation.metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts  # noqa: E402
 
 
 def window_counts(prob, tiles):

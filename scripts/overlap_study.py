@@ -23,8 +23,9 @@ from rasterio.windows import from_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from menet_qgis.core import engine, raster_io, runtimes  # noqa: E402
-from menet_qgis.resources import default_model_path  # noqa: E402
+from menet_qgis.core.inference import engine, runtimes
+from menet_qgis.core.io import raster_io  # noqa: E402
+from menet_qgis.model_store import default_model_path  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "jambeli"
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     model = runtimes.load_model(a.model, a.runtime, "cpu")
     names = list(getattr(model, "training", {}).get("val_names") or [])
     if not names:
-        from menet_qgis.core.checkpoint import read_record
+        from menet_qgis.core.model.checkpoint import read_record
         names = list(read_record(Path(a.model))["training"].get("val_names", []))
     seconds = {o: [] for o in a.overlaps}
     results = {}

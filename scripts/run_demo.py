@@ -15,7 +15,7 @@ import rasterio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from menet_qgis.resources import default_model_path  # noqa: E402
+from menet_qgis.model_store import default_model_path  # noqa: E402
 
 SCENE = ROOT.parent / "shared" / "data" / "jambeli" / "scene_2020.tif"
 OUT = ROOT / "build" / "run"
@@ -28,7 +28,7 @@ def demo_input(path: Path) -> Path:
 
 
 def untrained_model(path: Path) -> Path:
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     checkpoint.save(checkpoint.new_bundle(seed=0), path, half=True)
     return path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = ("import sys; sys.path.insert(0, sys.argv[1]); "
-           "import menet_qgis.core.engine, menet_qgis.core.checkpoint, menet_qgis.core.raster_io")
+           "import menet_qgis.core.inference.engine, menet_qgis.core.model.checkpoint, menet_qgis.core.io.raster_io")
 LOAD = IMPORTS + "; from menet_qgis import jobs; jobs.load_model(jobs.resolve_model(None))"
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(scope="session")
 def untrained_path(tmp_path_factory) -> Path:
     """An untrained ME-Net checkpoint (random weights, seed 0) in fp16, as shipped models are."""
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     path = tmp_path_factory.mktemp("models") / "untrained.pt"
     checkpoint.save(checkpoint.new_bundle(seed=0), path, half=True)
     return path
@@ -23,7 +23,7 @@ def untrained_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(untrained_path):
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     return checkpoint.load(untrained_path)
 
 

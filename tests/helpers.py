@@ -111,7 +111,7 @@ def read(path) -> np.ndarray:
 def refined_bundle(width: int = 8):
     """An untrained model with the image-guided refinement, its correction made non-zero as training would."""
     import torch
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     refined = checkpoint.new_bundle(seed=2, refine_width=width)
     torch.nn.init.normal_(refined.model.head.refinement.correction.weight, std=0.5)
     return refined

@@ -4,9 +4,10 @@ import pytest
 from osgeo import ogr, osr
 
 from helpers import S2_NAMES, s2_reflectance, write_raster
-from menet_qgis.core import assessment
+from menet_qgis.core.evaluation import assessment
+from menet_qgis.core.io import polygons
 from menet_qgis.core.compat import osgeo_exceptions
-from menet_qgis.core.metrics import Confusion
+from menet_qgis.core.evaluation.metrics import Confusion
 
 
 def test_scores_match_hand_computed_values():
@@ -20,7 +21,7 @@ def test_scores_match_hand_computed_values():
 
 
 def test_pooled_counts_score_like_one_map_of_all_pixels():
-    from menet_qgis.core.metrics import ProbabilityCounts
+    from menet_qgis.core.evaluation.metrics import ProbabilityCounts
     rng = np.random.default_rng(1)
     prob, truth = rng.random(5000).astype(np.float32), rng.random(5000) < 0.3
     halves = [(prob[:2000], truth[:2000]), (prob[2000:], truth[2000:])]
@@ -72,8 +73,8 @@ def test_assess_raster_reference_polygons_and_area(tmp_path):
     gpkg = polygon_file(tmp_path / "ref.gpkg", [f"POLYGON(({x0} {y0},{x0+80} {y0},{x0+80} {y0-200},{x0} {y0-200},{x0} {y0}))"])
     area = polygon_file(tmp_path / "area.gpkg", [f"POLYGON(({x0} {y0},{x0+200} {y0},{x0+200} {y0-100},{x0} {y0-100},{x0} {y0}))"])
     crs = "EPSG:32717"
-    [b] = assessment.assess_rasters(pred, reference_polygons=assessment.read_polygons(gpkg, crs),
-                                    area_polygons=assessment.read_polygons(area, crs))
+    [b] = assessment.assess_rasters(pred, reference_polygons=polygons.read_polygons(gpkg, crs),
+                                    area_polygons=polygons.read_polygons(area, crs))
     assert b.confusion.to_dict() == {"tp": 79, "fp": 20, "fn": 0, "tn": 100}
 
 

@@ -257,10 +257,10 @@ def test_batch_maps_an_onnx_model_without_torch_as_extract_does(inputs, bundle, 
     any cluster starts."""
     from menet_qgis.batch.manifest import file_sha256
     from menet_qgis.cli import build_parser
-    from menet_qgis.core import engine
+    from menet_qgis.core.inference import engine
     from menet_qgis.core.choices import DEFAULT_OVERLAP
-    from menet_qgis.core.onnx_export import ensure_onnx
-    from menet_qgis.model_store import DEFAULT_MODEL_BASE
+    from menet_qgis.core.inference.export import ensure_onnx
+    from menet_qgis.resources import DEFAULT_MODEL_BASE
     defaults = {name: build_parser().parse_args([name, "in.tif", "--out-dir", "out"]).overlap
                 for name in ("predict", "batch")}
     assert defaults == {"predict": DEFAULT_OVERLAP, "batch": DEFAULT_OVERLAP} and \
@@ -482,7 +482,7 @@ def test_the_qgis_plugin_never_imports_dask():
     code = ("import sys, pkgutil, importlib, menet_qgis, menet_qgis.processing, menet_qgis.cli\n"
             "for m in pkgutil.walk_packages(menet_qgis.processing.__path__, 'menet_qgis.processing.'):\n"
             "    importlib.import_module(m.name)\n"
-            "import menet_qgis.batch.inputs, menet_qgis.batch.manifest, menet_qgis.batch.worker\n"
+            "import menet_qgis.batch.inputs, menet_qgis.batch.manifest, menet_qgis.batch.scene_task\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from helpers import S2_NAMES, write_raster
-from menet_qgis.core import channels, engine
-from menet_qgis.core.bands import BandError, plan_input
-from menet_qgis.core.channels import CHANNEL_NAMES, PCABasis, compute_channels
-from menet_qgis.core.raster_io import RasterInput
+from menet_qgis.core.model import channels
+from menet_qgis.core.inference import engine
+from menet_qgis.core.io.bands import BandError, plan_input
+from menet_qgis.core.model.channels import CHANNEL_NAMES, PCABasis, compute_channels
+from menet_qgis.core.io.raster_io import RasterInput
 
 B2, B3, B4, B8, B11, B12 = range(6)
 PCA = PCABasis([0.05, 0.06, 0.04, 0.25, 0.12, 0.06], [0.1, 0.2, 0.15, 0.8, 0.45, 0.3])
@@ -219,7 +220,7 @@ def test_dn_with_offset_tag_gives_the_same_model_input_as_reflectance(bundle, tm
 
 def test_gdal_sentinel2_driver_subdataset_names_are_opened(tmp_path):
     """A name like SENTINEL2_L2A:...:10m:EPSG_32717 is GDAL's, not a file path: it must reach GDAL."""
-    from menet_qgis.core import raster_io
+    from menet_qgis.core.io import raster_io
     with pytest.raises(raster_io.InputError) as err:
         raster_io.RasterInput(f"SENTINEL2_L2A:{tmp_path}/MTD_MSIL2A.xml:10m:EPSG_32717")
     assert "not a raster GDAL can read" in str(err.value)

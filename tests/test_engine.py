@@ -8,10 +8,12 @@ import torch
 from affine import Affine
 
 from helpers import S2_NAMES, read, s2_reflectance, write_raster, write_s2
-from menet_qgis.core import engine, raster_io
+from menet_qgis.core import reporting
+from menet_qgis.core.inference import engine
+from menet_qgis.core.io import raster_io
 from menet_qgis.core.compat import compose
-from menet_qgis.core.bands import BandError
-from menet_qgis.core.channels import RECIPE_V1
+from menet_qgis.core.io.bands import BandError
+from menet_qgis.core.model.channels import RECIPE_V1
 
 SMALL = engine.EngineOptions(window=64, overlap=32)
 
@@ -91,7 +93,7 @@ def test_all_nodata_window_rows_are_skipped_not_run(bundle, tmp_path):
 def test_cancel_leaves_no_output_behind(bundle, tmp_path):
     src = write_s2(tmp_path / "in.tif", 200, 200)
 
-    class CancelAfterFirst(engine.Reporter):
+    class CancelAfterFirst(reporting.Reporter):
         def __init__(self):
             self.calls = 0
 
@@ -102,7 +104,7 @@ def test_cancel_leaves_no_output_behind(bundle, tmp_path):
             return self.calls >= 1
 
     out = tmp_path / "out"
-    with pytest.raises(engine.Cancelled):
+    with pytest.raises(reporting.Cancelled):
         engine.extract(bundle, raster_io.RasterInput(src), out / "p.tif",
                        engine.EngineOptions(window=64, overlap=32, batch_size=1, stages=["stage2"]),
                        CancelAfterFirst())
@@ -114,7 +116,7 @@ def test_existing_output_survives_a_failed_run(bundle, tmp_path):
     out = tmp_path / "p.tif"
     out.write_bytes(b"previous result")
 
-    class Boom(engine.Reporter):
+    class Boom(reporting.Reporter):
         def cancelled(self):
             raise RuntimeError("disk on fire")
 
@@ -199,7 +201,7 @@ def test_out_of_memory_retries_smaller_batches_with_same_result(bundle, tmp_path
     monkeypatch.setattr(engine, "_forward", small_gpu)
     messages = []
 
-    class Log(engine.Reporter):
+    class Log(reporting.Reporter):
         def info(self, message):
             messages.append(message)
 
@@ -227,7 +229,7 @@ def test_gpu_precision_path_on_cpu_matches_fp32(bundle, tmp_path):
                                                     runtime="torch")).probability)
     messages = []
 
-    class Log(engine.Reporter):
+    class Log(reporting.Reporter):
         def info(self, message):
             messages.append(message)
 

@@ -28,7 +28,9 @@ import torch
 from rasterio.transform import from_origin
 
 from helpers import ROOT, S2_NAMES, qgis_process, s2_reflectance, write_raster, write_s2
-from menet_qgis.core import checkpoint, raster_io, training
+from menet_qgis.core.model import checkpoint
+from menet_qgis.core.io import raster_io
+from menet_qgis.core.training import train as training
 
 S2_DN = dict(descriptions=S2_NAMES)
 
@@ -192,7 +194,7 @@ def test_disk_full_refused_before_compute_when_stage_layers_cannot_fit(cli, untr
 
 def test_disk_full_write_error_is_caught_in_the_core_for_every_front_end(bundle, scene_s2, small_fs, monkeypatch):
     """The core path QGIS, the worker and the CLI share: a write that fails fails the run."""
-    from menet_qgis.core import engine
+    from menet_qgis.core.inference import engine
     out = small_fs(1024)
     old = keep(out / "p.tif")
     fill(out, leave=4096)  # one page: the outputs open, their blocks cannot be written
@@ -275,7 +277,8 @@ def test_assess_report_over_an_input_is_refused(cli, tmp_path):
 
 
 def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
-    from menet_qgis.core import channels, sentinel2_product
+    from menet_qgis.core.model import channels
+    from menet_qgis.core.io import sentinel2_product
     src = write_s2(tmp_path / "a.tif", 32, 32)
     before = src.read_bytes()
     with pytest.raises(raster_io.InputError, match="is the input"):

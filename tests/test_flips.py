@@ -5,8 +5,9 @@ import rasterio
 import torch
 
 from helpers import crop_scene, read
-from menet_qgis.core import engine, raster_io
-from menet_qgis.core.flips import FLIPS, dihedral, mean_over_flips, undo_dihedral
+from menet_qgis.core.inference import engine
+from menet_qgis.core.io import raster_io
+from menet_qgis.core.model.flips import FLIPS, dihedral, mean_over_flips, undo_dihedral
 
 
 def test_the_eight_views_are_distinct_undone_exactly_and_the_same_in_numpy_and_torch():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision.models import resnet101
 
-from menet_qgis.core import channels, checkpoint, model as model_mod
-from menet_qgis.core.stages import STAGES, stage_table
+from menet_qgis.core.model import channels, checkpoint, menet as model_mod
+from menet_qgis.core.model.stages import STAGES, stage_table
 from helpers import refined_bundle
 
 
@@ -67,15 +67,15 @@ def test_grey_input_gives_same_conv1_response_as_pretrained_rgb():
 def test_imagenet_file_found_in_torch_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     logs = []
-    assert model_mod.load_imagenet_state(log=logs.append) is None
+    assert checkpoint.load_imagenet_state(log=logs.append) is None
     assert "random init" in logs[-1]
     target = model_mod.imagenet_weight_candidates()[0]
     target.parent.mkdir(parents=True)
     torch.save(known_imagenet_state(), target)
-    state = model_mod.load_imagenet_state(log=logs.append)
+    state = checkpoint.load_imagenet_state(log=logs.append)
     assert state is not None and str(target) in logs[-1]
     with pytest.raises(FileNotFoundError):
-        model_mod.load_imagenet_state(str(tmp_path / "nope.pth"))
+        checkpoint.load_imagenet_state(str(tmp_path / "nope.pth"))
 
 
 def test_checkpoint_round_trip_in_half_precision(bundle, tmp_path):
@@ -160,7 +160,7 @@ def test_refined_models_are_architecture_v2_and_round_trip(bundle, tmp_path):
 
 
 def test_fine_tuning_into_a_refined_model_starts_from_the_same_map(bundle):
-    from menet_qgis.core.training import init_weights_from
+    from menet_qgis.core.training.train import init_weights_from
     target = checkpoint.new_bundle(seed=1, refine_width=8).model.eval()
     x = torch.randn(1, 11, 64, 64)
     with torch.inference_mode():

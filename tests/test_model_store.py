@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from menet_qgis import model_store, resources
+from menet_qgis import model_records, model_store, resources
 
 GOOD = os.urandom(3 * model_store.CHUNK + 12345)
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
@@ -222,11 +222,11 @@ def test_default_model_resolves_installed_then_shipped(tmp_path, monkeypatch):
     monkeypatch.setenv("MENET_HOME", str(tmp_path / "home"))
     shipped = resources.shipped_model_path()
     assert shipped.is_file(), "the source checkout keeps resources/models for make run and the CLI"
-    assert resources.default_model_path() == shipped
+    assert model_store.default_model_path() == shipped
     src = tmp_path / resources.DEFAULT_CHECKPOINT_NAME
     src.write_bytes(GOOD)
     model_store.install_model(str(src), sha256=GOOD_SHA)
-    assert resources.default_model_path() == tmp_path / "home" / "models" / resources.DEFAULT_CHECKPOINT_NAME
+    assert model_store.default_model_path() == tmp_path / "home" / "models" / resources.DEFAULT_CHECKPOINT_NAME
 
 
 def test_the_default_model_verifies_against_the_hash_the_plugin_ships(tmp_path):
@@ -263,7 +263,7 @@ def test_install_model_through_processing(menet_provider, tmp_path, monkeypatch)
     result = processing.run("menet:installmodel", {"SOURCE": str(src), "SHA256": GOOD_SHA})
     target = tmp_path / "home" / "models" / resources.DEFAULT_CHECKPOINT_NAME
     assert result["OUTPUT"] == str(target) and target.read_bytes() == GOOD
-    assert resources.default_model_path() == target
+    assert model_store.default_model_path() == target
     index = (target.parent / model_store.INDEX_NAME).read_bytes()
     with pytest.raises(QgsProcessingException, match="sha256 mismatch"):
         processing.run("menet:installmodel", {"SOURCE": str(src), "SHA256": OTHER_SHA, "NAME": "second.pt"})
@@ -293,7 +293,7 @@ def test_an_older_installed_default_model_is_named_when_it_runs(untrained_path, 
 
 
 # --- the index and the default-model rule (issue 24) -------------------------------------------------
-BASE = model_store.DEFAULT_MODEL_BASE
+BASE = resources.DEFAULT_MODEL_BASE
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def record_only_onnx(bundle, tmp_path_factory) -> Path:
     import json
     import onnx
     from onnx import TensorProto, helper
-    from menet_qgis.core import runtimes
+    from menet_qgis.core.inference import runtimes
     record = runtimes.model_record(bundle, ["probability"], "0" * 64)
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["probability"])], "record_only",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -333,29 +333,31 @@ def blocked_env(tmp_path, *modules, **extra) -> dict:
 
 def test_the_stores_constants_are_the_engines():
     """model_store repeats three format strings so it can read models with the standard library alone."""
-    from menet_qgis.core import checkpoint, runtimes
-    assert model_store.CHECKPOINT_FORMAT == checkpoint.FORMAT
-    assert model_store.ONNX_FORMAT == runtimes.ONNX_FORMAT
-    assert model_store.ONNX_METADATA_KEY == runtimes.METADATA_KEY
+    from menet_qgis.core.model import checkpoint
+    from menet_qgis.core.inference import runtimes
+    assert model_records.CHECKPOINT_FORMAT == checkpoint.FORMAT
+    assert model_records.ONNX_FORMAT == runtimes.ONNX_FORMAT
+    assert model_records.ONNX_METADATA_KEY == runtimes.METADATA_KEY
 
 
 def test_records_read_without_torch_match_what_the_engine_reads(untrained_path, record_only_onnx, bundle,
                                                                 tmp_path):
     """The index (and runtimes.read_onnx_model) read a .pt's and an .onnx's record with the standard library:
-    the same record torch (core/checkpoint.py) and ONNX Runtime's own metadata reader find in those files."""
+    the same record torch (core/model/checkpoint.py) and ONNX Runtime's own metadata reader find in those files."""
     import json
     import subprocess
     import sys
     from helpers import ROOT
-    from menet_qgis.core import checkpoint, runtimes
+    from menet_qgis.core.model import checkpoint
+    from menet_qgis.core.inference import runtimes
     by_torch = {k: v for k, v in checkpoint.read_record(untrained_path).items() if k != "state_dict"}
-    assert model_store.read_model_record(untrained_path) == json.loads(json.dumps(by_torch))
+    assert model_records.read_model_record(untrained_path) == json.loads(json.dumps(by_torch))
     import onnxruntime as ort
     session = ort.InferenceSession(str(record_only_onnx), providers=["CPUExecutionProvider"])
-    assert model_store.onnx_record(record_only_onnx) == json.loads(
-        session.get_modelmeta().custom_metadata_map[model_store.ONNX_METADATA_KEY])
+    assert model_records.onnx_record(record_only_onnx) == json.loads(
+        session.get_modelmeta().custom_metadata_map[model_records.ONNX_METADATA_KEY])
     by_runtime = runtimes.read_onnx_model(record_only_onnx)
-    record = model_store.read_model_record(record_only_onnx)
+    record = model_records.read_model_record(record_only_onnx)
     assert runtimes.ch.PCABasis.from_record(record["pca"]).to_record() == by_runtime.pca.to_record()
     assert record["recipe"] == by_runtime.recipe.record() and record["window_size"] == by_runtime.window_size
     assert model_store.describe_record(record)["threshold"] == by_runtime.threshold == bundle.threshold
@@ -374,11 +376,11 @@ def test_records_read_without_torch_match_what_the_engine_reads(untrained_path, 
 def test_not_a_model_is_named(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\xff" * 100)
-    with pytest.raises(model_store.ModelRecordError, match="junk.onnx is not an ONNX model"):
-        model_store.read_model_record(junk)
+    with pytest.raises(model_records.ModelRecordError, match="junk.onnx is not an ONNX model"):
+        model_records.read_model_record(junk)
     (tmp_path / "junk.pt").write_bytes(GOOD)
-    with pytest.raises(model_store.ModelRecordError, match="junk.pt is not a readable torch checkpoint"):
-        model_store.read_model_record(tmp_path / "junk.pt")
+    with pytest.raises(model_records.ModelRecordError, match="junk.pt is not a readable torch checkpoint"):
+        model_records.read_model_record(tmp_path / "junk.pt")
 
 
 def test_a_checkpoint_holding_code_is_not_unpickled(tmp_path):
@@ -392,9 +394,9 @@ def test_a_checkpoint_holding_code_is_not_unpickled(tmp_path):
             return (os.system, (f"touch {marker}",))
     path = tmp_path / "evil.pt"
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", pickle.dumps({"format": model_store.CHECKPOINT_FORMAT, "x": Exploit()}))
-    with pytest.raises(model_store.ModelRecordError, match="unexpected object"):
-        model_store.read_model_record(path)
+        z.writestr("archive/data.pkl", pickle.dumps({"format": model_records.CHECKPOINT_FORMAT, "x": Exploit()}))
+    with pytest.raises(model_records.ModelRecordError, match="unexpected object"):
+        model_records.read_model_record(path)
     assert not marker.exists()
 
 
@@ -508,7 +510,7 @@ def test_default_rule_picks_the_form_the_engine_runs(untrained_path, record_only
 def test_default_rule_on_a_cuda_gpu_takes_the_checkpoint(untrained_path, record_only_onnx, tmp_path, monkeypatch):
     """Where torch sees a CUDA GPU the .pt runs there (bf16 autocast); the ONNX runners are CPU-only.
     This machine has no GPU, so torch's answer is replaced: what is tested is the rule's branch."""
-    from menet_qgis.core import runtimes
+    from menet_qgis.core.inference import runtimes
     store = tmp_path / "models"
     install_both_forms(store, untrained_path, record_only_onnx)
     monkeypatch.setattr(runtimes, "torch_sees_cuda", lambda: True)
@@ -596,7 +598,7 @@ def test_export_channels_reads_either_form_and_defaults_to_the_onnx(untrained_pa
     torch needed), and both forms of one model give the same channels."""
     from helpers import read, write_s2
     from menet_qgis import jobs
-    from menet_qgis.core.engine import Reporter
+    from menet_qgis.core.reporting import Reporter
 
     class Lines(Reporter):
         def __init__(self):

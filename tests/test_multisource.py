@@ -9,9 +9,11 @@ import rasterio
 import torch
 
 from helpers import S2_NAMES, s2_reflectance, write_raster
-from menet_qgis.core import channels, checkpoint, engine, training
-from menet_qgis.core.bands import BandError, plan_input
-from menet_qgis.core.engine import Cancelled, Reporter
+from menet_qgis.core.model import channels, checkpoint
+from menet_qgis.core.inference import engine
+from menet_qgis.core.training import train as training
+from menet_qgis.core.io.bands import BandError, plan_input
+from menet_qgis.core.reporting import Cancelled, Reporter
 
 MAGSET2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "magset2" / "tiles"
 V2_NAMES = ["B2", "B3", "B4", "B8", "B8A", "B11"]   # MagSet-2's bands: no B12
@@ -212,7 +214,7 @@ def test_best_threshold_maximises_f1_and_prefers_the_middle_on_ties():
 def test_threshold_travels_from_checkpoint_to_map_to_assessment(untrained_path, tmp_path):
     from helpers import write_s2
     from menet_qgis import jobs
-    from menet_qgis.core.raster_io import RasterInput
+    from menet_qgis.core.io.raster_io import RasterInput
     bundle = checkpoint.load(untrained_path)  # a copy: the session's bundle stays as it is
     bundle.training = {**bundle.training, "threshold": 0.37}
     path = tmp_path / "m.pt"
@@ -272,7 +274,7 @@ def test_a_stopped_run_resumes_where_it_was_and_ends_as_an_uninterrupted_one(tmp
 def test_fine_tuning_adds_the_refinement_and_later_fine_tunes_keep_it(tmp_path):
     """--refine-width on a fine-tune of a plain model adds the refinement (saved as architecture v2);
     fine-tuning that model again keeps it unless asked otherwise, and dropping it is refused."""
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     from test_training import make_tiles
     tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
     plain = tmp_path / "plain.pt"
@@ -292,7 +294,7 @@ def test_fine_tuning_keeps_the_start_models_channel_statistics_unless_its_recipe
     """The start's first layer was trained on inputs normalised with its PCA, means and deviations;
     refitted on a few windows of one coast they would shift every channel. Another recipe has other
     channels, so a v1 start gets statistics fitted on the new data."""
-    from menet_qgis.core import channels as ch, checkpoint
+    from menet_qgis.core.model import channels as ch, checkpoint
     from test_training import make_tiles
     tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
     fitted = training.fit_statistics(tiles, recipe=ch.DEFAULT_RECIPE)
@@ -315,7 +317,7 @@ def test_fine_tuning_keeps_the_start_models_channel_statistics_unless_its_recipe
 def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_style_0(tmp_path):
     """style=1 sources train an output of their own; the saved model has one output, style 0's,
     and maps exactly as the two-output network's channel 0 did (what validation scored)."""
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     from test_training import make_tiles
     geo = training.load_tile_folder(make_tiles(tmp_path / "geo", n=4, size=32), recipe=channels.RECIPE_V2)
     plain = training.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1)), recipe=channels.RECIPE_V2,
@@ -390,7 +392,7 @@ def test_cli_predict_default_model_maps_a_raster_without_b12(tmp_path):
     from rasterio.transform import from_origin
 
     from helpers import ROOT
-    from menet_qgis.core.metrics import Confusion
+    from menet_qgis.core.evaluation.metrics import Confusion
     src = tmp_path / "zone3.tif"
     with rasterio.open(MAGSET2 / "tile_3_07.tif") as ds:
         dn, tags, desc = ds.read(), ds.tags(), ds.descriptions

@@ -49,7 +49,7 @@ def test_plugin_zip_has_no_weights_and_fits_the_repository_limit(dist):
         assert z.testzip() is None
         metadata = z.read("menet_qgis/metadata.txt").decode()
     assert {"menet_qgis/__init__.py", "menet_qgis/metadata.txt", "menet_qgis/resources/icon.svg",
-            "menet_qgis/processing/provider.py", "menet_qgis/core/engine.py",
+            "menet_qgis/processing/provider.py", "menet_qgis/core/inference/engine.py",
             "menet_qgis/environment_installer.py", "menet_qgis/model_store.py",
             "menet_qgis/requirements/cpu-light.txt", "menet_qgis/requirements/cpu.txt",
             "menet_qgis/requirements/cuda.txt", "menet_qgis/resources/models/menet_coasts_v2.pt.sha256",
@@ -118,7 +118,7 @@ def test_the_asset_maps_a_real_scene_without_torch_as_torch_fp32_does(dist, runt
     """The asset alone, in a Python where torch cannot be imported, maps a real crop of scene_2020 in ONNX
     Runtime and in OpenVINO; the map equals torch fp32's on the .pt within ASSET_TOLERANCE, no pixel
     changing class at the model's threshold."""
-    from menet_qgis.core import runtimes
+    from menet_qgis.core.inference import runtimes
     if not runtimes.installed(runtime):
         pytest.skip(f"{runtime} not installed")
     crop, want_path = torch_fp32_map
@@ -155,7 +155,7 @@ def test_installed_plugin_zip_loads_in_qgis_and_points_to_the_model_folder(dist,
     env = dict(qgis_env, QGIS_PLUGINPATH=str(plugins), MENET_HOME=str(tmp_path / "home"))
     listed = qgis_process(["list"], env, timeout=300)
     assert "menet:installdependencies" in listed.stdout and "menet:installmodel" in listed.stdout, listed.stderr
-    probe = subprocess.run([sys.executable, "-c", "from menet_qgis.resources import default_model_path as d; "
+    probe = subprocess.run([sys.executable, "-c", "from menet_qgis.model_store import default_model_path as d; "
                             "print(d())"], cwd=plugins, env=dict(os.environ, MENET_HOME=str(tmp_path / "home")),
                            capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == str(tmp_path / "home" / "models" / ASSET), probe.stderr

@@ -8,7 +8,7 @@ from qgis.core import (QgsLayerTreeGroup, QgsLayerTreeRegistryBridge, QgsProcess
                        QgsRasterLayer, QgsSingleBandPseudoColorRenderer)
 
 from helpers import read, s2_reflectance, write_raster, write_s2
-from menet_qgis.core import raster_io
+from menet_qgis.core.io import raster_io
 
 ALG = "menet:extractmangroves"
 FAST = {"WINDOW_SIZE": 64, "OVERLAP": 32}
@@ -279,7 +279,7 @@ def test_output_may_not_overwrite_the_input(processing, untrained_path, tmp_path
 
 
 def test_export_channels_help_lists_the_recipe():
-    from menet_qgis.core.channels import RECIPE_V1, RECIPE_V2
+    from menet_qgis.core.model.channels import RECIPE_V1, RECIPE_V2
     from menet_qgis.processing.export_channels import CHANNEL_HELP
     help_text = " ".join(f"{name} {formula}" for name, formula in CHANNEL_HELP)
     for recipe in (RECIPE_V1, RECIPE_V2):  # the help cannot drift from either recipe

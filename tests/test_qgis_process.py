@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, crop_scene, qgis_process, read, write_s2
-from menet_qgis.core import raster_io
+from menet_qgis.core.io import raster_io
 
 MODEL3 = ROOT / "resources" / "models" / "mangrove_mask.model3"
 
@@ -55,7 +55,7 @@ def test_graphical_model_chains_extract_into_core_reclassify(qgis_env, untrained
 
 def test_graphical_model_thresholds_at_the_models_own_threshold_by_default(qgis_env, untrained_path, tmp_path):
     """No threshold given: the mask step uses Extract's THRESHOLD output, the model's stored threshold."""
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     src = write_s2(tmp_path / "in.tif", 64, 64)
     out, prob = tmp_path / "mask.tif", tmp_path / "prob.tif"
     bundle = checkpoint.load(untrained_path)

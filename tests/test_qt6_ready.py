@@ -5,7 +5,7 @@ suite).  It catches:
 - importing PyQt5/PyQt6/sip directly instead of through ``qgis.PyQt``;
 - ``exec_()`` / ``print_()`` (gone in PyQt6);
 - classes Qt6 removed (QRegExp, QDesktopWidget, ...);
-- ``QVariant`` anywhere but menet_qgis/qgis_compat.py (field types go through ``field_type``:
+- ``QVariant`` anywhere but menet_qgis/processing/qgis_compat.py (field types go through ``field_type``:
   ``QVariant.Type`` does not exist in Qt6, ``QMetaType.Type`` is what QGIS >= 3.38 takes);
 - unscoped enum access (``QgsProcessingParameterNumber.Integer``, ``Qt.AlignLeft``): every
   ``Name.attr...`` chain rooted in a name imported from ``qgis.*`` is looked up, and a chain
@@ -28,7 +28,7 @@ import pytest
 from helpers import ROOT
 
 SCANNED = [ROOT / "menet_qgis", ROOT / "scripts"]
-COMPAT_MODULE = ROOT / "menet_qgis" / "qgis_compat.py"
+COMPAT_MODULE = ROOT / "menet_qgis" / "processing/qgis_compat.py"
 QT5_ONLY_MODULES = ("PyQt5", "PyQt6", "sip")
 QT5_ONLY_METHODS = {"exec_", "print_"}
 QT6_REMOVED_CLASSES = {"QRegExp", "QRegExpValidator", "QDesktopWidget", "QGLWidget", "QMatrix", "QStringRef",
@@ -93,9 +93,9 @@ def qt6_problems(source: str, filename: str = "<source>", allow_qvariant: bool =
                 if alias.name in QT6_REMOVED_CLASSES:
                     report(node, f"{alias.name} does not exist in Qt6")
                 if alias.name == "QVariant" and not allow_qvariant:
-                    report(node, "QVariant imported: field types go through menet_qgis.qgis_compat.field_type")
+                    report(node, "QVariant imported: field types go through menet_qgis.processing.qgis_compat.field_type")
         elif isinstance(node, ast.Name) and node.id == "QVariant" and not allow_qvariant:
-            report(node, "QVariant used: field types go through menet_qgis.qgis_compat.field_type")
+            report(node, "QVariant used: field types go through menet_qgis.processing.qgis_compat.field_type")
         elif isinstance(node, ast.Attribute):
             if node.attr in QT5_ONLY_METHODS:
                 report(node, f".{node.attr}(): PyQt6 has only .{node.attr[:-1]}()")
@@ -168,7 +168,7 @@ def test_field_types_hold_their_values_on_the_running_qgis(name, value):
     from qgis.core import QgsFeature, QgsField, QgsFields, QgsMemoryProviderUtils, QgsWkbTypes
     from qgis.PyQt.QtCore import QMetaType
 
-    from menet_qgis.qgis_compat import FIELDS_TAKE_QMETATYPE, field_type
+    from menet_qgis.processing.qgis_compat import FIELDS_TAKE_QMETATYPE, field_type
     fields = QgsFields()
     fields.append(QgsField("value", field_type(name)))
     layer = QgsMemoryProviderUtils.createMemoryLayer("t", fields, QgsWkbTypes.Type.NoGeometry)

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from helpers import ROOT, S2_NAMES, crop_scene, read, refined_bundle, s2_reflectance, write_raster
-from menet_qgis.core import channels as ch
-from menet_qgis.core import engine, raster_io, runtimes
-from menet_qgis.core.onnx_export import ensure_onnx
+from menet_qgis.core.model import channels as ch
+from menet_qgis.core import reporting
+from menet_qgis.core.inference import engine, runtimes
+from menet_qgis.core.io import raster_io
+from menet_qgis.core.inference.export import ensure_onnx
 
 pytestmark = pytest.mark.skipif(not runtimes.installed("onnxruntime"), reason="onnxruntime not installed")
 
 
-class Log(engine.Reporter):
+class Log(reporting.Reporter):
     def __init__(self):
         self.messages = []
 
@@ -103,7 +105,7 @@ def test_test_time_flips_through_onnx_match_torch_and_are_logged(bundle, exporte
 
 
 def test_a_refined_model_runs_through_onnx_as_in_torch(real_crop, tmp_path):
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     checkpoint.save(refined_bundle(), tmp_path / "refined.pt")
     refined = checkpoint.load(tmp_path / "refined.pt")
     want = read(_map(refined, real_crop, tmp_path / "torch.tif", runtime="torch").probability)[0]

@@ -12,10 +12,11 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform_geom
 
 from helpers import UTM17S, read
-from menet_qgis.core import engine, sentinel2_product
+from menet_qgis.core import reporting
+from menet_qgis.core.io import sentinel2_product
 from menet_qgis.core.compat import apply
-from menet_qgis.core.channels import CHANNEL_NAMES, DEFAULT_RECIPE, RECIPE_V1, SOURCE_BANDS, compute_channels
-from menet_qgis.core.raster_io import RasterInput
+from menet_qgis.core.model.channels import CHANNEL_NAMES, DEFAULT_RECIPE, RECIPE_V1, SOURCE_BANDS, compute_channels
+from menet_qgis.core.io.raster_io import RasterInput
 
 ORIGIN = (600000.0, 9700000.0)        # upper-left corner of the (small) tile
 SIZE = 40                             # 10 m pixels; the 20 m bands have SIZE // 2
@@ -256,11 +257,11 @@ def test_clip_to_polygon_sets_outside_pixels_to_nodata(safe, tmp_path):
 
 
 def test_cancel_leaves_no_output(safe, tmp_path):
-    class Cancel(engine.Reporter):
+    class Cancel(reporting.Reporter):
         def cancelled(self):
             return True
 
-    with pytest.raises(engine.Cancelled):
+    with pytest.raises(reporting.Cancelled):
         sentinel2_product.build_stack(safe, tmp_path / "stack.tif", reporter=Cancel())
     assert list(tmp_path.iterdir()) == []
 

@@ -17,7 +17,7 @@ SHARED = ROOT.parent / "shared" / "data"
 def test_average_models_mixes_by_the_given_shares_and_chooses_the_threshold_again(tmp_path):
     """`--weights 3 1` stores 0.75 × A + 0.25 × B (fp16, as shipped), records the shares and a threshold
     chosen on the real validation windows; a model with other statistics is refused."""
-    from menet_qgis.core import checkpoint
+    from menet_qgis.core.model import checkpoint
     a, b = (checkpoint.new_bundle(head_width=16, seed=s) for s in (0, 1))
     for name, bundle in (("a.pt", a), ("b.pt", b)):
         checkpoint.save(bundle, tmp_path / name)

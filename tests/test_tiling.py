@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from helpers import read, write_s2
-from menet_qgis.core import engine, raster_io
-from menet_qgis.core.stages import STAGES
-from menet_qgis.core.tiling import WindowGrid, blend_weights
+from menet_qgis.core.inference import engine
+from menet_qgis.core.io import raster_io
+from menet_qgis.core.model.stages import STAGES
+from menet_qgis.core.inference.tiling import WindowGrid, blend_weights
 
 
 @pytest.mark.parametrize("h, w, window, overlap", [(700, 513, 256, 64), (100, 90, 256, 64), (256, 256, 256, 0),

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers import S2_NAMES, TRAIN, s2_reflectance, write_raster
-from menet_qgis.core import checkpoint, training
+from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import train as training
 
 
 def make_tiles(folder, n=6, size=64, duplicate_of=None):

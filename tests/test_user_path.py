@@ -38,7 +38,7 @@ import pytest
 import rasterio
 
 from helpers import QGIS_PROCESS, ROOT, SCENE, crop_scene, write_s2
-from menet_qgis.core.runtimes import file_sha256
+from menet_qgis.core.inference.runtimes import file_sha256
 from menet_qgis.environment_installer import directory_size
 from user_path_support import (BUILD, MODEL_BASE, WheelCacheError, fresh_runtime_dir, model_asset, serve_model,
                                unzip_plugin, user_environment, wheel_folder)
@@ -138,7 +138,7 @@ def print_record(capsys, kind: str, record: dict) -> None:
 
 #: The checkpoint the asset is exported from; torch fp32 on it is the reference map.
 REFERENCE_MODEL = ROOT / "resources" / "models" / f"{MODEL_BASE}.pt"
-THRESHOLD_TAG = "MENET_THRESHOLD"  # menet_qgis.core.engine: the model's threshold, stored in every probability
+THRESHOLD_TAG = "MENET_THRESHOLD"  # menet_qgis.core.inference.engine: the model's threshold, stored in every probability
 #: How far the map a new user gets may be from torch fp32 on the .pt: the asset stores fp16 weights and the
 #: engine may pick bf16/int8 on CPUs that have them; a wrong normalisation or a broken export moves far more.
 MAX_CLASS_FLIPS = 0.01

@@ -212,7 +212,7 @@ def test_qgis_process_never_imports_torch(tmp_path, untrained_path):
                                 "OUTPUT": {str(tmp_path / "p.tif")!r}, "WINDOW_SIZE": 64, "OVERLAP": 32}})
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in
                        ("torch", "torchvision", "triton", "rasterio", "onnxruntime", "openvino", "dask")
-                       or m in ("menet_qgis.core.engine", "menet_qgis.core.raster_io", "menet_qgis.core.checkpoint"))
+                       or m in ("menet_qgis.core.inference.engine", "menet_qgis.core.io.raster_io", "menet_qgis.core.model.checkpoint"))
         print(json.dumps({{"output": result["OUTPUT"], "heavy": heavy}}))
         """, env)
     assert report["output"] == str(tmp_path / "p.tif") and (tmp_path / "p.tif").is_file()
@@ -220,9 +220,11 @@ def test_qgis_process_never_imports_torch(tmp_path, untrained_path):
 
 
 def test_long_runs_log_windows_done_rate_and_time_left(bundle, tmp_path, monkeypatch):
-    from menet_qgis.core import engine, raster_io
+    from menet_qgis.core import reporting
+    from menet_qgis.core.inference import engine
+    from menet_qgis.core.io import raster_io
 
-    class Lines(engine.Reporter):
+    class Lines(reporting.Reporter):
         def __init__(self):
             self.lines = []
 
@@ -243,7 +245,7 @@ def test_provider_setting_comes_before_the_environment_variable(processing, tmp_
     from processing.core.ProcessingConfig import ProcessingConfig
     from qgis.core import QgsSettings
 
-    from menet_qgis.processing.worker_client import SETTING, SETTING_KEY
+    from menet_qgis.processing.engine_client import SETTING, SETTING_KEY
     assert SETTING in ProcessingConfig.settings  # registered by the provider: shown in the options dialog
     monkeypatch.setenv("MENET_PYTHON", str(ENGINE_PYTHON))
     settings = QgsSettings()
@@ -313,9 +315,9 @@ def test_extract_with_model_empty_maps_with_the_model_installed_in_the_profile(p
     """Issue 24: the model 'Install model' put into the profile's store is the one a real worker process
     (which has no QGIS to ask for the profile) maps with when MODEL is empty — not ~/.local/share's, not
     the plugin's own (trained) copy.  And the run leaves no unclosed file behind in QGIS."""
-    from menet_qgis import model_store
+    from menet_qgis import model_store, resources
     import hashlib
-    model_store.install_model(str(untrained_path), name=f"{model_store.DEFAULT_MODEL_BASE}.pt",
+    model_store.install_model(str(untrained_path), name=f"{resources.DEFAULT_MODEL_BASE}.pt",
                               sha256=hashlib.sha256(untrained_path.read_bytes()).hexdigest())
     src = write_s2(tmp_path / "in.tif", 64, 64)
     feedback = RecordingFeedback()
@@ -369,7 +371,7 @@ def test_qgis_process_installs_the_asset_and_the_example_model_maps_with_it(qgis
     process found it in the profile's store."""
     import hashlib
     from helpers import qgis_process
-    from menet_qgis.core.onnx_export import ensure_onnx
+    from menet_qgis.core.inference.export import ensure_onnx
     folder, url = served
     exported = Path(ensure_onnx(bundle, "probability").path)  # cached beside the session's checkpoint
     asset = folder / "menet_coasts_v2.onnx"

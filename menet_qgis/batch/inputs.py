@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..core.bands import DN_SCALE, band_label
-from ..core.channels import RECIPE_V1, RECIPE_V2
+from ..core.io.bands import DN_SCALE, band_label
+from ..core.model.channels import RECIPE_V1, RECIPE_V2
 
 #: Bands a scene must have (every recipe reads them) and the full set picked when present (B12: recipe v1).
 REQUIRED_BANDS = list(RECIPE_V2.source_bands)

@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .inputs import Scene, collect_scenes
 from .manifest import (RunManifest, SceneRecord, file_sha256, is_done, result_key, result_parameters,
                        scene_fingerprint)
-from .worker import ENGINE_CHOICE_PREFIXES, EVENT_TOPIC, Job, engine_options, load_model, output_paths, run_scene
+from .scene_task import ENGINE_CHOICE_PREFIXES, EVENT_TOPIC, Job, engine_options, load_model, output_paths, run_scene
 
 WORK_FOLDER = ".menet-batch"
 
@@ -215,9 +215,9 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
     refused before any cluster starts; when scenes are to be mapped by an ONNX runtime from a .pt
     checkpoint, its ONNX export is made here once, not by every worker."""
     from .. import jobs
-    from ..core import runtimes
-    from ..core.stages import parse_stage_names
-    from ..core.tiling import check_window
+    from ..core.inference import runtimes
+    from ..core.model.stages import parse_stage_names
+    from ..core.inference.tiling import check_window
     out_dir = Path(out_dir)
     work = out_dir / WORK_FOLDER
     scenes = collect_scenes(inputs, work / "vrt", options.band_numbers, options.dn_offset)
@@ -247,7 +247,7 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
             todo.append((scene, rec))
         records.append(rec)
     if todo and runtime != "torch" and not isinstance(model, runtimes.OnnxModel):
-        from ..core.onnx_export import ensure_onnx  # a checkpoint in memory means torch is here
+        from ..core.inference.export import ensure_onnx  # a checkpoint in memory means torch is here
         ensure_onnx(model, runtimes.need_for(stages), say)
     run = {"run_id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "model": str(model_path), "model_sha256": sha, "model_trained": model.trained,
@@ -309,7 +309,7 @@ def _execute(manifest: RunManifest, todo, sha, threshold, options: BatchOptions,
         else:
             import psutil
 
-            from ..core.runtimes import torch_sees_cuda
+            from ..core.inference.runtimes import torch_sees_cuda
             cuda = (manifest.run["runtime"] == "torch" and engine_opts.get("device", "auto") != "cpu"
                     and torch_sees_cuda())
             n = options.workers or default_workers(_cpu_count(), psutil.virtual_memory().total, cuda)
@@ -446,7 +446,7 @@ def _settle(fut, scene: Scene, rec: SceneRecord, starts: List[Dict], options: Ba
         rec.status = "cancelled"
         return
     from distributed.scheduler import KilledWorker
-    from ..core.engine import Cancelled
+    from ..core.reporting import Cancelled
     for s in starts:
         progress.forget_attempt(s["token"])
     if isinstance(exc, Cancelled):

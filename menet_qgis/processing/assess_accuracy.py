@@ -7,9 +7,9 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProce
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsWkbTypes)
 
-from ..qgis_compat import field_type
+from .qgis_compat import field_type
 from .common import MENetAlgorithm, gdal_raster_path, has_value, polygons_as_geojson
-from .worker_client import run_job
+from .engine_client import run_job
 
 SCORE_FIELDS = ["overall_accuracy", "precision", "recall", "f1", "iou", "kappa",
                 "predicted_mangrove_ha", "reference_mangrove_ha"]

@@ -1,13 +1,14 @@
 """Processing algorithm "Export ME-Net input channels", id ``menet:exportchannels``."""
 from __future__ import annotations
 
-from qgis.core import QgsProcessingParameterFile, QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer
+from qgis.core import (QgsProcessingParameterFile, QgsProcessingParameterRasterDestination,
+                       QgsProcessingParameterRasterLayer)
 
 from .common import (MENetAlgorithm, band_choice, band_parameters, check_band_parameters, gdal_raster_path,
                      refuse_overwriting_input)
-from .worker_client import run_job
+from .engine_client import run_job
 
-#: The recipes' channels (core/channels.py, kept out of the dialog's imports): name and formula for the help.
+#: The recipes' channels (core/model/channels.py, kept out of the dialog's imports): name and formula for the help.
 CHANNEL_HELP = [("red", "B4"), ("green", "B3"), ("blue", "B2"), ("nir", "B8"), ("swir1", "B11"),
                 ("ndvi", "(B8 - B4) / (B8 + B4)"), ("mndwi", "(B3 - B11) / (B3 + B11)"), ("fdi", "B8 - (B4 + B2)"),
                 ("mvi (recipe v2) / wfi (v1)", "(B8 - B3) / (B11 - B3) / (B8 - B4) / B12"),

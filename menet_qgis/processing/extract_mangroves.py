@@ -9,11 +9,11 @@ from qgis.core import (QgsProcessingException, QgsProcessingOutputMultipleLayers
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
 from ..core.choices import DEFAULT_OVERLAP, PRECISIONS, RUNTIMES  # stdlib only
-from ..core.stages import STAGES, STAGE_NAMES  # torch-free, like ..core.tiling
-from ..core.tiling import check_window
+from ..core.model.stages import STAGES, STAGE_NAMES  # torch-free, like ..core.tiling
+from ..core.inference.tiling import check_window
 from .common import (DEVICES, MENetAlgorithm, advanced, band_choice, band_parameters, check_band_parameters,
                      gdal_raster_path, has_value, load_results, refuse_overwriting_input)
-from .worker_client import run_job
+from .engine_client import run_job
 
 STAGE_MODES = ["compact (mean, max, std of channels)", "all channels"]
 #: What the stage selector lists: the name with its stride and channel count.
@@ -160,7 +160,7 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
                 self.THRESHOLD: float(result.get("threshold", 0.5))}
 
     def extra_engine_options(self, parameters, context) -> dict:
-        """The runtime fields of EngineOptions (see core/runtimes.py)."""
+        """The runtime fields of EngineOptions (see core/inference/runtimes.py)."""
         return {"runtime": RUNTIMES[self.parameterAsEnum(parameters, self.RUNTIME, context)],
                 "threads": self.parameterAsInt(parameters, self.THREADS, context),
                 "precision": PRECISIONS[self.parameterAsEnum(parameters, self.PRECISION, context)],

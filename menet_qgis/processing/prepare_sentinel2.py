@@ -8,7 +8,7 @@ from qgis.core import (QgsFeatureRequest, QgsGeometry, QgsProcessing, QgsProcess
                        QgsProcessingParameterFile, QgsProcessingParameterRasterDestination)
 
 from .common import MENetAlgorithm, has_value
-from .worker_client import run_job
+from .engine_client import run_job
 
 RESAMPLING_OPTIONS = ["bilinear", "nearest"]
 

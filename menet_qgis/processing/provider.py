@@ -10,7 +10,7 @@ from .install_dependencies import InstallDependenciesAlgorithm
 from .install_model import InstallModelAlgorithm, register_settings, unregister_settings
 from .prepare_sentinel2 import PrepareSentinel2Algorithm
 from .train_menet import TrainMENetAlgorithm
-from .worker_client import SETTING
+from .engine_client import SETTING
 
 ALGORITHMS = [
     ExtractMangrovesAlgorithm,

@@ -10,10 +10,10 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterRasterLayer)
 
 from .common import DEVICES, MENetAlgorithm, advanced, gdal_raster_path, has_value, polygons_as_geojson
-from .worker_client import run_job
+from .engine_client import run_job
 
 
-#: Channel recipe choices, newest first (core/channels.py RECIPES).
+#: Channel recipe choices, newest first (core/model/channels.py RECIPES).
 RECIPE_OPTIONS = ["v2: B2, B3, B4, B8, B11 (no B12)", "v1: B2, B3, B4, B8, B11, B12"]
 
 

@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 
 from .inputs import Scene
 from .manifest import RESULT_KEY_TAG, file_sha256, mangrove_hectares, write_cog
+from ..core.reporting import Cancelled
 
 EVENT_TOPIC = "menet-batch"
 #: Engine log lines that say which runtime, device and precision run the model and why; the
@@ -65,7 +66,7 @@ def load_model(path: str, sha256: str, options: Dict, reporter=None):
 
 def output_paths(job: Job, scene: Scene) -> List[Path]:
     """Stage layers first, the probability last (the order they are committed in)."""
-    from ..core.engine import stage_path
+    from ..core.inference.engine import stage_path
     out = Path(job.out_dir) / f"{scene.name}_probability.tif"
     return [stage_path(out, None, s) for s in job.engine_options.get("stages", ())] + [out]
 
@@ -128,15 +129,16 @@ class TaskReporter:
 def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
     """Map one scene: ``jobs.extract`` into staging -> COG(s) with the result key -> rename into place."""
     from .. import jobs
-    from ..core import engine, raster_io
-    from ..core.tiling import WindowGrid
+    from ..core.inference import engine
+    from ..core.io import raster_io
+    from ..core.inference.tiling import WindowGrid
     token = uuid.uuid4().hex[:12]
     worker = _worker_address()
     t0 = time.perf_counter()
     staging = Path(job.staging_dir) / f"{scene.name}.{token}"
     reporter = TaskReporter(scene.name, token, 0, job.cancel_event)
     if reporter.cancelled():
-        raise engine.Cancelled("the run was cancelled before this scene started")
+        raise Cancelled("the run was cancelled before this scene started")
     try:
         staging.mkdir(parents=True)
         model = load_model(job.model_path, job.model_sha256, job.engine_options, reporter)
@@ -171,7 +173,7 @@ def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
 def engine_options(values: Dict):
     """EngineOptions from a plain dict, so fields other helpers add (runtime, …) pass straight through."""
     import dataclasses
-    from ..core.engine import EngineOptions
+    from ..core.inference.engine import EngineOptions
     known = {f.name for f in dataclasses.fields(EngineOptions)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -15,13 +15,14 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from . import channels as ch
-from .model import ARCHITECTURE, ARCHITECTURE_VERSION, ARCHITECTURE_VERSIONS, DEFAULT_HEAD_WIDTH, MENet
-from .raster_io import atomic_write_bytes
+from .menet import (ARCHITECTURE, ARCHITECTURE_VERSION, ARCHITECTURE_VERSIONS, DEFAULT_HEAD_WIDTH, N_CHANNELS, MENet,
+                    find_imagenet_weights, imagenet_weight_candidates)
+from ..io.raster_io import atomic_write_bytes
 
 FORMAT = "menet_qgis.checkpoint"
 FORMAT_VERSION = 1
@@ -54,7 +55,7 @@ class ModelBundle:
 
     @property
     def threshold(self) -> float:
-        from .choices import decision_threshold
+        from ..choices import decision_threshold
         return decision_threshold(self.training)
 
 
@@ -204,3 +205,17 @@ def read_record(path: Path) -> Dict:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path.name} holds no weights (state_dict of tensors)")
     return record
+
+
+def load_imagenet_state(path: Optional[str] = None, log: Callable[[str], None] = print) -> Optional[Dict[str, torch.Tensor]]:
+    """Read torchvision's ImageNet ResNet-101 state dict if present; say which way it went."""
+    found = find_imagenet_weights(path)
+    if found is None:
+        log("no ImageNet ResNet-101 weights found (looked in "
+            + ", ".join(str(p) for p in imagenet_weight_candidates()) + "): backbone starts from random init")
+        return None
+    state = load_weights_only(found, "ImageNet weight file", "torchvision ImageNet weight file")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{found.name} is not a torchvision ResNet-101 weight file (no state dict of tensors)")
+    log(f"ImageNet ResNet-101 weights from {found}; conv1 = mean of the RGB kernels x 3/{N_CHANNELS}")
+    return state

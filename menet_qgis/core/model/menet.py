@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -103,18 +103,3 @@ class MENet(nn.Module):
             return {"name": ARCHITECTURE, "version": 1, "in_channels": self.in_channels, "head_width": self.head_width}
         return {"name": ARCHITECTURE, "version": 2, "in_channels": self.in_channels, "head_width": self.head_width,
                 "refine_width": self.refine_width}
-
-
-def load_imagenet_state(path: Optional[str] = None, log: Callable[[str], None] = print) -> Optional[Dict[str, torch.Tensor]]:
-    """Read torchvision's ImageNet ResNet-101 state dict if present; say which way it went."""
-    found = find_imagenet_weights(path)
-    if found is None:
-        log("no ImageNet ResNet-101 weights found (looked in "
-            + ", ".join(str(p) for p in imagenet_weight_candidates()) + "): backbone starts from random init")
-        return None
-    from .checkpoint import load_weights_only
-    state = load_weights_only(found, "ImageNet weight file", "torchvision ImageNet weight file")
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{found.name} is not a torchvision ResNet-101 weight file (no state dict of tensors)")
-    log(f"ImageNet ResNet-101 weights from {found}; conv1 = mean of the RGB kernels x 3/{N_CHANNELS}")
-    return state

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .channels import N_CHANNELS, RECIPE_V1, Recipe
+from ..model.channels import N_CHANNELS, RECIPE_V1, Recipe
 
 #: Normalised aliases (lower case, no spaces, dashes or underscores) per band.
 ALIASES: Dict[str, Sequence[str]] = {

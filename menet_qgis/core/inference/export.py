@@ -29,11 +29,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import channels as ch
-from .raster_io import atomic_path
+from ..model import channels as ch
+from ..io.raster_io import atomic_path
 from .runtimes import (METADATA_KEY, NEEDS, OnnxModel, file_sha256, find_cached, installed, model_record,
                        read_onnx_model, writable_cache_path)
-from .stages import STAGE_NAMES
+from ..model.stages import STAGE_NAMES
 
 OPSET = 17
 #: Largest |torch - exported| probability difference accepted (fp32 on the CPU).
@@ -129,7 +129,7 @@ def check_against_torch(bundle, onnx_model: OnnxModel, x: np.ndarray, runtime: s
 
 def check_input(bundle, window: int, seed: int = 0) -> np.ndarray:
     """Two windows of plausible model input: coastal reflectance through the recipe and normalisation."""
-    from .bands import InputPlan
+    from ..io.bands import InputPlan
     from .runtimes import prepare_batch_numpy
     rng = np.random.default_rng(seed)
     classes = np.array([[0.03, 0.05, 0.03, 0.28, 0.13, 0.06], [0.06, 0.07, 0.05, 0.03, 0.02, 0.01],
@@ -137,7 +137,7 @@ def check_input(bundle, window: int, seed: int = 0) -> np.ndarray:
     blocks = rng.integers(0, len(classes), (2, window // 32, window // 32))
     refl = classes[blocks].transpose(0, 3, 1, 2).repeat(32, 2).repeat(32, 3)
     refl = (refl + rng.normal(0, 0.01, refl.shape)).clip(0.001, 1).astype(np.float32)
-    from .channels import RECIPE_V1
+    from ..model.channels import RECIPE_V1
     refl = refl[:, [RECIPE_V1.source_bands.index(b) for b in bundle.recipe.source_bands]]
     plan = InputPlan(kind="sentinel2", band_indexes=list(range(1, refl.shape[1] + 1)))
     return prepare_batch_numpy(refl, np.ones((2, window, window), bool), bundle, plan)

@@ -64,7 +64,7 @@ class Channel:
 
 
 def _reporter_class():
-    from .core.engine import Reporter  # torch-level import: inside, so a missing torch is reported
+    from .core.reporting import Reporter
 
     class ProtocolReporter(Reporter):
         """Forwards the core's messages as protocol lines; progress only when it moves by 0.5 %."""
@@ -157,9 +157,9 @@ def main() -> int:
     started = time.perf_counter()
     try:
         from . import jobs
-        from .core.engine import Cancelled
-        from .core.runtimes import TorchRequired
-        from .core.raster_io import limit_gdal_cache
+        from .core.reporting import Cancelled
+        from .core.inference.runtimes import TorchRequired
+        from .core.io.raster_io import limit_gdal_cache
         from .core.termination import Terminated, raise_on_sigterm
         limit_gdal_cache()
         raise_on_sigterm()  # a terminated worker discards its partial outputs like a cancelled one

@@ -13,8 +13,8 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from .choices import DEFAULT_OVERLAP  # noqa: F401 (re-exported)
-from .stages import MAX_STRIDE
+from ..choices import DEFAULT_OVERLAP  # noqa: F401 (re-exported)
+from ..model.stages import MAX_STRIDE
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from affine import Affine
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window, from_bounds
 
-from .compat import compose
-from .termination import Terminated, raise_on_sigterm  # noqa: F401 (re-exported)
+from ..compat import compose
+from ..termination import Terminated, raise_on_sigterm  # noqa: F401 (re-exported)
 from .bands import InputPlan, plan_input
 
 
@@ -160,7 +160,7 @@ class RasterInput:
         recipe reads (v2's), and ``use_recipe`` (called by the engine) re-plans for the model's.
         ``georeferenced=False`` accepts rasters without CRS or geotransform (training tiles only:
         maps must land on a grid)."""
-        from .channels import RECIPE_V2
+        from ..model.channels import RECIPE_V2
         self.path = str(path)
         check_input_exists(self.path)
         try:

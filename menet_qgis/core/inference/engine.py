@@ -30,11 +30,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import runtimes
-from .channels import compute_channels
-from .flips import mean_over_flips
-from .raster_io import (AtomicRaster, RasterInput, check_free_space, check_plausible_values, check_writable,
-                        commit_all, refuse_overwriting_inputs, remove_stale_partials)
-from .stages import STAGE_BY_NAME, parse_stage_names
+from ..reporting import Cancelled, Reporter
+from ..model.channels import compute_channels
+from ..model.flips import mean_over_flips
+from ..io.raster_io import (AtomicRaster, RasterInput, check_free_space, check_plausible_values, check_writable,
+                            commit_all, refuse_overwriting_inputs, remove_stale_partials)
+from ..model.stages import STAGE_BY_NAME, parse_stage_names
 from .tiling import DEFAULT_OVERLAP, WindowGrid, blend_weights
 
 STAGE_MODES = ("compact", "all")
@@ -43,32 +44,12 @@ STAGE_MODES = ("compact", "all")
 def __getattr__(name):
     """``engine.ModelBundle`` without importing torch until someone asks for it."""
     if name == "ModelBundle":
-        from .checkpoint import ModelBundle
+        from ..model.checkpoint import ModelBundle
         return ModelBundle
     raise AttributeError(name)
 #: Seconds between "windows done, rate, time left" log lines during a run.
 PROGRESS_LOG_SECONDS = 30.0
 COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
-
-
-class Cancelled(Exception):
-    """The user cancelled; outputs were discarded."""
-
-
-class Reporter:
-    """What the engine tells its caller; the CLI prints it, Processing forwards it to feedback."""
-
-    def info(self, message: str) -> None:
-        pass
-
-    def warn(self, message: str) -> None:
-        self.info("WARNING: " + message)
-
-    def progress(self, percent: float) -> None:
-        pass
-
-    def cancelled(self) -> bool:
-        return False
 
 
 @dataclass
@@ -435,7 +416,7 @@ def open_runner(model, options: EngineOptions, stages: Sequence[str], reporter: 
         runner = TorchRunner(model, options, stages)
     else:
         if not isinstance(model, runtimes.OnnxModel):
-            from .onnx_export import ensure_onnx
+            from .export import ensure_onnx
             model = ensure_onnx(model, runtimes.need_for(stages), reporter)
         runner = runtimes.open_onnx_runner(name, model, stages, options.stage_mode, options.threads,
                                            options.precision)

@@ -31,8 +31,8 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from .bands import ALIASES, OFFSET_KEYS, band_label
-from .channels import N_CHANNELS, RECIPE_V1, SOURCE_BANDS, PCABasis, Recipe, compute_channels
-from .engine import Cancelled, Reporter
+from ..model.channels import N_CHANNELS, RECIPE_V1, SOURCE_BANDS, PCABasis, Recipe, compute_channels
+from ..reporting import Cancelled, Reporter
 from .raster_io import AtomicRaster, RasterInput, check_writable, refuse_overwriting_inputs, snapped_window
 
 #: Resolution (m) each needed band has in the product; finer copies are preferred.

@@ -1,4 +1,4 @@
-"""The QGIS side of the worker protocol (``menet_qgis/worker.py``): choose a Python, start
+"""The QGIS side of the worker protocol (``menet_qgis/engine_process.py``): choose a Python, start
 ``python -m menet_qgis worker``, relay its messages to the Processing feedback.
 
 Imports nothing heavy: the QGIS process never loads torch & co. (pip's native
@@ -55,7 +55,7 @@ CANCEL_GRACE_SECONDS = 5.0
 #: Seconds the engine gets to exit after its final message before its process group is ended.
 EXIT_GRACE_SECONDS = 15.0
 PROBE_TIMEOUT_SECONDS = 60
-BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from menet_qgis.worker import main; sys.exit(main())"
+BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from menet_qgis.engine_process import main; sys.exit(main())"
 PROBE = ("import sys, json, importlib.util; sys.path.insert(0, sys.argv[1]); "
          "print(json.dumps({'version': list(sys.version_info[:3]), "
          "'missing': [m for m in sys.argv[3:] if importlib.util.find_spec(m) is None]}))")

@@ -27,10 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import channels as ch
-from .choices import PRECISIONS, RUNTIMES  # noqa: F401 (re-exported)
-from .flips import mean_over_flips
-from .stages import STAGE_NAMES
+from ..model import channels as ch
+from ..choices import PRECISIONS, RUNTIMES  # noqa: F401 (re-exported)
+from ..model.flips import mean_over_flips
+from ..model.stages import STAGE_NAMES
 
 #: The ONNX file's metadata_props key holding the model record (JSON).
 METADATA_KEY = "menet_qgis"
@@ -158,7 +158,7 @@ class OnnxModel:
 
     @property
     def threshold(self) -> float:
-        from .choices import decision_threshold
+        from ..choices import decision_threshold
         return decision_threshold(self.training)
 
     @property
@@ -168,7 +168,7 @@ class OnnxModel:
 
 def model_record(bundle, outputs: Sequence[str], source_sha256: Optional[str]) -> Dict:
     """The JSON stored in an exported file: everything but the weights (plain types only)."""
-    from .checkpoint import model_description  # a bundle to export means torch is there
+    from ..model.checkpoint import model_description  # a bundle to export means torch is there
     return {
         "format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, **model_description(bundle),
         "training": {k: v for k, v in bundle.training.items() if k != "val_names"},
@@ -180,9 +180,9 @@ def model_record(bundle, outputs: Sequence[str], source_sha256: Optional[str]) -
 
 def read_onnx_model(path) -> OnnxModel:
     """Load an exported model's record (from the file's metadata, else its ``.json`` sidecar) and check it.
-    The record is read by ``model_store.onnx_record`` (the standard library, the weights skipped): no runtime
+    The record is read by ``model_records.onnx_record`` (the standard library, the weights skipped): no runtime
     session is built just to read 5 kB of JSON, and a Python without any runtime can read it too."""
-    from ..model_store import ModelRecordError, onnx_record
+    from ...model_records import ModelRecordError, onnx_record
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file not found: {path}")
@@ -218,7 +218,7 @@ def need_for(stages: Sequence[str]) -> str:
 
 def cache_dirs(checkpoint: Path) -> List[Path]:
     """Where exports are looked for, in order: beside the checkpoint, then ``<menet home>/onnx``."""
-    from ..user_paths import menet_home
+    from ...user_paths import menet_home
     return [Path(checkpoint).resolve().parent, menet_home() / "onnx"]
 
 
@@ -522,14 +522,14 @@ def load_model(path, runtime: str = "auto", device: str = "auto", stages: Sequen
             return read_onnx_model(cached)
         if not torch_importable():
             raise TorchRequired(torch_required_message(path))
-    from .checkpoint import load
+    from ..model.checkpoint import load
     return load(path)
 
 
 def torch_required_message(checkpoint: Path) -> str:
     """Why a ``.pt`` cannot run in this Python, and which file to use instead: for the default
     model its ``.onnx`` asset (what a Python without torch installs)."""
-    from ..model_store import DEFAULT_MODEL_BASE
+    from ...resources import DEFAULT_MODEL_BASE
     name = Path(checkpoint).name
     if Path(checkpoint).stem == DEFAULT_MODEL_BASE:
         asset = f"{DEFAULT_MODEL_BASE}.onnx"

@@ -24,15 +24,16 @@ import rasterio.errors
 import torch
 import torch.nn.functional as F
 
-from . import channels as ch
-from .compat import apply
-from .bands import InputPlan
-from .checkpoint import ModelBundle, new_bundle, save, saved_bytes
-from .engine import Cancelled, Reporter, prepare_batch
-from .flips import dihedral
-from .metrics import Confusion, ProbabilityCounts
-from .model import load_imagenet_state
-from .raster_io import RasterInput, atomic_write_bytes, require_free_space
+from ..model import channels as ch
+from ..compat import apply
+from ..io.bands import InputPlan
+from ..model.checkpoint import ModelBundle, new_bundle, save, saved_bytes
+from ..inference.engine import prepare_batch
+from ..reporting import Cancelled, Reporter
+from ..model.flips import dihedral
+from ..evaluation.metrics import Confusion, ProbabilityCounts
+from ..model.checkpoint import load_imagenet_state
+from ..io.raster_io import RasterInput, atomic_write_bytes, require_free_space
 
 
 @dataclass
@@ -428,7 +429,7 @@ def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygo
     """Training windows cut from whole rasters: labels from a mask raster (mangrove >= 0.5,
     resampled nearest onto each image's grid) or from polygons (GeoJSON-like dicts in each
     image's CRS, ``polygons_by_image[i]``).  Windows without valid labelled pixels are dropped."""
-    from .assessment import burn_polygons, read_on_grid
+    from ..io.polygons import burn_polygons, read_on_grid
     if (mask is None) == (polygons_by_image is None):
         raise ValueError("give the labels either as a mask raster or as polygons")
     images_out, labels, valid, bounds, names = [], [], [], [], []
@@ -692,8 +693,8 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
           val_tiles: Optional[TileSet] = None) -> TrainResult:
     """Train from scratch, ImageNet or another checkpoint; returns the best-on-validation bundle,
     with the decision threshold chosen on validation stored in it."""
-    from .checkpoint import load as load_checkpoint
-    from .device import choose_device
+    from ..model.checkpoint import load as load_checkpoint
+    from ..inference.device import choose_device
     _set_seeds(options.seed)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -877,7 +878,7 @@ def _plain(value):
 
 
 def _load_resume_state(path: Path, options: TrainOptions, train_set: TileSet, val_set: TileSet) -> Dict:
-    from .checkpoint import load_weights_only
+    from ..model.checkpoint import load_weights_only
     state = load_weights_only(path, "resume state", "training resume state")
     if not isinstance(state, dict) or state.get("format") != "menet_qgis.resume":
         raise ValueError(f"{path.name} is not a training resume state")

@@ -16,12 +16,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
-from rasterio.features import rasterize
-from rasterio.vrt import WarpedVRT
 
-from . import channels as ch
-from .compat import osgeo_exceptions
+from ..model import channels as ch
+from ..io.polygons import burn_polygons, read_on_grid
 from .metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts
 
 MVI_RANGE = (4.5, 16.5)
@@ -92,7 +89,7 @@ def forest_label(bands: int, trees: int = 100) -> str:
 
 def forest_from_tiles(folder, trees: int = 100, seed: int = 0):
     """Random-forest baseline trained on every valid pixel of a tile folder."""
-    from .training import load_tile_folder
+    from ..training.train import load_tile_folder
     tiles = load_tile_folder(folder, recipe=ch.RECIPE_V2)
     return train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid], tiles.labels[tiles.valid],
                                trees, seed)
@@ -111,62 +108,10 @@ def train_random_forest(bands: np.ndarray, labels: np.ndarray, trees: int = 100,
     return forest.fit(x, y)
 
 
-def read_on_grid(path, like: rasterio.io.DatasetReader, band: int = 1) -> np.ndarray:
-    """Band of ``path`` resampled (nearest) onto the grid of ``like``; NaN where it has no data."""
-    with rasterio.open(path) as src:
-        if src.crs is None:
-            raise ValueError(f"{Path(path).name} has no coordinate reference system")
-        with WarpedVRT(src, crs=like.crs, transform=like.transform, width=like.width, height=like.height,
-                       resampling=Resampling.nearest, src_nodata=src.nodata, nodata=np.nan, dtype="float32") as vrt:
-            return vrt.read(band)
-
-
-def burn_polygons(geometries: Sequence[Dict], like) -> np.ndarray:
-    """GeoJSON-like polygons (in ``like``'s CRS) -> bool mask on ``like``'s grid."""
-    if not geometries:
-        return np.zeros((like.height, like.width), bool)
-    return rasterize([(g, 1) for g in geometries], out_shape=(like.height, like.width), transform=like.transform,
-                     fill=0, dtype="uint8", all_touched=False).astype(bool)
-
-
-def read_polygons(path, target_crs) -> List[Dict]:
-    """Polygons of a vector file (any OGR format) as GeoJSON-like dicts in ``target_crs``."""
-    from osgeo import ogr, osr
-    name = Path(path).name
-    with osgeo_exceptions():
-        try:
-            ds = ogr.Open(str(path))
-        except RuntimeError:
-            ds = None
-        if ds is None:
-            raise ValueError(f"{name} is not a vector file OGR can read")
-        try:
-            layer = ds.GetLayer(0)
-            target = osr.SpatialReference()
-            target.ImportFromWkt(rasterio.crs.CRS.from_user_input(target_crs).to_wkt())
-            target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-            source = layer.GetSpatialRef()
-            if source is None:
-                raise ValueError(f"{name} has no coordinate reference system")
-            source.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-            transform = osr.CoordinateTransformation(source, target)
-            shapes = []
-            for feature in layer:
-                geom = feature.GetGeometryRef()
-                if geom is None:
-                    continue
-                geom = geom.Clone()
-                geom.Transform(transform)
-                shapes.append(json.loads(geom.ExportToJson()))
-        except RuntimeError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    return shapes
-
-
 def baseline_maps(image, like, forest=None) -> Dict[str, np.ndarray]:
     """MVI (and random-forest, if a fitted forest is given) mangrove masks of a
     Sentinel-2 raster on ``like``'s grid, for scoring on the same pixels."""
-    from .raster_io import RasterInput
+    from ..io.raster_io import RasterInput
     src = RasterInput(image, recipe=ch.RECIPE_V2)  # the forest of forest_from_tiles reads recipe v2's bands
     if src.plan.kind != "sentinel2":
         raise ValueError("baselines need a Sentinel-2 raster with B2, B3, B4, B8, B11")
@@ -237,7 +182,7 @@ def write_table(assessments: Sequence[Assessment], path) -> None:
     import csv
     import io
 
-    from .raster_io import atomic_write_text
+    from ..io.raster_io import atomic_write_text
     rows = [a.to_dict() for a in assessments]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
@@ -248,7 +193,7 @@ def write_table(assessments: Sequence[Assessment], path) -> None:
 
 def write_html(assessments: Sequence[Assessment], path, title: str = "ME-Net accuracy assessment") -> None:
     """The HTML report (``html_report``) written atomically, like ``write_table``."""
-    from .raster_io import atomic_write_text
+    from ..io.raster_io import atomic_write_text
     atomic_write_text(path, html_report(assessments, title))
 
 
@@ -285,7 +230,7 @@ def compare_on_tiles(bundle, tiles, val_names: Sequence[str], device="cpu", tree
     """
     import torch
 
-    from .training import evaluate
+    from ..training.train import evaluate
     names = set(val_names)
     val_idx = [i for i, n in enumerate(tiles.names) if n in names]
     train_idx = [i for i, n in enumerate(tiles.names) if n not in names]

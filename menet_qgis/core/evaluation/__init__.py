@@ -1,0 +1,1 @@
+"""Accuracy: metrics, and maps or models scored against references (Assess accuracy)."""

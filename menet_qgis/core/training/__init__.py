@@ -1,0 +1,1 @@
+"""Training ME-Net on labelled windows."""
