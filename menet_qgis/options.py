@@ -1,0 +1,442 @@
+"""Every user-facing option, declared once: name, kind, default, choices, help and which front ends show it.
+
+The command line (``cli.py``, through ``add_arguments``), the Processing dialogs
+(``processing/parameters.py``) and the typed job parameters (``jobs.py``) are
+generated from these declarations, so a default, a choice list or a help text
+cannot drift between them.  Standard library only: QGIS imports it.
+
+Help texts say what an option does in words; measured numbers live in docs/
+(the help points there) so they are kept up to date in one place.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .core.model.stages import STAGES, STAGE_NAMES  # stdlib only
+
+FRONTS = frozenset({"cli", "processing", "batch"})
+KINDS = ("int", "float", "bool", "choice", "multichoice", "text", "file", "folder", "int_list", "float_list",
+         "text_list")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str                 # the job/engine field name: "overlap", "batch_size", "stage_mode"
+    kind: str                 # one of KINDS
+    default: object           # the ONE default (None = unset / automatic)
+    help: str                 # one or two sentences; no study numbers (point at docs/ instead)
+    label: str = ""           # Processing dialog label
+    choices: tuple = ()       # choice / multichoice: the values the job receives
+    choice_labels: tuple = ()  # optional dialog labels for the choices (same length)
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    fronts: frozenset = FRONTS  # which front ends show it: "cli", "processing", "batch"
+    advanced: bool = False    # Processing: in the "Advanced parameters" group
+    optional: bool = False    # Processing: may be left empty
+    flag: str = ""            # CLI flag; default "--" + name with "-" for "_"
+    param: str = ""           # Processing parameter name; default NAME
+    required: bool = False    # CLI: the flag must be given
+    repeat: bool = False      # CLI: the flag may be given several times (the job gets a list)
+    file_filter: str = ""     # Processing file picker filter, e.g. "ME-Net models (*.pt *.onnx)"
+
+    def __post_init__(self):
+        assert self.kind in KINDS, self.kind
+        assert not self.choice_labels or len(self.choice_labels) == len(self.choices), self.name
+        assert self.fronts <= FRONTS, self.fronts
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def param_name(self) -> str:
+        return self.param or self.name.upper()
+
+    def check(self, value):
+        """``value`` converted to the option's kind and checked against its choices and range; a one-line
+        ValueError naming the option otherwise.  ``None`` passes for options whose default is ``None``."""
+        if value is None:
+            if self.default is None or isinstance(self.default, tuple):
+                return list(self.default) if isinstance(self.default, tuple) else None
+            raise ValueError(f"{self.name} must be given")
+        try:
+            value = _convert(self, value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name} must be {_KIND_WORDS[self.kind]}, got {value!r}") from None
+        if self.kind == "choice" and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.kind in ("int", "float") and not (
+                (self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)):
+            raise ValueError(f"{self.name} must be {_range_words(self)}, got {value:g}")
+        return value
+
+
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "choice": "one of the choices",
+               "multichoice": "a list", "text": "text", "file": "a file path", "folder": "a folder path",
+               "int_list": "a list of whole numbers", "float_list": "a list of numbers", "text_list": "a list"}
+
+
+def _range_words(option: Option) -> str:
+    low, high = option.minimum, option.maximum
+    if high is None:
+        return f"{low:g} or more"
+    if low is None:
+        return f"{high:g} or less"
+    return f"from {low:g} to {high:g}"
+
+
+def _convert(option: Option, value):
+    kind = option.kind
+    if kind == "int":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError
+        value = float(value)
+        if value != value:  # NaN
+            raise ValueError
+        return value
+    if kind == "bool":
+        if value not in (True, False):  # 0 and 1 too
+            raise ValueError
+        return bool(value)
+    if kind == "choice":
+        return type(option.choices[0])(value)
+    if kind in ("text", "file", "folder"):
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError
+    items = list(value)
+    if kind == "int_list":
+        return [_convert(Option("item", "int", 0, ""), v) for v in items]
+    if kind == "float_list":
+        return [_convert(Option("item", "float", 0.0, ""), v) for v in items]
+    return [str(v) for v in items]  # multichoice (checked by the engine, which names the choices), text_list
+
+
+# --- the engine: predict, batch and Extract mangroves -------------------------------------------------------
+DEVICES = ("auto", "cuda", "cpu")
+#: Inference runtimes; "auto" = torch on a CUDA GPU, else OpenVINO, else ONNX Runtime, else torch.
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
+#: Numeric precision; "auto" = bf16 autocast on CUDA; on the CPU bf16 in OpenVINO where the CPU has
+#: AVX512_BF16 or AMX-BF16, else fp32 (``runtimes.auto_cpu_precision``).
+PRECISIONS = ("auto", "fp32", "bf16")
+#: Overlap of neighbouring windows (px) when the user sets none; why 32: docs/performance.md ("Overlap").
+DEFAULT_OVERLAP = 32
+STAGE_MODES = ("compact", "all")
+
+DEVICE = Option("device", "choice", "auto", "auto = a CUDA GPU when torch sees one, else the CPU",
+                label="Device", choices=DEVICES, advanced=True)
+
+ENGINE: Tuple[Option, ...] = (
+    Option("stages", "multichoice", (),
+           f"stage layers to write besides the probability, comma-separated ({','.join(STAGE_NAMES)}); "
+           "each at its own resolution (see docs/model.md)",
+           label="Stage layers", choices=STAGE_NAMES, optional=True,
+           choice_labels=tuple(f"{s.name} — 1/{s.stride} resolution, {s.channels} channels" for s in STAGES)),
+    Option("stage_mode", "choice", "compact",
+           "compact = mean/max/std of a stage's channels (3 bands); all = every channel (large)",
+           label="Stage layer content", choices=STAGE_MODES,
+           choice_labels=("compact (mean, max, std of channels)", "all channels")),
+    Option("window", "int", 0, "window size in px, a multiple of 32; 0 = the model's recommendation (256)",
+           label="Window size (px)", minimum=0, maximum=2048, advanced=True, param="WINDOW_SIZE"),
+    Option("overlap", "int", DEFAULT_OVERLAP,
+           "overlap of neighbouring windows in px, a multiple of 32 less than the window size; overlaps are "
+           "blended without seams (see docs/performance.md)",
+           label="Window overlap (px)", minimum=0, maximum=1024, advanced=True),
+    Option("batch_size", "int", 0, "windows per forward pass; 0 = automatic (halved on GPU out-of-memory)",
+           label="Batch size", minimum=0, maximum=1024, advanced=True),
+    DEVICE,
+    Option("runtime", "choice", "auto",
+           "auto = torch on a CUDA GPU when torch sees one, else OpenVINO if installed, else onnxruntime, else "
+           "torch (the log says which and why). The ONNX runtimes run on the CPU, faster than torch there, and "
+           "need no torch once a .pt checkpoint is exported (done once, cached by its sha256); see "
+           "docs/performance.md",
+           label="Runtime", choices=RUNTIMES, advanced=True),
+    Option("threads", "int", 0,
+           "CPU threads of the runtime (torch, onnxruntime or OpenVINO); 0 = every core the process may use "
+           "(batch: each worker's share of its host's cores). On a machine shared with other heavy jobs, fewer "
+           "threads can be much faster (see docs/performance.md)",
+           label="CPU threads", minimum=0, maximum=256, advanced=True),
+    Option("precision", "choice", "auto",
+           "auto = bf16 autocast on CUDA; on the CPU bf16 in OpenVINO where the CPU has AVX512_BF16 or AMX-BF16, "
+           "else fp32 (the log says which and why). bf16 on the CPU is faster and changes the probability "
+           "slightly, a few pixels change class (see docs/performance.md)",
+           label="Precision", choices=PRECISIONS, advanced=True),
+    # optional: graphical models saved before this parameter existed stay valid (QGIS 3.22 refuses a
+    # mandatory boolean a model's child has no value for)
+    Option("tta", "bool", False,
+           "test-time flips: average the model over the 8 flips/rotations of every window, for 8x the model's "
+           "time (what it gains: the model card's scores, docs/model.md)",
+           label="Test-time flips (8x slower)", optional=True, advanced=True),
+)
+
+# --- the input raster: predict, batch, Extract mangroves, Export channels ----------------------------------
+#: Processing shows ``bands`` as six band pickers: (parameter name, label), in the recipes' source-band order.
+BAND_PARAMS = (("BAND_BLUE", "B2 blue"), ("BAND_GREEN", "B3 green"), ("BAND_RED", "B4 red"),
+               ("BAND_NIR", "B8 NIR"), ("BAND_SWIR1", "B11 SWIR-1"), ("BAND_SWIR2", "B12 SWIR-2"))
+BAND_HELP = ("Band number of {label} when the file does not name its bands; set B2 to B11 (and B12 for models "
+             "of channel recipe v1) or none (empty = found from the band names)")
+
+INPUT: Tuple[Option, ...] = (
+    Option("bands", "int_list", None,
+           "band numbers of B2,B3,B4,B8,B11,B12 when the file does not name its bands, e.g. 1,2,3,4,5,6 (B12 "
+           "only for models of channel recipe v1)",
+           label="Band numbers", optional=True, advanced=True),
+    Option("dn_offset", "float", None,
+           "added to integer DN before dividing by 10000 when the product metadata has no offset (-1000 for "
+           "processing baseline 04.00 and later)",
+           label="DN offset", optional=True, advanced=True),
+)
+
+MODEL = Option("model", "file", None,
+               "exported model (.onnx; maps without torch) or checkpoint (.pt); empty = the default model from "
+               "the model store (see install-model --list)",
+               label="Model checkpoint", optional=True, file_filter="ME-Net models (*.pt *.onnx)")
+
+PREDICT: Tuple[Option, ...] = (
+    MODEL,
+    Option("out_dir", "folder", None, "writes <input stem>_probability.tif (and stage layers) here",
+           fronts=frozenset({"cli"}), required=True),
+    Option("quiet", "bool", False, "no progress or log lines (the summary only)", fronts=frozenset({"cli"})),
+)
+
+#: ``stages``: the stage table printed for a window size.
+STAGE_TABLE: Tuple[Option, ...] = (
+    Option("window", "int", 256, "window size for the map-size column", fronts=frozenset({"cli"})),
+)
+
+#: ``export``: a checkpoint to ONNX.
+EXPORT: Tuple[Option, ...] = (
+    Option("output", "file", None, "the .onnx to write (default: the cache beside the checkpoint)", flag="--out",
+           fronts=frozenset({"cli"})),
+    Option("stages", "bool", False, "also output every stage map (for predict --stages)", fronts=frozenset({"cli"})),
+)
+
+# --- Train ME-Net -------------------------------------------------------------------------------------------
+#: Channel recipe versions, newest first (core/model/channels.py RECIPES; a test keeps them equal).
+RECIPE_VERSIONS = (2, 1)
+
+TRAIN: Tuple[Option, ...] = (
+    Option("tiles", "folder", None,
+           "folder of image/mask pairs (tile_NNNN.tif + mask_NNNN.tif); repeat for several sources, each as "
+           "FOLDER[:name=N,weight=W,edge_ignore=PX,group=REGEX,style=S] (see docs/cli.md)",
+           fronts=frozenset({"cli"}), required=True, repeat=True),
+    Option("output", "file", None, "checkpoint to write (.pt)", flag="--out", fronts=frozenset({"cli"}),
+           required=True),
+    Option("epochs", "int", 30, "passes over the training windows", label="Epochs", minimum=1, maximum=1000),
+    Option("batch_size", "int", 8, "windows per training step", label="Batch size", minimum=2, maximum=512,
+           advanced=True),
+    Option("lr", "float", 1e-3, "peak learning rate (AdamW)", label="Peak learning rate (AdamW)",
+           minimum=1e-6, maximum=1.0, advanced=True, param="LEARNING_RATE"),
+    Option("val_fraction", "float", 0.2, "share of the windows kept for validation",
+           label="Validation share of windows", minimum=0.05, maximum=0.5, advanced=True),
+    Option("seed", "int", 0, "random seed (split, augmentation, initial weights)", label="Random seed",
+           advanced=True),
+    DEVICE,
+    Option("imagenet_weights", "file", None, "torchvision ResNet-101 ImageNet weights (.pth), optional",
+           label="ImageNet weights (.pth)", optional=True, advanced=True, file_filter="pth"),
+    Option("recipe", "choice", 2, "channel recipe version: 2 = B2,B3,B4,B8,B11 (default), 1 = also B12",
+           label="Channel recipe", choices=RECIPE_VERSIONS, advanced=True,
+           choice_labels=("v2: B2, B3, B4, B8, B11 (no B12)", "v1: B2, B3, B4, B8, B11, B12")),
+    Option("init_from", "file", None,
+           "start from this checkpoint's weights (fine-tuning; its channel statistics are kept when its recipe "
+           "is the chosen one)",
+           label="Fine-tune from model", optional=True, advanced=True, flag="--init", param="INIT_MODEL",
+           file_filter="pt"),
+    Option("resume", "bool", False, "continue a stopped run from its resume state (.OUT.resume, written every epoch)",
+           label="Continue a stopped run", advanced=True),
+    Option("history", "file", None, "also write the per-epoch log as JSON here", fronts=frozenset({"cli"})),
+    Option("val_groups", "text_list", (), "location groups used for validation, comma-separated, e.g. magset2:6",
+           fronts=frozenset({"cli"})),
+    Option("holdout_groups", "text_list", (),
+           "location groups or sources never trained on nor used to choose anything", flag="--holdout",
+           fronts=frozenset({"cli"})),
+    Option("val_names_from", "file", None, "validate on the windows this checkpoint validated on",
+           fronts=frozenset({"cli"})),
+    Option("threads", "int", 0, "CPU threads for training; 0 = every core the process may use", minimum=0,
+           fronts=frozenset({"cli"})),
+    Option("boundary_weight", "float", 0.0,
+           "boundary-aware loss: pixels within 2 px of a label boundary count 1 + this much (0 = off)",
+           minimum=0.0, fronts=frozenset({"cli"})),
+    Option("refine_width", "int", None,
+           "channels of the full-resolution image-guided refinement (0 = none; default: as --init's model, "
+           "else none)",
+           minimum=0, maximum=256, fronts=frozenset({"cli"})),
+)
+
+# --- Prepare Sentinel-2 stack -------------------------------------------------------------------------------
+PREPARE: Tuple[Option, ...] = (
+    Option("bounds", "float_list", None, "xmin,ymin,xmax,ymax in the product's CRS", fronts=frozenset({"cli"})),
+    Option("resampling", "choice", "bilinear",
+           "for B11/B12 from 20 m to 10 m: bilinear (reflectance varies continuously) or nearest (each 20 m "
+           "value on its four 10 m pixels)",
+           label="B11/B12 resampling (20 m → 10 m)", choices=("bilinear", "nearest")),
+)
+
+# --- Assess accuracy ----------------------------------------------------------------------------------------
+ASSESS: Tuple[Option, ...] = (
+    Option("reference", "file", None, "reference: mask raster (mangrove >= 0.5) or polygon file",
+           fronts=frozenset({"cli"})),
+    Option("area_file", "file", None, "polygon file: assess only inside it", flag="--area",
+           fronts=frozenset({"cli"})),
+    Option("threshold", "float", None,
+           "probability that counts as mangrove; empty = the threshold of the model that made the map (chosen on "
+           "its validation data and stored in the probability raster), else 0.5",
+           label="Mangrove threshold", minimum=0.0, maximum=1.0, optional=True),
+    Option("image", "file", None, "the Sentinel-2 raster: also score MVI (and the forest) on the same pixels",
+           fronts=frozenset({"cli"})),
+    Option("tiles", "folder", None,
+           "tile folder: train the random-forest baseline on it; without a prediction, score the model on its "
+           "own validation windows next to both baselines",
+           label="Tiles for a random forest", optional=True, param="TILE_FOLDER"),
+    Option("model", "file", None,
+           "checkpoint (.pt) scored on its validation windows (with --tiles and no prediction); empty = the "
+           "default model", fronts=frozenset({"cli"})),
+    Option("report", "file", None, "write an HTML report here", fronts=frozenset({"cli"})),
+    Option("table", "file", None, "write a CSV table here", fronts=frozenset({"cli"})),
+)
+
+# --- batch: many scenes on Dask ------------------------------------------------------------------------------
+_BATCH_ONLY = frozenset({"cli", "batch"})
+BATCH: Tuple[Option, ...] = (
+    Option("out_dir", "folder", None,
+           "writes <scene>_probability.tif (COG), batch_summary.csv and batch_manifest.json here",
+           fronts=frozenset({"cli"}), required=True),
+    Option("workers", "int", 0, "worker processes of the embedded cluster; 0 = automatic", minimum=0,
+           fronts=_BATCH_ONLY),
+    Option("scheduler", "text", None, "address of an existing Dask scheduler (tcp://host:8786) instead",
+           fronts=_BATCH_ONLY),
+    Option("retries", "int", 2, "further attempts for a failed scene", minimum=0, fronts=_BATCH_ONLY),
+    Option("resources", "text", "", "Dask resources per scene, e.g. GPU=1 (workers started with --resources GPU=1)",
+           fronts=_BATCH_ONLY),
+    Option("no_progress", "bool", False, "no progress bars (log lines only)", fronts=_BATCH_ONLY),
+)
+
+# --- Install ME-Net dependencies -----------------------------------------------------------------------------
+#: environment_installer.VARIANTS (a test keeps them equal).
+VARIANTS = ("cpu-light", "cpu", "cuda")
+
+INSTALL_DEPS: Tuple[Option, ...] = (
+    Option("variant", "choice", "cpu-light",
+           "cpu-light = mapping through ONNX Runtime; cpu / cuda = + PyTorch (menet_qgis/requirements/)",
+           label="Variant", choices=VARIANTS,
+           choice_labels=("cpu-light — mapping on the CPU through ONNX Runtime, no PyTorch",
+                          "cpu — everything on the CPU, PyTorch's CPU build from PyTorch's own index",
+                          "cuda — everything on an NVIDIA GPU, PyTorch with CUDA")),
+    Option("wheel_folder", "folder", None,
+           "install offline from this folder of wheels (pip --no-index --find-links); empty = download",
+           label="Wheel folder (offline)", optional=True),
+    Option("index_url", "text", None, "package index to use instead of PyPI (a mirror); empty = PyPI",
+           label="Package index URL", optional=True),
+    Option("env_dir", "folder", None, "where the environment goes (default: the managed environment)",
+           fronts=frozenset({"cli"})),
+    Option("python", "file", None, "Python to create the environment from (default: found automatically)",
+           fronts=frozenset({"cli"})),
+    Option("system_site_packages", "bool", False,
+           "let the environment see the system's Python packages (e.g. the distribution's rasterio/GDAL); "
+           "isolated by default",
+           label="See system Python packages", advanced=True, param="SYSTEM_SITE"),
+    Option("fresh", "bool", False,
+           "build a new environment even when the installed one is up to date (the installed one stays in use "
+           "until the new one has passed its check)",
+           label="Rebuild even if up to date", advanced=True),
+)
+
+# --- Install model -------------------------------------------------------------------------------------------
+INSTALL_MODEL: Tuple[Option, ...] = (
+    Option("list", "bool", False, "list the installed models (after installing SOURCE, if given) and the "
+           "default-model rule", fronts=frozenset({"cli"})),
+    Option("sha256", "text", None, "expected sha256; empty = read from <source>.sha256 beside it", label="SHA256",
+           optional=True, fronts=frozenset({"cli", "processing"})),
+    Option("name", "text", None, "file name to store it under; empty = the source's file name", label="Install as",
+           optional=True, fronts=frozenset({"cli", "processing"})),
+    Option("timeout", "float", 60.0, "seconds without data before giving up", minimum=0.0,
+           fronts=frozenset({"cli"})),
+)
+
+GROUPS: Dict[str, Tuple[Option, ...]] = {
+    "engine": ENGINE, "input": INPUT, "predict": PREDICT, "stage_table": STAGE_TABLE, "export": EXPORT,
+    "train": TRAIN, "prepare": PREPARE, "assess": ASSESS, "batch": BATCH,
+    "install_deps": INSTALL_DEPS, "install_model": INSTALL_MODEL}
+
+
+def group(name: str) -> Tuple[Option, ...]:
+    return GROUPS[name]
+
+
+def by_name(options: Sequence[Option], name: str) -> Option:
+    for option in options:
+        if option.name == name:
+            return option
+    raise KeyError(f"no option {name!r}; options: {', '.join(o.name for o in options)}")
+
+
+def defaults(options: Sequence[Option]) -> Dict[str, object]:
+    """{name: default}; list-valued defaults as fresh lists (a caller may append to them)."""
+    return {o.name: list(o.default) if isinstance(o.default, tuple) else o.default for o in options}
+
+
+# --- argparse ------------------------------------------------------------------------------------------------
+def _ranged(option: Option, convert):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {_KIND_WORDS[option.kind]}, got {text!r}") from None
+        if (option.minimum is not None and value < option.minimum) or \
+                (option.maximum is not None and value > option.maximum):
+            raise argparse.ArgumentTypeError(f"must be {_range_words(option)}, got {text}")
+        return value
+    parse.__name__ = option.kind  # argparse names the type in its messages
+    return parse
+
+
+def _comma_list(convert):
+    def parse(text: str) -> List:
+        return [convert(v.strip()) for v in text.split(",") if v.strip()]
+    return parse
+
+
+_LIST_ITEMS = {"int_list": int, "float_list": float, "text_list": str, "multichoice": str}
+
+
+def argument(option: Option) -> Tuple[List[str], Dict]:
+    """The flag and keyword arguments of ``parser.add_argument`` for ``option``."""
+    kwargs: Dict = {"dest": option.name, "help": option.help}
+    if option.kind == "bool":
+        kwargs.update(action="store_true", default=bool(option.default))
+        return [option.cli_flag], kwargs
+    if option.kind in ("int", "float"):
+        kwargs["type"] = _ranged(option, int if option.kind == "int" else float)
+    elif option.kind == "choice":
+        kwargs.update(choices=list(option.choices), type=type(option.choices[0]))
+    elif option.kind in _LIST_ITEMS:
+        kwargs["type"] = _comma_list(_LIST_ITEMS[option.kind])
+    default = option.default
+    if option.repeat:
+        kwargs["action"] = "append"
+        default = None
+    kwargs["default"] = list(default) if isinstance(default, tuple) else default
+    if option.required:
+        kwargs["required"] = True
+    return [option.cli_flag], kwargs
+
+
+def add_arguments(parser: argparse.ArgumentParser, options: Sequence[Option], front: str = "cli") -> None:
+    """argparse arguments generated from the declarations of ``options`` shown on ``front``."""
+    for option in options:
+        if front in option.fronts:
+            flags, kwargs = argument(option)
+            parser.add_argument(*flags, **kwargs)
+
+
+def values(args: argparse.Namespace, options: Sequence[Option], front: str = "cli") -> Dict[str, object]:
+    """{name: value} of the parsed ``args`` for ``options`` shown on ``front``."""
+    return {o.name: getattr(args, o.name) for o in options if front in o.fronts}
