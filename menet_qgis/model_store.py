@@ -38,7 +38,8 @@ from typing import Dict, List, Optional, Tuple
 
 from . import user_paths
 from .model_records import ModelRecordError, read_model_record
-from .resources import DEFAULT_ASSET_NAME, DEFAULT_MODEL_BASE, resources_dir
+from . import resources
+from .resources import DEFAULT_ASSET_NAME, DEFAULT_MODEL_BASE
 from .core.choices import decision_threshold
 
 CHUNK = 1 << 20
@@ -103,7 +104,7 @@ def parse_sha256(text: str, where: str) -> str:
 
 def known_sha256(name: str) -> Optional[str]:
     """The sha256 the plugin ships for a model it knows by name (resources/models/<name>.sha256)."""
-    sidecar = resources_dir() / "models" / f"{name}.sha256"
+    sidecar = resources.resources_dir() / "models" / f"{name}.sha256"
     return parse_sha256(sidecar.read_text(), sidecar.name) if sidecar.is_file() else None
 
 
@@ -449,7 +450,7 @@ def find_default_model(runtime: str = "auto", device: str = "auto", models_dir=N
         name = DEFAULT_MODEL_BASE + suffix
         if name in installed:
             candidates.append((folder / name, suffix, f"installed in {folder}"))
-        shipped = resources_dir() / "models" / name
+        shipped = resources.resources_dir() / "models" / name
         if shipped.is_file():
             candidates.append((shipped, suffix, "inside the plugin"))
     if not candidates:
@@ -469,7 +470,7 @@ def find_default_model(runtime: str = "auto", device: str = "auto", models_dir=N
 def no_default_model_message() -> str:
     """What to do when MODEL is empty and no default model is anywhere (one line)."""
     return (f"no model given and no default model installed (looked for {DEFAULT_MODEL_BASE}.onnx and .pt in "
-            f"{user_paths.installed_models_dir()} and {resources_dir() / 'models'}): install it with the "
+            f"{user_paths.installed_models_dir()} and {resources.resources_dir() / 'models'}): install it with the "
             f"'Install model' algorithm (menet:installmodel) or `python -m menet_qgis install-model "
             f"dist/{DEFAULT_MODEL_BASE}.onnx`, or give a model")
 
