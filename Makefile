@@ -15,6 +15,8 @@ PIP_PACKAGES := pytest pytest-qgis
 PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2
 # batch: Dask distributed (workers, retries), pystac (STAC catalogs), tqdm (progress bars)
 PIP_PACKAGES += "dask[distributed]==2026.8.0" pystac==1.15.2 tqdm==4.70.1
+# docs: the documentation site (make docs)
+PIP_PACKAGES += mkdocs==1.6.1
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
@@ -75,8 +77,14 @@ screenshots: plugin
 	cp build/user_path/desktop/08_main_window_map.png docs/screenshots/user_path_map.png
 	cp build/user_path/desktop/07_extract_log.png docs/screenshots/user_path_extract_log.png
 
+# The documentation site (docs/, mkdocs.yml) into build/site; warnings (a broken link or anchor, a page
+# missing from the nav) are errors.
+.PHONY: docs
+docs: setup
+	$(PY) -m mkdocs build --strict
+
 bench: plugin
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist
