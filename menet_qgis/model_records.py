@@ -171,3 +171,10 @@ def read_model_record(path, name: str = "") -> Dict:
     if name.lower().endswith(".onnx"):
         return onnx_record(path, name)
     return checkpoint_record(path, name)
+
+
+def decision_threshold(training: Dict) -> float:
+    """The probability at which a model calls a pixel mangrove: chosen on validation when it was
+    trained and stored with it (``training["threshold"]``), 0.5 for models from before that."""
+    value = training.get("threshold", 0.5)
+    return float(value) if isinstance(value, (int, float)) and 0.0 < value < 1.0 else 0.5

@@ -40,7 +40,7 @@ from . import user_paths
 from .model_records import ModelRecordError, read_model_record
 from . import resources
 from .resources import DEFAULT_ASSET_NAME, DEFAULT_MODEL_BASE
-from .core.choices import decision_threshold
+from .model_records import decision_threshold
 
 CHUNK = 1 << 20
 #: Extra free space kept beyond the model's size before a download starts.

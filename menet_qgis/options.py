@@ -424,6 +424,8 @@ def argument(option: Option) -> Tuple[List[str], Dict]:
         kwargs["action"] = "append"
         default = None
     kwargs["default"] = list(default) if isinstance(default, tuple) else default
+    if default not in (None, "", ()) and "default" not in option.help:
+        kwargs["help"] = f"{option.help} (default: {default})"
     if option.required:
         kwargs["required"] = True
     return [option.cli_flag], kwargs

@@ -8,7 +8,7 @@ from qgis.core import (QgsProcessingException, QgsProcessingOutputMultipleLayers
                        QgsProcessingParameterExtent, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
-from ..core.choices import DEFAULT_OVERLAP, PRECISIONS, RUNTIMES  # stdlib only
+from ..options import DEFAULT_OVERLAP, PRECISIONS, RUNTIMES  # stdlib only
 from ..core.model.stages import STAGES, STAGE_NAMES  # torch-free, like ..core.tiling
 from ..core.inference.tiling import check_window
 from .common import (DEVICES, MENetAlgorithm, advanced, band_choice, band_parameters, check_band_parameters,

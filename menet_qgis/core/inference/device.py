@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
+from ...options import DEVICES as DEVICE_CHOICES
 #: Rough peak memory per 256² window during inference (measured order of magnitude,
 #: kept generous; out-of-memory still falls back to smaller batches).
 BYTES_PER_WINDOW = {"bf16": 40 * 2**20, "fp32": 80 * 2**20}

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..model import channels as ch
-from ..choices import PRECISIONS, RUNTIMES  # noqa: F401 (re-exported)
+from ...options import PRECISIONS, RUNTIMES  # noqa: F401 (re-exported)
 from ..model.flips import mean_over_flips
 from ..model.stages import STAGE_NAMES
 
@@ -158,7 +158,7 @@ class OnnxModel:
 
     @property
     def threshold(self) -> float:
-        from ..choices import decision_threshold
+        from ...model_records import decision_threshold
         return decision_threshold(self.training)
 
     @property

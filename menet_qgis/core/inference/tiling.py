@@ -13,7 +13,7 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from ..choices import DEFAULT_OVERLAP  # noqa: F401 (re-exported)
+from ...options import DEFAULT_OVERLAP  # noqa: F401 (re-exported)
 from ..model.stages import MAX_STRIDE
 
 

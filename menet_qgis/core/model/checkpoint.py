@@ -55,7 +55,7 @@ class ModelBundle:
 
     @property
     def threshold(self) -> float:
-        from ..choices import decision_threshold
+        from ...model_records import decision_threshold
         return decision_threshold(self.training)
 
 
