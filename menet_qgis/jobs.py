@@ -1,40 +1,206 @@
-"""The five ME-Net jobs as plain functions: a JSON-able dict of parameters in, a JSON-able dict out.
+"""The five ME-Net jobs: a JSON-able dict of parameters in, a JSON-able dict out.
 
-The CLI, the worker process the QGIS algorithms start (``engine_process.py``) and
+The CLI, the engine process the QGIS algorithms start (``engine_process.py``) and
 batch runners all call these, so a job behaves the same wherever it runs.
+Each job reads its dict into a typed dataclass (``ExtractJob``, ``PrepareJob``,
+``ExportChannelsJob``, ``TrainJob``, ``AssessJob``): ``None`` or absent means the
+default declared in ``options.py``, values are checked against the declarations
+(choices, ranges), and an unknown key is refused, so a misspelt parameter fails
+in one line instead of being ignored.
 QGIS-free; the heavy core modules (torch, rasterio) are imported inside each
 job, so a missing library surfaces as an ImportError the worker can explain.
 Errors are the core's one-line ``ValueError``/``OSError``; a cancelled job
 raises ``core.reporting.Cancelled`` and leaves no output.
-
-Parameters (``None`` or absent = default):
-
-* ``extract``: input, output, model, bands (six band numbers), dn_offset,
-  bounds [xmin, ymin, xmax, ymax] in the input's CRS, stage_dir, options
-  (``EngineOptions`` fields by name: window, overlap, batch_size, device,
-  stages, stage_mode, ... — passed through, so new engine options need no
-  change here).
-* ``prepare``: folder, output, bounds + bounds_crs (WKT), polygon (GeoJSON
-  geometry) + polygon_crs (WKT), resampling.
-* ``export_channels``: input, output, model, bands, dn_offset.
-* ``train``: tiles (folder) or images (paths) with label_raster or
-  label_polygons (one list of GeoJSON geometries per image, in its CRS);
-  output (.pt), epochs, batch_size, lr, val_fraction, seed, device,
-  imagenet_weights, history (JSON path).
-* ``assess``: prediction with reference (raster path) / reference_file
-  (polygon file) / reference_polygons (GeoJSON list in the prediction's CRS),
-  area_file / area_polygons, threshold, name, image, tiles; or tiles + model
-  without a prediction (the model on its own validation windows); report
-  (HTML path), table (CSV path).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from . import model_store
+from . import model_store, options as opts
+from .options import Option
+
+
+def _default(group: Sequence[Option], name: str):
+    """A dataclass field whose default is the declared one (lists as fresh copies)."""
+    value = opts.by_name(group, name).default
+    if isinstance(value, tuple):
+        return field(default_factory=lambda: list(value))
+    return field(default=value)
+
+
+@dataclass
+class JobParams:
+    """A job's parameters, read from the dict the front ends send."""
+    JOB: ClassVar[str] = ""
+    #: Declarations that check this job's fields of the same name.
+    DECLARED: ClassVar[Tuple[Option, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, params: Optional[Dict]):
+        params = dict(params or {})
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise ValueError(f"unknown {cls.JOB} parameter{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(unknown)}; known: {', '.join(names)}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and params.get(f.name) is None]
+        if missing:
+            raise ValueError(f"the {cls.JOB} job needs {', '.join(missing)}")
+        job = cls(**{k: v for k, v in params.items() if v is not None})
+        job.check()
+        return job
+
+    def check(self) -> None:
+        """Each declared field converted and checked against its declaration."""
+        declared = {o.name: o for o in self.DECLARED}
+        for f in fields(self):
+            if f.name in declared:
+                setattr(self, f.name, declared[f.name].check(getattr(self, f.name)))
+
+
+_EXTRACT_DECLARED = (opts.MODEL,) + opts.INPUT
+
+
+@dataclass
+class ExtractJob(JobParams):
+    """Mangrove probability (and stage layers) for one raster.  ``options``: ``EngineOptions`` fields by
+    name (window, overlap, batch_size, device, stages, stage_mode, ...), passed through to the engine."""
+    JOB: ClassVar[str] = "extract"
+    DECLARED: ClassVar[Tuple[Option, ...]] = _EXTRACT_DECLARED
+    input: str
+    output: str
+    model: Optional[str] = _default(_EXTRACT_DECLARED, "model")
+    bands: Optional[List[int]] = _default(opts.INPUT, "bands")
+    dn_offset: Optional[float] = _default(opts.INPUT, "dn_offset")
+    bounds: Optional[List[float]] = None    # [xmin, ymin, xmax, ymax] in the input's CRS
+    stage_dir: Optional[str] = None         # stage layers go here; None = beside the probability
+    options: Dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        super().check()
+        declared = {o.name: o for o in opts.ENGINE}
+        self.options = {k: declared[k].check(v) if k in declared else v for k, v in self.options.items()}
+
+    def engine_options(self):
+        from .core.inference.engine import EngineOptions
+        known = [f.name for f in fields(EngineOptions)]
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown engine option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                             f"known: {', '.join(known)}")
+        return EngineOptions(**self.options)
+
+
+@dataclass
+class PrepareJob(JobParams):
+    """The 6-band 10 m stack of an unzipped Sentinel-2 product, cut to bounds and/or a polygon."""
+    JOB: ClassVar[str] = "prepare"
+    DECLARED: ClassVar[Tuple[Option, ...]] = opts.PREPARE
+    folder: str
+    output: str
+    bounds: Optional[List[float]] = _default(opts.PREPARE, "bounds")
+    bounds_crs: Optional[str] = None        # WKT; None = the product's
+    polygon: Optional[Dict] = None          # GeoJSON geometry
+    polygon_crs: Optional[str] = None       # WKT; None = the product's
+    resampling: str = _default(opts.PREPARE, "resampling")
+
+
+@dataclass
+class ExportChannelsJob(JobParams):
+    """The 11 input channels as the model sees them (before normalisation)."""
+    JOB: ClassVar[str] = "export_channels"
+    DECLARED: ClassVar[Tuple[Option, ...]] = _EXTRACT_DECLARED
+    input: str
+    output: str
+    model: Optional[str] = _default(_EXTRACT_DECLARED, "model")
+    bands: Optional[List[int]] = _default(opts.INPUT, "bands")
+    dn_offset: Optional[float] = _default(opts.INPUT, "dn_offset")
+
+
+@dataclass
+class TrainJob(JobParams):
+    """Training data: tile folders (``tiles``: one or a list, each FOLDER[:name=...]) or rasters (``images``)
+    with ``label_raster`` or ``label_polygons`` (one list of GeoJSON geometries per image, in its CRS)."""
+    JOB: ClassVar[str] = "train"
+    DECLARED: ClassVar[Tuple[Option, ...]] = tuple(o for o in opts.TRAIN if o.name != "tiles")
+    output: str
+    tiles: List[str] = field(default_factory=list)
+    images: List[str] = field(default_factory=list)
+    label_raster: Optional[str] = None
+    label_polygons: Optional[List] = None
+    epochs: int = _default(opts.TRAIN, "epochs")
+    batch_size: int = _default(opts.TRAIN, "batch_size")
+    lr: float = _default(opts.TRAIN, "lr")
+    val_fraction: float = _default(opts.TRAIN, "val_fraction")
+    seed: int = _default(opts.TRAIN, "seed")
+    device: str = _default(opts.TRAIN, "device")
+    imagenet_weights: Optional[str] = _default(opts.TRAIN, "imagenet_weights")
+    recipe: int = _default(opts.TRAIN, "recipe")
+    init_from: Optional[str] = _default(opts.TRAIN, "init_from")
+    resume: bool = _default(opts.TRAIN, "resume")
+    history: Optional[str] = _default(opts.TRAIN, "history")
+    val_groups: List[str] = _default(opts.TRAIN, "val_groups")
+    holdout_groups: List[str] = _default(opts.TRAIN, "holdout_groups")
+    val_names_from: Optional[str] = _default(opts.TRAIN, "val_names_from")
+    threads: int = _default(opts.TRAIN, "threads")
+    boundary_weight: float = _default(opts.TRAIN, "boundary_weight")
+    refine_width: Optional[int] = _default(opts.TRAIN, "refine_width")
+
+    def check(self) -> None:
+        if Path(self.output).suffix != ".pt":
+            raise ValueError(f"the model file {Path(self.output).name} must end in .pt")
+        if not float(self.boundary_weight) >= 0:  # NaN too
+            raise ValueError(f"boundary weight must be 0 (off) or positive, got {float(self.boundary_weight):g}")
+        if self.refine_width is not None and not 0 <= int(self.refine_width) <= 256:
+            raise ValueError(f"refinement width must be 0 (none) to 256, got {self.refine_width}")
+        self.tiles = [self.tiles] if isinstance(self.tiles, (str, os.PathLike)) else list(self.tiles)
+        self.images = list(self.images)
+        super().check()
+        if self.tiles and self.images:
+            raise ValueError("give either tile folders or rasters with labels, not both")
+        if not self.tiles and not self.images:
+            raise ValueError("no training data: give a tile folder, or rasters with labels")
+        if self.images and (self.label_raster is None) == (self.label_polygons is None):
+            raise ValueError("with rasters, give the labels as a mask raster or as polygons")
+
+
+@dataclass
+class AssessJob(JobParams):
+    """A map (``prediction``) against ``reference`` (raster path), ``reference_file`` (polygon file) or
+    ``reference_polygons`` (GeoJSON list in the prediction's CRS), inside ``area_file``/``area_polygons``;
+    or, without a prediction, ``model`` on the validation windows it records from ``tiles``."""
+    JOB: ClassVar[str] = "assess"
+    DECLARED: ClassVar[Tuple[Option, ...]] = opts.ASSESS
+    prediction: Optional[str] = None
+    reference: Optional[str] = _default(opts.ASSESS, "reference")
+    reference_file: Optional[str] = None
+    reference_polygons: Optional[List] = None
+    area_file: Optional[str] = _default(opts.ASSESS, "area_file")
+    area_polygons: Optional[List] = None
+    threshold: Optional[float] = _default(opts.ASSESS, "threshold")
+    name: Optional[str] = None              # the map's name in the results; None = its file name
+    image: Optional[str] = _default(opts.ASSESS, "image")
+    tiles: Optional[str] = _default(opts.ASSESS, "tiles")
+    model: Optional[str] = _default(opts.ASSESS, "model")
+    report: Optional[str] = _default(opts.ASSESS, "report")
+    table: Optional[str] = _default(opts.ASSESS, "table")
+
+    def check(self) -> None:
+        super().check()
+        if self.prediction:
+            if self.reference is None and self.reference_file is None and self.reference_polygons is None:
+                raise ValueError("give a reference: a mask raster or polygons")
+            if self.tiles and not self.image:
+                raise ValueError("the random-forest baseline (tile folder) needs the Sentinel-2 raster (image) too")
+        elif not self.tiles:
+            raise ValueError("give a prediction raster, or a tile folder and a model to score the model on its "
+                             "validation split")
+
 
 #: The last checkpoint loaded: (path, mtime, size) -> bundle, so several inputs share one load.
 _MODEL_CACHE: Dict[Tuple[str, int, int], object] = {}
@@ -81,21 +247,21 @@ def extract(params: Dict, reporter) -> Dict:
     """Mangrove probability (and stage layers) for one raster."""
     from .core.inference import engine
     from .core.io import raster_io
-    options = engine.EngineOptions(**(params.get("options") or {}))
-    bounds = params.get("bounds")
-    raster_io.check_input_exists(str(params["input"]))
-    model_path = resolve_model(params.get("model"), options.runtime, options.device, reporter)
+    job = ExtractJob.from_dict(params)
+    options = job.engine_options()
+    raster_io.check_input_exists(str(job.input))
+    model_path = resolve_model(job.model, options.runtime, options.device, reporter)
     bundle = load_model(model_path, reporter, options.runtime, options.device, options.stages)
     # The model's channel recipe says which bands to look for in the input.
-    source = raster_io.RasterInput(params["input"], band_numbers=params.get("bands"), dn_offset=params.get("dn_offset"),
-                                   bounds=tuple(bounds) if bounds else None, recipe=bundle.recipe)
+    source = raster_io.RasterInput(job.input, band_numbers=job.bands, dn_offset=job.dn_offset,
+                                   bounds=tuple(job.bounds) if job.bounds else None, recipe=bundle.recipe)
     outdated = model_store.outdated_copy_note(model_path)
     if outdated:
         reporter.warn(outdated)
     if not bundle.trained:
         reporter.warn(f"model {model_path.name} is UNTRAINED (random weights): the probability is meaningless; "
                       "use it only to test the pipeline")
-    result = engine.extract(bundle, source, params["output"], options, reporter, params.get("stage_dir"))
+    result = engine.extract(bundle, source, job.output, options, reporter, job.stage_dir)
     return {"probability": str(result.probability), "stages": {k: str(v) for k, v in result.stages.items()},
             "device": result.device, "windows": result.windows, "windows_run": result.windows_run,
             "batch_size": result.batch_size, "seconds": round(result.seconds, 2), "trained": bundle.trained,
@@ -107,14 +273,15 @@ def prepare(params: Dict, reporter) -> Dict:
     from rasterio.warp import transform_bounds, transform_geom
 
     from .core.io import sentinel2_product
-    product = sentinel2_product.find_product(params["folder"])
-    bounds, polygon = params.get("bounds"), params.get("polygon")
-    if bounds and params.get("bounds_crs"):
-        bounds = transform_bounds(params["bounds_crs"], product.crs, *bounds)
-    if polygon and params.get("polygon_crs"):
-        polygon = transform_geom(params["polygon_crs"], product.crs, polygon)
-    result = sentinel2_product.build_stack(params["folder"], params["output"], bounds=bounds, polygon_geojson=polygon,
-                                           resampling=params.get("resampling") or "bilinear", reporter=reporter)
+    job = PrepareJob.from_dict(params)
+    product = sentinel2_product.find_product(job.folder)
+    bounds, polygon = job.bounds, job.polygon
+    if bounds and job.bounds_crs:
+        bounds = transform_bounds(job.bounds_crs, product.crs, *bounds)
+    if polygon and job.polygon_crs:
+        polygon = transform_geom(job.polygon_crs, product.crs, polygon)
+    result = sentinel2_product.build_stack(job.folder, job.output, bounds=bounds, polygon_geojson=polygon,
+                                           resampling=job.resampling, reporter=reporter)
     reporter.info(f"wrote {result.width} x {result.height} px, bands B2, B3, B4, B8, B11, B12 to {result.path}")
     return {"stack": str(result.path), "width": result.width, "height": result.height,
             "product": result.product.describe()}
@@ -123,8 +290,9 @@ def prepare(params: Dict, reporter) -> Dict:
 def export_channels(params: Dict, reporter) -> Dict:
     """The 11 input channels as the model sees them (before normalisation)."""
     from .core.io import sentinel2_product
+    job = ExportChannelsJob.from_dict(params)
     # Only the model's PCA basis and recipe are read: the .onnx first (no torch needed).
-    model_path = resolve_model(params.get("model"), device="cpu", reporter=reporter)
+    model_path = resolve_model(job.model, device="cpu", reporter=reporter)
     if not model_path.is_file():
         raise ValueError(f"model file not found: {model_path}")
     if model_path.suffix.lower() == ".onnx":
@@ -134,57 +302,35 @@ def export_channels(params: Dict, reporter) -> Dict:
     else:
         from .core.model import checkpoint
         pca, recipe = checkpoint.read_pca(model_path), checkpoint.read_recipe(model_path)
-    path = sentinel2_product.export_channels(params["input"], params["output"], pca, params.get("bands"),
-                                             params.get("dn_offset"), reporter, recipe)
+    path = sentinel2_product.export_channels(job.input, job.output, pca, job.bands, job.dn_offset, reporter, recipe)
     return {"output": str(path)}
 
 
 def train(params: Dict, reporter) -> Dict:
     """Train ME-Net; the checkpoint appears at ``output`` only when training has finished."""
     from .core.io import raster_io
-    from .core.training import train as training
-    from .core.model.checkpoint import save
-    out = Path(params["output"])
-    if out.suffix != ".pt":
-        raise ValueError(f"the model file {out.name} must end in .pt")
     from .core.model import channels
-    tiles_arg, images = params.get("tiles"), params.get("images")
-    if tiles_arg and images:
-        raise ValueError("give either tile folders or rasters with labels, not both")
-    specs = [training.SourceSpec.parse(t) for t in ([tiles_arg] if isinstance(tiles_arg, str) else tiles_arg or [])]
+    from .core.model.checkpoint import read_record, save
+    from .core.training import train as training
+    job = TrainJob.from_dict(params)
+    out, recipe = Path(job.output), channels.RECIPES[job.recipe]
+    specs = [training.SourceSpec.parse(t) for t in job.tiles]
     for spec in specs:
         if not Path(spec.folder).is_dir():
             raise ValueError(f"tile folder not found: {spec.folder}")
-    boundary_weight = float(params.get("boundary_weight") or 0.0)
-    if not boundary_weight >= 0:  # NaN too
-        raise ValueError(f"boundary weight must be 0 (off) or positive, got {boundary_weight:g}")
-    refine_width = params.get("refine_width")
-    if refine_width is not None and not 0 <= int(refine_width) <= 256:
-        raise ValueError(f"refinement width must be 0 (none) to 256, got {refine_width}")
-    version = int(params.get("recipe") or channels.DEFAULT_RECIPE.version)
-    if version not in channels.RECIPES:
-        raise ValueError(f"unknown channel recipe version {version}; known: {', '.join(map(str, channels.RECIPES))}")
-    recipe = channels.RECIPES[version]
-    inputs = ([p for spec in specs for p in Path(spec.folder).glob("*") if p.is_file()] + list(images or []))
-    raster_io.refuse_overwriting_inputs([out, params.get("history")],
-                                        inputs + [params.get("label_raster"), params.get("imagenet_weights"),
-                                                  params.get("init_from")])
+    inputs = [p for spec in specs for p in Path(spec.folder).glob("*") if p.is_file()] + job.images
+    raster_io.refuse_overwriting_inputs([out, job.history],
+                                        inputs + [job.label_raster, job.imagenet_weights, job.init_from])
     if specs:
         tiles = training.TileSet.concat([training.load_tile_folder(spec.folder, recipe=recipe, spec=spec,
                                                                    log=reporter.info) for spec in specs])
-    elif images:
-        label_raster, polygons = params.get("label_raster"), params.get("label_polygons")
-        if (label_raster is None) == (polygons is None):
-            raise ValueError("with rasters, give the labels as a mask raster or as polygons")
-        tiles = training.load_raster_labels(images, label_raster, polygons, recipe=recipe)
     else:
-        raise ValueError("no training data: give a tile folder, or rasters with labels")
+        tiles = training.load_raster_labels(job.images, job.label_raster, job.label_polygons, recipe=recipe)
     reporter.info(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
     val_names = []
-    if params.get("val_names_from"):
-        from .core.model.checkpoint import read_record
-        val_names = list(read_record(Path(params["val_names_from"])).get("training", {}).get("val_names", []))
-        reporter.info(f"validation windows: the {len(val_names)} of {Path(params['val_names_from']).name} "
+    if job.val_names_from:
+        val_names = list(read_record(Path(job.val_names_from)).get("training", {}).get("val_names", []))
+        reporter.info(f"validation windows: the {len(val_names)} of {Path(job.val_names_from).name} "
                       "where their source has them")
     # The best-so-far checkpoint goes to a hidden file that becomes the output only at the end; the resume
     # state (after every epoch) stays until the run has finished, so a stopped run continues with resume.
@@ -193,25 +339,22 @@ def train(params: Dict, reporter) -> Dict:
     for path in (out, best_so_far, resume_state):
         for stale in raster_io.remove_stale_partials(path):
             reporter.info(f"removed {stale.name}: a partial file left by a run that no longer exists")
-    if resume_state.exists() and not params.get("resume"):
+    if resume_state.exists() and not job.resume:
         resume_state.unlink()
     options = training.TrainOptions(
-        epochs=int(params.get("epochs") or 30), batch_size=int(params.get("batch_size") or 8),
-        lr=float(params.get("lr") or 1e-3), val_fraction=float(params.get("val_fraction") or 0.2),
-        seed=int(params.get("seed") or 0), device=params.get("device") or "auto",
-        imagenet_weights=params.get("imagenet_weights") or None, save_best_to=str(best_so_far), recipe=recipe,
-        init_from=params.get("init_from") or None, resume_state=str(resume_state),
-        val_groups=list(params.get("val_groups") or []), holdout_groups=list(params.get("holdout_groups") or []),
-        val_names=val_names, threads=int(params.get("threads") or 0),
-        boundary_weight=boundary_weight, refine_width=None if refine_width is None else int(refine_width))
+        epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, val_fraction=job.val_fraction, seed=job.seed,
+        device=job.device, imagenet_weights=job.imagenet_weights, save_best_to=str(best_so_far), recipe=recipe,
+        init_from=job.init_from, resume_state=str(resume_state), val_groups=job.val_groups,
+        holdout_groups=job.holdout_groups, val_names=val_names, threads=job.threads,
+        boundary_weight=job.boundary_weight, refine_width=job.refine_width)
     try:
         result = training.train(tiles, options, reporter)
         save(result.bundle, out, half=True)
     finally:
         best_so_far.unlink(missing_ok=True)
     resume_state.unlink(missing_ok=True)
-    if params.get("history"):
-        raster_io.atomic_write_text(params["history"], json.dumps(result.history, indent=2))
+    if job.history:
+        raster_io.atomic_write_text(job.history, json.dumps(result.history, indent=2))
     reporter.info(f"model written to {out}")
     return {"checkpoint": str(out), "best": result.best, "windows": len(tiles),
             "threshold": result.bundle.threshold}
@@ -222,45 +365,33 @@ def assess(params: Dict, reporter) -> Dict:
     on the validation windows it records."""
     from .core.evaluation import assessment
     from .core.io import polygons as polygons_io, raster_io
-    prediction = params.get("prediction")
-    raster_io.refuse_overwriting_inputs(
-        [params.get("report"), params.get("table")],
-        [prediction, params.get("reference"), params.get("reference_file"), params.get("area_file"),
-         params.get("image"), params.get("model")])
-    if prediction:
+    job = AssessJob.from_dict(params)
+    raster_io.refuse_overwriting_inputs([job.report, job.table], [job.prediction, job.reference,
+                                                                  job.reference_file, job.area_file, job.image,
+                                                                  job.model])
+    if job.prediction:
         import rasterio
-        with rasterio.open(prediction) as ds:
+        with rasterio.open(job.prediction) as ds:
             crs = ds.crs
-        reference, polygons = params.get("reference"), params.get("reference_polygons")
-        if params.get("reference_file"):
-            polygons = polygons_io.read_polygons(params["reference_file"], crs)
-        area = params.get("area_polygons")
-        if params.get("area_file"):
-            area = polygons_io.read_polygons(params["area_file"], crs)
-        if reference is None and polygons is None:
-            raise ValueError("give a reference: a mask raster or polygons")
-        if params.get("tiles") and not params.get("image"):
-            raise ValueError("the random-forest baseline (tile folder) needs the Sentinel-2 raster (image) too")
+        polygons = polygons_io.read_polygons(job.reference_file, crs) if job.reference_file else job.reference_polygons
+        area = polygons_io.read_polygons(job.area_file, crs) if job.area_file else job.area_polygons
         forest = None
-        if params.get("tiles"):
+        if job.tiles:
             reporter.info("training the random-forest baseline on the tile folder")
-            forest = assessment.forest_from_tiles(params["tiles"])
+            forest = assessment.forest_from_tiles(job.tiles)
         results = assessment.assess_rasters(
-            prediction, reference=reference, reference_polygons=polygons, area_polygons=area,
-            threshold=prediction_threshold(prediction, params.get("threshold"), reporter), name=params.get("name") or Path(prediction).name,
-            image=params.get("image"), forest=forest)
+            job.prediction, reference=job.reference, reference_polygons=polygons, area_polygons=area,
+            threshold=prediction_threshold(job.prediction, job.threshold, reporter),
+            name=job.name or Path(job.prediction).name, image=job.image, forest=forest)
     else:
-        if not params.get("tiles"):
-            raise ValueError("give a prediction raster, or a tile folder and a model to score the model on its "
-                             "validation split")
         from .core.training import train as training
         # The checkpoint: it records its validation windows (an .onnx export does not).
-        model_path = resolve_model(params.get("model"), runtime="torch", reporter=reporter)
+        model_path = resolve_model(job.model, runtime="torch", reporter=reporter)
         bundle = load_model(model_path)
         names = bundle.training.get("val_names")
         if not names:
             raise ValueError(f"{model_path.name} records no validation windows")
-        tiles = training.load_tile_folder(params["tiles"], recipe=bundle.recipe)
+        tiles = training.load_tile_folder(job.tiles, recipe=bundle.recipe)
         results = assessment.compare_on_tiles(bundle, tiles, names)
     rows = [r.to_dict() for r in results]
     for result, row in zip(results, rows):
@@ -268,10 +399,10 @@ def assess(params: Dict, reporter) -> Dict:
                       f"OA {row['overall_accuracy']:.4f}")
         if result.best_threshold:
             reporter.info(f"{row['name']}: {result.best_threshold_note()}")
-    if params.get("report"):
-        assessment.write_html(results, params["report"])
-    if params.get("table"):
-        assessment.write_table(results, params["table"])
+    if job.report:
+        assessment.write_html(results, job.report)
+    if job.table:
+        assessment.write_table(results, job.table)
     return {"results": rows}
 
 

@@ -11,6 +11,7 @@ Help texts say what an option does in words; measured numbers live in docs/
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -107,6 +108,8 @@ def _convert(option: Option, value):
     if kind == "choice":
         return type(option.choices[0])(value)
     if kind in ("text", "file", "folder"):
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if not isinstance(value, str):
             raise ValueError
         return value

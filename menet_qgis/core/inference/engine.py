@@ -36,7 +36,8 @@ from ..model.flips import mean_over_flips
 from ..io.raster_io import (AtomicRaster, RasterInput, check_free_space, check_plausible_values, check_writable,
                             commit_all, refuse_overwriting_inputs, remove_stale_partials)
 from ..model.stages import STAGE_BY_NAME, parse_stage_names
-from .tiling import DEFAULT_OVERLAP, WindowGrid, blend_weights
+from .tiling import WindowGrid, blend_weights
+from ...options import ENGINE, by_name
 
 STAGE_MODES = ("compact", "all")
 
@@ -52,19 +53,24 @@ PROGRESS_LOG_SECONDS = 30.0
 COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
 
 
+def _declared(name: str):
+    return by_name(ENGINE, name).default
+
+
 @dataclass
 class EngineOptions:
-    window: int = 0                # 0 = the window size the checkpoint recommends (256)
-    overlap: int = DEFAULT_OVERLAP
-    batch_size: int = 0            # 0 = automatic for the device
-    device: str = "auto"
-    stages: Sequence[str] = ()
-    stage_mode: str = "compact"    # "compact" (3 summary bands) or "all" channels
-    readers: int = 0               # reader threads; 0 = automatic (2 on the CPU, up to 8 with CUDA)
-    threads: int = 0               # CPU threads for the runtime; 0 = every core this process may use
-    precision: str = "auto"        # "auto" (see choices.PRECISIONS), "bf16", "fp32"
-    runtime: str = "auto"          # "auto", "torch", "onnxruntime", "openvino" (see runtimes.choose_runtime)
-    tta: bool = False              # test-time flips: mean over the 8 flips of each window (8x the model's time)
+    """The engine's options; what each means and its default: options.ENGINE (declared once for every front end)."""
+    window: int = _declared("window")              # 0 = the window size the checkpoint recommends
+    overlap: int = _declared("overlap")
+    batch_size: int = _declared("batch_size")      # 0 = automatic for the device
+    device: str = _declared("device")
+    stages: Sequence[str] = _declared("stages")
+    stage_mode: str = _declared("stage_mode")      # "compact" (3 summary bands) or "all" channels
+    readers: int = 0               # reader threads; 0 = automatic (2 on the CPU, up to 8 with CUDA); not user-facing
+    threads: int = _declared("threads")            # 0 = every core this process may use
+    precision: str = _declared("precision")
+    runtime: str = _declared("runtime")            # see runtimes.choose_runtime
+    tta: bool = _declared("tta")                   # test-time flips: mean over the 8 flips of each window
 
 
 @dataclass
