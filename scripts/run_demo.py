@@ -1,8 +1,9 @@
 """`make run`: the main job through qgis_process on a default input, then a plain summary.
 
 Input: ../shared/data/jambeli/scene_2020.tif when it exists (real Sentinel-2),
-else a generated demo raster (said so).  Model: the shipped default model, else
-an untrained checkpoint (said so: its probabilities mean nothing).
+else a generated Sentinel-2-like raster (synthetic_s2.py, beside this script; said
+so).  Model: the shipped default model, else an untrained checkpoint (said so:
+its probabilities mean nothing).
 """
 import json
 import os
@@ -16,15 +17,10 @@ import rasterio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from menet_qgis.model_store import default_model_path  # noqa: E402
+from synthetic_s2 import generate  # noqa: E402
 
 SCENE = ROOT.parent / "shared" / "data" / "jambeli" / "scene_2020.tif"
 OUT = ROOT / "build" / "run"
-
-
-def demo_input(path: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_s2
-    return write_s2(path, 600, 800)
 
 
 def untrained_model(path: Path) -> Path:
@@ -63,7 +59,7 @@ def main() -> int:
         source = SCENE
         notes.append(f"input: REAL Sentinel-2 scene {SCENE}")
     else:
-        source = demo_input(OUT / "demo_input.tif")
+        source = generate(OUT / "demo_input.tif", 640)
         notes.append(f"input: GENERATED demo raster {source} ({SCENE} not found) — not real imagery")
     model = default_model_path()
     if model.is_file():

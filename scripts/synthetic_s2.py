@@ -1,4 +1,7 @@
-"""Large synthetic Sentinel-2-like rasters for benchmarks (up to a full 10980² tile).
+"""Synthetic Sentinel-2-like rasters, up to a full 10980² tile: the `make run` demo input when the
+shared data is absent (scripts/run_demo.py) and the generated inputs of benchmarks/.
+
+    python3 scripts/synthetic_s2.py OUT.tif [--size 10980] [--dtype uint16|float32]
 
 Written block by block (memory stays small): uint16 L2A-style DN with the
 baseline-04.00 offset tag, or float32 reflectance; 6 named bands; a mosaic of

@@ -7,13 +7,13 @@
 # v2 trains from random weights (no ImageNet weights can be had here) on Jambelí + four MagSet-2 zones:
 # validation = v1's 58 Jambelí validation windows + zone 6 (they choose the epoch and the decision
 # threshold), zones 3 and 8 held out (never trained on, never used to choose).  30 epochs, one-cycle
-# peaking at 1e-3.  Three seeds of this recipe were trained (scripts/ablate_coasts.sh scratch,
+# peaking at 1e-3.  Three seeds of this recipe were trained (studies/ablate_coasts.sh scratch,
 # scratch1, scratch2) and the one with the best validation F1 ships: SEED below.  Fine-tuning v1's
 # weights instead (12 epochs at 3e-4, the previous default) tied on validation and scored lower on the
 # held-out coasts (MODEL_CARD).  MagSet-2's GMW labels are used up to their edges: leaving 1 px
-# either side out (edge_ignore=1) scored lower on validation (scripts/ablate_coasts.sh edge1).
+# either side out (edge_ignore=1) scored lower on validation (studies/ablate_coasts.sh edge1).
 # 30 epochs took 36-41 min on the 2-core CPU machine (idle); a stopped run continues with --resume.
-# Then scripts/evaluate_coasts.py scores it per zone.
+# Then `python -m studies.evaluate_coasts` scores it per zone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=../shared/data
@@ -35,6 +35,6 @@ SEED=1   # validation F1 0.9349 (seeds 0, 2: 0.9334, 0.9344)
     --val-groups magset2:6 --holdout magset2:3,magset2:8 \
     --epochs 30 --batch-size 8 --lr 1e-3 --seed $SEED --device cpu --threads 2 --resume \
     --out "$OUT/menet_coasts_v2.pt" --history "$OUT/menet_coasts_v2.history.json"
-.venv/bin/python scripts/evaluate_coasts.py "$OUT/menet_coasts_v2.pt" --v1 "$OUT/menet_jambeli_v1.pt" --tta \
+.venv/bin/python -m studies.evaluate_coasts "$OUT/menet_coasts_v2.pt" --v1 "$OUT/menet_jambeli_v1.pt" --tta \
     --json "$OUT/menet_coasts_v2.evaluation.json" --markdown "$OUT/menet_coasts_v2.evaluation.md"
 (cd "$OUT" && sha256sum menet_coasts_v2.pt > menet_coasts_v2.pt.sha256)

@@ -1,4 +1,4 @@
-"""The measuring scripts behind the model card still run against the core they import."""
+"""The studies behind the model card (``python -m studies.NAME``) still run against the core they import."""
 from __future__ import annotations
 
 import subprocess
@@ -21,9 +21,9 @@ def test_average_models_mixes_by_the_given_shares_and_chooses_the_threshold_agai
     a, b = (checkpoint.new_bundle(head_width=16, seed=s) for s in (0, 1))
     for name, bundle in (("a.pt", a), ("b.pt", b)):
         checkpoint.save(bundle, tmp_path / name)
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "average_models.py"), str(tmp_path / "a.pt"),
+    run = subprocess.run([sys.executable, "-m", "studies.average_models", str(tmp_path / "a.pt"),
                           str(tmp_path / "b.pt"), "--weights", "3", "1", "--out", str(tmp_path / "mix.pt")],
-                         capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     mix = checkpoint.load(tmp_path / "mix.pt")
     key = "encoder.conv1.weight"
@@ -33,7 +33,7 @@ def test_average_models_mixes_by_the_given_shares_and_chooses_the_threshold_agai
     assert 0.2 <= mix.threshold <= 0.8 and "validation F1" in run.stdout
     b.norm_mean = [m + 1.0 for m in b.norm_mean]
     checkpoint.save(b, tmp_path / "other.pt")
-    refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "average_models.py"), str(tmp_path / "a.pt"),
+    refused = subprocess.run([sys.executable, "-m", "studies.average_models", str(tmp_path / "a.pt"),
                               str(tmp_path / "other.pt"), "--out", str(tmp_path / "no.pt")],
-                             capture_output=True, text=True, timeout=600)
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "differs" in refused.stderr and not (tmp_path / "no.pt").exists()

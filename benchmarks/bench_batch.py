@@ -4,7 +4,7 @@ Each configuration gets its own warm LocalCluster (model preloaded, one warm-up 
 rounds alternate A B / B A so machine noise hits both alike; the ratio of median times is what
 counts.  Both configurations use all the cores: 1 worker × N torch threads vs 2 workers × N/2.
 
-    .venv/bin/python scripts/bench_batch.py [--scenes 6] [--size 512] [--rounds 2] [--json out.json]
+    .venv/bin/python -m benchmarks.bench_batch [--scenes 6] [--size 512] [--rounds 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -18,22 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
+SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "jambeli" / "scene_2020.tif"
 #: Crop origins (row, col) inside the 2020 scene where the pixels are valid.
 ORIGINS = [(1536, 0), (1536, 768), (1536, 1536), (1792, 384), (1792, 1152), (1792, 1920), (1920, 768), (1280, 2304)]
+
+
+def crop(path: Path, row: int, col: int, size: int) -> str:
+    """A size² GeoTIFF cut from the 2020 scene (georeferencing, nodata and band names kept)."""
+    from osgeo import gdal
+    gdal.UseExceptions()
+    gdal.Translate(str(path), str(SCENE), srcWin=[col, row, size, size], creationOptions=["COMPRESS=DEFLATE"])
+    return str(path)
 
 
 def main() -> int:
     from distributed import Client
 
-    from helpers import crop_scene
     from menet_qgis.batch.runner import BatchOptions, embedded_cluster, run_batch
     from menet_qgis.model_store import default_model_path
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_batch", description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=6)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
@@ -43,8 +47,7 @@ def main() -> int:
     cpus = len(os.sched_getaffinity(0))
     tmp = Path(tempfile.mkdtemp(prefix="menet-bench-batch-"))
     try:
-        scenes = [str(crop_scene(tmp / f"s{i}.tif", *ORIGINS[i % len(ORIGINS)], args.size, args.size))
-                  for i in range(args.scenes)]
+        scenes = [crop(tmp / f"s{i}.tif", *ORIGINS[i % len(ORIGINS)], args.size) for i in range(args.scenes)]
         engine = {"window": 0, "overlap": 64, "device": "cpu"}
         configs = {"1 worker": 1, "2 workers": 2}
         clusters = {}

@@ -7,13 +7,13 @@ model of the same size.  `--weights` gives a weighted average instead: a model a
 fine-tuned on one coast, mixed (1 - a, a), keep much of what the first knew elsewhere while taking
 what the second learned there (Wortsman et al., CVPR 2022, "Robust fine-tuning of zero-shot models",
 WiSE-FT).  The models must share architecture, channel recipe, PCA and normalisation
-(the same training windows, as every run of scripts/ablate_coasts.sh has, or a fine-tune of the
+(the same training windows, as every run of studies/ablate_coasts.sh has, or a fine-tune of the
 first model, which keeps its statistics; the first model's are kept).  The decision
 threshold is chosen again on the validation windows the first model was chosen on (Jambelí
-validation + MagSet-2 zone 6, rebuilt as scripts/evaluate_coasts.py does); held-out zones are not
+validation + MagSet-2 zone 6, rebuilt as studies/evaluate_coasts.py does); held-out zones are not
 looked at.
 
-    .venv/bin/python scripts/average_models.py A.pt B.pt [C.pt ...] [--weights 0.5 0.5 ...] --out soup.pt
+    .venv/bin/python -m studies.average_models A.pt B.pt [C.pt ...] [--weights 0.5 0.5 ...] --out soup.pt
 """
 from __future__ import annotations
 
@@ -26,13 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))
-
-from evaluate_coasts import JAMBELI, MAGSET2, load, split  # noqa: E402
 from menet_qgis.core.model import checkpoint
-from menet_qgis.core.training import train as training  # noqa: E402
+from menet_qgis.core.training import train as training
+from studies.evaluate_coasts import JAMBELI, MAGSET2, load, split
 
 
 def same_inputs(a, b) -> bool:
@@ -61,7 +57,7 @@ def average(bundles, shares):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.average_models", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--weights", nargs="+", type=float, metavar="W",
                         help="one non-negative weight per model (normalised to sum 1; default: equal)")

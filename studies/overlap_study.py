@@ -1,6 +1,6 @@
 """Evidence for the default window overlap: speed, class flips and validation F1 at 0/32/64 px.
 
-    .venv/bin/python scripts/overlap_study.py [--raster scene.tif] [--tiles train/] [--runtime openvino]
+    .venv/bin/python -m studies.overlap_study [--raster scene.tif] [--tiles train/] [--runtime openvino]
         [--overlaps 0,32,64] [--rounds 1] [--json out.json]
 
 Maps the raster with the shipped model at each overlap (interleaved rounds,
@@ -21,11 +21,11 @@ import numpy as np
 import rasterio
 from rasterio.windows import from_bounds
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from menet_qgis.core.inference import engine, runtimes
-from menet_qgis.core.io import raster_io  # noqa: E402
-from menet_qgis.model_store import default_model_path  # noqa: E402
+from menet_qgis.core.io import raster_io
+from menet_qgis.model_store import default_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data" / "jambeli"
 
@@ -65,7 +65,8 @@ def f1(pred, ref):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m studies.overlap_study",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raster", default=str(SHARED / "scene_2020.tif"))
     p.add_argument("--tiles", default=str(SHARED / "train"))
     p.add_argument("--model", default=str(default_model_path()))

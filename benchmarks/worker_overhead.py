@@ -1,8 +1,9 @@
 """Per-run overhead of the out-of-process engine, in interleaved rounds:
 bare Python start, + the engine's imports, + loading the default model, and one
-whole worker run on a tiny raster (the engine's own time reported apart).
+whole worker run on a tiny raster (the engine's own time reported apart).  Every
+child runs in the checkout (its working folder), as the engine process does.
 
-    .venv/bin/python scripts/worker_overhead.py [--python PATH] [--rounds 2]
+    .venv/bin/python -m benchmarks.worker_overhead [--python PATH] [--rounds 2]
 """
 import argparse
 import json
@@ -13,15 +14,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.synthetic_s2 import generate
+
 ROOT = Path(__file__).resolve().parents[1]
-IMPORTS = ("import sys; sys.path.insert(0, sys.argv[1]); "
-           "import menet_qgis.core.inference.engine, menet_qgis.core.model.checkpoint, menet_qgis.core.io.raster_io")
+IMPORTS = "import menet_qgis.core.inference.engine, menet_qgis.core.model.checkpoint, menet_qgis.core.io.raster_io"
 LOAD = IMPORTS + "; from menet_qgis import jobs; jobs.load_model(jobs.resolve_model(None))"
 
 
 def timed(python, code):
     started = time.perf_counter()
-    subprocess.run([python, "-c", code, str(ROOT)], check=True)
+    subprocess.run([python, "-c", code], cwd=ROOT, check=True)
     return time.perf_counter() - started
 
 
@@ -41,14 +43,12 @@ def worker_run(python, raster, out):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker_overhead")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_s2
     with tempfile.TemporaryDirectory() as tmp:
-        raster = write_s2(Path(tmp) / "in.tif", 100, 140)
+        raster = generate(Path(tmp) / "in.tif", 128)
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         for r in range(args.rounds):
             start = timed(args.python, "pass")

@@ -5,7 +5,7 @@ reading every window as the engine does (256², overlap 64), writing the float32
 strips as the engine's sink thread does (deflate, floating-point predictor), and the batch's COG
 translation.  CPU seconds (process time), so a loaded machine inflates them less than wall time.
 
-    .venv/bin/python scripts/bench_batch_io.py [--size 2048]
+    .venv/bin/python -m benchmarks.bench_batch_io [--size 2048]
 """
 import argparse
 import sys
@@ -15,18 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
 
 def main() -> int:
-    from synthetic_s2 import generate
     from menet_qgis.batch.manifest import write_cog
-    from menet_qgis.core.io.raster_io import AtomicRaster, RasterInput, limit_gdal_cache
     from menet_qgis.core.inference.tiling import WindowGrid
+    from menet_qgis.core.io.raster_io import AtomicRaster, RasterInput, limit_gdal_cache
+    from scripts.synthetic_s2 import generate
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_batch_io")
     ap.add_argument("--size", type=int, default=2048)
     args = ap.parse_args()
     limit_gdal_cache()

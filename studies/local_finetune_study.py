@@ -5,11 +5,11 @@ A user with reference data on their own coast can run *Train ME-Net* with "Fine-
 zone's windows, fine-tune on them as the tool would (its own split: a fifth of them validate, which
 chooses the epoch and the threshold), score the zone's *other* windows, repeat.  Beside it, on the
 same draws and the same other windows: the model as shipped (stored threshold), the model with a
-threshold chosen on the k windows (as scripts/local_threshold_study.py), a fine-tune whose channel
+threshold chosen on the k windows (as studies/local_threshold_study.py), a fine-tune whose channel
 statistics are refitted on the k windows (what fine-tuning did before it kept the start's), and the
 random forest of evaluate_coasts.py trained on the model's training windows plus the k windows.
 
-    .venv/bin/python scripts/local_finetune_study.py resources/models/menet_coasts_v2.pt --k 10 --draws 3
+    .venv/bin/python -m studies.local_finetune_study resources/models/menet_coasts_v2.pt --k 10 --draws 3
 """
 from __future__ import annotations
 
@@ -24,15 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))
-
-from evaluate_coasts import JAMBELI, MAGSET2, by_group, forest_probability, holdout_of, load, split  # noqa: E402
-from local_threshold_study import window_counts  # noqa: E402
+from menet_qgis.core.evaluation.metrics import LOCAL_THRESHOLD_RANGE, ProbabilityCounts
 from menet_qgis.core.model import checkpoint
-from menet_qgis.core.training import train as training  # noqa: E402
-from menet_qgis.core.evaluation.metrics import LOCAL_THRESHOLD_RANGE, ProbabilityCounts  # noqa: E402
+from menet_qgis.core.training import train as training
+from studies.evaluate_coasts import JAMBELI, MAGSET2, by_group, forest_probability, holdout_of, load, split
+from studies.local_threshold_study import window_counts
 
 METHODS = ("shipped", "local threshold", "fine-tuned", "fine-tuned, statistics refitted", "forest + local windows")
 
@@ -51,7 +47,7 @@ def fine_tune(start_path, local, options):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.local_finetune_study", description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--k", type=int, default=10, help="labelled windows of the coast")
     parser.add_argument("--draws", type=int, default=3)

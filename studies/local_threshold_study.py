@@ -8,7 +8,7 @@ windows, choose the threshold on them, score the zone's *other* windows at it, r
 the stored threshold on the same other windows, and with a random forest (trained on the model's
 training windows, as in evaluate_coasts.py) whose threshold is chosen the same way on the same draws.
 
-    .venv/bin/python scripts/local_threshold_study.py resources/models/menet_coasts_v2.pt --k 3 5 10
+    .venv/bin/python -m studies.local_threshold_study resources/models/menet_coasts_v2.pt --k 3 5 10
 """
 from __future__ import annotations
 
@@ -20,14 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))
-
-from evaluate_coasts import JAMBELI, MAGSET2, forest_probability, holdout_of, load, split  # noqa: E402
+from menet_qgis.core.evaluation.metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts
 from menet_qgis.core.model import checkpoint
-from menet_qgis.core.training import train as training  # noqa: E402
-from menet_qgis.core.evaluation.metrics import LOCAL_THRESHOLD_RANGE, Confusion, ProbabilityCounts  # noqa: E402
+from menet_qgis.core.training import train as training
+from studies.evaluate_coasts import JAMBELI, MAGSET2, forest_probability, holdout_of, load, split
 
 
 def window_counts(prob, tiles):
@@ -41,7 +37,8 @@ def window_counts(prob, tiles):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.local_threshold_study",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10], help="labelled windows the threshold is chosen on")
     parser.add_argument("--draws", type=int, default=200)

@@ -3,11 +3,11 @@ against fp32 (validation F1 per source, map difference) and timed in OpenVINO, i
 
 Two Pythons, because the window loaders need torch and NNCF is not in the checkout's environment:
 
-    .venv/bin/python scripts/int8_study.py prepare --work build/int8_study
+    .venv/bin/python -m studies.int8_study prepare --work build/int8_study
     python3 -m venv build/nncf && build/nncf/bin/pip install nncf openvino numpy
-    build/nncf/bin/python scripts/int8_study.py quantize --work build/int8_study [--asset dist/menet_coasts_v2.onnx]
+    build/nncf/bin/python -m studies.int8_study quantize --work build/int8_study [--asset dist/menet_coasts_v2.onnx]
 
-``prepare`` writes the model's own split (as scripts/evaluate_coasts.py rebuilds it) as normalised
+``prepare`` writes the model's own split (as studies/evaluate_coasts.py rebuilds it) as normalised
 model input: up to 300 training windows for calibration, and the validation + held-out windows
 with their labels.  ``quantize`` quantises the asset's probability graph with NNCF (OpenVINO
 backend, mixed preset: symmetric weights, asymmetric activations), writes the int8 model as
@@ -31,12 +31,10 @@ F1_TOLERANCE = 0.002
 
 
 def prepare(work: Path, model: Path, calibration: int) -> None:
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import evaluate_coasts
-    from menet_qgis.core.model import checkpoint
     from menet_qgis.core.inference import runtimes
+    from menet_qgis.core.model import checkpoint
     from menet_qgis.core.training.train import _reflectance_plan
+    from studies import evaluate_coasts
     bundle = checkpoint.load(model)
     tiles = evaluate_coasts.load(bundle.recipe, [evaluate_coasts.JAMBELI, evaluate_coasts.MAGSET2])
     train, val, test = evaluate_coasts.split(tiles, bundle)
@@ -143,7 +141,7 @@ def quantize(work: Path, asset: Path, rounds: int, batches: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.int8_study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("prepare", help="(needs torch) calibration and scored windows as model input")
     p.add_argument("--work", default=str(ROOT / "build" / "int8_study"))

@@ -4,22 +4,22 @@
 # per-zone table; `scratchN` is the shipped default's recipe.  Models go to build/ablation/ (not
 # shipped); the MODEL_CARD's ablation tables come from their .evaluation.md files.
 #
-#   scripts/ablate_coasts.sh edge1     1 px either side of MagSet-2's label edges left out of the loss
+#   studies/ablate_coasts.sh edge1     1 px either side of MagSet-2's label edges left out of the loss
 #                                      (the first v2 model's setting; the default uses the labels up to their edges)
-#   scripts/ablate_coasts.sh jambeliN  Jambelí windows count N times in the loss (weight=N; jambeli2, jambeli4)
-#   scripts/ablate_coasts.sh boundary2 boundary-aware loss: pixels within 2 px of a label edge count 3x
-#   scripts/ablate_coasts.sh refine16  the full-resolution image-guided refinement, 16 channels
-#   scripts/ablate_coasts.sh align3    MagSet-2's labels moved onto their images (up to 3 px) for training
-#   scripts/ablate_coasts.sh seedN     no change but the random seed (N): how far runs of one recipe spread
-#   scripts/ablate_coasts.sh epochs24  twice the epochs (the one-cycle schedule stretched to 24)
-#   scripts/ablate_coasts.sh scratchN  from random weights instead of the Jambelí model's: 30 epochs,
+#   studies/ablate_coasts.sh jambeliN  Jambelí windows count N times in the loss (weight=N; jambeli2, jambeli4)
+#   studies/ablate_coasts.sh boundary2 boundary-aware loss: pixels within 2 px of a label edge count 3x
+#   studies/ablate_coasts.sh refine16  the full-resolution image-guided refinement, 16 channels
+#   studies/ablate_coasts.sh align3    MagSet-2's labels moved onto their images (up to 3 px) for training
+#   studies/ablate_coasts.sh seedN     no change but the random seed (N): how far runs of one recipe spread
+#   studies/ablate_coasts.sh epochs24  twice the epochs (the one-cycle schedule stretched to 24)
+#   studies/ablate_coasts.sh scratchN  from random weights instead of the Jambelí model's: 30 epochs,
 #                                      peak learning rate 1e-3 (as the Jambelí model was trained), seed N
 #                                      (scratch = seed 0)
-#   scripts/ablate_coasts.sh jambelionly  Jambelí windows only (no MagSet-2): what B12 and sharing the
+#   studies/ablate_coasts.sh jambelionly  Jambelí windows only (no MagSet-2): what B12 and sharing the
 #                                      network with other coasts cost on Jambelí
-#   scripts/ablate_coasts.sh styles    MagSet-2's GMW labels train an output of their own (label style 1);
+#   studies/ablate_coasts.sh styles    MagSet-2's GMW labels train an output of their own (label style 1);
 #                                      the saved model keeps Jambelí's hand-drawn style (style 0)
-#   scripts/ablate_coasts.sh fromdefault  start from the shipped default (menet_coasts_v2.pt) instead of v1;
+#   studies/ablate_coasts.sh fromdefault  start from the shipped default (menet_coasts_v2.pt) instead of v1;
 #                                      `fromdefault+jambelionly` is a Jambelí specialist of the default
 #
 # Variants combine with `+`: `scratch1+jambeli2` is the default's recipe and seed with Jambelí
@@ -35,7 +35,7 @@ cd "$(dirname "$0")/.."
 SHARED=../shared/data
 OUT=build/ablation
 mkdir -p "$OUT"
-VARIANT=${1:?usage: scripts/ablate_coasts.sh edge1|jambeliN|boundary2|refine16|align3|epochs24|scratchN|jambelionly|fromdefault|styles|seedN[+...] [HOLDOUT_ZONES]}
+VARIANT=${1:?usage: studies/ablate_coasts.sh edge1|jambeliN|boundary2|refine16|align3|epochs24|scratchN|jambelionly|fromdefault|styles|seedN[+...] [HOLDOUT_ZONES]}
 HOLDOUT_ZONES=${2:-3,8}
 NAME=$VARIANT
 MAGSET2="$SHARED/magset2/tiles:name=magset2,group=tile_(\d+)_"
@@ -67,7 +67,7 @@ done
     "${SPLIT[@]}" \
     --epochs $EPOCHS --batch-size 8 --lr $LR --seed 0 --device cpu --threads 2 --resume "${EXTRA[@]}" \
     --out "$OUT/$NAME.pt" --history "$OUT/$NAME.history.json"
-.venv/bin/python scripts/evaluate_coasts.py "$OUT/$NAME.pt" \
+.venv/bin/python -m studies.evaluate_coasts "$OUT/$NAME.pt" \
     --json "$OUT/$NAME.evaluation.json" --markdown "$OUT/$NAME.evaluation.md"
-.venv/bin/python scripts/evaluate_coasts.py "$OUT/$NAME.pt" --align 3 \
+.venv/bin/python -m studies.evaluate_coasts "$OUT/$NAME.pt" --align 3 \
     --json "$OUT/$NAME.aligned.json" --markdown "$OUT/$NAME.aligned.md"

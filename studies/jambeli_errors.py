@@ -10,7 +10,7 @@ from or is trained on.  This asks why, without training anything:
   (the data README: 41 duplicates).  Where their masks differ: by how much, whether the images differ
   too, and how well each mask agrees with its image's vegetation (the loader's rule for which to keep).
 
-    .venv/bin/python scripts/jambeli_errors.py resources/models/menet_coasts_v2.pt \
+    .venv/bin/python -m studies.jambeli_errors resources/models/menet_coasts_v2.pt \
         resources/models/menet_jambeli_v1.pt --json build/jambeli_errors.json
 """
 from __future__ import annotations
@@ -25,16 +25,14 @@ import numpy as np
 import rasterio
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))
-
-from evaluate_coasts import JAMBELI, SHARED, load  # noqa: E402
+from menet_qgis.core.evaluation.metrics import Confusion
 from menet_qgis.core.model import checkpoint
-from menet_qgis.core.training import train as training  # noqa: E402
-from menet_qgis.core.evaluation.metrics import Confusion  # noqa: E402
+from menet_qgis.core.training import train as training
+from studies.evaluate_coasts import JAMBELI, SHARED, load
 
-V1 = ROOT.parent / "resources" / "models" / "menet_jambeli_v1.pt"
+ROOT = Path(__file__).resolve().parents[1]
+
+V1 = ROOT / "resources" / "models" / "menet_jambeli_v1.pt"
 
 
 def edge_distance_classes(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -94,7 +92,7 @@ def differing_copies(folder: Path, recipe) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.jambeli_errors", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -13,7 +13,7 @@ then trains on the moved labels too), to see how much of a score is the labels' 
 and ``--ensemble M ...``: the mean probability of the model and these (e.g. other seeds of its recipe),
 thresholded where that mean scores best on the validation windows (held-out zones are not looked at).
 
-    .venv/bin/python scripts/evaluate_coasts.py resources/models/menet_coasts_v2.pt \
+    .venv/bin/python -m studies.evaluate_coasts resources/models/menet_coasts_v2.pt \
         --v1 resources/models/menet_jambeli_v1.pt --tta --json out.json --markdown out.md
 """
 from __future__ import annotations
@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from menet_qgis.core.evaluation import assessment
+from menet_qgis.core.evaluation.metrics import Confusion
 from menet_qgis.core.model import checkpoint
-from menet_qgis.core.training import train as training  # noqa: E402
-from menet_qgis.core.model.flips import dihedral, undo_dihedral  # noqa: E402
-from menet_qgis.core.evaluation.metrics import Confusion  # noqa: E402
+from menet_qgis.core.model.flips import dihedral, undo_dihedral
+from menet_qgis.core.training import train as training
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data"
 JAMBELI = f"{SHARED / 'jambeli' / 'train'}:name=jambeli"
@@ -94,7 +93,7 @@ def by_group(tiles, prediction, key_of):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.evaluate_coasts", description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--v1", help="the Jambelí-only v1 model, scored on the Jambelí windows")
     parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips (8x time)")

@@ -1,6 +1,6 @@
 """Benchmark the runtimes in interleaved rounds: only ratios measured side by side mean anything.
 
-    .venv/bin/python scripts/bench.py [--raster PATH | --size N] [--runtimes torch,onnxruntime,openvino]
+    .venv/bin/python -m benchmarks.bench [--raster PATH | --size N] [--runtimes torch,onnxruntime,openvino]
         [--rounds 3] [--threads N] [--threads-sweep 1,2] [--overlap 64] [--device cpu|cuda] [--json out.json]
 
 Each round runs, one after the other: for every runtime a whole CLI process
@@ -21,7 +21,7 @@ fp32 (auto's pick without OpenVINO).  Per configuration: the CLI end to end (pro
 engine windows/s), forward-only windows/s, in-process load time (file to first batch ready: torch
 load, ONNX Runtime session, OpenVINO read + compile), the map difference against torch fp32 and,
 with ``--validation``, F1 per source on the model's validation and held-out windows (its own split,
-as scripts/evaluate_coasts.py rebuilds it).  Prints the CPU's flags that matter and the load average
+as studies/evaluate_coasts.py rebuilds it).  Prints the CPU's flags that matter and the load average
 before and after:
 
     make bench BENCH_ARGS="--asset --raster /work/shared/data/jambeli/scene_2020.tif --validation"
@@ -43,16 +43,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from menet_qgis.options import RUNTIMES
+from menet_qgis.core.inference import runtimes
+from menet_qgis.core.inference.engine import THRESHOLD_TAG
+from menet_qgis.core.inference.tiling import DEFAULT_OVERLAP, WindowGrid
 from menet_qgis.core.io import raster_io
-from menet_qgis.core.inference import runtimes  # noqa: E402
-from menet_qgis.core.choices import RUNTIMES  # noqa: E402
-from menet_qgis.core.inference.engine import THRESHOLD_TAG  # noqa: E402
-from menet_qgis.core.inference.tiling import DEFAULT_OVERLAP, WindowGrid  # noqa: E402
-from menet_qgis.model_store import default_model_path  # noqa: E402
-from synthetic_s2 import generate  # noqa: E402
+from menet_qgis.model_store import default_model_path
+from scripts.synthetic_s2 import generate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FULL_TILE = 10980
 
@@ -313,7 +312,7 @@ class AssetRunner:
 
 def validation_f1(runner: AssetRunner, bundle, tiles, batch: int):
     """F1 per source (and pooled held-out zones) on ``tiles``; returns it and the probabilities."""
-    import evaluate_coasts
+    from studies import evaluate_coasts
     from menet_qgis.core.evaluation.metrics import Confusion
     from menet_qgis.core.training.train import _reflectance_plan
     plan = _reflectance_plan(tiles.images.shape[1])
@@ -336,7 +335,7 @@ def validation_f1(runner: AssetRunner, bundle, tiles, batch: int):
 
 def scored_tiles(bundle):
     """The checkpoint's own validation and held-out windows (its stored split, as evaluate_coasts rebuilds it)."""
-    import evaluate_coasts
+    from studies import evaluate_coasts
     tiles = evaluate_coasts.load(bundle.recipe, [evaluate_coasts.JAMBELI, evaluate_coasts.MAGSET2])
     _train, val, test = evaluate_coasts.split(tiles, bundle)
     return tiles.subset(val + test)
@@ -454,7 +453,8 @@ def markdown_table(report) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raster", help="input raster (default: a generated one of --size)")
     p.add_argument("--size", type=int, default=1024, help="side of the generated raster (10980 = a full tile)")
     p.add_argument("--model", help="checkpoint (default: the shipped model)")
