@@ -182,7 +182,7 @@ def write_table(assessments: Sequence[Assessment], path) -> None:
     import csv
     import io
 
-    from ..io.raster_io import atomic_write_text
+    from ..files import atomic_write_text
     rows = [a.to_dict() for a in assessments]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
@@ -193,7 +193,7 @@ def write_table(assessments: Sequence[Assessment], path) -> None:
 
 def write_html(assessments: Sequence[Assessment], path, title: str = "ME-Net accuracy assessment") -> None:
     """The HTML report (``html_report``) written atomically, like ``write_table``."""
-    from ..io.raster_io import atomic_write_text
+    from ..files import atomic_write_text
     atomic_write_text(path, html_report(assessments, title))
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..model import channels as ch
-from ..io.raster_io import atomic_path
+from ..files import atomic_path
 from .runtimes import (METADATA_KEY, NEEDS, OnnxModel, file_sha256, find_cached, installed, model_record,
                        read_onnx_model, writable_cache_path)
 from ..model.stages import STAGE_NAMES

@@ -2,23 +2,22 @@
 
 Reads go through ``rasterio.windows.Window`` on per-thread dataset handles
 (a GDAL dataset must not be shared between threads).  Outputs are written to a
-hidden temporary file beside the target and renamed into place only when the
-run succeeds, so a cancelled or failed run never leaves a half-written layer.
+hidden partial file beside the target (named by ``core/files.py``) and renamed
+into place only when the run succeeds, so a cancelled or failed run never leaves
+a half-written layer.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rasterio
@@ -27,6 +26,9 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window, from_bounds
 
 from ..compat import compose
+from ..files import InputError, sync_file, temp_beside, write_failure
+# still importable from here for callers outside core (jobs, cli) and tests:
+from ..files import HOST, WriteError, atomic_write_text, refuse_overwriting_inputs, remove_stale_partials  # noqa: F401
 from ..termination import Terminated, raise_on_sigterm  # noqa: F401 (re-exported)
 from .bands import InputPlan, plan_input
 
@@ -51,14 +53,6 @@ def limit_gdal_cache(megabytes: int = HEADLESS_GDAL_CACHE_MB) -> None:
             os.environ["GDAL_CACHEMAX"] = str(megabytes)  # read when GDAL first sizes its cache
             return
         gdal.SetCacheMax(megabytes * 2**20)
-
-
-class InputError(ValueError):
-    """An input raster that cannot be processed; the message says why."""
-
-
-class WriteError(OSError):
-    """An output could not be written completely; nothing was replaced."""
 
 
 #: Sample dtypes Sentinel-2 products and their usual exports use: DN (uint16, also int16/int32
@@ -87,30 +81,6 @@ def gdal_errors() -> Iterator[List[str]]:
         yield messages
     finally:
         gdal.PopErrorHandler()
-
-
-def _write_failure(path: Path, detail: str, errno_value: Optional[int] = None) -> WriteError:
-    """The one-line error for a failed write at ``path``; names a full disk as such."""
-    no_space = errno_value in (errno.ENOSPC, errno.EDQUOT) or "no space left" in detail.lower() \
-        or "quota" in detail.lower()
-    if not no_space:
-        try:  # GDAL's messages may be localised: ask the file system itself
-            no_space = shutil.disk_usage(path.parent).free < 2**20
-        except OSError:
-            pass
-    error = WriteError(f"no space left on device at {path} (nothing was replaced)" if no_space else
-                       f"writing {path} failed: {detail} (nothing was replaced)")
-    error.errno = errno.ENOSPC if no_space else (errno_value or errno.EIO)
-    return error
-
-
-def sync_file(path: Path) -> None:
-    """fsync: write errors that the OS reports late (network file systems) show up here."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_geotiff(path: Path, expect: Tuple[int, int, int]) -> Optional[str]:
@@ -318,142 +288,6 @@ def check_plausible_values(source: RasterInput, warn: Callable[[str], None]) -> 
         warn(message + "; these pixels give wrong probabilities")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-#: Read once at import: ``os.umask`` can only be read by setting it, which is not thread-safe.
-UMASK = _umask()
-
-
-#: This machine in partial-file names (a pid means nothing on another host sharing the folder).
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
-
-
-def _partial_prefix(path: Path) -> str:
-    return "." + path.stem + "."
-
-
-def temp_beside(path: Path) -> Path:
-    """A hidden temporary file in ``path``'s folder (same file system: the final rename is
-    atomic), with the permissions a normally created file would get (mkstemp makes 0600).
-    Its name carries host and pid (``.STEM.HOST-PID-XXXX.partial.SUFFIX``), so a later run
-    can tell a partial file of a live run from one left by a killed process."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_partial_prefix(path)}{HOST}-{os.getpid()}-",
-                               suffix=".partial" + path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~UMASK)
-    return Path(tmp)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_partials(path) -> List[Path]:
-    """Delete partial files of ``path`` left by ended processes on this host (SIGKILL, power
-    loss); keep those of live runs.  Returns what was removed, for the caller to log."""
-    path = Path(path)
-    pattern = re.compile(re.escape(_partial_prefix(path)) + re.escape(HOST) + r"-(\d+)-[^/]*\.partial"
-                         + re.escape(path.suffix) + "$")
-    removed = []
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return removed
-    for name in names:
-        match = pattern.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
-            try:
-                os.remove(path.parent / name)
-                removed.append(path.parent / name)
-            except OSError:
-                pass
-    return removed
-
-
-def finish_file(tmp: Path, path: Path) -> Path:
-    """fsync ``tmp`` and rename it onto ``path``; a failure removes ``tmp`` and names the cause."""
-    try:
-        sync_file(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_failure(path, exc.strerror or str(exc), exc.errno) from None
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it (after fsync) only if the block succeeds."""
-    path = Path(path)
-    tmp = temp_beside(path)
-    try:
-        try:
-            yield Path(tmp)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _write_failure(path, exc.strerror or str(exc), exc.errno) from None
-            raise
-        finish_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_bytes(path, data) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file, full write, fsync, rename.
-    A full disk raises ``WriteError`` ("no space left on device at PATH") and replaces nothing."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return path
-
-
-def atomic_write_text(path, text: str) -> Path:
-    """``atomic_write_bytes`` for UTF-8 text (reports, tables, JSON)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def refuse_overwriting_inputs(outputs: Iterable, inputs: Iterable) -> None:
-    """Refuse a run whose output would replace one of its own inputs, before anything is written.
-    Compares real paths (symlinks resolved) and, for existing files, device + inode (hard links)."""
-    def identity(p):
-        real = os.path.realpath(os.fspath(p))
-        try:
-            st = os.stat(real)
-            return real, (st.st_dev, st.st_ino)
-        except OSError:
-            return real, None
-
-    known = {}
-    for item in inputs:
-        if item is None or "://" in os.fspath(item) or os.fspath(item).startswith("/vsi"):
-            continue
-        real, inode = identity(item)
-        known[real] = item
-        if inode is not None:
-            known[inode] = item
-    for out in outputs:
-        if out is None:
-            continue
-        real, inode = identity(out)
-        hit = known.get(real) or (known.get(inode) if inode is not None else None)
-        if hit is not None:
-            raise InputError(f"output {out} is the input {hit}: writing it would destroy the input; "
-                             "choose another output path")
-
-
 def require_free_space(folder, nbytes: int, what: str) -> None:
     """Refuse work whose result cannot be saved: ``nbytes`` must fit in ``folder``'s file system."""
     try:
@@ -552,7 +386,7 @@ class AtomicRaster:
                 errors.append(" ".join(str(exc).split()))
         if errors:
             self.errors.extend(errors)
-            raise _write_failure(self.path, errors[0])
+            raise write_failure(self.path, errors[0])
 
     def write_rows(self, row0: int, array: np.ndarray) -> None:
         """Write a (count, rows, width) block starting at output row ``row0``."""
@@ -573,10 +407,10 @@ class AtomicRaster:
         try:
             sync_file(self.tmp)
         except OSError as exc:
-            raise _write_failure(self.path, exc.strerror or str(exc), exc.errno) from None
+            raise write_failure(self.path, exc.strerror or str(exc), exc.errno) from None
         problem = verify_geotiff(self.tmp, self.shape)
         if problem:
-            raise _write_failure(self.path, problem)
+            raise write_failure(self.path, problem)
 
     def commit(self) -> Path:
         try:
@@ -622,9 +456,3 @@ def check_writable(path) -> Path:
         raise InputError(f"cannot write output to {parent}: {exc.strerror or exc}") from None
     return path
 
-
-def raster_profile(path) -> Dict:
-    """Georeferencing of a raster, for tests and reports."""
-    with rasterio.open(path) as ds:
-        return {"crs": ds.crs, "transform": ds.transform, "width": ds.width, "height": ds.height,
-                "count": ds.count, "nodata": ds.nodata, "dtype": ds.dtypes[0]}

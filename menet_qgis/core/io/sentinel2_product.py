@@ -33,7 +33,8 @@ from rasterio.windows import Window
 from .bands import ALIASES, OFFSET_KEYS, band_label
 from ..model.channels import N_CHANNELS, RECIPE_V1, SOURCE_BANDS, PCABasis, Recipe, compute_channels
 from ..reporting import Cancelled, Reporter
-from .raster_io import AtomicRaster, RasterInput, check_writable, refuse_overwriting_inputs, snapped_window
+from ..files import refuse_overwriting_inputs
+from .raster_io import AtomicRaster, RasterInput, check_writable, snapped_window
 
 #: Resolution (m) each needed band has in the product; finer copies are preferred.
 NATIVE_RESOLUTION = {"B2": 10, "B3": 10, "B4": 10, "B8": 10, "B11": 20, "B12": 20}

@@ -22,7 +22,7 @@ import torch
 from . import channels as ch
 from .menet import (ARCHITECTURE, ARCHITECTURE_VERSION, ARCHITECTURE_VERSIONS, DEFAULT_HEAD_WIDTH, N_CHANNELS, MENet,
                     find_imagenet_weights, imagenet_weight_candidates)
-from ..io.raster_io import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 FORMAT = "menet_qgis.checkpoint"
 FORMAT_VERSION = 1

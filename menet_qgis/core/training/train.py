@@ -33,7 +33,8 @@ from ..reporting import Cancelled, Reporter
 from ..model.flips import dihedral
 from ..evaluation.metrics import Confusion, ProbabilityCounts
 from ..model.checkpoint import load_imagenet_state
-from ..io.raster_io import RasterInput, atomic_write_bytes, require_free_space
+from ..files import atomic_write_bytes
+from ..io.raster_io import RasterInput, require_free_space
 
 
 @dataclass
