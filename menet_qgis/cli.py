@@ -28,7 +28,8 @@ def _positional(name: str, **kwargs) -> Tuple[str, Dict]:
 SUBCOMMANDS: Dict[str, Tuple[str, List[Tuple[str, Dict]], List[Sequence[options.Option]]]] = {
     "stages": ("print the ResNet-101 stage table", [], [options.STAGE_TABLE]),
     "predict": ("mangrove probability (and stage layers) for rasters",
-                [_positional("inputs", nargs="+", help="input rasters (Sentinel-2 bands or an 11-band ME-Net stack)")],
+                [_positional("inputs", nargs="+",
+                             help="input rasters (Sentinel-2 bands or an 11-band ME-Net stack)")],
                 [options.PREDICT, options.ENGINE, options.INPUT]),
     "train": ("train ME-Net on labelled windows; writes a checkpoint", [], [options.TRAIN]),
     "export": ("export a checkpoint to ONNX (runs without torch; needs torch to make)",

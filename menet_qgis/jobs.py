@@ -366,15 +366,15 @@ def assess(params: Dict, reporter) -> Dict:
     from .core.evaluation import assessment
     from .core.io import polygons as polygons_io, raster_io
     job = AssessJob.from_dict(params)
-    raster_io.refuse_overwriting_inputs([job.report, job.table], [job.prediction, job.reference,
-                                                                  job.reference_file, job.area_file, job.image,
-                                                                  job.model])
+    raster_io.refuse_overwriting_inputs([job.report, job.table], [job.prediction, job.reference, job.reference_file,
+                                                                  job.area_file, job.image, job.model])
     if job.prediction:
         import rasterio
         with rasterio.open(job.prediction) as ds:
             crs = ds.crs
-        polygons = polygons_io.read_polygons(job.reference_file, crs) if job.reference_file else job.reference_polygons
-        area = polygons_io.read_polygons(job.area_file, crs) if job.area_file else job.area_polygons
+        read = polygons_io.read_polygons
+        polygons = read(job.reference_file, crs) if job.reference_file else job.reference_polygons
+        area = read(job.area_file, crs) if job.area_file else job.area_polygons
         forest = None
         if job.tiles:
             reporter.info("training the random-forest baseline on the tile folder")

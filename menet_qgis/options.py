@@ -18,6 +18,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from .core.model.stages import STAGES, STAGE_NAMES  # stdlib only
 
 FRONTS = frozenset({"cli", "processing", "batch"})
+CLI_ONLY = frozenset({"cli"})
+CLI_AND_DIALOG = frozenset({"cli", "processing"})
 KINDS = ("int", "float", "bool", "choice", "multichoice", "text", "file", "folder", "int_list", "float_list",
          "text_list")
 
@@ -141,7 +143,7 @@ ENGINE: Tuple[Option, ...] = (
     Option("stages", "multichoice", (),
            f"stage layers to write besides the probability, comma-separated ({','.join(STAGE_NAMES)}); "
            "each at its own resolution (see docs/model.md)",
-           label="Stage layers", choices=STAGE_NAMES, optional=True,
+           label="Stage layers", choices=tuple(STAGE_NAMES), optional=True,
            choice_labels=tuple(f"{s.name} — 1/{s.stride} resolution, {s.channels} channels" for s in STAGES)),
     Option("stage_mode", "choice", "compact",
            "compact = mean/max/std of a stage's channels (3 bands); all = every channel (large)",
@@ -206,20 +208,20 @@ MODEL = Option("model", "file", None,
 PREDICT: Tuple[Option, ...] = (
     MODEL,
     Option("out_dir", "folder", None, "writes <input stem>_probability.tif (and stage layers) here",
-           fronts=frozenset({"cli"}), required=True),
-    Option("quiet", "bool", False, "no progress or log lines (the summary only)", fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY, required=True),
+    Option("quiet", "bool", False, "no progress or log lines (the summary only)", fronts=CLI_ONLY),
 )
 
 #: ``stages``: the stage table printed for a window size.
 STAGE_TABLE: Tuple[Option, ...] = (
-    Option("window", "int", 256, "window size for the map-size column", fronts=frozenset({"cli"})),
+    Option("window", "int", 256, "window size for the map-size column", fronts=CLI_ONLY),
 )
 
 #: ``export``: a checkpoint to ONNX.
 EXPORT: Tuple[Option, ...] = (
     Option("output", "file", None, "the .onnx to write (default: the cache beside the checkpoint)", flag="--out",
-           fronts=frozenset({"cli"})),
-    Option("stages", "bool", False, "also output every stage map (for predict --stages)", fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
+    Option("stages", "bool", False, "also output every stage map (for predict --stages)", fronts=CLI_ONLY),
 )
 
 # --- Train ME-Net -------------------------------------------------------------------------------------------
@@ -227,83 +229,86 @@ EXPORT: Tuple[Option, ...] = (
 RECIPE_VERSIONS = (2, 1)
 
 TRAIN: Tuple[Option, ...] = (
+    # the dialog's tile folder is optional (rasters with labels instead); the command line needs --tiles
     Option("tiles", "folder", None,
-           "folder of image/mask pairs (tile_NNNN.tif + mask_NNNN.tif); repeat for several sources, each as "
-           "FOLDER[:name=N,weight=W,edge_ignore=PX,group=REGEX,style=S] (see docs/cli.md)",
-           fronts=frozenset({"cli"}), required=True, repeat=True),
-    Option("output", "file", None, "checkpoint to write (.pt)", flag="--out", fronts=frozenset({"cli"}),
+           "folder of image/mask pairs (tile_NNNN.tif + mask_NNNN.tif); on the command line, repeat --tiles for "
+           "several sources, each as FOLDER[:name=N,weight=W,edge_ignore=PX,group=REGEX,style=S] (see docs/cli.md)",
+           label="Folder of image/mask tile pairs", param="TILE_FOLDER", optional=True, fronts=CLI_AND_DIALOG,
+           required=True, repeat=True),
+    Option("output", "file", None, "checkpoint to write (.pt)", flag="--out", fronts=CLI_ONLY,
            required=True),
-    Option("epochs", "int", 30, "passes over the training windows", label="Epochs", minimum=1, maximum=1000),
+    Option("epochs", "int", 30, "passes over the training windows", label="Epochs", minimum=1, maximum=1000,
+           fronts=CLI_AND_DIALOG),
     Option("batch_size", "int", 8, "windows per training step", label="Batch size", minimum=2, maximum=512,
-           advanced=True),
+           advanced=True, fronts=CLI_AND_DIALOG),
     Option("lr", "float", 1e-3, "peak learning rate (AdamW)", label="Peak learning rate (AdamW)",
-           minimum=1e-6, maximum=1.0, advanced=True, param="LEARNING_RATE"),
+           minimum=1e-6, maximum=1.0, advanced=True, param="LEARNING_RATE", fronts=CLI_AND_DIALOG),
     Option("val_fraction", "float", 0.2, "share of the windows kept for validation",
-           label="Validation share of windows", minimum=0.05, maximum=0.5, advanced=True),
+           label="Validation share of windows", minimum=0.05, maximum=0.5, advanced=True, fronts=CLI_AND_DIALOG),
     Option("seed", "int", 0, "random seed (split, augmentation, initial weights)", label="Random seed",
-           advanced=True),
+           advanced=True, fronts=CLI_AND_DIALOG),
     DEVICE,
     Option("imagenet_weights", "file", None, "torchvision ResNet-101 ImageNet weights (.pth), optional",
-           label="ImageNet weights (.pth)", optional=True, advanced=True, file_filter="pth"),
+           label="ImageNet weights (.pth)", optional=True, advanced=True, file_filter="pth", fronts=CLI_AND_DIALOG),
     Option("recipe", "choice", 2, "channel recipe version: 2 = B2,B3,B4,B8,B11 (default), 1 = also B12",
            label="Channel recipe", choices=RECIPE_VERSIONS, advanced=True,
-           choice_labels=("v2: B2, B3, B4, B8, B11 (no B12)", "v1: B2, B3, B4, B8, B11, B12")),
+           choice_labels=("v2: B2, B3, B4, B8, B11 (no B12)", "v1: B2, B3, B4, B8, B11, B12"), fronts=CLI_AND_DIALOG),
     Option("init_from", "file", None,
            "start from this checkpoint's weights (fine-tuning; its channel statistics are kept when its recipe "
            "is the chosen one)",
            label="Fine-tune from model", optional=True, advanced=True, flag="--init", param="INIT_MODEL",
-           file_filter="pt"),
+           file_filter="pt", fronts=CLI_AND_DIALOG),
     Option("resume", "bool", False, "continue a stopped run from its resume state (.OUT.resume, written every epoch)",
-           label="Continue a stopped run", advanced=True),
-    Option("history", "file", None, "also write the per-epoch log as JSON here", fronts=frozenset({"cli"})),
+           label="Continue a stopped run", advanced=True, fronts=CLI_AND_DIALOG),
+    Option("history", "file", None, "also write the per-epoch log as JSON here", fronts=CLI_ONLY),
     Option("val_groups", "text_list", (), "location groups used for validation, comma-separated, e.g. magset2:6",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("holdout_groups", "text_list", (),
            "location groups or sources never trained on nor used to choose anything", flag="--holdout",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("val_names_from", "file", None, "validate on the windows this checkpoint validated on",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("threads", "int", 0, "CPU threads for training; 0 = every core the process may use", minimum=0,
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("boundary_weight", "float", 0.0,
            "boundary-aware loss: pixels within 2 px of a label boundary count 1 + this much (0 = off)",
-           minimum=0.0, fronts=frozenset({"cli"})),
+           minimum=0.0, fronts=CLI_ONLY),
     Option("refine_width", "int", None,
            "channels of the full-resolution image-guided refinement (0 = none; default: as --init's model, "
            "else none)",
-           minimum=0, maximum=256, fronts=frozenset({"cli"})),
+           minimum=0, maximum=256, fronts=CLI_ONLY),
 )
 
 # --- Prepare Sentinel-2 stack -------------------------------------------------------------------------------
 PREPARE: Tuple[Option, ...] = (
-    Option("bounds", "float_list", None, "xmin,ymin,xmax,ymax in the product's CRS", fronts=frozenset({"cli"})),
+    Option("bounds", "float_list", None, "xmin,ymin,xmax,ymax in the product's CRS", fronts=CLI_ONLY),
     Option("resampling", "choice", "bilinear",
            "for B11/B12 from 20 m to 10 m: bilinear (reflectance varies continuously) or nearest (each 20 m "
            "value on its four 10 m pixels)",
-           label="B11/B12 resampling (20 m → 10 m)", choices=("bilinear", "nearest")),
+           label="B11/B12 resampling (20 m → 10 m)", choices=("bilinear", "nearest"), fronts=CLI_AND_DIALOG),
 )
 
 # --- Assess accuracy ----------------------------------------------------------------------------------------
 ASSESS: Tuple[Option, ...] = (
     Option("reference", "file", None, "reference: mask raster (mangrove >= 0.5) or polygon file",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("area_file", "file", None, "polygon file: assess only inside it", flag="--area",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("threshold", "float", None,
            "probability that counts as mangrove; empty = the threshold of the model that made the map (chosen on "
            "its validation data and stored in the probability raster), else 0.5",
-           label="Mangrove threshold", minimum=0.0, maximum=1.0, optional=True),
+           label="Mangrove threshold", minimum=0.0, maximum=1.0, optional=True, fronts=CLI_AND_DIALOG),
     Option("image", "file", None, "the Sentinel-2 raster: also score MVI (and the forest) on the same pixels",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("tiles", "folder", None,
            "tile folder: train the random-forest baseline on it; without a prediction, score the model on its "
            "own validation windows next to both baselines",
-           label="Tiles for a random forest", optional=True, param="TILE_FOLDER"),
+           label="Tiles for a random forest", optional=True, param="TILE_FOLDER", fronts=CLI_AND_DIALOG),
     Option("model", "file", None,
            "checkpoint (.pt) scored on its validation windows (with --tiles and no prediction); empty = the "
-           "default model", fronts=frozenset({"cli"})),
-    Option("report", "file", None, "write an HTML report here", fronts=frozenset({"cli"})),
-    Option("table", "file", None, "write a CSV table here", fronts=frozenset({"cli"})),
+           "default model", fronts=CLI_ONLY),
+    Option("report", "file", None, "write an HTML report here", fronts=CLI_ONLY),
+    Option("table", "file", None, "write a CSV table here", fronts=CLI_ONLY),
 )
 
 # --- batch: many scenes on Dask ------------------------------------------------------------------------------
@@ -311,7 +316,7 @@ _BATCH_ONLY = frozenset({"cli", "batch"})
 BATCH: Tuple[Option, ...] = (
     Option("out_dir", "folder", None,
            "writes <scene>_probability.tif (COG), batch_summary.csv and batch_manifest.json here",
-           fronts=frozenset({"cli"}), required=True),
+           fronts=CLI_ONLY, required=True),
     Option("workers", "int", 0, "worker processes of the embedded cluster; 0 = automatic", minimum=0,
            fronts=_BATCH_ONLY),
     Option("scheduler", "text", None, "address of an existing Dask scheduler (tcp://host:8786) instead",
@@ -332,36 +337,36 @@ INSTALL_DEPS: Tuple[Option, ...] = (
            label="Variant", choices=VARIANTS,
            choice_labels=("cpu-light — mapping on the CPU through ONNX Runtime, no PyTorch",
                           "cpu — everything on the CPU, PyTorch's CPU build from PyTorch's own index",
-                          "cuda — everything on an NVIDIA GPU, PyTorch with CUDA")),
+                          "cuda — everything on an NVIDIA GPU, PyTorch with CUDA"), fronts=CLI_AND_DIALOG),
     Option("wheel_folder", "folder", None,
            "install offline from this folder of wheels (pip --no-index --find-links); empty = download",
-           label="Wheel folder (offline)", optional=True),
+           label="Wheel folder (offline)", optional=True, fronts=CLI_AND_DIALOG),
     Option("index_url", "text", None, "package index to use instead of PyPI (a mirror); empty = PyPI",
-           label="Package index URL", optional=True),
+           label="Package index URL", optional=True, fronts=CLI_AND_DIALOG),
     Option("env_dir", "folder", None, "where the environment goes (default: the managed environment)",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("python", "file", None, "Python to create the environment from (default: found automatically)",
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
     Option("system_site_packages", "bool", False,
            "let the environment see the system's Python packages (e.g. the distribution's rasterio/GDAL); "
            "isolated by default",
-           label="See system Python packages", advanced=True, param="SYSTEM_SITE"),
+           label="See system Python packages", advanced=True, param="SYSTEM_SITE", fronts=CLI_AND_DIALOG),
     Option("fresh", "bool", False,
            "build a new environment even when the installed one is up to date (the installed one stays in use "
            "until the new one has passed its check)",
-           label="Rebuild even if up to date", advanced=True),
+           label="Rebuild even if up to date", advanced=True, fronts=CLI_AND_DIALOG),
 )
 
 # --- Install model -------------------------------------------------------------------------------------------
 INSTALL_MODEL: Tuple[Option, ...] = (
     Option("list", "bool", False, "list the installed models (after installing SOURCE, if given) and the "
-           "default-model rule", fronts=frozenset({"cli"})),
+           "default-model rule", fronts=CLI_ONLY),
     Option("sha256", "text", None, "expected sha256; empty = read from <source>.sha256 beside it", label="SHA256",
-           optional=True, fronts=frozenset({"cli", "processing"})),
+           optional=True, fronts=CLI_AND_DIALOG),
     Option("name", "text", None, "file name to store it under; empty = the source's file name", label="Install as",
-           optional=True, fronts=frozenset({"cli", "processing"})),
+           optional=True, fronts=CLI_AND_DIALOG),
     Option("timeout", "float", 60.0, "seconds without data before giving up", minimum=0.0,
-           fronts=frozenset({"cli"})),
+           fronts=CLI_ONLY),
 )
 
 GROUPS: Dict[str, Tuple[Option, ...]] = {
