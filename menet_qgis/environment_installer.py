@@ -29,13 +29,10 @@ import contextlib
 import ctypes
 import json
 import os
-import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import user_paths
+from . import child_process, user_paths
+from .child_process import ChildProcess
 from .core.reporting import Reporter
 
 #: The pinned requirement lists, one pip requirements file per variant (cited by docs/install.md).
@@ -56,7 +54,7 @@ CPU_ONLY_VARIANTS = ("cpu-light", "cpu")
 #: Written into the environment only after verification passed.
 RECORD_NAME = "menet-environment.json"
 #: Seconds a cancelled child gets to exit after SIGTERM before it is killed.
-KILL_GRACE_S = 5.0
+KILL_GRACE_S = child_process.GRACE_S
 VERIFY_TIMEOUT_S = 300.0
 #: Seconds the check of a variant's own package index (PyTorch's CPU index) may take before pip runs.
 INDEX_CHECK_TIMEOUT_S = 15
@@ -343,81 +341,39 @@ env_python = user_paths.managed_python
 
 # --- streaming child processes ----------------------------------------------------------------------------
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the child and everything it started (its process group), kill after a grace period."""
-    if os.name == "nt":
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the leader is gone or stuck: nothing it started may outlive it
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
 def run_streaming(command: Sequence[str], reporter, on_line: Optional[Callable[[str], None]] = None,
                   timeout: Optional[float] = None, tail_lines: int = 15) -> List[str]:
     """Run a child, hand each output line to ``on_line`` (default: reporter.info) as it comes.
 
-    Returns the last ``tail_lines`` lines.  Cancelling (reporter.cancelled()) or Ctrl-C kills the child's
-    process group and raises :class:`InstallCancelled`; a non-zero exit raises :class:`InstallError` with
-    the last lines.
+    Returns the last ``tail_lines`` lines.  Cancelling (reporter.cancelled()) or Ctrl-C stops the child's
+    process group (``child_process``: terminate, kill after ``KILL_GRACE_S``) and raises
+    :class:`InstallCancelled`; a non-zero exit raises :class:`InstallError` with the last lines.
     """
     on_line = on_line or reporter.info
-    popen_extra = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
-                   else {"start_new_session": True})
     try:
-        proc = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=child_environment(), text=True,
-                                encoding="utf-8", errors="replace", bufsize=1, **popen_extra)
+        child = ChildProcess(command, env=child_environment(), merge_stderr=True)
     except OSError as exc:
         raise InstallError(f"cannot start {command[0]}: {exc}") from None
-    lines: "queue.Queue[Optional[str]]" = queue.Queue()
-
-    def pump():
-        with proc.stdout:
-            for line in proc.stdout:
-                lines.put(line.rstrip("\r\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
     tail: List[str] = []
     deadline = time.monotonic() + timeout if timeout else None
-    try:
+    with child:  # an exception here (Ctrl-C included) stops the child
         while True:
             if reporter.cancelled():
-                _stop(proc)
+                child.stop(KILL_GRACE_S)
                 raise InstallCancelled("cancelled")
             if deadline and time.monotonic() > deadline:
-                _stop(proc)
+                child.stop(KILL_GRACE_S)
                 raise InstallError(f"{Path(command[0]).name} took longer than {timeout:.0f} s and was stopped")
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
+            item = child.read(timeout=0.2)
+            if item is None:
                 continue
+            line = item[1]
             if line is None:
                 break
             if line.strip():
                 tail = (tail + [line])[-tail_lines:]
                 on_line(line)
-    except KeyboardInterrupt:
-        _stop(proc)
-        raise
-    returncode = proc.wait()
+        returncode = child.wait()
     if returncode != 0:
         last = next((l.strip() for l in reversed(tail) if "error" in l.lower()), tail[-1].strip() if tail else "")
         raise _ChildFailed(returncode, tail, last)

@@ -592,24 +592,24 @@ def test_real_cpu_light_install_from_a_wheel_folder(light):
 
 
 def test_the_worker_finds_the_installed_environment(light, monkeypatch):
-    """processing/worker_client's contract: managed_python() with a verified record, and it has what the
+    """processing/engine_client's contract: managed_python() with a verified record, and it has what the
     engine needs."""
-    from menet_qgis.processing import worker_client
+    from menet_qgis.processing import engine_client
     home = light[0]
     monkeypatch.setenv("MENET_HOME", str(home))
     monkeypatch.delenv("MENET_PYTHON", raising=False)
-    monkeypatch.setattr(worker_client, "_GOOD_PYTHONS", {})
-    found, explicit = worker_client.candidates()
+    monkeypatch.setattr(engine_client, "_GOOD_PYTHONS", {})
+    found, explicit = engine_client.candidates()
     assert not explicit
     assert found[0] == (str(home / "env" / "bin" / "python"), f"plugin-managed environment {home / 'env'}")
-    assert worker_client.probe(found[0][0]) is None
+    assert engine_client.probe(found[0][0]) is None
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 def test_a_cancelled_or_failed_change_of_variant_leaves_cpu_light_in_use(light, monkeypatch):
     """cpu-light → cpu from the cpu-light wheel folder: cancelled while pip works, then failed (no torch there).
     Both times the cpu-light environment is byte-for-byte as it was and the worker still takes it."""
-    from menet_qgis.processing import worker_client
+    from menet_qgis.processing import engine_client
     home = light[0]
     env_dir = home / "env"
     monkeypatch.setenv("MENET_HOME", str(home))
@@ -629,9 +629,9 @@ def test_a_cancelled_or_failed_change_of_variant_leaves_cpu_light_in_use(light, 
     assert f"No matching distribution found for {torch}" in str(err.value)
     assert str(err.value).endswith("; " + still_in_use(before))
     assert record(env_dir) == before and tree_digest(env_dir) == digest
-    monkeypatch.setattr(worker_client, "_GOOD_PYTHONS", {})
-    found, _ = worker_client.candidates()
-    assert found[0][0] == str(env_dir / "bin" / "python") and worker_client.probe(found[0][0]) is None
+    monkeypatch.setattr(engine_client, "_GOOD_PYTHONS", {})
+    found, _ = engine_client.candidates()
+    assert found[0][0] == str(env_dir / "bin" / "python") and engine_client.probe(found[0][0]) is None
 
 
 # --------------------------------------------------------------------------------------------- QGIS and the CLI

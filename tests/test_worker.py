@@ -302,11 +302,11 @@ def profile_store(tmp_path, monkeypatch):
 def test_every_worker_gets_the_profiles_store(profile_store):
     """The checkout's Python and the managed environment's (whose environment is rebuilt from scratch by
     environment_installer.child_environment) both get MENET_HOME = the profile's menet folder."""
-    from menet_qgis.processing import worker_client
+    from menet_qgis.processing import engine_client
     from menet_qgis.user_paths import managed_python
     assert "MENET_HOME" not in os.environ
-    assert worker_client.worker_env(str(ENGINE_PYTHON))["MENET_HOME"] == str(profile_store.parent)
-    managed = worker_client.worker_env(str(managed_python()))
+    assert engine_client.worker_env(str(ENGINE_PYTHON))["MENET_HOME"] == str(profile_store.parent)
+    managed = engine_client.worker_env(str(managed_python()))
     assert managed["MENET_HOME"] == str(profile_store.parent) and "PYTHONPATH" not in managed
 
 
@@ -331,12 +331,12 @@ def test_extract_with_model_empty_maps_with_the_model_installed_in_the_profile(p
 
 
 def test_a_failed_job_and_the_probe_leave_no_unclosed_file(processing, tmp_path):
-    from menet_qgis.processing import worker_client
-    worker_client._GOOD_PYTHONS.clear()
+    from menet_qgis.processing import engine_client
+    engine_client._GOOD_PYTHONS.clear()
     with NoResourceWarnings():
-        assert worker_client.probe(str(ENGINE_PYTHON)) is None
+        assert engine_client.probe(str(ENGINE_PYTHON)) is None
         with pytest.raises(QgsProcessingException, match="not found"):
-            worker_client.run_job("extract", {"input": str(tmp_path / "missing.tif"),
+            engine_client.run_job("extract", {"input": str(tmp_path / "missing.tif"),
                                               "output": str(tmp_path / "p.tif")}, RecordingFeedback())
 
 

@@ -4,11 +4,12 @@
 Imports nothing heavy: the QGIS process never loads torch & co. (pip's native
 libraries clash with QGIS's own — a real QGIS window segfaults on triton's LLVM).
 
-Why ``subprocess`` with reader threads rather than QProcess/QgsBlockingProcess:
-``processAlgorithm`` runs on a worker thread (GUI) or the main thread
-(qgis_process, scripts); blocking reads on two threads plus a polling loop
-work the same on both without a Qt event loop, and give the exact exit status
-or signal of a dead worker.
+The engine runs as a ``child_process.ChildProcess`` (its own process group, output
+lines read on threads, stop = terminate then kill) rather than a QProcess/QgsBlockingProcess:
+``processAlgorithm`` runs on a worker thread (GUI) or the main thread (qgis_process,
+scripts); blocking reads on threads plus a polling loop work the same on both without
+a Qt event loop, and give the exact exit status or signal of a dead worker.  A Ctrl+C
+meant for qgis_process reaches the engine as a cancel message, not as a signal.
 
 Which Python runs the worker, first match wins:
 1. the provider setting "Python with PyTorch" (Processing › Options › Providers › ME-Net);
@@ -27,18 +28,18 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from qgis.core import QgsProcessingException, QgsProcessingFeedback, QgsSettings
 
+from ..child_process import ChildProcess
 from ..user_paths import engine_environment, managed_env_dir, managed_python
 
 #: The menet_qgis package, resolved (in a checkout's build/plugins, the checkout's).
@@ -80,12 +81,6 @@ def worker_env(python: str = "") -> Dict[str, str]:
         from ..environment_installer import child_environment
         return engine_environment(child_environment())
     return engine_environment(dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8"))
-
-
-def _popen_kwargs() -> Dict:
-    if os.name == "nt":
-        return {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)}
-    return {"start_new_session": True}  # a Ctrl+C meant for qgis_process reaches the worker as a cancel instead
 
 
 def candidates() -> Tuple[List[Tuple[str, str]], bool]:
@@ -179,24 +174,6 @@ def _last_lines(lines: Iterable[str], count: int) -> str:
     return " | ".join(kept) if kept else "(no output)"
 
 
-def _read_messages(stream, messages: "queue.Queue", stray: deque) -> None:
-    for line in stream:
-        try:
-            message = json.loads(line)
-            if not isinstance(message, dict):
-                raise ValueError
-        except ValueError:
-            stray.append(line)
-            continue
-        messages.put(message)
-    messages.put(None)  # end of stream: the worker has exited or closed stdout
-
-
-def _read_lines(stream, tail: deque) -> None:
-    for line in stream:
-        tail.append(line)
-
-
 def remove_partial_outputs(outputs: Iterable[str], since: float) -> None:
     """After a failed or cancelled run: outputs and hidden temporary files of this run (never older files)."""
     for output in outputs:
@@ -224,52 +201,81 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
     started = time.time()
     outputs = [str(o) for o in outputs]
     try:
-        proc = subprocess.Popen([python, "-c", BOOT, str(PACKAGE_DIR.parent), "worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(python), text=True,
-                                encoding="utf-8", errors="replace", bufsize=1, **_popen_kwargs())
+        engine = ChildProcess([python, "-c", BOOT, str(PACKAGE_DIR.parent), "worker"], env=worker_env(python),
+                              stdin=True)
     except OSError as exc:
         raise QgsProcessingException(f"could not start the ME-Net engine with {python}: {exc}") from None
-    feedback.pushInfo(f"ME-Net engine: {python} ({why}), process {proc.pid}")
-    messages: "queue.Queue" = queue.Queue()
-    tail: deque = deque(maxlen=40)
-    log_tail: deque = deque(maxlen=5)
-    readers = [threading.Thread(target=_read_messages, args=(proc.stdout, messages, tail), daemon=True),
-               threading.Thread(target=_read_lines, args=(proc.stderr, tail), daemon=True)]
-    for reader in readers:
-        reader.start()
-    _send(proc, {"job": job, "params": params})
+    feedback.pushInfo(f"ME-Net engine: {python} ({why}), process {engine.pid}")
+    with engine:
+        run = _relay(engine, {"job": job, "params": params}, feedback)
+    final, returncode = run.final, run.returncode
+    if final is not None and final["type"] == "result":
+        if returncode != 0:
+            feedback.pushWarning(f"the ME-Net engine {exit_text(returncode)} after finishing its job")
+        return final.get("result") or {}
+    remove_partial_outputs(outputs, started)
+    if run.cancel_sent or (final is not None and final["type"] == "cancelled"):
+        raise QgsProcessingException("cancelled: no output was written")
+    if final is not None:
+        text = str(final.get("message", "unknown error"))
+        if final.get("kind") == "missing_dependency":
+            text = f"the ME-Net engine's Python ({why}) {text}. {install_hint()}"
+        raise QgsProcessingException(text)
+    last = _last_lines(list(run.log_tail) + list(run.stray), 6)
+    raise QgsProcessingException(f"the ME-Net engine ({python}) {exit_text(returncode)} without finishing; "
+                                 f"QGIS is unaffected and no output was kept. Last messages: {last}")
+
+
+@dataclass
+class _Run:
+    """What one engine run said: its last message (result, error, cancelled; None if it died first),
+    whether a cancel was sent, its exit status, its last log lines and the last lines that were no
+    message (a library printing to stdout, a traceback on stderr) for the error text."""
+
     final: Optional[Dict] = None
+    cancel_sent: bool = False
+    returncode: int = 0
+    log_tail: deque = field(default_factory=lambda: deque(maxlen=5))
+    stray: deque = field(default_factory=lambda: deque(maxlen=40))
+
+
+def _relay(engine: ChildProcess, request: Dict, feedback) -> _Run:
+    """Send the job and relay the engine's messages to ``feedback`` until its output ends."""
+    run = _Run()
+    engine.send(json.dumps(request))
     final_at = 0.0
     cancel_sent_at: Optional[float] = None
-    killed = False
+    stopping = False
     while True:
-        try:
-            message = messages.get(timeout=0.1)
-        except queue.Empty:
-            message = False
+        item = engine.read(timeout=0.1)
         if feedback.isCanceled() and cancel_sent_at is None:
-            cancel_sent_at = time.monotonic()
+            cancel_sent_at, run.cancel_sent = time.monotonic(), True
             feedback.pushInfo("cancelling: asking the engine to stop")
-            _send(proc, {"type": "cancel"})
-        if cancel_sent_at is not None and not killed and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
-            killed = True
+            engine.send(json.dumps({"type": "cancel"}))
+        if cancel_sent_at is not None and not stopping and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
+            stopping = True
             feedback.pushInfo(f"the engine did not stop within {CANCEL_GRACE_SECONDS:g} s: stopping it")
-            proc.kill()
-        if message is None:
+            engine.stop()
+        if item == ("stdout", None):
             break
-        if final is not None and time.monotonic() - final_at > EXIT_GRACE_SECONDS:
+        if run.final is not None and time.monotonic() - final_at > EXIT_GRACE_SECONDS:
             # The job is over but its output pipe stays open (a process the engine forked still holds
             # it): stop waiting for end-of-stream and end the engine's whole process group.
-            _kill_group(proc)
+            engine.kill()
             break
-        if message is False:
+        if item is None or item[1] is None:
+            continue
+        stream, line = item
+        message = _message(line) if stream == "stdout" else None
+        if message is None:
+            run.stray.append(line)
             continue
         kind = message.get("type")
         if kind == "progress":
             feedback.setProgress(float(message.get("percent", 0.0)))
         elif kind == "log":
             text, level = str(message.get("message", "")), message.get("level")
-            log_tail.append(text)
+            run.log_tail.append(text)
             if level == "warning":
                 feedback.pushWarning(text)
             elif level == "error":
@@ -277,51 +283,16 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
             else:
                 feedback.pushInfo(text)
         elif kind in ("result", "error", "cancelled"):
-            final, final_at = message, time.monotonic()
-    _close(proc)
-    returncode = proc.wait()
-    for reader, stream in zip(readers, (proc.stdout, proc.stderr)):
-        reader.join(timeout=2)
-        if not reader.is_alive():  # closing a stream another thread still reads would block on its lock
-            stream.close()
-    if final is not None and final["type"] == "result":
-        if returncode != 0:
-            feedback.pushWarning(f"the ME-Net engine {exit_text(returncode)} after finishing its job")
-        return final.get("result") or {}
-    remove_partial_outputs(outputs, started)
-    if cancel_sent_at is not None or (final is not None and final["type"] == "cancelled"):
-        raise QgsProcessingException("cancelled: no output was written")
-    if final is not None:
-        text = str(final.get("message", "unknown error"))
-        if final.get("kind") == "missing_dependency":
-            text = f"the ME-Net engine's Python ({why}) {text}. {install_hint()}"
-        raise QgsProcessingException(text)
-    last = _last_lines(list(log_tail) + list(tail), 6)
-    raise QgsProcessingException(f"the ME-Net engine ({python}) {exit_text(returncode)} without finishing; "
-                                 f"QGIS is unaffected and no output was kept. Last messages: {last}")
+            run.final, final_at = message, time.monotonic()
+    engine.close_stdin()  # an engine still reading its stdin takes the end of it as a cancel
+    run.returncode = engine.wait()
+    return run
 
 
-def _send(proc: subprocess.Popen, message: Dict) -> None:
+def _message(line: str) -> Optional[Dict]:
+    """A protocol message (a JSON object on one line), else None."""
     try:
-        proc.stdin.write(json.dumps(message) + "\n")
-        proc.stdin.flush()
-    except (BrokenPipeError, OSError, ValueError):
-        pass  # the worker is gone: its exit status tells why
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the engine and whatever it started (it leads its own session on POSIX)."""
-    try:
-        if os.name == "nt":
-            proc.kill()
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-
-
-def _close(proc: subprocess.Popen) -> None:
-    try:
-        proc.stdin.close()
-    except (BrokenPipeError, OSError, ValueError):
-        pass
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
