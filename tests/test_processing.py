@@ -251,6 +251,53 @@ def test_dialog_details_a_user_sees(menet_provider, tmp_path):
     assert "<table" in extract.shortHelpString() and "<pre>" not in extract.shortHelpString()
 
 
+#: What graphical models, batch dialogs and qgis_process calls address: each algorithm's parameters (in
+#: dialog order) and outputs.  Renaming or reordering one breaks saved models and batch files.
+INTERFACE = {
+    "menet:assessaccuracy": (["PREDICTION", "REFERENCE_RASTER", "REFERENCE_POLYGONS", "AREA", "THRESHOLD", "IMAGE",
+                              "TILE_FOLDER", "OUTPUT_TABLE", "OUTPUT_HTML"],
+                             ["OUTPUT_TABLE", "OUTPUT_HTML", "F1", "IOU", "KAPPA", "OVERALL_ACCURACY", "BEST_THRESHOLD"]),
+    "menet:exportchannels": (["INPUT", "MODEL", "BAND_BLUE", "BAND_GREEN", "BAND_RED", "BAND_NIR", "BAND_SWIR1",
+                              "BAND_SWIR2", "DN_OFFSET", "OUTPUT"], ["OUTPUT"]),
+    "menet:extractmangroves": (["INPUT", "MODEL", "EXTENT", "STAGES", "STAGE_MODE", "STAGE_FOLDER", "BAND_BLUE",
+                                "BAND_GREEN", "BAND_RED", "BAND_NIR", "BAND_SWIR1", "BAND_SWIR2", "DN_OFFSET",
+                                "WINDOW_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "RUNTIME", "THREADS", "PRECISION",
+                                "TTA", "OUTPUT"], ["OUTPUT", "STAGE_LAYERS", "THRESHOLD"]),
+    "menet:installdependencies": (["VARIANT", "WHEEL_FOLDER", "INDEX_URL", "FRESH", "SYSTEM_SITE"],
+                                  ["PYTHON", "VERSIONS"]),
+    "menet:installmodel": (["SOURCE", "SHA256", "NAME"], ["OUTPUT"]),
+    "menet:preparesentinel2": (["INPUT_FOLDER", "EXTENT", "CLIP_LAYER", "RESAMPLING", "OUTPUT"], ["OUTPUT"]),
+    "menet:trainmenet": (["TILE_FOLDER", "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS", "EPOCHS", "BATCH_SIZE",
+                          "LEARNING_RATE", "VAL_FRACTION", "SEED", "DEVICE", "IMAGENET_WEIGHTS", "RECIPE", "INIT_MODEL",
+                          "RESUME", "OUTPUT_MODEL"], ["OUTPUT_MODEL", "VAL_F1", "VAL_IOU", "VAL_KAPPA", "THRESHOLD"]),
+}
+
+
+def test_algorithms_keep_the_parameters_saved_models_use(menet_provider):
+    interface = {alg.id(): ([p.name() for p in alg.parameterDefinitions()], [o.name() for o in alg.outputDefinitions()])
+                 for alg in menet_provider.algorithms()}
+    assert interface == INTERFACE
+
+
+def test_options_left_alone_give_the_declared_defaults(menet_provider, tmp_path):
+    """A dialog left at its defaults sends the job what options.py declares (what the CLI sends), and an
+    Extract run's engine options are exactly the declared engine options."""
+    from menet_qgis import options
+    from menet_qgis.processing.parameters import values_from
+    context = QgsProcessingContext()
+    for alg in menet_provider.algorithms():
+        assert values_from(alg, {}, context, alg.declared_options) == options.defaults(alg.declared_options), alg.id()
+    extract = menet_provider.algorithm("extractmangroves")
+    params = {"INPUT": str(write_s2(tmp_path / "in.tif", 20, 20)), "OUTPUT": str(tmp_path / "p.tif")}
+    job = extract.job_parameters(params, context, values_from(extract, params, context, extract.declared_options))
+    assert job["options"] == options.defaults(options.ENGINE)
+    assert (job["model"], job["bands"], job["dn_offset"], job["bounds"], job["stage_dir"]) == (None,) * 5
+    params.update(STAGES=[0, 5], STAGE_FOLDER=str(tmp_path / "stages"))
+    job = extract.job_parameters(params, context, values_from(extract, params, context, extract.declared_options))
+    assert extract.files_written(job) == [str(tmp_path / "p.tif"), str(tmp_path / "stages" / "p_stage0.tif"),
+                                          str(tmp_path / "stages" / "p_stage5.tif")]
+
+
 def test_train_output_is_never_a_temporary_file(menet_provider):
     from qgis.core import QgsProcessing
     train = menet_provider.algorithm("trainmenet")
@@ -273,7 +320,7 @@ def test_assess_refuses_the_sentinel2_image_as_the_map(menet_provider, tmp_path)
 def test_output_may_not_overwrite_the_input(processing, untrained_path, tmp_path):
     src = write_s2(tmp_path / "in.tif", 20, 20)
     (tmp_path / "link.tif").symlink_to(src)
-    with pytest.raises(QgsProcessingException, match="is the input raster itself"):
+    with pytest.raises(QgsProcessingException, match="is the input .*in.tif: writing it would destroy the input"):
         processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "link.tif")})
     assert read(src).shape == (6, 20, 20)
 

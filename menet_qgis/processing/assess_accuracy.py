@@ -1,15 +1,15 @@
 """Processing algorithm "Assess accuracy", id ``menet:assessaccuracy``."""
 from __future__ import annotations
 
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing,
-                       QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterFeatureSink,
-                       QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsProcessing, QgsProcessingException,
+                       QgsProcessingOutputNumber, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterFileDestination,
                        QgsProcessingParameterRasterLayer, QgsWkbTypes)
 
+from .. import options
+from .base import MENetAlgorithm
+from .parameters import gdal_raster_path, optional_raster_path, polygons_as_geojson
 from .qgis_compat import field_type
-from .common import MENetAlgorithm, gdal_raster_path, has_value, polygons_as_geojson
-from .engine_client import run_job
 
 SCORE_FIELDS = ["overall_accuracy", "precision", "recall", "f1", "iou", "kappa",
                 "predicted_mangrove_ha", "reference_mangrove_ha"]
@@ -18,8 +18,9 @@ COUNT_FIELDS = ["tp", "fp", "fn", "tn", "pixels"]
 
 class AssessAccuracyAlgorithm(MENetAlgorithm):
     PREDICTION, REFERENCE_RASTER, REFERENCE_POLYGONS = "PREDICTION", "REFERENCE_RASTER", "REFERENCE_POLYGONS"
-    AREA, THRESHOLD, IMAGE, TILE_FOLDER = "AREA", "THRESHOLD", "IMAGE", "TILE_FOLDER"
+    AREA, IMAGE = "AREA", "IMAGE"
     OUTPUT_TABLE, OUTPUT_HTML, BEST_THRESHOLD = "OUTPUT_TABLE", "OUTPUT_HTML", "BEST_THRESHOLD"
+    job, guide = "assess", "assess-accuracy"
 
     def name(self):
         return "assessaccuracy"
@@ -55,15 +56,10 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
                                                               [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.AREA, "Assess only inside (polygons)",
                                                               [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
-        threshold = QgsProcessingParameterNumber(self.THRESHOLD, "Mangrove threshold", QgsProcessingParameterNumber.Type.Double,
-                                                 None, optional=True, minValue=0.0, maxValue=1.0)
-        threshold.setHelp("Probability that counts as mangrove; empty = the threshold of the model that made the "
-                          "map (chosen on its validation data and stored in the probability raster), else 0.5")
-        self.addParameter(threshold)
+        self.add_options([options.by_name(options.ASSESS, "threshold")])
         self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGE, "Sentinel-2 image (MVI baseline)",
                                                             optional=True))
-        self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Tiles for a random forest",
-                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
+        self.add_options([options.by_name(options.ASSESS, "tiles")])
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_TABLE, "Accuracy table",
                                                             QgsProcessing.SourceType.TypeVector))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_HTML, "Accuracy report",
@@ -81,28 +77,27 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
                            "assess (the 1-band probability or mask), not the Sentinel-2 image")
         return super().checkParameterValues(parameters, context)
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def job_parameters(self, parameters, context, values):
         pred = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
         pred_path = gdal_raster_path(self, parameters, self.PREDICTION, context)
-        ref_path = (gdal_raster_path(self, parameters, self.REFERENCE_RASTER, context)
-                    if has_value(parameters, self.REFERENCE_RASTER) else None)
-        image_path = gdal_raster_path(self, parameters, self.IMAGE, context) if has_value(parameters, self.IMAGE) else None
+        reference = optional_raster_path(self, parameters, self.REFERENCE_RASTER, context)
+        image = optional_raster_path(self, parameters, self.IMAGE, context)
         ref_polygons = self.parameterAsSource(parameters, self.REFERENCE_POLYGONS, context)
         area = self.parameterAsSource(parameters, self.AREA, context)
-        folder = self.parameterAsFile(parameters, self.TILE_FOLDER, context)
-        if (ref_path is None) == (ref_polygons is None):
+        if (reference is None) == (ref_polygons is None):
             raise QgsProcessingException("give exactly one reference: a mask raster or polygons")
-        if folder and image_path is None:
+        if values["tiles"] and image is None:
             raise QgsProcessingException("the random-forest baseline needs the Sentinel-2 raster (IMAGE) too")
-        crs = pred.crs()
-        report = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context) or None
-        params = {"prediction": pred_path, "reference": ref_path, "image": image_path, "tiles": folder or None,
-                  "reference_polygons": polygons_as_geojson(ref_polygons, crs, context) if ref_polygons else None,
-                  "area_polygons": polygons_as_geojson(area, crs, context) if area else None,
-                  "threshold": (self.parameterAsDouble(parameters, self.THRESHOLD, context)
-                                if has_value(parameters, self.THRESHOLD) else None), "name": pred.name(),
-                  "report": report}
-        rows = run_job("assess", params, feedback, outputs=[report] if report else [])["results"]
+        return {"prediction": pred_path, "reference": reference, "image": image, "name": pred.name(),
+                "reference_polygons": polygons_as_geojson(ref_polygons, pred.crs(), context) if ref_polygons else None,
+                "area_polygons": polygons_as_geojson(area, pred.crs(), context) if area else None,
+                "report": self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context) or None, **values}
+
+    def files_written(self, job):
+        return [job["report"]] if job["report"] else []
+
+    def load_outputs(self, parameters, context, feedback, job, result):
+        rows = result["results"]
         fields = QgsFields()
         fields.append(QgsField("method", field_type("String")))
         for name in SCORE_FIELDS:
@@ -115,8 +110,8 @@ class AssessAccuracyAlgorithm(MENetAlgorithm):
             feature.setAttributes([row["name"]] + [row[k] for k in SCORE_FIELDS] + [row[k] for k in COUNT_FIELDS])
             sink.addFeature(feature, QgsFeatureSink.Flag.FastInsert)
         outputs = {self.OUTPUT_TABLE: table_id}
-        if report:
-            outputs[self.OUTPUT_HTML] = report
+        if job["report"]:
+            outputs[self.OUTPUT_HTML] = job["report"]
         main = rows[0]
         outputs.update(F1=main["f1"], IOU=main["iou"], KAPPA=main["kappa"], OVERALL_ACCURACY=main["overall_accuracy"])
         outputs[self.BEST_THRESHOLD] = main.get("best_threshold")  # None for a 0/1 mask

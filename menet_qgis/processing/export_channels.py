@@ -1,12 +1,12 @@
 """Processing algorithm "Export ME-Net input channels", id ``menet:exportchannels``."""
 from __future__ import annotations
 
-from qgis.core import (QgsProcessingParameterFile, QgsProcessingParameterRasterDestination,
-                       QgsProcessingParameterRasterLayer)
+from qgis.core import QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer
 
-from .common import (MENetAlgorithm, band_choice, band_parameters, check_band_parameters, gdal_raster_path,
-                     refuse_overwriting_input)
-from .engine_client import run_job
+from .. import options
+from ..core.files import refuse_overwriting_inputs  # stdlib only
+from .base import MENetAlgorithm
+from .parameters import gdal_raster_path
 
 #: The recipes' channels (core/model/channels.py, kept out of the dialog's imports): name and formula for the help.
 CHANNEL_HELP = [("red", "B4"), ("green", "B3"), ("blue", "B2"), ("nir", "B8"), ("swir1", "B11"),
@@ -17,7 +17,8 @@ CHANNEL_HELP = [("red", "B4"), ("green", "B3"), ("blue", "B2"), ("nir", "B8"), (
 
 
 class ExportChannelsAlgorithm(MENetAlgorithm):
-    INPUT, MODEL, OUTPUT = "INPUT", "MODEL", "OUTPUT"
+    INPUT, OUTPUT = "INPUT", "OUTPUT"
+    job, guide = "export_channels", "export-channels"
 
     def name(self):
         return "exportchannels"
@@ -41,26 +42,14 @@ class ExportChannelsAlgorithm(MENetAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Sentinel-2 raster"))
-        model = QgsProcessingParameterFile(self.MODEL, "Model", fileFilter="ME-Net models (*.onnx *.pt)",
-                                           optional=True)
-        model.setHelp("Its PCA basis gives pc1; empty = the default model")
-        self.addParameter(model)
-        for param in band_parameters(self.INPUT):
-            self.addParameter(param)
+        self.add_options([options.MODEL, *options.INPUT])  # the model's PCA basis gives pc1
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "ME-Net input channels"))
 
-    def checkParameterValues(self, parameters, context):  # noqa: N802
-        problem = check_band_parameters(self, parameters, context)
-        if problem:
-            return False, problem
-        return super().checkParameterValues(parameters, context)
-
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        source_path = gdal_raster_path(self, parameters, self.INPUT, context)
-        bands, dn_offset = band_choice(self, parameters, context)
+    def job_parameters(self, parameters, context, values):
+        source = gdal_raster_path(self, parameters, self.INPUT, context)
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        refuse_overwriting_input(output, {"input raster": source_path})
-        run_job("export_channels", {"input": source_path, "output": output, "bands": bands, "dn_offset": dn_offset,
-                                    "model": self.parameterAsFile(parameters, self.MODEL, context) or None},
-                feedback, outputs=[output])
-        return {self.OUTPUT: output}
+        refuse_overwriting_inputs([output], [source])
+        return {"input": source, "output": output, **values}
+
+    def load_outputs(self, parameters, context, feedback, job, result):
+        return {self.OUTPUT: job["output"]}

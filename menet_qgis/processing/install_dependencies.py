@@ -8,16 +8,14 @@ new one has passed its check (see ``environment_installer``).
 """
 from __future__ import annotations
 
-from qgis.core import (QgsProcessingException, QgsProcessingOutputString, QgsProcessingParameterBoolean,
-                       QgsProcessingParameterEnum, QgsProcessingParameterFile, QgsProcessingParameterString)
+from qgis.core import QgsProcessingException, QgsProcessingOutputString
 
 from .. import environment_installer as installer
-from .. import user_paths
-from .common import MENetAlgorithm, advanced
+from .. import options, user_paths
+from .base import MENetAlgorithm
 
-VARIANT_LABELS = {"cpu-light": "cpu-light — mapping on the CPU through ONNX Runtime, no PyTorch (~0.3 GB)",
-                  "cpu": "cpu — everything on the CPU, PyTorch's CPU build from PyTorch's own index (~1.2 GB)",
-                  "cuda": "cuda — everything on an NVIDIA GPU, PyTorch with CUDA (~5.7 GB)"}
+#: The installer's options in dialog order.
+SHOWN = ("variant", "wheel_folder", "index_url", "fresh", "system_site_packages")
 
 
 class FeedbackReporter:
@@ -40,8 +38,8 @@ class FeedbackReporter:
 
 
 class InstallDependenciesAlgorithm(MENetAlgorithm):
-    VARIANT, WHEEL_FOLDER, INDEX_URL, FRESH, SYSTEM_SITE = "VARIANT", "WHEEL_FOLDER", "INDEX_URL", "FRESH", "SYSTEM_SITE"
     PYTHON, VERSIONS = "PYTHON", "VERSIONS"
+    guide = "install-dependencies"  # no engine job: the installer runs here, in QGIS's process (``execute``)
 
     def name(self):
         return "installdependencies"
@@ -72,39 +70,21 @@ class InstallDependenciesAlgorithm(MENetAlgorithm):
             "environment as it was, still in use (both are on disk meanwhile).</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        labels = [VARIANT_LABELS[v] for v in installer.VARIANTS]
-        self.addParameter(QgsProcessingParameterEnum(self.VARIANT, "Variant", labels,
-                                                     defaultValue=installer.VARIANTS.index(installer.DEFAULT_VARIANT)))
-        wheels = QgsProcessingParameterFile(self.WHEEL_FOLDER, "Wheel folder (offline)",
-                                            behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True)
-        wheels.setHelp("A folder of wheels for machines without internet (pip --no-index --find-links); "
-                       "empty = download")
-        index = QgsProcessingParameterString(self.INDEX_URL, "Package index URL", optional=True)
-        index.setHelp("A PyPI mirror to use instead of PyPI; empty = PyPI")
-        fresh = QgsProcessingParameterBoolean(self.FRESH, "Rebuild even if up to date", False)
-        fresh.setHelp("Build a new environment even when the installed one has the variant's packages (it stays "
-                      "in use until the new one has passed its check)")
-        system = QgsProcessingParameterBoolean(self.SYSTEM_SITE, "See system Python packages", False)
-        system.setHelp("Let the environment see the system's Python packages (e.g. the distribution's "
-                       "rasterio/GDAL); isolated by default")
-        for param in [wheels, index] + advanced([fresh, system]):
-            self.addParameter(param)
+        self.add_options(options.by_name(options.INSTALL_DEPS, name) for name in SHOWN)
         self.addOutput(QgsProcessingOutputString(self.PYTHON, "Python of the environment"))
         self.addOutput(QgsProcessingOutputString(self.VERSIONS, "Verified package versions"))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        variant = installer.VARIANTS[self.parameterAsEnum(parameters, self.VARIANT, context)]
-        wheel_folder = self.parameterAsFile(parameters, self.WHEEL_FOLDER, context) or None
-        index_url = self.parameterAsString(parameters, self.INDEX_URL, context).strip() or None
+    def job_parameters(self, parameters, context, values):
+        return values
+
+    def execute(self, job, feedback):
         try:
-            result = installer.install_environment(
-                variant, wheel_folder=wheel_folder, index_url=index_url,
-                fresh=self.parameterAsBoolean(parameters, self.FRESH, context),
-                system_site_packages=self.parameterAsBoolean(parameters, self.SYSTEM_SITE, context),
-                reporter=FeedbackReporter(feedback))
+            return installer.install_environment(**job, reporter=FeedbackReporter(feedback))
         except installer.InstallError as exc:
             raise QgsProcessingException(str(exc)) from None
-        verification = result.verification
+
+    def load_outputs(self, parameters, context, feedback, job, result):
+        summary = result.verification.summary()
         feedback.pushInfo(("already installed and verified" if result.already_installed else "installed and verified")
-                          + f" in {result.seconds:.0f} s: {verification.summary()}")
-        return {self.PYTHON: str(result.python), self.VERSIONS: verification.summary()}
+                          + f" in {result.seconds:.0f} s: {summary}")
+        return {self.PYTHON: str(result.python), self.VERSIONS: summary}

@@ -6,12 +6,11 @@ model store (the profile's, which the engine is pointed at); the installed
 """
 from __future__ import annotations
 
-from qgis.core import (QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterFile,
-                       QgsProcessingParameterString)
+from qgis.core import QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterFile
 
-from .. import model_store, user_paths
+from .. import model_store, options, user_paths
 from ..resources import DEFAULT_ASSET_NAME, DEFAULT_CHECKPOINT_NAME
-from .common import MENetAlgorithm
+from .base import MENetAlgorithm
 from .install_dependencies import FeedbackReporter
 
 #: Processing › Options › Providers › ME-Net: where 'Install model' downloads from by default.
@@ -49,7 +48,8 @@ def configured_model_url() -> str:
 
 
 class InstallModelAlgorithm(MENetAlgorithm):
-    SOURCE, SHA256, NAME, OUTPUT = "SOURCE", "SHA256", "NAME", "OUTPUT"
+    SOURCE, OUTPUT = "SOURCE", "OUTPUT"
+    guide = "install-model"  # no engine job: the model store is filled here, in QGIS's process (``execute``)
 
     def name(self):
         return "installmodel"
@@ -84,23 +84,22 @@ class InstallModelAlgorithm(MENetAlgorithm):
                                             defaultValue=configured_model_url() or None, optional=True)
         source.setHelp("A model file (.onnx or .pt), or an http(s) URL typed in; empty = the configured "
                        "download location")
-        sha256 = QgsProcessingParameterString(self.SHA256, "SHA256", optional=True)
-        sha256.setHelp("Expected checksum; empty = read from <source>.sha256 beside it")
-        name = QgsProcessingParameterString(self.NAME, "Install as", optional=True)
-        name.setHelp(f"File name in the model store; empty = the source's file name, e.g. {DEFAULT_ASSET_NAME}")
-        for param in (source, sha256, name):
-            self.addParameter(param)
+        self.addParameter(source)
+        self.add_options(options.INSTALL_MODEL)
         self.addOutput(QgsProcessingOutputFile(self.OUTPUT, "Installed model"))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        source = self.parameterAsFile(parameters, self.SOURCE, context).strip() or configured_model_url()
-        sha256 = self.parameterAsString(parameters, self.SHA256, context).strip() or None
-        name = self.parameterAsString(parameters, self.NAME, context).strip() or None
+    def job_parameters(self, parameters, context, values):
+        return {"source": self.parameterAsFile(parameters, self.SOURCE, context).strip() or configured_model_url(),
+                **values}
+
+    def execute(self, job, feedback):
         try:
-            installed = model_store.install_model(source, name=name, sha256=sha256,
-                                                  reporter=FeedbackReporter(feedback))
+            return model_store.install_model(job["source"], name=job["name"], sha256=job["sha256"],
+                                             reporter=FeedbackReporter(feedback))
         except model_store.ModelStoreError as exc:
             raise QgsProcessingException(str(exc)) from None
-        for line in model_store.listing_lines(installed.path.parent):
+
+    def load_outputs(self, parameters, context, feedback, job, result):
+        for line in model_store.listing_lines(result.path.parent):
             feedback.pushInfo(line)
-        return {self.OUTPUT: str(installed.path)}
+        return {self.OUTPUT: str(result.path)}

@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 
 from qgis.core import (QgsFeatureRequest, QgsGeometry, QgsProcessing, QgsProcessingException,
-                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSource,
-                       QgsProcessingParameterFile, QgsProcessingParameterRasterDestination)
+                       QgsProcessingParameterExtent, QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
+                       QgsProcessingParameterRasterDestination)
 
-from .common import MENetAlgorithm, has_value
-from .engine_client import run_job
-
-RESAMPLING_OPTIONS = ["bilinear", "nearest"]
+from .. import options
+from .base import MENetAlgorithm
+from .parameters import bounds_of, has_value
 
 
 class PrepareSentinel2Algorithm(MENetAlgorithm):
-    INPUT_FOLDER, EXTENT, CLIP_LAYER, RESAMPLING, OUTPUT = "INPUT_FOLDER", "EXTENT", "CLIP_LAYER", "RESAMPLING", "OUTPUT"
+    INPUT_FOLDER, EXTENT, CLIP_LAYER, OUTPUT = "INPUT_FOLDER", "EXTENT", "CLIP_LAYER", "OUTPUT"
+    job, guide = "prepare", "prepare-sentinel2"
 
     def name(self):
         return "preparesentinel2"
@@ -46,30 +46,26 @@ class PrepareSentinel2Algorithm(MENetAlgorithm):
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Clip to extent", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.CLIP_LAYER, "Clip to polygons",
                                                               [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.RESAMPLING, "B11/B12 resampling (20 m → 10 m)",
-                                                     RESAMPLING_OPTIONS, defaultValue=0))
+        self.add_options(options.PREPARE)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Sentinel-2 stack"))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        folder = self.parameterAsFile(parameters, self.INPUT_FOLDER, context)
-        resampling = RESAMPLING_OPTIONS[self.parameterAsEnum(parameters, self.RESAMPLING, context)]
-        output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        params = {"folder": folder, "output": output, "resampling": resampling}
+    def job_parameters(self, parameters, context, values):
+        job = {"folder": self.parameterAsFile(parameters, self.INPUT_FOLDER, context),
+               "output": self.parameterAsOutputLayer(parameters, self.OUTPUT, context), **values}
         if has_value(parameters, self.EXTENT):
-            rect = self.parameterAsExtent(parameters, self.EXTENT, context)
-            if rect.isNull() or rect.isEmpty():
-                raise QgsProcessingException("the clip extent is empty")
-            params["bounds"] = [rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()]
-            params["bounds_crs"] = self.parameterAsExtentCrs(parameters, self.EXTENT, context).toWkt()
+            job["bounds"] = bounds_of(self.parameterAsExtent(parameters, self.EXTENT, context), "clip")
+            job["bounds_crs"] = self.parameterAsExtentCrs(parameters, self.EXTENT, context).toWkt()
         source = self.parameterAsSource(parameters, self.CLIP_LAYER, context)
         if source is not None:
-            # dissolved here, in the layer's CRS; the worker reprojects it into the product's
+            # dissolved here, in the layer's CRS; the engine reprojects it into the product's
             geometry = QgsGeometry.unaryUnion([f.geometry() for f in source.getFeatures(QgsFeatureRequest())
                                                if f.hasGeometry()])
             if geometry.isNull() or geometry.isEmpty():
                 raise QgsProcessingException("the clip layer has no polygons")
-            params["polygon"] = json.loads(geometry.asJson())
-            params["polygon_crs"] = source.sourceCrs().toWkt()
-        result = run_job("prepare", params, feedback, outputs=[output])
+            job["polygon"] = json.loads(geometry.asJson())
+            job["polygon_crs"] = source.sourceCrs().toWkt()
+        return job
+
+    def load_outputs(self, parameters, context, feedback, job, result):
         feedback.pushInfo(result.get("product", ""))
-        return {self.OUTPUT: output}
+        return {self.OUTPUT: job["output"]}

@@ -4,17 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputLayerDefinition,
-                       QgsProcessingOutputNumber, QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterFeatureSource,
-                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
-                       QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
+                       QgsProcessingOutputNumber, QgsProcessingParameterFeatureSource,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterMultipleLayers,
                        QgsProcessingParameterRasterLayer)
 
-from .common import DEVICES, MENetAlgorithm, advanced, gdal_raster_path, has_value, polygons_as_geojson
-from .engine_client import run_job
+from .. import options
+from .base import MENetAlgorithm
+from .parameters import optional_raster_path, polygons_as_geojson
 
-
-#: Channel recipe choices, newest first (core/model/channels.py RECIPES).
-RECIPE_OPTIONS = ["v2: B2, B3, B4, B8, B11 (no B12)", "v1: B2, B3, B4, B8, B11, B12"]
+#: The tile folder comes first in the dialog; the rasters with labels are the other way to give data.
+TILES = options.by_name(options.TRAIN, "tiles")
 
 
 def default_model_output() -> str:
@@ -24,10 +23,8 @@ def default_model_output() -> str:
 
 
 class TrainMENetAlgorithm(MENetAlgorithm):
-    TILE_FOLDER, IMAGES, LABEL_RASTER, LABEL_POLYGONS = "TILE_FOLDER", "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS"
-    EPOCHS, BATCH_SIZE, LEARNING_RATE, VAL_FRACTION = "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "VAL_FRACTION"
-    SEED, DEVICE, IMAGENET_WEIGHTS, OUTPUT_MODEL = "SEED", "DEVICE", "IMAGENET_WEIGHTS", "OUTPUT_MODEL"
-    RECIPE, INIT_MODEL, RESUME = "RECIPE", "INIT_MODEL", "RESUME"
+    IMAGES, LABEL_RASTER, LABEL_POLYGONS, OUTPUT_MODEL = "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS", "OUTPUT_MODEL"
+    job, guide = "train", "train-menet"
 
     def name(self):
         return "trainmenet"
@@ -59,33 +56,14 @@ class TrainMENetAlgorithm(MENetAlgorithm):
                 "starts as the mean of the RGB kernels × 3/11. Nothing is downloaded.</p>")
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterFile(self.TILE_FOLDER, "Folder of image/mask tile pairs",
-                                                     behavior=QgsProcessingParameterFile.Behavior.Folder, optional=True))
+        self.add_options([TILES])
         self.addParameter(QgsProcessingParameterMultipleLayers(self.IMAGES, "Or: Sentinel-2 rasters",
                                                                QgsProcessing.SourceType.TypeRaster, optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.LABEL_RASTER, "Labels as a mask raster",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.LABEL_POLYGONS, "Labels as mangrove polygons",
                                                               [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Type.Integer,
-                                                       30, minValue=1, maxValue=1000))
-        for param in advanced([
-            QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Type.Integer, 8,
-                                         minValue=2, maxValue=512),
-            QgsProcessingParameterNumber(self.LEARNING_RATE, "Peak learning rate (AdamW)",
-                                         QgsProcessingParameterNumber.Type.Double, 1e-3, minValue=1e-6, maxValue=1.0),
-            QgsProcessingParameterNumber(self.VAL_FRACTION, "Validation share of windows",
-                                         QgsProcessingParameterNumber.Type.Double, 0.2, minValue=0.05, maxValue=0.5),
-            QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Type.Integer, 0),
-            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
-            QgsProcessingParameterFile(self.IMAGENET_WEIGHTS, "ImageNet weights (.pth)",
-                                       extension="pth", optional=True),
-            QgsProcessingParameterEnum(self.RECIPE, "Channel recipe", RECIPE_OPTIONS, defaultValue=0),
-            QgsProcessingParameterFile(self.INIT_MODEL, "Fine-tune from model",
-                                       extension="pt", optional=True),
-            QgsProcessingParameterBoolean(self.RESUME, "Continue a stopped run", defaultValue=False),
-        ]):
-            self.addParameter(param)
+        self.add_options(o for o in options.TRAIN if o is not TILES)
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Trained model",
                                                                 "ME-Net checkpoint (*.pt)",
                                                                 defaultValue=default_model_output()))
@@ -101,39 +79,28 @@ class TrainMENetAlgorithm(MENetAlgorithm):
             return False, "choose a file for the trained model: a temporary file is deleted when QGIS closes"
         return super().checkParameterValues(parameters, context)
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        folder = self.parameterAsFile(parameters, self.TILE_FOLDER, context)
+    def job_parameters(self, parameters, context, values):
         images = self.parameterAsLayerList(parameters, self.IMAGES, context)
-        label_raster = (gdal_raster_path(self, parameters, self.LABEL_RASTER, context)
-                        if has_value(parameters, self.LABEL_RASTER) else None)
+        label_raster = optional_raster_path(self, parameters, self.LABEL_RASTER, context)
         polygons = self.parameterAsSource(parameters, self.LABEL_POLYGONS, context)
         out = Path(self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context))
         if out.suffix != ".pt":
             raise QgsProcessingException(f"the model file {out.name} must end in .pt")
-        if folder and images:
+        if values["tiles"] and images:
             raise QgsProcessingException("give either a tile folder or rasters with labels, not both")
-        if not folder and not images:
+        if not values["tiles"] and not images:
             raise QgsProcessingException("no training data: give a tile folder, or rasters with labels")
         if images and (label_raster is None) == (polygons is None):
             raise QgsProcessingException("with rasters, give the labels as a mask raster or as polygons")
-        params = {
-            "tiles": folder or None, "output": str(out),
-            "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
-            "batch_size": self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-            "lr": self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
-            "val_fraction": self.parameterAsDouble(parameters, self.VAL_FRACTION, context),
-            "seed": self.parameterAsInt(parameters, self.SEED, context),
-            "device": DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-            "imagenet_weights": self.parameterAsFile(parameters, self.IMAGENET_WEIGHTS, context) or None,
-            "recipe": (2, 1)[self.parameterAsEnum(parameters, self.RECIPE, context)],
-            "init_from": self.parameterAsFile(parameters, self.INIT_MODEL, context) or None,
-            "resume": self.parameterAsBoolean(parameters, self.RESUME, context)}
+        job = {"output": str(out), **values}
         if images:
-            params["images"] = [layer.source().split("|")[0] for layer in images]  # raster layers: GDAL sources
-            params["label_raster"] = label_raster
+            job["images"] = [layer.source().split("|")[0] for layer in images]  # raster layers: GDAL sources
+            job["label_raster"] = label_raster
             if polygons is not None:
-                params["label_polygons"] = [polygons_as_geojson(polygons, layer.crs(), context) for layer in images]
-        result = run_job("train", params, feedback, outputs=[str(out)])
+                job["label_polygons"] = [polygons_as_geojson(polygons, layer.crs(), context) for layer in images]
+        return job
+
+    def load_outputs(self, parameters, context, feedback, job, result):
         best = result.get("best", {})
-        return {self.OUTPUT_MODEL: str(out), "VAL_F1": best.get("f1"), "VAL_IOU": best.get("iou"),
+        return {self.OUTPUT_MODEL: job["output"], "VAL_F1": best.get("f1"), "VAL_IOU": best.get("iou"),
                 "VAL_KAPPA": best.get("kappa"), "THRESHOLD": result.get("threshold")}

@@ -1,7 +1,7 @@
-"""Pieces every ME-Net algorithm shares: parameters, layer styling and placement in the layer tree.
+"""Result layers in the project: styling, and where one run's layers go in the layer tree.
 
-Nothing here (or anywhere in the QGIS process) imports torch or rasterio: the
-algorithms run the core in a worker process (``worker_client.run_job``).
+QGIS loads a run's result layers after the algorithm has finished and calls a post-processor per
+layer; ``load_results`` asks for the loading and ``ResultLayout`` puts the layers in place.
 """
 from __future__ import annotations
 
@@ -11,49 +11,15 @@ from typing import Dict, List, Optional
 
 import qgis.utils
 from qgis.core import (QgsColorRampShader, QgsLayerTree, QgsLayerTreeGroup, QgsLayerTreeRegistryBridge,
-                       QgsMapLayer, QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
-                       QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils, QgsProject, QgsRasterLayer,
-                       QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle)
-from qgis.PyQt.QtGui import QIcon
-
-from ..resources import icon_path
+                       QgsMapLayer, QgsProcessingContext, QgsProcessingLayerPostProcessorInterface,
+                       QgsProcessingUtils, QgsProject, QgsRasterLayer, QgsRasterShader,
+                       QgsSingleBandPseudoColorRenderer, QgsStyle)
 
 #: QGIS holds layer post-processors by raw pointer; Python must keep them alive.
 KEEP_ALIVE: list = []
-
-#: Explicit band numbers, in the recipe's source-band order (B2, B3, B4, B8, B11, B12).
-BAND_PARAMS = [("BAND_BLUE", "B2 blue"), ("BAND_GREEN", "B3 green"), ("BAND_RED", "B4 red"),
-               ("BAND_NIR", "B8 NIR"), ("BAND_SWIR1", "B11 SWIR-1"), ("BAND_SWIR2", "B12 SWIR-2")]
-DN_OFFSET = "DN_OFFSET"
-DEVICES = ["auto", "cuda", "cpu"]
 #: Probability ramp: viridis starts at dark purple, so 0 stands out from no-data and the white canvas.
 PROBABILITY_RAMP = "Viridis"
 STAGE_RAMP = "Magma"
-
-
-class MENetAlgorithm(QgsProcessingAlgorithm):
-    """What every ME-Net algorithm shares: the icon and fresh instances for Processing."""
-
-    def icon(self):
-        return QIcon(str(icon_path()))
-
-    def createInstance(self):  # noqa: N802
-        return type(self)()
-
-
-def has_value(parameters: Dict, key: str) -> bool:
-    return parameters.get(key) not in (None, "")
-
-
-def same_file(a: str, b: str) -> bool:
-    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
-
-
-def refuse_overwriting_input(output: str, inputs: Dict[str, Optional[str]]) -> None:
-    """The output must not be one of the inputs (it would be replaced while being read)."""
-    for name, path in inputs.items():
-        if path and same_file(output, path):
-            raise QgsProcessingException(f"the output {output} is the {name} itself: choose another file")
 
 
 def _ramp_shader(minimum: float, maximum: float, ramp_name: str, classes: int = 5) -> QgsRasterShader:
@@ -266,70 +232,5 @@ def _sort_key(details, order: int) -> None:
         details.layerSortKey = order
 
 
-def polygons_as_geojson(source, target_crs, context) -> list:
-    """Features of a QGIS feature source as GeoJSON-like dicts in ``target_crs``."""
-    import json
-
-    from qgis.core import QgsCoordinateTransform, QgsFeatureRequest
-    transform = QgsCoordinateTransform(source.sourceCrs(), target_crs, context.transformContext())
-    shapes = []
-    for feature in source.getFeatures(QgsFeatureRequest()):
-        geom = feature.geometry()
-        if geom.isNull() or geom.isEmpty():
-            continue
-        geom.transform(transform)
-        shapes.append(json.loads(geom.asJson()))
-    return shapes
-
-
-def advanced(params: list) -> list:
-    """Flag parameters as advanced (folded away in the dialog) and return them."""
-    for param in params:
-        param.setFlags(param.flags() | param.FlagAdvanced)
-    return params
-
-
-def band_parameters(parent: str) -> list:
-    """The six optional band-number parameters and DN_OFFSET, flagged advanced (short labels for
-    batch headers; the detail is in each parameter's help tooltip)."""
-    from qgis.core import QgsProcessingParameterBand, QgsProcessingParameterNumber
-    params = []
-    for key, label in BAND_PARAMS:
-        param = QgsProcessingParameterBand(key, f"Band {label}", parentLayerParameterName=parent, optional=True)
-        param.setHelp(f"Band number of {label} when the file does not name its bands; set B2 to B11 (and B12 "
-                      "for models of channel recipe v1) or none (empty = found from the band names)")
-        params.append(param)
-    offset = QgsProcessingParameterNumber(DN_OFFSET, "DN offset", QgsProcessingParameterNumber.Type.Double, optional=True)
-    offset.setHelp("Added to integer DN before dividing by 10000 when the product metadata has no offset "
-                   "(-1000 for processing baseline 04.00 and later)")
-    params.append(offset)
-    return advanced(params)
-
-
-def check_band_parameters(alg, parameters, context) -> Optional[str]:
-    """An error message when only some of the band numbers B2…B11 are set (B12 is optional: only
-    models of channel recipe v1 read it)."""
-    numbers = [alg.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS]
-    if any(numbers) and not all(numbers[:-1]):
-        return "Set the band parameters B2, B3, B4, B8 and B11 (and B12 for a recipe v1 model) or none"
-    return None
-
-
-def band_choice(alg, parameters, context):
-    """(band numbers or None, DN offset or None) from the band parameters."""
-    bands = [alg.parameterAsInt(parameters, key, context) for key, _ in BAND_PARAMS]
-    if bands and not bands[-1]:
-        bands = bands[:-1]  # no B12 given: fine for recipe v2 models (v1 ones say that B12 is missing)
-    offset = (alg.parameterAsDouble(parameters, DN_OFFSET, context)
-              if parameters.get(DN_OFFSET) not in (None, "") else None)
-    return (bands if any(bands) else None), offset
-
-
-def gdal_raster_path(alg, parameters, name: str, context) -> str:
-    """File path of a raster layer parameter; refuses layers GDAL cannot read from a file."""
-    layer = alg.parameterAsRasterLayer(parameters, name, context)
-    if layer is None or not layer.isValid():
-        raise QgsProcessingException(f"{name} is not a valid raster layer")
-    if layer.providerType() != "gdal":
-        raise QgsProcessingException(f"{name} must be a file-based (GDAL) raster, not a {layer.providerType()} layer")
-    return layer.source().split("|")[0]
+def same_file(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
