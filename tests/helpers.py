@@ -108,6 +108,13 @@ def read(path) -> np.ndarray:
         return ds.read()
 
 
+def raster_profile(path) -> dict:
+    """A raster's grid and format: CRS, transform, size, band count, no-data and dtype."""
+    with rasterio.open(path) as ds:
+        return {"crs": ds.crs, "transform": ds.transform, "width": ds.width, "height": ds.height,
+                "count": ds.count, "nodata": ds.nodata, "dtype": ds.dtypes[0]}
+
+
 def refined_bundle(width: int = 8):
     """An untrained model with the image-guided refinement, its correction made non-zero as training would."""
     import torch

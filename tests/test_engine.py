@@ -7,7 +7,7 @@ import rasterio
 import torch
 from affine import Affine
 
-from helpers import S2_NAMES, read, s2_reflectance, write_raster, write_s2
+from helpers import S2_NAMES, raster_profile, read, s2_reflectance, write_raster, write_s2
 from menet_qgis.core import reporting
 from menet_qgis.core.inference import engine
 from menet_qgis.core.io import raster_io
@@ -22,14 +22,14 @@ def test_probability_on_exactly_the_input_grid(bundle, tmp_path):
     src = write_s2(tmp_path / "in.tif", 150, 210)
     result = engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "out" / "p.tif",
                             engine.EngineOptions(window=64, overlap=32, stages=["stage0", "stage3", "stage5"]))
-    p_in, p_out = raster_io.raster_profile(src), raster_io.raster_profile(result.probability)
+    p_in, p_out = raster_profile(src), raster_profile(result.probability)
     for key in ("crs", "transform", "width", "height"):
         assert p_out[key] == p_in[key]
     assert p_out["dtype"] == "float32" and p_out["count"] == 1 and math.isnan(p_out["nodata"])
     prob = read(result.probability)[0]
     assert np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1
     for stage, stride in (("stage0", 2), ("stage3", 8), ("stage5", 32)):
-        prof = raster_io.raster_profile(result.stages[stage])
+        prof = raster_profile(result.stages[stage])
         assert prof["crs"] == p_in["crs"]
         assert prof["transform"] == compose(p_in["transform"], Affine.scale(stride))
         assert (prof["width"], prof["height"]) == (math.ceil(210 / stride), math.ceil(150 / stride))
@@ -159,10 +159,10 @@ def test_extent_outside_the_raster_is_refused(tmp_path):
 
 def test_extent_crops_to_the_input_grid(bundle, tmp_path):
     src = write_s2(tmp_path / "in.tif", 100, 100)
-    t = raster_io.raster_profile(src)["transform"]
+    t = raster_profile(src)["transform"]
     bounds = (t.c + 205, t.f - 505, t.c + 612, t.f - 96)     # snapped outward to whole pixels
     result = engine.extract(bundle, raster_io.RasterInput(src, bounds=bounds), tmp_path / "p.tif", SMALL)
-    prof = raster_io.raster_profile(result.probability)
+    prof = raster_profile(result.probability)
     assert prof["transform"] == compose(t, Affine.translation(20, 9))
     assert (prof["width"], prof["height"]) == (42, 42)
 

@@ -7,8 +7,7 @@ from qgis.core import (QgsLayerTreeGroup, QgsLayerTreeRegistryBridge, QgsProcess
                        QgsProcessingFeedback, QgsProcessingOutputLayerDefinition, QgsProcessingUtils, QgsProject,
                        QgsRasterLayer, QgsSingleBandPseudoColorRenderer)
 
-from helpers import read, s2_reflectance, write_raster, write_s2
-from menet_qgis.core.io import raster_io
+from helpers import raster_profile, read, s2_reflectance, write_raster, write_s2
 
 ALG = "menet:extractmangroves"
 FAST = {"WINDOW_SIZE": 64, "OVERLAP": 32}
@@ -48,8 +47,8 @@ def test_processing_run_writes_georeferenced_probability(processing, untrained_p
     feedback = LogFeedback()
     result = processing.run(ALG, {"INPUT": str(src), "MODEL": str(untrained_path), "OUTPUT": str(tmp_path / "p.tif"),
                                   "STAGES": [1, 5], **FAST}, feedback=feedback)
-    out = raster_io.raster_profile(result["OUTPUT"])
-    inp = raster_io.raster_profile(src)
+    out = raster_profile(result["OUTPUT"])
+    inp = raster_profile(src)
     assert (out["crs"], out["transform"], out["width"], out["height"]) == (inp["crs"], inp["transform"], 140, 100)
     assert sorted(p.rsplit("_", 1)[1] for p in result["STAGE_LAYERS"]) == ["stage1.tif", "stage5.tif"]
     log = "\n".join(feedback.lines)

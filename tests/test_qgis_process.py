@@ -5,8 +5,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import ROOT, crop_scene, qgis_process, read, write_s2
-from menet_qgis.core.io import raster_io
+from helpers import ROOT, crop_scene, qgis_process, raster_profile, read, write_s2
 
 MODEL3 = ROOT / "resources" / "models" / "mangrove_mask.model3"
 
@@ -23,7 +22,7 @@ def test_qgis_process_on_a_real_sentinel2_geotiff(qgis_env, scene, untrained_pat
     result = run_json(["menet:extractmangroves", "--", f"INPUT={src}", f"MODEL={untrained_path}", f"OUTPUT={out}",
                        "STAGES=4", "WINDOW_SIZE=128", "OVERLAP=32"], qgis_env)
     assert result["results"]["OUTPUT"] == str(out)
-    inp, prof = raster_io.raster_profile(src), raster_io.raster_profile(out)
+    inp, prof = raster_profile(src), raster_profile(out)
     assert (prof["crs"], prof["transform"], prof["width"], prof["height"]) == \
         (inp["crs"], inp["transform"], inp["width"], inp["height"])
     nodata_in = ~np.isfinite(read(src)).all(axis=0)
@@ -47,9 +46,9 @@ def test_graphical_model_chains_extract_into_core_reclassify(qgis_env, untrained
                        f"mask:mangrove_mask={out}"], qgis_env)
     assert out.is_file(), result
     mask = read(out)[0]
-    prof = raster_io.raster_profile(out)
+    prof = raster_profile(out)
     assert (prof["width"], prof["height"]) == (120, 90)
-    assert prof["transform"] == raster_io.raster_profile(src)["transform"]
+    assert prof["transform"] == raster_profile(src)["transform"]
     assert set(np.unique(mask)) <= {0, 1}
 
 
@@ -79,7 +78,7 @@ def test_whole_2020_scene_with_no_band_parameters_and_the_default_model(qgis_env
     info = result["log"]["info"]
     log = "\n".join(info) if isinstance(info, list) else info
     assert "from band descriptions" in log and "read as surface reflectance" in log
-    inp, prof = raster_io.raster_profile(scene), raster_io.raster_profile(out)
+    inp, prof = raster_profile(scene), raster_profile(out)
     assert (prof["crs"], prof["transform"], prof["width"], prof["height"]) == \
         (inp["crs"], inp["transform"], inp["width"], inp["height"])
     nodata_in = ~np.isfinite(read(scene)).all(axis=0)
@@ -91,6 +90,7 @@ def test_whole_2020_scene_with_no_band_parameters_and_the_default_model(qgis_env
     assert 0.02 < share < 0.8, f"implausible mangrove share {share:.3f} for the Jambelí coast"
 
 
+@pytest.mark.unit
 def test_shipped_model_opens_valid_with_the_raster_first(menet_provider, tmp_path):
     """What the graphical modeler checks when it opens the model, and the order it lists the inputs in."""
     from qgis.core import QgsProcessingContext, QgsProcessingModelAlgorithm
