@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,6 +40,7 @@ from .model_records import ModelRecordError, read_model_record
 from . import resources
 from .resources import DEFAULT_ASSET_NAME, DEFAULT_MODEL_BASE
 from .model_records import decision_threshold
+from .core.files import atomic_write_text, temp_beside
 
 CHUNK = 1 << 20
 #: Extra free space kept beyond the model's size before a download starts.
@@ -202,10 +202,9 @@ def install_model(source: str, name: Optional[str] = None, sha256: Optional[str]
     if not _is_url(source):
         source = str(Path(source).resolve())
 
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.partial.", delete=False)
-    partial = Path(handle.name)
+    partial = temp_beside(target)
     try:
-        with handle:
+        with open(partial, "wb") as handle:
             if _is_url(source):
                 size, digest = _download(source, handle, folder, timeout, reporter)
             else:
@@ -221,7 +220,7 @@ def install_model(source: str, name: Optional[str] = None, sha256: Optional[str]
         if reporter is not None:
             reporter.info(f"sha256 {digest} matches, {sha_from}")
         entry = index_entry(partial, name, digest, size, source)
-        os.chmod(partial, 0o644)  # mkstemp made it private; a model is an ordinary readable file
+        os.chmod(partial, 0o644)  # a model is an ordinary readable file
         os.replace(partial, target)
     except OSError as exc:
         if getattr(exc, "errno", None) == 28:  # ENOSPC
@@ -229,7 +228,7 @@ def install_model(source: str, name: Optional[str] = None, sha256: Optional[str]
         raise ModelStoreError(f"could not install {name}: {exc}") from None
     finally:
         partial.unlink(missing_ok=True)
-    _atomic_write_text(folder / f"{name}.sha256", f"{digest}  {name}\n")
+    atomic_write_text(folder / f"{name}.sha256", f"{digest}  {name}\n")
     index = read_index(folder)
     index[name] = entry
     write_index(folder, index)
@@ -263,21 +262,6 @@ def _download(url: str, handle, folder: Path, timeout: float, reporter) -> tuple
         raise ModelStoreError(f"truncated download from {url}: got {size} of {expected_size} bytes; "
                               "nothing was installed")
     return size, digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write beside ``path`` and rename over it: readers see the old or the new file, never half of one."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
-                                         delete=False, encoding="utf-8")
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, path)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
 
 
 # --- the index ------------------------------------------------------------------------------------
@@ -340,7 +324,7 @@ def write_index(models_dir, models: Dict[str, Dict]) -> None:
     """Replace the index atomically (written beside it, then renamed)."""
     text = json.dumps({"format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION,
                        "models": dict(sorted(models.items()))}, indent=2) + "\n"
-    _atomic_write_text(index_path(models_dir), text)
+    atomic_write_text(index_path(models_dir), text)
 
 
 def installed_models(models_dir=None) -> List[Dict]:
