@@ -17,6 +17,7 @@ from . import options
 from .core.model.stages import stage_table
 from .core.reporting import ConsoleReporter
 from .resources import DEFAULT_MODEL_BASE
+from .version import version
 
 
 def _positional(name: str, **kwargs) -> Tuple[str, Dict]:
@@ -60,6 +61,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, List[Tuple[str, Dict]], List[Sequence[options.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m menet_qgis", description="ME-Net mangrove extraction")
+    parser.add_argument("--version", action="version", version=f"menet_qgis {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (help_text, positionals, groups) in SUBCOMMANDS.items():
         command_parser = sub.add_parser(command, help=help_text)
