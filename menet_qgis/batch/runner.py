@@ -268,10 +268,65 @@ def run_batch(inputs: Sequence[str], out_dir, model_path=None, options: BatchOpt
     ``model_path``: an .onnx model or a .pt checkpoint; None = the default model, as for Extract.
 
     ``client``: use this Dask client (its cluster is left running); else connect to
-    ``options.scheduler`` or start an embedded LocalCluster.  Raises
-    ``KeyboardInterrupt`` after a clean cancel (manifest saved, no partial files).
+    ``options.scheduler`` or start an embedded LocalCluster.  A cluster not started here is checked
+    first (``check_cluster``), before anything is written.  Raises ``KeyboardInterrupt`` after a
+    clean cancel (manifest saved, no partial files).
     """
-    out_dir = Path(out_dir)
+    connected = None
+    if client is None and options.scheduler:
+        client = connected = Client(options.scheduler)
+    try:
+        if client is not None:
+            check_cluster(client)
+            if connected is not None:
+                (log or (lambda line: print(line, file=sys.stderr, flush=True)))(
+                    f"connected to Dask scheduler {options.scheduler}")
+        return _run(inputs, Path(out_dir), model_path, options, client, log)
+    finally:
+        if connected is not None:
+            connected.close()
+
+
+def check_cluster(client: Client) -> None:
+    """Refuse, in one line, a cluster whose scheduler or workers cannot import this menet_qgis at this
+    version: the scheduler unpickles each scene's task (it names ``scene_task.run_scene``), the
+    workers run it.  Without this, every scene fails with Dask's "Error during deserialization of
+    the task graph" after a traceback ending in ModuleNotFoundError.  A cluster with no worker yet
+    passes: scenes wait for workers to join, as Dask does."""
+    import cloudpickle
+
+    from ..version import version
+    from . import package_probe
+    wanted = version()
+    cloudpickle.register_pickle_by_value(package_probe)  # the probe must run where menet_qgis is missing
+    try:
+        answers = [("scheduler", client.run_on_scheduler(package_probe.installed_version))]
+        answers += sorted(client.run(package_probe.installed_version, on_error="return").items())
+    finally:
+        cloudpickle.unregister_pickle_by_value(package_probe)
+    has: Dict[str, List[str]] = {}  # what they have -> who
+    for who, answer in answers:
+        if answer == wanted:
+            continue
+        what = ("no menet_qgis" if answer is None else f"menet_qgis {answer}" if isinstance(answer, str)
+                else f"no answer ({_one_line(answer)})")
+        has.setdefault(what, []).append(who)
+    if has:
+        def clause(what: str, who: List[str]) -> str:
+            workers = [w for w in who if w != "scheduler"]
+            names = (["the scheduler"] if "scheduler" in who else []) + \
+                ([f"worker{'s' if len(workers) > 1 else ''} {', '.join(workers)}"] if workers else [])
+            return f"{' and '.join(names)} {'has' if len(who) == 1 else 'have'} {what}"
+        raise RuntimeError(
+            f"the Dask cluster at {client.scheduler.address} cannot run menet_qgis {wanted}: "
+            + "; ".join(clause(what, who) for what, who in has.items())
+            + f". Install menet_qgis {wanted} on the scheduler and every worker (pip install . from this "
+            "checkout, with the extras the scenes need) or put the checkout on their PYTHONPATH; "
+            "no scene was submitted")
+
+
+def _run(inputs: Sequence[str], out_dir: Path, model_path, options: BatchOptions, client: Optional[Client],
+         log: Optional[Callable[[str], None]]) -> RunManifest:
     work = out_dir / WORK_FOLDER
     work.mkdir(parents=True, exist_ok=True)
     lock = _lock(work)
@@ -302,22 +357,16 @@ def _execute(manifest: RunManifest, todo, sha, threshold, options: BatchOptions,
              progress: Progress, say) -> None:
     own_cluster = cluster = None
     engine_opts = dict(options.engine_options)
-    if client is None:
-        if options.scheduler:
-            client = Client(options.scheduler)
-            say(f"connected to Dask scheduler {options.scheduler}")
-        else:
-            import psutil
+    own_client = client is None
+    if own_client:  # the embedded cluster (run_batch has connected to a scheduler it was given)
+        import psutil
 
-            from ..core.inference.runtimes import torch_sees_cuda
-            cuda = (manifest.run["runtime"] == "torch" and engine_opts.get("device", "auto") != "cpu"
-                    and torch_sees_cuda())
-            n = options.workers or default_workers(_cpu_count(), psutil.virtual_memory().total, cuda)
-            cluster = own_cluster = embedded_cluster(min(n, len(todo)), options.resources)
-            client = Client(cluster)
-        own_client = True
-    else:
-        own_client = False
+        from ..core.inference.runtimes import torch_sees_cuda
+        cuda = (manifest.run["runtime"] == "torch" and engine_opts.get("device", "auto") != "cpu"
+                and torch_sees_cuda())
+        n = options.workers or default_workers(_cpu_count(), psutil.virtual_memory().total, cuda)
+        cluster = own_cluster = embedded_cluster(min(n, len(todo)), options.resources)
+        client = Client(cluster)
     try:
         if not engine_opts.get("threads"):
             engine_opts["threads"] = _runtime_threads(client)
