@@ -41,3 +41,11 @@ def test_errors_are_one_line_and_leave_nothing(untrained_path, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     proc = cli("predict", write_s2(tmp_path / "ok.tif", 20, 20), "--model", tmp_path / "none.pt", "--out-dir", tmp_path)
     assert proc.returncode == 2 and "model file not found" in proc.stderr
+
+
+def test_every_command_prints_its_help():
+    """The generated arguments render (argparse formats help texts with %: a stray one breaks --help)."""
+    for command in ("stages", "predict", "train", "export", "prepare", "batch", "assess", "install-deps",
+                    "install-model", "worker"):
+        proc = cli(command, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m menet_qgis {command}"), proc.stderr

@@ -216,6 +216,19 @@ def test_engine_and_device_take_the_declared_defaults_and_choices():
     assert tiling.DEFAULT_OVERLAP == options.by_name(options.ENGINE, "overlap").default
 
 
+def test_the_training_loop_defaults_are_the_declared_ones():
+    """core.training.TrainOptions keeps its own defaults for callers outside jobs: they must not drift."""
+    from dataclasses import fields
+
+    from menet_qgis.core.training.train import TrainOptions
+    own = {f.name: f.default for f in fields(TrainOptions)}
+    for option in options.TRAIN:
+        if option.name in own and option.name != "recipe":  # the loop takes the Recipe itself
+            declared = options.defaults([option])[option.name]
+            assert (list(own[option.name]) if isinstance(own[option.name], tuple) else own[option.name]) == declared
+    assert own["recipe"].version == options.by_name(options.TRAIN, "recipe").default
+
+
 def test_batch_options_take_the_declared_defaults():
     from menet_qgis.batch import BatchOptions
     batch = BatchOptions()
@@ -248,6 +261,7 @@ def test_declarations_are_complete():
         assert len({o.cli_flag for o in group}) == len(group), name
 
 
+@pytest.mark.integration
 def test_options_import_the_standard_library_only():
     code = ("import sys; import menet_qgis.options; "
             "heavy = {'numpy', 'torch', 'rasterio', 'qgis', 'onnxruntime'} & set(sys.modules); "
