@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..core.files import atomic_path
 from ..core.io.bands import DN_SCALE, band_label
 from ..core.model.channels import RECIPE_V1, RECIPE_V2
 
@@ -279,26 +280,25 @@ def build_band_vrt(path: Path, bands: Sequence[Tuple[str, int]], dn_offset: Opti
     from osgeo import gdal
     path.parent.mkdir(parents=True, exist_ok=True)
     gdal.UseExceptions()
-    tmp = path.with_name("." + path.name + ".partial")
-    try:
-        if len({h for h, _ in bands}) == 1:  # one multi-band asset: pick its bands
-            opts = gdal.BuildVRTOptions(bandList=[i for _, i in bands], strict=True)
-            ds = gdal.BuildVRT(str(tmp), [bands[0][0]], options=opts)
-        else:
-            if any(i != 1 for _, i in bands):
-                raise BatchInputError(f"{where}: bands must be in single-band assets or all in one asset")
-            opts = gdal.BuildVRTOptions(separate=True, resolution="highest", resampleAlg="bilinear",
-                                        strict=True)
-            ds = gdal.BuildVRT(str(tmp), [h for h, _ in bands], options=opts)
-    except RuntimeError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BatchInputError(f"{where}: GDAL cannot open its assets ({str(exc).splitlines()[0][:200]})") from None
-    if ds is None:
-        raise BatchInputError(f"{where}: GDAL could not build a VRT of its assets")
-    for i, band in enumerate(names, 1):
-        ds.GetRasterBand(i).SetDescription(band)
-    if dn_offset is not None:
-        ds.SetMetadataItem("BOA_ADD_OFFSET", f"{dn_offset:g}")
-    ds = None
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a partial file beside it, renamed onto it only when complete
+        try:
+            if len({h for h, _ in bands}) == 1:  # one multi-band asset: pick its bands
+                opts = gdal.BuildVRTOptions(bandList=[i for _, i in bands], strict=True)
+                ds = gdal.BuildVRT(str(tmp), [bands[0][0]], options=opts)
+            else:
+                if any(i != 1 for _, i in bands):
+                    raise BatchInputError(f"{where}: bands must be in single-band assets or all in one asset")
+                opts = gdal.BuildVRTOptions(separate=True, resolution="highest", resampleAlg="bilinear",
+                                            strict=True)
+                ds = gdal.BuildVRT(str(tmp), [h for h, _ in bands], options=opts)
+        except RuntimeError as exc:
+            raise BatchInputError(f"{where}: GDAL cannot open its assets "
+                                  f"({str(exc).splitlines()[0][:200]})") from None
+        if ds is None:
+            raise BatchInputError(f"{where}: GDAL could not build a VRT of its assets")
+        for i, band in enumerate(names, 1):
+            ds.GetRasterBand(i).SetDescription(band)
+        if dn_offset is not None:
+            ds.SetMetadataItem("BOA_ADD_OFFSET", f"{dn_offset:g}")
+        ds = None
     return path

@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 
 from .inputs import Scene
 from .manifest import RESULT_KEY_TAG, file_sha256, mangrove_hectares, write_cog
+from ..core.files import finish_file, stage_path
 from ..core.reporting import Cancelled
 
 EVENT_TOPIC = "menet-batch"
@@ -66,7 +67,6 @@ def load_model(path: str, sha256: str, options: Dict, reporter=None):
 
 def output_paths(job: Job, scene: Scene) -> List[Path]:
     """Stage layers first, the probability last (the order they are committed in)."""
-    from ..core.inference.engine import stage_path
     out = Path(job.out_dir) / f"{scene.name}_probability.tif"
     return [stage_path(out, None, s) for s in job.engine_options.get("stages", ())] + [out]
 
@@ -162,7 +162,7 @@ def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
         threads = options.threads or 1
         cogs = [write_cog(src, staging / ("cog-" + final.name), tags, threads) for src, final in zip(staged, finals)]
         for cog, final in zip(cogs, finals):
-            os.replace(cog, final)
+            finish_file(cog, final)  # fsync, then rename into place
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"scene": scene.name, "token": token, "worker": worker, "seconds": time.perf_counter() - t0,
@@ -171,11 +171,7 @@ def run_scene(scene: Scene, job: Job, result_key: str) -> Dict:
 
 
 def engine_options(values: Dict):
-    """EngineOptions from a plain dict, so fields other helpers add (runtime, …) pass straight through."""
-    import dataclasses
-    from ..core.inference.engine import EngineOptions
-    known = {f.name for f in dataclasses.fields(EngineOptions)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return EngineOptions(**values)
+    """The EngineOptions ``jobs.extract`` reads from ``values``: each declared option checked, an unknown
+    one refused in one line (so the client refuses what every scene would)."""
+    from .. import jobs
+    return jobs.ExtractJob.from_dict({"input": "-", "output": "-", "options": dict(values)}).engine_options()
