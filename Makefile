@@ -26,7 +26,7 @@ export XDG_DATA_HOME := $(CURDIR)/build/qgis-profile
 export XDG_RUNTIME_DIR := $(CURDIR)/build/runtime
 export PYTHONPATH := $(SITE)
 
-.PHONY: setup plugin test test-trixie test-sid run package bench clean
+.PHONY: setup plugin test test-fast test-trixie test-sid run package bench clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ plugin: setup
 TESTS ?= tests
 test: plugin
 	$(PY) -m pytest -q $(TESTS)
+
+# The unit tests only (pytest.ini's markers; tests/conftest.py gives each test file's): under a minute, no qgis_process.
+test-fast: setup
+	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
+	$(PY) -m pytest -q -m unit tests
 
 # The suite on newer QGIS in a Debian chroot (root; see scripts/ci_chroot.sh). .ci/run runs test-trixie.
 test-trixie:

@@ -1,4 +1,4 @@
-"""Shared fixtures: small checkpoints made here, the plugin staged for qgis_process."""
+"""Shared fixtures (small checkpoints made here, the plugin staged for qgis_process) and each test's category."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,54 @@ import pytest
 from helpers import ROOT, SCENE
 
 sys.path.insert(0, str(ROOT))
+
+# Each test's category (pytest.ini describes them; `make test-fast` runs `-m unit`): its file's, unless the test
+# carries another category marker itself.  `data` is added on top: by the file, by an explicit marker, or by
+# using a fixture in DATA_FIXTURES.  tests/test_test_categories.py fails on a test file missing here.
+CATEGORIES = ("unit", "integration", "gui", "training")
+FILE_CATEGORIES = {
+    "test_assessment.py": "unit",
+    "test_batch.py": "integration data",
+    "test_channels.py": "unit",
+    "test_child_process.py": "integration",
+    "test_cli.py": "integration",
+    "test_desktop_gui.py": "gui",
+    "test_distributed.py": "integration",
+    "test_engine.py": "integration",
+    "test_environment_installer.py": "integration",
+    "test_faults.py": "integration",
+    "test_flips.py": "unit",
+    "test_layout.py": "unit",
+    "test_model.py": "unit",
+    "test_model_store.py": "unit",
+    "test_multisource.py": "unit",
+    "test_options.py": "unit",
+    "test_package.py": "integration",
+    "test_plugin_zip_check.py": "integration",
+    "test_processing.py": "unit",
+    "test_qgis_process.py": "integration",
+    "test_qt6_ready.py": "unit",
+    "test_runtimes.py": "integration",
+    "test_sentinel2_product.py": "unit",
+    "test_study_scripts.py": "integration data",
+    "test_test_categories.py": "unit",
+    "test_tiling.py": "unit",
+    "test_training.py": "unit",
+    "test_user_path.py": "integration",
+    "test_worker.py": "integration",
+}
+# Fixtures that skip without the real data beside the checkout (../shared/data).
+DATA_FIXTURES = {"scene", "real_crop"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        own = [mark.name for mark in item.iter_markers() if mark.name in CATEGORIES]
+        for name in FILE_CATEGORIES.get(item.path.name, "").split():
+            if name == "data" or not own:
+                item.add_marker(name)
+        if DATA_FIXTURES.intersection(item.fixturenames):
+            item.add_marker("data")
 
 
 @pytest.fixture(scope="session")

@@ -126,6 +126,7 @@ def test_existing_output_survives_a_failed_run(bundle, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
+@pytest.mark.unit
 def test_wrong_band_count_lists_found_and_needed(tmp_path):
     src = write_raster(tmp_path / "rgb.tif", np.ones((3, 20, 20), "float32"), ["Red", "Green", "Blue"])
     with pytest.raises(BandError) as err:
@@ -136,6 +137,7 @@ def test_wrong_band_count_lists_found_and_needed(tmp_path):
         raster_io.RasterInput(src, recipe=RECIPE_V1)
 
 
+@pytest.mark.unit
 def test_not_a_raster(tmp_path):
     bad = tmp_path / "notes.tif"
     bad.write_text("this is not a raster")
@@ -145,12 +147,14 @@ def test_not_a_raster(tmp_path):
         raster_io.RasterInput(tmp_path / "missing.tif")
 
 
+@pytest.mark.unit
 def test_raster_without_crs(tmp_path):
     src = write_raster(tmp_path / "nocrs.tif", s2_reflectance(20, 20), S2_NAMES, crs=None)
     with pytest.raises(raster_io.InputError, match="no coordinate reference system"):
         raster_io.RasterInput(src)
 
 
+@pytest.mark.unit
 def test_extent_outside_the_raster_is_refused(tmp_path):
     src = write_s2(tmp_path / "in.tif", 50, 50)
     with pytest.raises(raster_io.InputError, match="does not overlap"):
@@ -167,6 +171,7 @@ def test_extent_crops_to_the_input_grid(bundle, tmp_path):
     assert (prof["width"], prof["height"]) == (42, 42)
 
 
+@pytest.mark.unit
 def test_unwritable_output_refused_before_any_work(bundle, tmp_path):
     src = write_s2(tmp_path / "in.tif", 64, 64)
     blocker = tmp_path / "file"
@@ -211,6 +216,7 @@ def test_out_of_memory_retries_smaller_batches_with_same_result(bundle, tmp_path
     assert any("out of GPU memory at batch size 6; retrying with 3" in m for m in messages)
 
 
+@pytest.mark.unit
 def test_prepare_batch_runs_channels_on_the_tensor_device_and_zeroes_nodata(bundle):
     plan = raster_io.plan_input(S2_NAMES, [{}] * 6, {}, "float32", recipe=bundle.recipe)
     raw = torch.from_numpy(s2_reflectance(8, 8)[None, :5])   # B2..B11: recipe v2's bands

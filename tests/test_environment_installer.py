@@ -384,6 +384,7 @@ def test_a_second_install_of_the_same_environment_waits_its_turn(built, wheels):
     assert record(env_dir)["requirements"] == GOOD
 
 
+@pytest.mark.unit
 def test_bad_options_fail_before_anything_is_created(tmp_path):
     env_dir = tmp_path / "env"
     with pytest.raises(installer.InstallError, match="unknown variant 'gpu': choose one of cpu-light, cpu, cuda"):
@@ -716,6 +717,7 @@ def test_install_dependencies_through_processing_installs_then_is_idempotent(men
     assert not any(l.startswith("Successfully installed") for l in again.lines)
 
 
+@pytest.mark.unit
 def test_the_dialog_offers_cpu_light_first_and_by_default(menet_provider):
     from qgis.core import QgsApplication
     algorithm = QgsApplication.processingRegistry().algorithmById("menet:installdependencies")

@@ -255,6 +255,7 @@ def test_predict_output_that_is_another_input_is_refused(untrained_path, tmp_pat
     assert b.read_bytes() == before and partials(tmp_path) == []
 
 
+@pytest.mark.unit
 def test_predict_output_reaching_the_input_through_a_symlink_is_refused(cli, untrained_path, tmp_path):
     a = write_s2(tmp_path / "data" / "a.tif", 64, 64)
     before = a.read_bytes()
@@ -267,6 +268,7 @@ def test_predict_output_reaching_the_input_through_a_symlink_is_refused(cli, unt
     assert a.read_bytes() == before and partials(out) == [] and partials(a.parent) == []
 
 
+@pytest.mark.unit
 def test_assess_report_over_an_input_is_refused(cli, tmp_path):
     pred = write_raster(tmp_path / "pred.tif", half_mask()[None])
     ref = write_raster(tmp_path / "ref.tif", half_mask()[None])
@@ -276,6 +278,7 @@ def test_assess_report_over_an_input_is_refused(cli, tmp_path):
     assert ref.read_bytes() == before
 
 
+@pytest.mark.unit
 def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
     from menet_qgis.core.model import channels
     from menet_qgis.core.io import sentinel2_product
@@ -286,6 +289,7 @@ def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
     assert src.read_bytes() == before and partials(tmp_path) == []
 
 
+@pytest.mark.unit
 def test_hard_link_to_an_input_is_refused(tmp_path):
     a = write_s2(tmp_path / "a.tif", 16, 16)
     os.link(a, tmp_path / "b.tif")
@@ -305,6 +309,7 @@ def test_qgis_process_output_equal_to_input_is_refused(qgis_env, untrained_path,
 
 
 # --- 3. silently wrong inputs ------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "complex64"])
 def test_dtypes_no_sentinel2_product_has_are_refused(cli, untrained_path, tmp_path, dtype):
     data = (s2_reflectance(32, 32) * 100).astype(dtype)
@@ -318,6 +323,7 @@ def test_dtypes_no_sentinel2_product_has_are_refused(cli, untrained_path, tmp_pa
     assert (out / "odd_probability.tif").read_bytes() == old and partials(out) == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("values, expected", [
     (np.zeros((6, 64, 64), np.float32), "odd.tif holds only zeros (4096 valid pixels in 1 window sampled across it): "
                                         "there is nothing to map. Likely an empty or failed export"),
@@ -357,6 +363,7 @@ def test_some_negative_dn_and_a_missing_offset_are_warnings_even_when_quiet(cli,
         assert ds.tags()["MENET_DN_OFFSET"] == "-1000 (the DN offset parameter)"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mask, expected", [
     (half_mask(mangrove=2, other=1), "holds values 1, 2; masks must be 1 = mangrove, 0 = other (soft values 0-1 "
                                      "allowed, mangrove >= 0.5), no-data as NaN or the declared no-data value: no 0 "
@@ -375,6 +382,7 @@ def test_training_label_coding_is_checked_before_training(cli, tmp_path, mask, e
     assert (tmp_path / "model.pt").read_bytes() == old and partials(tmp_path) == []
 
 
+@pytest.mark.unit
 def test_declared_mask_nodata_is_no_data_not_mangrove(tmp_path):
     mask = half_mask(dtype=np.uint8)
     mask[:4] = 255  # declared no-data of the uint8 masks
@@ -382,6 +390,7 @@ def test_declared_mask_nodata_is_no_data_not_mangrove(tmp_path):
     assert not tiles.valid[:, :4].any() and set(np.unique(tiles.labels[tiles.valid])) == {0.0, 1.0}
 
 
+@pytest.mark.unit
 def test_degenerate_validation_refuses_to_train_and_save(tmp_path):
     tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", [half_mask()] * 4))
     no_mangrove = tiles.subset([0])
@@ -407,6 +416,7 @@ def _malicious_pickle(path, marker):
     torch.save({"format": checkpoint.FORMAT, "payload": Evil()}, path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["empty", "malicious", "truncated"])
 def test_broken_checkpoints_get_one_whole_sentence(cli, untrained_path, tmp_path, kind):
     model = tmp_path / "m.pt"
@@ -432,6 +442,7 @@ def test_broken_checkpoints_get_one_whole_sentence(cli, untrained_path, tmp_path
     assert (tmp_path / "out" / "a_probability.tif").read_bytes() == old and partials(tmp_path / "out") == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["empty", "malicious"])
 def test_broken_imagenet_weights_get_one_line(cli, tmp_path, kind):
     tiles = make_tiles(tmp_path / "tiles", [half_mask()] * 6)

@@ -41,6 +41,7 @@ def square_crop(scene, tmp_path):
     return crop_scene(tmp_path / "crop.tif", 1088, 384, 128, 128)
 
 
+@pytest.mark.integration
 def test_with_flips_the_map_of_a_mirrored_scene_is_the_mirrored_map(bundle, square_crop, tmp_path):
     mirrored = _mirrored(square_crop, tmp_path / "mirrored.tif")
 

@@ -238,6 +238,7 @@ def test_the_default_model_verifies_against_the_hash_the_plugin_ships(tmp_path):
     assert installed.sha256 == known
 
 
+@pytest.mark.integration
 def test_cli_install_model_errors_are_one_line(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -274,6 +275,7 @@ def test_install_model_through_processing(menet_provider, tmp_path, monkeypatch)
     assert (target.parent / model_store.INDEX_NAME).read_bytes() == index
 
 
+@pytest.mark.integration
 def test_an_older_installed_default_model_is_named_when_it_runs(untrained_path, tmp_path):
     """The installed copy of the default model comes first; one from an earlier release says so."""
     import subprocess
@@ -342,6 +344,7 @@ def test_the_stores_constants_are_the_engines():
     assert model_records.ONNX_METADATA_KEY == runtimes.METADATA_KEY
 
 
+@pytest.mark.integration
 def test_records_read_without_torch_match_what_the_engine_reads(untrained_path, record_only_onnx, bundle,
                                                                 tmp_path):
     """The index (and runtimes.read_onnx_model) read a .pt's and an .onnx's record with the standard library:
@@ -402,6 +405,7 @@ def test_a_checkpoint_holding_code_is_not_unpickled(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_index_install_list_reinstall(untrained_path, record_only_onnx, tmp_path, monkeypatch):
     """Installing writes the model's entry; `install-model --list` shows it in a Python without torch;
     installing the same name again replaces its entry; the index is JSON any tool can read."""
@@ -484,6 +488,7 @@ RESOLVE = ("import sys; from menet_qgis import jobs\n"
            "    print(jobs.resolve_model(None, runtime, device).name)")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("blocked", [False, True], ids=["with-torch", "torch-blocked"])
 def test_default_rule_picks_the_form_the_engine_runs(untrained_path, record_only_onnx, tmp_path, blocked):
     """Both forms installed: the .onnx unless the engine runs torch (runtime torch or the CUDA device);
@@ -537,6 +542,7 @@ def test_installed_copies_come_before_the_plugins_and_a_form_that_runs_before_ei
     assert model_store.find_default_model("auto", "cpu", models_dir=store).path == store / f"{BASE}.onnx"
 
 
+@pytest.mark.integration
 def test_no_default_model_says_install_it(tmp_path, monkeypatch):
     """Nothing in the store nor in the plugin (the lean ZIP): the error says how to install the asset."""
     import subprocess
@@ -622,6 +628,7 @@ def test_export_channels_reads_either_form_and_defaults_to_the_onnx(untrained_pa
     assert (read(tmp_path / "from_onnx.tif") == read(tmp_path / "from_pt.tif")).all()
 
 
+@pytest.mark.integration
 def test_install_model_dialog_has_a_picker_and_takes_a_typed_url(tmp_path):
     """QGIS's own Processing dialog (a fresh GUI QgsApplication: the suite's has no GUI): SOURCE is a file
     widget filtered to models, with its browse button, and a URL typed into it reaches the algorithm."""

@@ -173,6 +173,7 @@ def test_split_holds_out_whole_groups_and_validates_on_named_ones(tmp_path):
     assert group(train_idx).isdisjoint(group(val_idx)) and val_idx
 
 
+@pytest.mark.training
 def test_sources_with_different_bands_and_scales_train_together(tmp_path):
     """Float reflectance with B12 (georeferenced) + uint16 DN without B12 (no CRS): recipe v2 reads both."""
     from test_training import make_tiles
@@ -211,6 +212,7 @@ def test_best_threshold_maximises_f1_and_prefers_the_middle_on_ties():
     assert flat.best_threshold() == (0.5, 1.0)
 
 
+@pytest.mark.integration
 def test_threshold_travels_from_checkpoint_to_map_to_assessment(untrained_path, tmp_path):
     from helpers import write_s2
     from menet_qgis import jobs
@@ -253,6 +255,7 @@ class StopAfterEpochs(Reporter):
         return self.finished >= self.epochs
 
 
+@pytest.mark.training
 def test_a_stopped_run_resumes_where_it_was_and_ends_as_an_uninterrupted_one(tmp_path):
     from test_training import make_tiles
     tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
@@ -271,6 +274,7 @@ def test_a_stopped_run_resumes_where_it_was_and_ends_as_an_uninterrupted_one(tmp
         training.train(tiles.subset(range(5)), training.TrainOptions(**base, resume_state=str(state)))
 
 
+@pytest.mark.training
 def test_fine_tuning_adds_the_refinement_and_later_fine_tunes_keep_it(tmp_path):
     """--refine-width on a fine-tune of a plain model adds the refinement (saved as architecture v2);
     fine-tuning that model again keeps it unless asked otherwise, and dropping it is refused."""
@@ -290,6 +294,7 @@ def test_fine_tuning_adds_the_refinement_and_later_fine_tunes_keep_it(tmp_path):
         training.train(tiles, training.TrainOptions(**base, init_from=str(tmp_path / "refined.pt"), refine_width=0))
 
 
+@pytest.mark.training
 def test_fine_tuning_keeps_the_start_models_channel_statistics_unless_its_recipe_differs(tmp_path):
     """The start's first layer was trained on inputs normalised with its PCA, means and deviations;
     refitted on a few windows of one coast they would shift every channel. Another recipe has other
@@ -314,6 +319,7 @@ def test_fine_tuning_keeps_the_start_models_channel_statistics_unless_its_recipe
             assert tuned.norm_mean != pytest.approx(start.norm_mean[:len(tuned.norm_mean)])
 
 
+@pytest.mark.training
 def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_style_0(tmp_path):
     """style=1 sources train an output of their own; the saved model has one output, style 0's,
     and maps exactly as the two-output network's channel 0 did (what validation scored)."""
@@ -359,6 +365,7 @@ def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_st
 
 
 # --- the real data ---------------------------------------------------------------------
+@pytest.mark.data
 @pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")
 def test_real_magset2_tiles_load_with_zones_and_their_noisy_labels_flagged():
     spec = training.SourceSpec.parse(f"{MAGSET2}:name=magset2,edge_ignore=1,group=tile_(\\d+)_")
@@ -370,6 +377,7 @@ def test_real_magset2_tiles_load_with_zones_and_their_noisy_labels_flagged():
     assert 3 <= len(tiles.flags) <= 15
 
 
+@pytest.mark.data
 @pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")
 def test_real_magset2_labels_are_found_where_its_readme_says_they_sit():
     """README: GMW masks sit about 0.6 px south and 1 px east of the imagery."""
@@ -383,6 +391,8 @@ def test_real_magset2_labels_are_found_where_its_readme_says_they_sit():
     assert 0.01 < 1 - tiles.valid.sum() / tiles.valid.size < 0.03  # the 1-3 px strips the moves left unlabelled
 
 
+@pytest.mark.integration
+@pytest.mark.data
 @pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")
 def test_cli_predict_default_model_maps_a_raster_without_b12(tmp_path):
     """Issue 10's must-show: `predict` with no --model on a 6-band B2,B3,B4,B8,B8A,B11 uint16 DN raster

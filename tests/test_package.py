@@ -113,6 +113,7 @@ def torch_fp32_map(tmp_path_factory):
     return crop, work / "torch" / "crop_probability.tif"
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_the_asset_maps_a_real_scene_without_torch_as_torch_fp32_does(dist, runtime, torch_fp32_map, tmp_path):
     """The asset alone, in a Python where torch cannot be imported, maps a real crop of scene_2020 in ONNX

@@ -42,6 +42,7 @@ def test_provider_lists_the_algorithm(menet_provider):
     assert "stage5" in alg.shortHelpString() and "8×8×2048" in alg.shortHelpString()
 
 
+@pytest.mark.integration
 def test_processing_run_writes_georeferenced_probability(processing, untrained_path, tmp_path):
     src = write_s2(tmp_path / "in.tif", 100, 140)
     feedback = LogFeedback()
@@ -55,6 +56,7 @@ def test_processing_run_writes_georeferenced_probability(processing, untrained_p
     assert "device: CPU" in log and "windows:" in log and "batch size" in log and "UNTRAINED" in log
 
 
+@pytest.mark.integration
 def test_advanced_engine_parameters_reach_the_engine(processing, untrained_path, tmp_path):
     """Runtime, threads and test-time flips chosen in the dialog are what the engine runs (its log says so)."""
     src = write_s2(tmp_path / "in.tif", 64, 64)
@@ -112,6 +114,7 @@ def tree_rows(group, depth=0):
     return rows
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stages_first", [False, True])
 def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path, tmp_path, stages_first,
                                                       desktop_selects_added_layers):
@@ -151,6 +154,7 @@ def test_results_load_styled_and_stage_layers_grouped(processing, untrained_path
     assert root.children()[0].name() == "added next", tree_rows(root)
 
 
+@pytest.mark.integration
 def test_batch_rows_each_keep_their_own_stage_group(processing, untrained_path, tmp_path,
                                                     desktop_selects_added_layers):
     """The batch dialog's path, rows on the same input layer (so their stage groups share a name): each
@@ -185,6 +189,7 @@ def test_batch_rows_each_keep_their_own_stage_group(processing, untrained_path, 
     assert root.children()[0].name() == "added next", tree_rows(root)
 
 
+@pytest.mark.integration
 def test_nothing_loads_when_the_user_does_not_load_results(processing, untrained_path, tmp_path,
                                                          desktop_selects_added_layers):
     """The batch dialog's "Load layers on completion" off (or "Open output file after running"): the
@@ -199,6 +204,7 @@ def test_nothing_loads_when_the_user_does_not_load_results(processing, untrained
     assert tree_rows(project.layerTreeRoot()) == [(0, "scene", "scene.tif")]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("make_input, params, message", [
     (lambda d: write_raster(d / "rgb.tif", np.ones((3, 20, 20), "float32"), ["Red", "Green", "Blue"]), {},
      "cannot identify Sentinel-2 bands"),

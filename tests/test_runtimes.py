@@ -46,6 +46,7 @@ def _map(model, src, out, **options):
     return engine.extract(model, raster_io.RasterInput(src), out, opts)
 
 
+@pytest.mark.unit
 def test_numpy_channels_equal_torch_including_nan_and_zero_denominators():
     rng = np.random.default_rng(1)
     bands = rng.uniform(0.0, 0.4, (2, 6, 16, 16)).astype(np.float32)
@@ -63,6 +64,7 @@ def test_numpy_channels_equal_torch_including_nan_and_zero_denominators():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.unit
 def test_numpy_batch_preparation_equals_torch_on_a_real_window(bundle, real_crop):
     source = raster_io.RasterInput(real_crop)
     data, valid = source.read(0, 0, 128)
@@ -168,6 +170,7 @@ def test_auto_choice_follows_what_is_installed_and_says_why(bundle, exported, mo
         in log.messages
 
 
+@pytest.mark.unit
 def test_auto_says_torch_is_not_installed_rather_than_no_gpu(monkeypatch):
     monkeypatch.setattr(runtimes, "installed", lambda m: m in {"openvino", "onnxruntime"})
     assert runtimes.choose_runtime("auto", "auto", "onnx") == \
@@ -181,6 +184,7 @@ AVX2_ONLY = frozenset("sse4_2 avx avx2 fma f16c sha_ni".split())
 AVX512_NO_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni"}
 
 
+@pytest.mark.unit
 def test_auto_precision_on_the_cpu_is_bf16_exactly_where_the_cpu_has_native_bf16():
     rule = runtimes.auto_cpu_precision
     assert rule("openvino", AVX2_ONLY) == ("fp32", "this CPU has no bf16 instructions (AVX2)")
@@ -292,6 +296,7 @@ def test_mapping_without_torch_gives_the_same_map(bundle, exported, real_crop, t
     assert "auto: torch is not installed" in proc.stderr
 
 
+@pytest.mark.unit
 def test_a_torch_checkpoint_without_torch_names_the_file_to_use_instead():
     default = runtimes.torch_required_message(runtimes.Path("/models/menet_coasts_v2.pt"))
     assert "install its ONNX asset menet_coasts_v2.onnx instead" in default

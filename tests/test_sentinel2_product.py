@@ -308,6 +308,7 @@ def initialised(algorithm_class):
     return algorithm
 
 
+@pytest.mark.integration
 def test_prepare_and_export_through_processing(processing, safe, untrained_path, tmp_path):
     from qgis.core import QgsFeature, QgsGeometry, QgsProcessingException, QgsVectorLayer
 
@@ -359,6 +360,7 @@ def test_prepare_and_export_through_processing(processing, safe, untrained_path,
     assert not (tmp_path / "none.tif").exists()
 
 
+@pytest.mark.integration
 def test_cli_prepare_then_predict_on_the_stack(safe, untrained_path, tmp_path):
     """Product folder -> stack -> probability, all from the command line."""
     import json

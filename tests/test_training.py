@@ -46,6 +46,7 @@ def test_location_split_never_puts_one_place_on_both_sides():
             assert (a in val_idx) == (b in val_idx)
 
 
+@pytest.mark.data
 @pytest.mark.skipif(not TRAIN.is_dir(), reason=f"real training tiles not available at {TRAIN}")
 def test_real_training_tiles_split_without_shared_windows():
     tiles = training.load_tile_folder(TRAIN)
@@ -106,6 +107,7 @@ def test_boundary_aware_loss_weighs_mistakes_at_label_edges_only():
     assert loss_with_mistake_at(6, 2.0) == pytest.approx(loss_with_mistake_at(0, 2.0), rel=0.05)  # by the no-data
 
 
+@pytest.mark.training
 def test_short_training_run_is_reproducible_and_its_checkpoint_loads(tmp_path):
     tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6))
     options = training.TrainOptions(epochs=2, batch_size=2, lr=1e-3, val_fraction=0.34, seed=3, head_width=16)
@@ -124,6 +126,7 @@ def test_short_training_run_is_reproducible_and_its_checkpoint_loads(tmp_path):
     assert [r["loss"] for r in again.history] == pytest.approx([r["loss"] for r in result.history], rel=1e-4)
 
 
+@pytest.mark.training
 def test_train_algorithm_writes_a_model(menet_provider, tmp_path):
     import processing
     folder = make_tiles(tmp_path / "tiles", n=4)

@@ -433,6 +433,7 @@ def dialog_failed(run, name: str) -> str:
             f"{dialog.get('seconds', float('nan')):.0f} s; dialog log (tail):\n{tail(dialog.get('log') or '', 20)}")
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_exits_cleanly_without_questions(desktop):
     """QGIS exits by File › Exit at the driver's end, nothing asked on the way, nothing left running."""
@@ -443,6 +444,7 @@ def test_desktop_exits_cleanly_without_questions(desktop):
     assert desktop["left_behind"] == {}, f"still running 10 s after QGIS exited: {desktop['left_behind']}"
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_plugin_from_zip_through_the_installer(desktop):
     recorded = desktop["recorded"]
@@ -452,6 +454,7 @@ def test_desktop_plugin_from_zip_through_the_installer(desktop):
     assert not (installed.parent / ".venv").exists(), f"{installed.parent / '.venv'} exists in a fresh profile"
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_installs_cpu_light_offline(desktop):
     dialog = desktop["recorded"].get("dialogs", {}).get("install_dependencies", {})
@@ -463,6 +466,7 @@ def test_desktop_installs_cpu_light_offline(desktop):
     assert not list(env_dir.glob("lib/python*/site-packages/torch")), "cpu-light installed PyTorch"
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_installs_model_over_loopback(desktop):
     asset = desktop["asset"]
@@ -476,6 +480,7 @@ def test_desktop_installs_model_over_loopback(desktop):
         asset.with_name(asset.name + ".sha256").read_text().split()[0], f"{installed} missing or not the asset"
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_first_map_on_the_active_layer_with_the_default_model(desktop, capsys):
     recorded = desktop["recorded"]
@@ -494,6 +499,7 @@ def test_desktop_first_map_on_the_active_layer_with_the_default_model(desktop, c
     print_record(capsys, "desktop QGIS", desktop["record"])
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_map_on_top_visible_and_the_next_extract_proposes_the_scene(desktop):
     recorded = desktop["recorded"]
@@ -511,6 +517,7 @@ def test_desktop_map_on_top_visible_and_the_next_extract_proposes_the_scene(desk
         f"{scene_layer.get('name')!r}; active layer after the run: {recorded.get('active_layer_after_run')}\n{listing}"
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_qgis_imports_no_engine_library_and_raises_nothing(desktop):
     recorded = desktop["recorded"]
@@ -522,6 +529,7 @@ def test_desktop_qgis_imports_no_engine_library_and_raises_nothing(desktop):
     assert not errors, "\n".join(errors)
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_screenshot_of_every_step(desktop):
     shots = desktop["recorded"].get("screenshots", {})
@@ -532,6 +540,7 @@ def test_desktop_screenshot_of_every_step(desktop):
     assert not missing, f"screenshots missing or blank: {missing}\n{desktop_story(desktop)}"
 
 
+@pytest.mark.gui
 @needs_desktop
 def test_desktop_map_matches_the_reference(desktop, reference_map):
     assert desktop["output"].is_file(), dialog_failed(desktop, "extract")

@@ -299,6 +299,7 @@ def profile_store(tmp_path, monkeypatch):
     return store
 
 
+@pytest.mark.unit
 def test_every_worker_gets_the_profiles_store(profile_store):
     """The checkout's Python and the managed environment's (whose environment is rebuilt from scratch by
     environment_installer.child_environment) both get MENET_HOME = the profile's menet folder."""
@@ -343,6 +344,7 @@ def test_a_failed_job_and_the_probe_leave_no_unclosed_file(processing, tmp_path)
 MODEL3 = ROOT / "resources" / "models" / "mangrove_mask.model3"
 
 
+@pytest.mark.unit
 def test_example_model_takes_onnx_and_pt(qgis_app):
     """The example graphical model's MODEL accepts both forms (it refused .onnx with QGIS's generic
     'Wrong or missing parameter value'), and stays optional (empty = the default model)."""
