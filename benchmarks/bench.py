@@ -117,8 +117,7 @@ class ForwardOnly:
             self.model = bundle.model.to(self.device).eval().to(memory_format=torch.channels_last)
             self.xt = torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
         else:
-            from menet_qgis.core.inference.export import ensure_onnx
-            onnx_model = ensure_onnx(bundle, "probability")
+            onnx_model = runtimes.ensure_onnx(bundle, "probability")
             self.runner = runtimes.RUNNERS[runtime](onnx_model, [], "compact", threads, "fp32")
             self.runner.prepare(x.shape[0], x.shape[-1])
 

@@ -112,8 +112,8 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from .core.model import checkpoint
-    from .core.inference.export import check_against_torch, check_input, ensure_onnx, export
-    from .core.inference.runtimes import read_onnx_model
+    from .core.inference.export import export
+    from .core.inference.runtimes import check_against_torch, check_input, ensure_onnx, read_onnx_model
     from . import jobs
     model_path = jobs.resolve_model(args.model, runtime="torch")
     if model_path.suffix.lower() == ".onnx":

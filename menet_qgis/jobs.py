@@ -235,7 +235,7 @@ def load_model(path: Path, reporter=None, runtime: str = "torch", device: str = 
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         started = time.perf_counter()
-        model = runtimes.load_model(path, runtime, device, stages)
+        model = runtimes.load_model(path, runtime, device, stages, reporter)  # exports a .pt for an ONNX runtime
         runtimes.check_model_fits(model, runtime, device, stages)
         _MODEL_CACHE[key] = model
         if reporter is not None:

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict
 
-#: What the engine writes into its files (core/model/checkpoint.py FORMAT, core/inference/runtimes.py ONNX_FORMAT and
+#: What the engine writes into its files (core/model/checkpoint.py FORMAT, core/inference/onnx_model.py ONNX_FORMAT and
 #: METADATA_KEY), repeated here because those modules import torch / numpy; a test keeps them equal.
 CHECKPOINT_FORMAT = "menet_qgis.checkpoint"
 ONNX_FORMAT = "menet_qgis.onnx"

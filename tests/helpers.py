@@ -124,6 +124,36 @@ def refined_bundle(width: int = 8):
     return refined
 
 
+def predict_reference(bundle, source, window: int = 256, overlap: int = 64) -> np.ndarray:
+    """The engine's map the plain way, to check the engine against: one window at a time, fp32 on the CPU,
+    whole-raster accumulators.  Returns the (height, width) probability with NaN where the input has no data."""
+    import torch
+    from menet_qgis.core.inference.runtimes import prepare_batch
+    from menet_qgis.core.inference.tiling import WindowGrid, blend_weights
+    source.use_recipe(bundle.recipe)
+    grid = WindowGrid(source.height, source.width, window, overlap)
+    weights = blend_weights(window, overlap)
+    H, W = grid.row_origins[-1] + window, grid.col_origins[-1] + window
+    acc, wsum = np.zeros((H, W), np.float64), np.zeros((H, W), np.float64)
+    valid_all = np.zeros((H, W), bool)
+    model = bundle.model.cpu().eval()
+    for _, y0, x0 in grid:
+        data, valid = source.read(y0, x0, window)
+        valid_all[y0:y0 + window, x0:x0 + window] |= valid
+        if not valid.any():
+            continue
+        with torch.inference_mode():
+            x = prepare_batch(torch.from_numpy(data[None]), torch.from_numpy(valid[None]), bundle, source.plan)
+            prob = torch.sigmoid(model(x))[0, 0].numpy()
+        acc[y0:y0 + window, x0:x0 + window] += prob * weights
+        wsum[y0:y0 + window, x0:x0 + window] += weights
+    source.close()
+    out = np.full((H, W), np.nan, np.float32)
+    ok = valid_all & (wsum > 0)
+    out[ok] = (acc[ok] / wsum[ok]).astype(np.float32)
+    return out[:grid.height, :grid.width]
+
+
 def release_toolchain() -> bool:
     """Whether this Python exports with the torch and onnx the release pins (the Makefile's), whose export
     gives the shipped hash; a distribution's torch (the Debian CI chroot) exports other bytes."""

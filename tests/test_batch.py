@@ -259,7 +259,7 @@ def test_batch_maps_an_onnx_model_without_torch_as_extract_does(inputs, bundle, 
     from menet_qgis.cli import build_parser
     from menet_qgis.core.inference import engine
     from menet_qgis.options import DEFAULT_OVERLAP
-    from menet_qgis.core.inference.export import ensure_onnx
+    from menet_qgis.core.inference.runtimes import ensure_onnx
     from menet_qgis.resources import DEFAULT_MODEL_BASE
     defaults = {name: build_parser().parse_args([name, "in.tif", "--out-dir", "out"]).overlap
                 for name in ("predict", "batch")}

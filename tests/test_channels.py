@@ -5,7 +5,7 @@ import torch
 
 from helpers import S2_NAMES, write_raster
 from menet_qgis.core.model import channels
-from menet_qgis.core.inference import engine
+from menet_qgis.core.inference import runtimes
 from menet_qgis.core.io.bands import BandError, plan_input
 from menet_qgis.core.model.channels import CHANNEL_NAMES, PCABasis, compute_channels
 from menet_qgis.core.io.raster_io import RasterInput
@@ -208,8 +208,8 @@ def test_dn_with_offset_tag_gives_the_same_model_input_as_reflectance(bundle, tm
     for path in (src_dn, src_refl):
         source = RasterInput(path, recipe=bundle.recipe)
         data, valid = source.read(0, 0, 32)
-        batches.append((engine.prepare_batch(torch.from_numpy(data[None]), torch.from_numpy(valid[None]),
-                                             bundle, source.plan).numpy(), valid))
+        batches.append((runtimes.prepare_batch(torch.from_numpy(data[None]), torch.from_numpy(valid[None]),
+                                               bundle, source.plan).numpy(), valid))
         source.close()
     (x_dn, valid_dn), (x_refl, valid_refl) = batches
     np.testing.assert_array_equal(valid_dn, valid_refl)

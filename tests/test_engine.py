@@ -7,9 +7,9 @@ import rasterio
 import torch
 from affine import Affine
 
-from helpers import S2_NAMES, raster_profile, read, s2_reflectance, write_raster, write_s2
+from helpers import S2_NAMES, predict_reference, raster_profile, read, s2_reflectance, write_raster, write_s2
 from menet_qgis.core import reporting
-from menet_qgis.core.inference import engine
+from menet_qgis.core.inference import engine, runtimes
 from menet_qgis.core.io import raster_io
 from menet_qgis.core.compat import compose
 from menet_qgis.core.io.bands import BandError
@@ -75,7 +75,7 @@ def test_engine_matches_the_simple_reference_path(bundle, tmp_path):
     result = engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "p.tif",
                             engine.EngineOptions(window=64, overlap=32, batch_size=3, readers=2))
     fast = read(result.probability)[0]
-    ref = engine.predict_reference(bundle, raster_io.RasterInput(src), window=64, overlap=32)
+    ref = predict_reference(bundle, raster_io.RasterInput(src), window=64, overlap=32)
     assert np.array_equal(np.isnan(fast), np.isnan(ref))
     assert np.nanmax(np.abs(fast - ref)) < 1e-4
 
@@ -196,14 +196,14 @@ def test_out_of_memory_retries_smaller_batches_with_same_result(bundle, tmp_path
     src = write_s2(tmp_path / "in.tif", 128, 192)
     opts = engine.EngineOptions(window=64, overlap=0, batch_size=6, runtime="torch")
     expected = read(engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "a.tif", opts).probability)
-    real_forward = engine._forward
+    real_forward = runtimes._forward
 
     def small_gpu(model, bundle_, plan, batch, *args):
         if len(batch) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_forward(model, bundle_, plan, batch, *args)
 
-    monkeypatch.setattr(engine, "_forward", small_gpu)
+    monkeypatch.setattr(runtimes, "_forward", small_gpu)
     messages = []
 
     class Log(reporting.Reporter):
@@ -222,7 +222,7 @@ def test_prepare_batch_runs_channels_on_the_tensor_device_and_zeroes_nodata(bund
     raw = torch.from_numpy(s2_reflectance(8, 8)[None, :5])   # B2..B11: recipe v2's bands
     valid = torch.ones(1, 8, 8, dtype=torch.bool)
     valid[0, 0, 0] = False
-    x = engine.prepare_batch(raw, valid, bundle, plan)
+    x = runtimes.prepare_batch(raw, valid, bundle, plan)
     assert x.shape == (1, 11, 8, 8) and torch.isfinite(x).all()
     assert torch.count_nonzero(x[0, :, 0, 0]) == 0
 

@@ -307,14 +307,14 @@ def record_only_onnx(bundle, tmp_path_factory) -> Path:
     import json
     import onnx
     from onnx import TensorProto, helper
-    from menet_qgis.core.inference import runtimes
-    record = runtimes.model_record(bundle, ["probability"], "0" * 64)
+    from menet_qgis.core.inference import onnx_model
+    record = onnx_model.model_record(bundle, ["probability"], "0" * 64)
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["probability"])], "record_only",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("probability", TensorProto.FLOAT, [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    helper.set_model_props(model, {runtimes.METADATA_KEY: json.dumps(record)})
+    helper.set_model_props(model, {onnx_model.METADATA_KEY: json.dumps(record)})
     path = tmp_path_factory.mktemp("onnx") / "record_only.onnx"
     onnx.save(model, str(path))
     return path
@@ -338,10 +338,10 @@ def blocked_env(tmp_path, *modules, **extra) -> dict:
 def test_the_stores_constants_are_the_engines():
     """model_store repeats three format strings so it can read models with the standard library alone."""
     from menet_qgis.core.model import checkpoint
-    from menet_qgis.core.inference import runtimes
+    from menet_qgis.core.inference import onnx_model
     assert model_records.CHECKPOINT_FORMAT == checkpoint.FORMAT
-    assert model_records.ONNX_FORMAT == runtimes.ONNX_FORMAT
-    assert model_records.ONNX_METADATA_KEY == runtimes.METADATA_KEY
+    assert model_records.ONNX_FORMAT == onnx_model.ONNX_FORMAT
+    assert model_records.ONNX_METADATA_KEY == onnx_model.METADATA_KEY
 
 
 @pytest.mark.integration

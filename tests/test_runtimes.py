@@ -11,9 +11,9 @@ import torch
 from helpers import ROOT, S2_NAMES, crop_scene, read, refined_bundle, s2_reflectance, write_raster
 from menet_qgis.core.model import channels as ch
 from menet_qgis.core import reporting
-from menet_qgis.core.inference import engine, runtimes
+from menet_qgis.core.inference import engine, onnx_model, runtimes
 from menet_qgis.core.io import raster_io
-from menet_qgis.core.inference.export import ensure_onnx
+from menet_qgis.core.inference.runtimes import ensure_onnx
 
 pytestmark = pytest.mark.skipif(not runtimes.installed("onnxruntime"), reason="onnxruntime not installed")
 
@@ -29,7 +29,7 @@ class Log(reporting.Reporter):
 @pytest.fixture(scope="session")
 def exported(bundle):
     """Both graph variants of the untrained checkpoint, exported once per session (cached beside it)."""
-    return {need: ensure_onnx(bundle, need) for need in runtimes.NEEDS}
+    return {need: ensure_onnx(bundle, need) for need in onnx_model.NEEDS}
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +70,7 @@ def test_numpy_batch_preparation_equals_torch_on_a_real_window(bundle, real_crop
     data, valid = source.read(0, 0, 128)
     source.close()
     assert (~valid).any() and valid.any()           # the crop holds the scene's no-data edge
-    want = engine.prepare_batch(torch.from_numpy(data[None]), torch.from_numpy(valid[None]), bundle, source.plan)
+    want = runtimes.prepare_batch(torch.from_numpy(data[None]), torch.from_numpy(valid[None]), bundle, source.plan)
     got = runtimes.prepare_batch_numpy(data[None], valid[None], bundle, source.plan)
     assert np.isfinite(got).all() and (got[0][:, ~valid] == 0).all()
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)

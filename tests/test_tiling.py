@@ -6,6 +6,7 @@ from torch import nn
 
 from helpers import read, write_s2
 from menet_qgis.core.inference import engine
+from menet_qgis.core.model.checkpoint import ModelBundle
 from menet_qgis.core.io import raster_io
 from menet_qgis.core.model.stages import STAGES
 from menet_qgis.core.inference.tiling import WindowGrid, blend_weights
@@ -53,8 +54,7 @@ class ConstantModel(nn.Module):
 
 def test_constant_model_gives_constant_seamless_map(bundle, tmp_path):
     src = write_s2(tmp_path / "in.tif", 300, 430)
-    const = engine.ModelBundle(ConstantModel(0.8), bundle.norm_mean, bundle.norm_std, bundle.pca,
-                               recipe=bundle.recipe)
+    const = ModelBundle(ConstantModel(0.8), bundle.norm_mean, bundle.norm_std, bundle.pca, recipe=bundle.recipe)
     opts = engine.EngineOptions(window=128, overlap=64, stages=["stage3"])
     result = engine.extract(const, raster_io.RasterInput(src), tmp_path / "p.tif", opts)
     prob = read(result.probability)[0]

@@ -373,7 +373,7 @@ def test_qgis_process_installs_the_asset_and_the_example_model_maps_with_it(qgis
     process found it in the profile's store."""
     import hashlib
     from helpers import qgis_process
-    from menet_qgis.core.inference.export import ensure_onnx
+    from menet_qgis.core.inference.runtimes import ensure_onnx
     folder, url = served
     exported = Path(ensure_onnx(bundle, "probability").path)  # cached beside the session's checkpoint
     asset = folder / "menet_coasts_v2.onnx"

@@ -228,7 +228,7 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
         raise ValueError(f"retries must be 0 or more, got {options.retries}")
     say = _Say(log or (lambda _line: None))
     model_path = jobs.resolve_model(str(model_path) if model_path else None, opts.runtime, opts.device, say).resolve()
-    model = jobs.load_model(model_path, None, opts.runtime, opts.device, stages)
+    model = jobs.load_model(model_path, say, opts.runtime, opts.device, stages)  # a .pt for ONNX: exported here
     runtime, why = runtimes.check_model_fits(model, opts.runtime, opts.device, stages)
     sha = file_sha256(model_path)
     threshold = model.threshold  # chosen on validation when it was trained
@@ -246,9 +246,6 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
         else:
             todo.append((scene, rec))
         records.append(rec)
-    if todo and runtime != "torch" and not isinstance(model, runtimes.OnnxModel):
-        from ..core.inference.export import ensure_onnx  # a checkpoint in memory means torch is here
-        ensure_onnx(model, runtimes.need_for(stages), say)
     run = {"run_id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "model": str(model_path), "model_sha256": sha, "model_trained": model.trained,
            "runtime": runtime, "runtime_why": why,  # as the client sees it; each scene's log has its worker's

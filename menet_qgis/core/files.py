@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -175,6 +176,15 @@ def atomic_write_bytes(path, data) -> Path:
 def atomic_write_text(path, text: str) -> Path:
     """``atomic_write_bytes`` for UTF-8 text (reports, tables, JSON)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path) -> str:
+    """A file's sha256 (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- which files a run may write ---------------------------------------------------------------------

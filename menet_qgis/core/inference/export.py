@@ -30,14 +30,11 @@ import numpy as np
 import torch
 
 from ..model import channels as ch
-from ..files import atomic_path
-from .runtimes import (METADATA_KEY, NEEDS, OnnxModel, file_sha256, find_cached, installed, model_record,
-                       read_onnx_model, writable_cache_path)
+from ..files import atomic_path, file_sha256
+from .onnx_model import METADATA_KEY, NEEDS, model_record
 from ..model.stages import STAGE_NAMES
 
 OPSET = 17
-#: Largest |torch - exported| probability difference accepted (fp32 on the CPU).
-TOLERANCE = 1e-4
 #: How the weights are stored, recorded in the file's model record.
 WEIGHT_STORAGE = "fp16 where exact (Cast to fp32), else fp32"
 
@@ -109,59 +106,3 @@ def export(bundle, path, need: str = "probability", source_sha256: Optional[str]
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     return path
-
-
-def check_against_torch(bundle, onnx_model: OnnxModel, x: np.ndarray, runtime: str = "") -> float:
-    """Max |probability difference| between torch and the exported model on input ``x``
-    (normalised, (N, 11, H, W)); raises if it exceeds TOLERANCE."""
-    from .runtimes import open_onnx_runner
-    runtime = runtime or ("onnxruntime" if installed("onnxruntime") else "openvino")
-    runner = open_onnx_runner(runtime, onnx_model, [], "compact", 0, "fp32")
-    got = runner.infer(x)["probability"]
-    with torch.inference_mode():
-        want = torch.sigmoid(bundle.model.float().cpu().eval()(torch.from_numpy(x))).numpy()
-    diff = float(np.abs(got - want).max())
-    if not diff <= TOLERANCE:
-        raise RuntimeError(f"the ONNX export of {Path(bundle.path or 'the model').name} differs from torch "
-                           f"by {diff:.2g} (> {TOLERANCE:g}) in {runtime}: use runtime torch")
-    return diff
-
-
-def check_input(bundle, window: int, seed: int = 0) -> np.ndarray:
-    """Two windows of plausible model input: coastal reflectance through the recipe and normalisation."""
-    from ..io.bands import InputPlan
-    from .runtimes import prepare_batch_numpy
-    rng = np.random.default_rng(seed)
-    classes = np.array([[0.03, 0.05, 0.03, 0.28, 0.13, 0.06], [0.06, 0.07, 0.05, 0.03, 0.02, 0.01],
-                        [0.08, 0.10, 0.12, 0.18, 0.25, 0.20]], np.float32)
-    blocks = rng.integers(0, len(classes), (2, window // 32, window // 32))
-    refl = classes[blocks].transpose(0, 3, 1, 2).repeat(32, 2).repeat(32, 3)
-    refl = (refl + rng.normal(0, 0.01, refl.shape)).clip(0.001, 1).astype(np.float32)
-    from ..model.channels import RECIPE_V1
-    refl = refl[:, [RECIPE_V1.source_bands.index(b) for b in bundle.recipe.source_bands]]
-    plan = InputPlan(kind="sentinel2", band_indexes=list(range(1, refl.shape[1] + 1)))
-    return prepare_batch_numpy(refl, np.ones((2, window, window), bool), bundle, plan)
-
-
-def ensure_onnx(bundle, need: str = "probability", reporter=None) -> OnnxModel:
-    """The cached export of ``bundle``'s checkpoint for ``need``; exported and checked the first time."""
-    if not bundle.path:
-        raise ValueError("the ONNX runtimes need a model saved to a file (the export is cached by its sha256)")
-    checkpoint = Path(bundle.path)
-    sha = file_sha256(checkpoint)
-    cached = find_cached(checkpoint, sha, need)
-    if cached is not None:
-        return read_onnx_model(cached)
-    target = writable_cache_path(checkpoint, sha, need)
-    if reporter:
-        reporter.info(f"exporting {checkpoint.name} to ONNX ({need}) once; cached as {target}")
-    export(bundle, target, need, sha)
-    model = read_onnx_model(target)
-    try:
-        diff = check_against_torch(bundle, model, check_input(bundle, bundle.window_size))
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-    if reporter:
-        reporter.info(f"ONNX export checked against torch: max probability difference {diff:.1e}")
-    return model

@@ -1,43 +1,45 @@
-"""Which runtime runs the model: torch, ONNX Runtime or OpenVINO — and the two ONNX runners.
+"""Which runtime runs the model (torch, ONNX Runtime or OpenVINO), the runners behind one interface, and loading.
 
 Most QGIS users map on a CPU.  There the same network exported to ONNX runs
 faster in ONNX Runtime or OpenVINO than in torch eager mode (1.3–1.7× on a quiet
 2-core AVX2 CPU, 2–4× when the CPU is busy: docs/performance.md), and neither
-needs torch's 5 GB: this module imports torch only to ask whether it sees a
-CUDA GPU.  The channels are built in numpy (``channels.compute_channels_numpy``)
-and the model's record (recipe, PCA, normalisation, window) travels in the ONNX
-file's metadata, so an ``.onnx`` file alone is a complete model.
+needs torch's 5 GB: this module imports torch only where torch runs (or to ask
+whether it sees a CUDA GPU).  For the ONNX runtimes the channels are built in
+numpy (``channels.compute_channels_numpy``) and the model's record travels in
+the ONNX file (``onnx_model.py``), so an ``.onnx`` file alone is a complete model.
 
 ``auto`` picks CUDA torch when torch sees a GPU, else OpenVINO if installed,
 else ONNX Runtime, else torch; ``choose_runtime`` says why in one line.  On the
 CPU ``auto`` precision is a rule of the CPU's flags (``auto_cpu_precision``):
 bf16 in OpenVINO where the CPU computes bf16 natively, fp32 otherwise; the
 engine logs the choice and its reason on every run.
+
+Every runner is a ``Runner``: the engine loop hands it batches of windows and
+never asks which runtime it is.  Loading (``load_model``, ``model_for_runtime``)
+gives each runtime the model it runs: torch a checkpoint, the ONNX runtimes the
+checkpoint's ONNX export, exported and checked against torch once
+(``ensure_onnx``) and cached by the checkpoint's sha256.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ..files import file_sha256
 from ..model import channels as ch
 from ...options import PRECISIONS, RUNTIMES  # noqa: F401 (re-exported)
 from ..model.flips import mean_over_flips
-from ..model.stages import STAGE_NAMES
+from .onnx_model import OnnxModel, find_cached, need_for, read_onnx_model, writable_cache_path
 
-#: The ONNX file's metadata_props key holding the model record (JSON).
-METADATA_KEY = "menet_qgis"
-ONNX_FORMAT = "menet_qgis.onnx"
-ONNX_FORMAT_VERSION = 1
-#: Graph variants: the probability alone (lean, the usual run) or with every stage map.
-NEEDS = ("probability", "stages")
+if TYPE_CHECKING:  # torch is imported where torch runs, never at import
+    import torch
+
 PYPI_NAME = {"onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch"}
 
 
@@ -134,130 +136,6 @@ def cpu_precision(runtime: str, requested: str, features=None) -> Tuple[str, str
     return auto_cpu_precision(runtime, cpu_features() if features is None else features)
 
 
-# --- the model as the ONNX runtimes see it -------------------------------------
-@dataclass
-class OnnxModel:
-    """An exported model plus what the pipeline needs to feed it (no torch inside).
-
-    Duck-types the fields of ``checkpoint.ModelBundle`` the engine reads."""
-
-    path: str
-    norm_mean: List[float]
-    norm_std: List[float]
-    pca: ch.PCABasis
-    outputs: List[str]
-    window_size: int = 256
-    training: Dict = field(default_factory=dict)
-    source: Optional[str] = None          # the checkpoint it was exported from
-    source_sha256: Optional[str] = None
-    recipe: ch.Recipe = ch.RECIPE_V1
-
-    @property
-    def trained(self) -> bool:
-        return bool(self.training.get("trained", False))
-
-    @property
-    def threshold(self) -> float:
-        from ...model_records import decision_threshold
-        return decision_threshold(self.training)
-
-    @property
-    def has_stages(self) -> bool:
-        return all(name in self.outputs for name in STAGE_NAMES)
-
-
-def model_record(bundle, outputs: Sequence[str], source_sha256: Optional[str]) -> Dict:
-    """The JSON stored in an exported file: everything but the weights (plain types only)."""
-    from ..model.checkpoint import model_description  # a bundle to export means torch is there
-    return {
-        "format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, **model_description(bundle),
-        "training": {k: v for k, v in bundle.training.items() if k != "val_names"},
-        "outputs": list(outputs),
-        "source": Path(bundle.path).name if bundle.path else None,
-        "source_sha256": source_sha256,
-    }
-
-
-def read_onnx_model(path) -> OnnxModel:
-    """Load an exported model's record (from the file's metadata, else its ``.json`` sidecar) and check it.
-    The record is read by ``model_records.onnx_record`` (the standard library, the weights skipped): no runtime
-    session is built just to read 5 kB of JSON, and a Python without any runtime can read it too."""
-    from ...model_records import ModelRecordError, onnx_record
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"model file not found: {path}")
-    try:
-        record = onnx_record(path)
-    except ModelRecordError as exc:
-        raise ValueError(f"{exc}: export it with `python -m menet_qgis export`") from None
-    if record.get("format_version") != ONNX_FORMAT_VERSION:
-        raise ValueError(f"{path.name}: ME-Net ONNX format {record.get('format')} v{record.get('format_version')}, "
-                         f"this plugin reads {ONNX_FORMAT} v{ONNX_FORMAT_VERSION}")
-    try:
-        recipe = ch.recipe_for(record.get("recipe", {}))
-    except ValueError as exc:
-        raise ValueError(f"{path.name}: {exc}") from None
-    norm = record["normalisation"]
-    return OnnxModel(str(path), list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
-                     list(record["outputs"]), int(record.get("window_size", 256)), dict(record.get("training", {})),
-                     record.get("source"), record.get("source_sha256"), recipe)
-
-
-# --- the export cache ------------------------------------------------------------
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def need_for(stages: Sequence[str]) -> str:
-    return "stages" if stages else "probability"
-
-
-def cache_dirs(checkpoint: Path) -> List[Path]:
-    """Where exports are looked for, in order: beside the checkpoint, then ``<menet home>/onnx``."""
-    from ...user_paths import menet_home
-    return [Path(checkpoint).resolve().parent, menet_home() / "onnx"]
-
-
-def cache_name(checkpoint: Path, sha256: str, need: str) -> str:
-    return f"{Path(checkpoint).stem}.{sha256[:16]}.{need}.onnx"
-
-
-def find_cached(checkpoint: Path, sha256: str, need: str) -> Optional[Path]:
-    """An export of this very checkpoint: a cached one, or the ``.onnx`` of the same name beside it
-    (the model asset installed with its ``.pt``) when its record names the checkpoint's sha256."""
-    for folder in cache_dirs(checkpoint):
-        for candidate_need in (need, "stages"):  # the stages graph also serves the probability alone
-            candidate = folder / cache_name(checkpoint, sha256, candidate_need)
-            if candidate.is_file():
-                return candidate
-    sibling = Path(checkpoint).with_suffix(".onnx")
-    if sibling.is_file():
-        try:
-            model = read_onnx_model(sibling)
-        except (ValueError, KeyError, ImportError):
-            return None
-        if model.source_sha256 == sha256 and (need == "probability" or model.has_stages):
-            return sibling
-    return None
-
-
-def writable_cache_path(checkpoint: Path, sha256: str, need: str) -> Path:
-    """Beside the checkpoint when that folder is writable, else ``<menet home>/onnx``."""
-    for folder in cache_dirs(checkpoint):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return folder / cache_name(checkpoint, sha256, need)
-    raise OSError(f"no writable folder for the ONNX export of {Path(checkpoint).name} "
-                  f"(tried {', '.join(str(d) for d in cache_dirs(checkpoint))})")
-
-
 # --- choosing ----------------------------------------------------------------------
 def model_kind(model) -> str:
     """'onnx' (an exported model), 'file' (a checkpoint loaded from disk) or 'memory'."""
@@ -317,8 +195,34 @@ def check_model_fits(model, runtime: str, device: str, stages: Sequence[str]) ->
     return name, why
 
 
+# --- turning raw windows into model input -----------------------------------------------------
+def prepare_batch(raw: "torch.Tensor", valid: "torch.Tensor", bundle, plan) -> "torch.Tensor":
+    """(N, bands, H, W) raw values + (N, H, W) validity -> normalised (N, 11, H, W).
+
+    Runs on whatever device ``raw`` is on.  Invalid pixels become exactly 0
+    after normalisation (the training mean), so no-data never spreads as NaN.
+    ``prepare_batch_numpy`` is its numpy twin.
+    """
+    import torch
+    x = raw
+    if plan.kind == "sentinel2":
+        x = ch.compute_channels((x + plan.offset) * plan.scale, bundle.pca, bundle.recipe)
+    mean = torch.as_tensor(bundle.norm_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(bundle.norm_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    x = torch.where(valid.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def compact_stage(features: "torch.Tensor") -> "torch.Tensor":
+    """(N, C, h, w) -> (N, 3, h, w): mean, max and standard deviation over channels."""
+    import torch
+    f = features.float()
+    return torch.stack([f.mean(1), f.amax(1), f.std(1)], dim=1)
+
+
 def prepare_batch_numpy(raw: np.ndarray, valid: np.ndarray, model, plan) -> np.ndarray:
-    """numpy twin of ``engine.prepare_batch``: (N, bands, H, W) raw + (N, H, W) validity ->
+    """numpy twin of ``prepare_batch``: (N, bands, H, W) raw + (N, H, W) validity ->
     normalised (N, 11, H, W) float32, exactly 0 at invalid pixels (the training mean)."""
     x = np.asarray(raw, np.float32)
     if plan.kind == "sentinel2":
@@ -340,12 +244,120 @@ def compact_stage_numpy(features: np.ndarray) -> np.ndarray:
     return np.stack([features.mean(1), features.max(1), features.std(1, ddof=1)], axis=1).astype(np.float32)
 
 
-# --- the ONNX runners --------------------------------------------------------------
-class OnnxRunner:
-    """Runs an exported model on the CPU: numpy channels in, probability (and stages) out."""
+# --- the runners: one interface, whichever runtime --------------------------------------------
+class Runner:
+    """What the engine loop asks of a runtime: run one batch of windows (channels + model) and say what it
+    runs on.  ``open_runner`` picks and opens one; the loop never asks which."""
 
-    runtime = ""
-    tta = False  # test-time flips (see flips.py), set by the engine
+    runtime = ""             # "torch", "onnxruntime" or "openvino"
+    device_type = "cpu"      # "cuda" or "cpu" (how many reader threads feed it)
+    description = ""         # the device, as the log names it
+    precision = "fp32"
+    precision_why = ""
+    why = ""                 # why this runtime (set by open_runner)
+    tta = False              # test-time flips: the probability is the mean over the 8 flips of each window
+
+    def auto_batch_size(self, window: int) -> int:
+        """Windows per batch when the user sets none."""
+        raise NotImplementedError
+
+    def prepare(self, batch_size: int, window: int) -> None:
+        """Load/compile what the first batch would, so timing starts with the mapping."""
+
+    def run(self, batch, plan, batch_size: int, reporter) -> Tuple[Dict[str, np.ndarray], int]:
+        """Channels + model for ``batch`` [(y0, x0, data, valid), ...]: ({output name: (N, C, h, w) values,
+        numpy or still on the device}, the batch size to go on with)."""
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    """The torch path: channels on the device, channels_last, bf16 autocast on CUDA, out-of-memory halving."""
+
+    runtime = "torch"
+
+    def __init__(self, bundle, stages: Sequence[str] = (), stage_mode: str = "compact", threads: int = 0,
+                 precision: str = "auto", device: str = "auto"):
+        import torch
+        from .device import auto_batch_size, choose_device
+        if threads:
+            torch.set_num_threads(threads)
+        self.device, self.description = choose_device(device)
+        self.device_type = self.device.type
+        self.fast = use_bf16(precision, self.device)
+        self.precision = "bf16" if self.fast else "fp32"
+        self.precision_why = ("asked for" if precision != "auto" else
+                              "auto on the CUDA GPU" if self.fast else
+                              "torch runs fp32 on the CPU (OpenVINO runs bf16 where the CPU has it)")
+        self.precision_why += (" (bf16 autocast, channels_last memory format)" if self.fast
+                               else " (channels_last memory format)")
+        self._auto_batch_size = auto_batch_size
+        self.bundle, self.stages, self.stage_mode = bundle, list(stages), stage_mode
+        # channels_last suits both cuDNN and oneDNN: +13 % windows/s on the 2-core CPU, more on GPUs
+        self.model = bundle.model.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    def auto_batch_size(self, window: int) -> int:
+        return self._auto_batch_size(self.device, window)
+
+    def run(self, batch, plan, batch_size, reporter):
+        return _run_batch(self.model, self.bundle, plan, batch, self.stages, self.stage_mode, self.device,
+                          self.fast, batch_size, reporter, self.tta)
+
+
+def use_bf16(precision: str, device) -> bool:
+    """bf16 autocast: the fast path on CUDA; selectable on the CPU so tests cover it."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _forward(model, bundle, plan, batch, stages, stage_mode, device, fast: bool,
+             tta: bool = False) -> Dict[str, "torch.Tensor"]:
+    """Launch one batch; returns outputs still on the device (CUDA runs them asynchronously).
+    ``tta``: the probability is the mean over the 8 flips (the stage maps are the unflipped pass's)."""
+    import torch
+    raw = torch.from_numpy(np.stack([b[2] for b in batch]))
+    valid = torch.from_numpy(np.stack([b[3] for b in batch]))
+    if device.type == "cuda":
+        raw, valid = raw.pin_memory(), valid.pin_memory()
+    raw = raw.to(device, non_blocking=True)
+    valid = valid.to(device, non_blocking=True)
+    with torch.inference_mode():
+        x = prepare_batch(raw, valid, bundle, plan).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+            logits, feats = model.forward_with_stages(x)
+            probability = torch.sigmoid(logits.float())
+            if tta:
+                probability = mean_over_flips(
+                    lambda view: torch.sigmoid(model(view.contiguous(memory_format=torch.channels_last)).float()),
+                    x, first=probability)
+        out = {"probability": probability}
+        for name in stages:
+            out[name] = feats[name].float() if stage_mode == "all" else compact_stage(feats[name])
+        return out
+
+
+def _run_batch(model, bundle, plan, batch, stages, stage_mode, device, fast, batch_size, reporter, tta=False):
+    """Launch a batch; on out-of-memory run it in halves (synchronously) and keep the smaller size."""
+    import torch
+    try:
+        return _forward(model, bundle, plan, batch, stages, stage_mode, device, fast, tta), batch_size
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = max(1, len(batch) // 2)
+        reporter.warn(f"out of GPU memory at batch size {len(batch)}; retrying with {half}")
+        merged: Dict[str, List[np.ndarray]] = {}
+        for part in [batch[i:i + half] for i in range(0, len(batch), half)]:
+            res, half = _run_batch(model, bundle, plan, part, stages, stage_mode, device, fast, half, reporter, tta)
+            for k, v in res.items():
+                merged.setdefault(k, []).append(v if isinstance(v, np.ndarray) else v.cpu().numpy())
+        return {k: np.concatenate(v) for k, v in merged.items()}, half
+
+
+class OnnxRunner(Runner):
+    """Runs an exported model on the CPU: numpy channels in, probability (and stages) out."""
 
     def __init__(self, model: OnnxModel, stages: Sequence[str], stage_mode: str, threads: int, precision: str):
         missing = [s for s in stages if s not in model.outputs]
@@ -368,11 +380,7 @@ class OnnxRunner:
         """4 windows of 256² per call (as torch on the CPU); fewer for larger windows."""
         return max(1, int(round(4 / (window / 256.0) ** 2)))
 
-    def prepare(self, batch_size: int, window: int) -> None:
-        """Load/compile what the first batch would, so timing starts with the mapping."""
-
     def run(self, batch, plan, batch_size: int, reporter):
-        """Channels + model for one batch; returns ({name: array}, batch size)."""
         raw = np.stack([b[2] for b in batch])
         valid = np.stack([b[3] for b in batch])
         x = prepare_batch_numpy(raw, valid, self.model, plan)
@@ -507,9 +515,27 @@ def open_onnx_runner(runtime: str, model: OnnxModel, stages, stage_mode, threads
     return RUNNERS[runtime](model, stages, stage_mode, threads, precision)
 
 
+def open_runner(model, options, stages: Sequence[str], reporter=None) -> Runner:
+    """The runner for ``options.runtime`` (auto: see ``choose_runtime``), with ``model`` as that runtime runs it
+    (``model_for_runtime``); ``.why`` says why this runtime.  ``options``: the engine's (runtime, device,
+    precision, threads, stage_mode, tta)."""
+    name, why = check_model_fits(model, options.runtime, options.device, stages)
+    if options.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    model = model_for_runtime(model, name, stages, reporter)
+    if name == "torch":
+        runner = TorchRunner(model, stages, options.stage_mode, options.threads, options.precision, options.device)
+    else:
+        runner = open_onnx_runner(name, model, stages, options.stage_mode, options.threads, options.precision)
+    runner.why, runner.tta = why, options.tta
+    return runner
+
+
+# --- loading: the model as a runtime runs it --------------------------------------------------------
 def load_model(path, runtime: str = "auto", device: str = "auto", stages: Sequence[str] = (), reporter=None):
-    """The model ready for the chosen runtime: an ``OnnxModel`` for .onnx files and for
-    checkpoints already exported (no torch needed), else the checkpoint loaded with torch."""
+    """The model ready for the chosen runtime: an ``OnnxModel`` for .onnx files and, for the ONNX runtimes,
+    for checkpoints (their export: cached, else made now where torch is installed); else the checkpoint
+    loaded with torch."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return read_onnx_model(path)
@@ -523,7 +549,74 @@ def load_model(path, runtime: str = "auto", device: str = "auto", stages: Sequen
         if not torch_importable():
             raise TorchRequired(torch_required_message(path))
     from ..model.checkpoint import load
-    return load(path)
+    return model_for_runtime(load(path), name, stages, reporter)
+
+
+def model_for_runtime(model, runtime: str, stages: Sequence[str] = (), reporter=None):
+    """``model`` as ``runtime`` runs it: torch runs the checkpoint, the ONNX runtimes its export (with the
+    stage maps when ``stages`` asks for them), exported and checked once (``ensure_onnx``)."""
+    if runtime == "torch" or isinstance(model, OnnxModel):
+        return model
+    return ensure_onnx(model, need_for(stages), reporter)
+
+
+def ensure_onnx(bundle, need: str = "probability", reporter=None) -> OnnxModel:
+    """The cached export of ``bundle``'s checkpoint for ``need``; exported and checked the first time."""
+    if not bundle.path:
+        raise ValueError("the ONNX runtimes need a model saved to a file (the export is cached by its sha256)")
+    checkpoint = Path(bundle.path)
+    sha = file_sha256(checkpoint)
+    cached = find_cached(checkpoint, sha, need)
+    if cached is not None:
+        return read_onnx_model(cached)
+    target = writable_cache_path(checkpoint, sha, need)
+    if reporter:
+        reporter.info(f"exporting {checkpoint.name} to ONNX ({need}) once; cached as {target}")
+    from .export import export  # a checkpoint in memory means torch is here
+    export(bundle, target, need, sha)
+    model = read_onnx_model(target)
+    try:
+        diff = check_against_torch(bundle, model, check_input(bundle, bundle.window_size))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    if reporter:
+        reporter.info(f"ONNX export checked against torch: max probability difference {diff:.1e}")
+    return model
+
+
+#: Largest |torch - exported| probability difference accepted (fp32 on the CPU).
+TOLERANCE = 1e-4
+
+
+def check_against_torch(bundle, onnx_model: OnnxModel, x: np.ndarray, runtime: str = "") -> float:
+    """Max |probability difference| between torch and the exported model on input ``x``
+    (normalised, (N, 11, H, W)); raises if it exceeds TOLERANCE."""
+    import torch
+    runtime = runtime or ("onnxruntime" if installed("onnxruntime") else "openvino")
+    runner = open_onnx_runner(runtime, onnx_model, [], "compact", 0, "fp32")
+    got = runner.infer(x)["probability"]
+    with torch.inference_mode():
+        want = torch.sigmoid(bundle.model.float().cpu().eval()(torch.from_numpy(x))).numpy()
+    diff = float(np.abs(got - want).max())
+    if not diff <= TOLERANCE:
+        raise RuntimeError(f"the ONNX export of {Path(bundle.path or 'the model').name} differs from torch "
+                           f"by {diff:.2g} (> {TOLERANCE:g}) in {runtime}: use runtime torch")
+    return diff
+
+
+def check_input(bundle, window: int, seed: int = 0) -> np.ndarray:
+    """Two windows of plausible model input: coastal reflectance through the recipe and normalisation."""
+    from ..io.bands import InputPlan
+    rng = np.random.default_rng(seed)
+    classes = np.array([[0.03, 0.05, 0.03, 0.28, 0.13, 0.06], [0.06, 0.07, 0.05, 0.03, 0.02, 0.01],
+                        [0.08, 0.10, 0.12, 0.18, 0.25, 0.20]], np.float32)
+    blocks = rng.integers(0, len(classes), (2, window // 32, window // 32))
+    refl = classes[blocks].transpose(0, 3, 1, 2).repeat(32, 2).repeat(32, 3)
+    refl = (refl + rng.normal(0, 0.01, refl.shape)).clip(0.001, 1).astype(np.float32)
+    refl = refl[:, [ch.RECIPE_V1.source_bands.index(b) for b in bundle.recipe.source_bands]]
+    plan = InputPlan(kind="sentinel2", band_indexes=list(range(1, refl.shape[1] + 1)))
+    return prepare_batch_numpy(refl, np.ones((2, window, window), bool), bundle, plan)
 
 
 def torch_required_message(checkpoint: Path) -> str:

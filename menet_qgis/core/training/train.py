@@ -28,7 +28,7 @@ from ..model import channels as ch
 from ..compat import apply
 from ..io.bands import InputPlan
 from ..model.checkpoint import ModelBundle, new_bundle, save, saved_bytes
-from ..inference.engine import prepare_batch
+from ..inference.runtimes import prepare_batch
 from ..reporting import Cancelled, Reporter
 from ..model.flips import dihedral
 from ..evaluation.metrics import Confusion, ProbabilityCounts
