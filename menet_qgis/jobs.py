@@ -311,10 +311,10 @@ def train(params: Dict, reporter) -> Dict:
     from .core.io import raster_io
     from .core.model import channels
     from .core.model.checkpoint import read_record, save
-    from .core.training import train as training
+    from .core.training import data as training_data, train as training
     job = TrainJob.from_dict(params)
     out, recipe = Path(job.output), channels.RECIPES[job.recipe]
-    specs = [training.SourceSpec.parse(t) for t in job.tiles]
+    specs = [training_data.SourceSpec.parse(t) for t in job.tiles]
     for spec in specs:
         if not Path(spec.folder).is_dir():
             raise ValueError(f"tile folder not found: {spec.folder}")
@@ -322,10 +322,10 @@ def train(params: Dict, reporter) -> Dict:
     raster_io.refuse_overwriting_inputs([out, job.history],
                                         inputs + [job.label_raster, job.imagenet_weights, job.init_from])
     if specs:
-        tiles = training.TileSet.concat([training.load_tile_folder(spec.folder, recipe=recipe, spec=spec,
+        tiles = training_data.TileSet.concat([training_data.load_tile_folder(spec.folder, recipe=recipe, spec=spec,
                                                                    log=reporter.info) for spec in specs])
     else:
-        tiles = training.load_raster_labels(job.images, job.label_raster, job.label_polygons, recipe=recipe)
+        tiles = training_data.load_raster_labels(job.images, job.label_raster, job.label_polygons, recipe=recipe)
     reporter.info(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
     val_names = []
     if job.val_names_from:
@@ -384,14 +384,14 @@ def assess(params: Dict, reporter) -> Dict:
             threshold=prediction_threshold(job.prediction, job.threshold, reporter),
             name=job.name or Path(job.prediction).name, image=job.image, forest=forest)
     else:
-        from .core.training import train as training
+        from .core.training import data as training_data
         # The checkpoint: it records its validation windows (an .onnx export does not).
         model_path = resolve_model(job.model, runtime="torch", reporter=reporter)
         bundle = load_model(model_path)
         names = bundle.training.get("val_names")
         if not names:
             raise ValueError(f"{model_path.name} records no validation windows")
-        tiles = training.load_tile_folder(job.tiles, recipe=bundle.recipe)
+        tiles = training_data.load_tile_folder(job.tiles, recipe=bundle.recipe)
         results = assessment.compare_on_tiles(bundle, tiles, names)
     rows = [r.to_dict() for r in results]
     for result, row in zip(results, rows):

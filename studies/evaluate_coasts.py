@@ -8,7 +8,7 @@ The forest (100 trees, 8 per-pixel features: B2, B3, B4, B8, B11, NDVI, MNDWI, M
 exactly the model's training windows.  Every method is scored on the valid pixels of each group,
 with the raw labels (no edge band removed).  Optional: the v2 model with test-time flips (mean of
 the 8 flips/rotations), the Jambelí-only v1 model (Jambelí only: it needs B12), and ``--align N``:
-MagSet-2's labels moved onto their images first (``training.label_offsets``, up to N px; the forest
+MagSet-2's labels moved onto their images first (``training_data.label_offsets``, up to N px; the forest
 then trains on the moved labels too), to see how much of a score is the labels' 1 px misregistration,
 and ``--ensemble M ...``: the mean probability of the model and these (e.g. other seeds of its recipe),
 thresholded where that mean scores best on the validation windows (held-out zones are not looked at).
@@ -31,6 +31,7 @@ from menet_qgis.core.evaluation import assessment
 from menet_qgis.core.evaluation.metrics import Confusion
 from menet_qgis.core.model import checkpoint
 from menet_qgis.core.model.flips import dihedral, undo_dihedral
+from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +43,9 @@ VAL_GROUPS, HOLDOUT = ["magset2:6"], ["magset2:3", "magset2:8"]
 
 
 def load(recipe, sources):
-    specs = [training.SourceSpec.parse(s) for s in sources]
-    return training.TileSet.concat([training.load_tile_folder(spec.folder, recipe=recipe, spec=spec) for spec in specs])
+    specs = [training_data.SourceSpec.parse(s) for s in sources]
+    return training_data.TileSet.concat([training_data.load_tile_folder(spec.folder, recipe=recipe, spec=spec)
+                                         for spec in specs])
 
 
 def holdout_of(bundle):
@@ -53,7 +55,8 @@ def holdout_of(bundle):
 
 def split(tiles, bundle):
     """The model's own split: its stored validation windows and held-out zones."""
-    return training.split_windows(tiles, 0.2, 0, VAL_GROUPS, holdout_of(bundle), bundle.training.get("val_names", []))
+    return training_data.split_windows(tiles, 0.2, 0, VAL_GROUPS, holdout_of(bundle),
+                                       bundle.training.get("val_names", []))
 
 
 def forest_probability(train_set, tiles):

@@ -27,6 +27,7 @@ import torch
 
 from menet_qgis.core.evaluation.metrics import Confusion
 from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
 from studies.evaluate_coasts import JAMBELI, SHARED, load
 
@@ -37,8 +38,8 @@ V1 = ROOT / "resources" / "models" / "menet_jambeli_v1.pt"
 
 def edge_distance_classes(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """0: within 1 px of a label edge, 1: 2 px from it, 2: farther (per pixel, valid pixels only)."""
-    near1 = training.label_edge_band(labels, 1, valid)
-    near2 = training.label_edge_band(labels, 2, valid)
+    near1 = training_data.label_edge_band(labels, 1, valid)
+    near2 = training_data.label_edge_band(labels, 2, valid)
     return np.where(near1, 0, np.where(near2, 1, 2))
 
 
@@ -66,7 +67,7 @@ def model_errors(path: str, names, device) -> dict:
 
 def differing_copies(folder: Path, recipe) -> dict:
     """Files with the same bounds whose masks differ: how much, and how well each copy's mask agrees
-    with its image's vegetation (``training.copy_agreement``, the loader's rule for choosing a copy)."""
+    with its image's vegetation (``training_data.copy_agreement``, the loader's rule for choosing a copy)."""
     by_place = {}
     for path in sorted(glob.glob(str(folder / "tile_*.tif"))):
         with rasterio.open(path) as ds:
@@ -75,7 +76,7 @@ def differing_copies(folder: Path, recipe) -> dict:
     for paths in (p for p in by_place.values() if len(p) > 1):
         copies = []
         for path in paths:
-            image, ok, _, _ = training._read_reflectance(path, recipe, georeferenced=False)
+            image, ok, _, _ = training_data._read_reflectance(path, recipe, georeferenced=False)
             with rasterio.open(path.replace("tile_", "mask_")) as ds:
                 mask = ds.read(1)
             copies.append((Path(path).name, image, ok & np.isfinite(mask), np.nan_to_num(mask) >= 0.5))
@@ -86,8 +87,8 @@ def differing_copies(folder: Path, recipe) -> dict:
             if not np.array_equal(a[both], b[both]):
                 out.append({"files": [name_a, name_b], "disagreement": float((a[both] != b[both]).mean()),
                             "image_difference": float(np.nanmean(np.abs(image_a - image_b))),
-                            "vegetation_f1": [training.copy_agreement(image_a, ok_a, a, recipe),
-                                              training.copy_agreement(image_b, ok_b, b, recipe)]})
+                            "vegetation_f1": [training_data.copy_agreement(image_a, ok_a, a, recipe),
+                                              training_data.copy_agreement(image_b, ok_b, b, recipe)]})
     return {"pairs": pairs, "differing": out}
 
 

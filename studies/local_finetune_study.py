@@ -26,6 +26,7 @@ import torch
 
 from menet_qgis.core.evaluation.metrics import LOCAL_THRESHOLD_RANGE, ProbabilityCounts
 from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
 from studies.evaluate_coasts import JAMBELI, MAGSET2, by_group, forest_probability, holdout_of, load, split
 from studies.local_threshold_study import window_counts
@@ -82,7 +83,7 @@ def main() -> int:
                 tuned = fine_tune(args.model, local, dict(options, seed=draw))
                 seconds.append(time.perf_counter() - t0)
                 tuned_refit = fine_tune(Path(tmp) / "refit.pt", local, dict(options, seed=draw))
-                forest = forest_probability(training.TileSet.concat([trained_on, local]), rest)
+                forest = forest_probability(training_data.TileSet.concat([trained_on, local]), rest)
                 scores = {
                     "shipped": confusion(rest_prob, rest, bundle.threshold),
                     "local threshold": confusion(rest_prob, rest, local_threshold),

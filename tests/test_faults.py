@@ -30,6 +30,7 @@ from rasterio.transform import from_origin
 from helpers import ROOT, S2_NAMES, qgis_process, s2_reflectance, write_raster, write_s2
 from menet_qgis.core.model import checkpoint
 from menet_qgis.core.io import raster_io
+from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
 
 S2_DN = dict(descriptions=S2_NAMES)
@@ -386,13 +387,13 @@ def test_training_label_coding_is_checked_before_training(cli, tmp_path, mask, e
 def test_declared_mask_nodata_is_no_data_not_mangrove(tmp_path):
     mask = half_mask(dtype=np.uint8)
     mask[:4] = 255  # declared no-data of the uint8 masks
-    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", [mask] * 3))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path / "tiles", [mask] * 3))
     assert not tiles.valid[:, :4].any() and set(np.unique(tiles.labels[tiles.valid])) == {0.0, 1.0}
 
 
 @pytest.mark.unit
 def test_degenerate_validation_refuses_to_train_and_save(tmp_path):
-    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", [half_mask()] * 4))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path / "tiles", [half_mask()] * 4))
     no_mangrove = tiles.subset([0])
     no_mangrove.labels[:] = 0
     with pytest.raises(ValueError, match=r"the validation windows hold no mangrove pixels .* no model is saved; "

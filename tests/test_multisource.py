@@ -11,6 +11,7 @@ import torch
 from helpers import S2_NAMES, s2_reflectance, write_raster
 from menet_qgis.core.model import channels, checkpoint
 from menet_qgis.core.inference import engine
+from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
 from menet_qgis.core.io.bands import BandError, plan_input
 from menet_qgis.core.reporting import Cancelled, Reporter
@@ -85,25 +86,25 @@ def write_plain_tiles(folder: Path, zones=(0, 1, 2), per_zone=3, size=32, water_
 
 
 def test_source_spec_parses_and_refuses_unknown_keys():
-    spec = training.SourceSpec.parse(r"/data/m:name=magset2,weight=0.5,edge_ignore=1,group=tile_(\d+)_")
+    spec = training_data.SourceSpec.parse(r"/data/m:name=magset2,weight=0.5,edge_ignore=1,group=tile_(\d+)_")
     assert (spec.folder, spec.source, spec.weight, spec.edge_ignore, spec.group) == \
         ("/data/m", "magset2", 0.5, 1, r"tile_(\d+)_")
-    assert training.SourceSpec.parse("C:/data/tiles:weight=2").folder == "C:/data/tiles"   # a drive letter
-    assert training.SourceSpec.parse("/data/a:b").folder == "/data/a:b"                     # ':' in a name
+    assert training_data.SourceSpec.parse("C:/data/tiles:weight=2").folder == "C:/data/tiles"   # a drive letter
+    assert training_data.SourceSpec.parse("/data/a:b").folder == "/data/a:b"                     # ':' in a name
     with pytest.raises(ValueError, match="use name="):
-        training.SourceSpec.parse("/data/m:name=x,colour=red")
+        training_data.SourceSpec.parse("/data/m:name=x,colour=red")
     with pytest.raises(ValueError, match="weight must be > 0"):
-        training.SourceSpec.parse("/data/m:weight=0")
-    assert training.SourceSpec.parse("/data/m:align=3").align == 3
+        training_data.SourceSpec.parse("/data/m:weight=0")
+    assert training_data.SourceSpec.parse("/data/m:align=3").align == 3
     with pytest.raises(ValueError, match="align 0 to 8"):
-        training.SourceSpec.parse("/data/m:align=20")
+        training_data.SourceSpec.parse("/data/m:align=20")
 
 
 def test_ungeoreferenced_tiles_load_grouped_by_zone_with_label_edges_and_water_set_aside(tmp_path):
     folder = write_plain_tiles(tmp_path / "m", water_in_label=(1, 0))
-    spec = training.SourceSpec.parse(f"{folder}:name=m,weight=0.5,edge_ignore=1,group=tile_(\\d+)_")
+    spec = training_data.SourceSpec.parse(f"{folder}:name=m,weight=0.5,edge_ignore=1,group=tile_(\\d+)_")
     messages = []
-    tiles = training.load_tile_folder(folder, recipe=channels.RECIPE_V2, spec=spec, log=messages.append)
+    tiles = training_data.load_tile_folder(folder, recipe=channels.RECIPE_V2, spec=spec, log=messages.append)
     assert tiles.images.shape == (9, 5, 32, 32) and tiles.bounds == [None] * 9 and tiles.crs is None
     assert sorted(set(tiles.groups)) == ["m:0", "m:1", "m:2"]
     # reflectance = DN / 10000 with offset 0, as at inference
@@ -130,14 +131,14 @@ def test_misregistered_labels_are_found_and_moved_back_onto_their_image():
     images += rng.normal(0, 0.005, images.shape).astype(np.float32)
     drawn = np.roll(mangrove, (2, -1), axis=(0, 1)).astype(np.float32)[None]
     valid = np.ones_like(drawn, bool)
-    offsets = training.label_offsets(images, drawn, valid, channels.RECIPE_V2, 3)
+    offsets = training_data.label_offsets(images, drawn, valid, channels.RECIPE_V2, 3)
     assert offsets.tolist() == [[2, -1]]
-    labels, moved_valid = training.move_labels(drawn, valid, offsets)
+    labels, moved_valid = training_data.move_labels(drawn, valid, offsets)
     assert not moved_valid[0, -2:, :].any() and not moved_valid[0, :, :1].any()    # no label came from there
     assert moved_valid[0, :-2, 1:].all()
     assert np.array_equal(labels[0][moved_valid[0]] >= 0.5, mangrove[moved_valid[0]])
-    assert training.label_offsets(images, mangrove.astype(np.float32)[None], valid, channels.RECIPE_V2, 3).tolist() \
-        == [[0, 0]]                                                                  # a label in place stays
+    assert training_data.label_offsets(images, mangrove.astype(np.float32)[None], valid, channels.RECIPE_V2,
+                                       3).tolist() == [[0, 0]]  # a label in place stays
 
 
 def test_duplicate_footprints_with_different_labels_keep_the_copy_the_image_supports(tmp_path):
@@ -153,23 +154,25 @@ def test_duplicate_footprints_with_different_labels_keep_the_copy_the_image_supp
         mask = np.zeros((1, 32, 32), np.float32)
         mask[0, :, first_col:last_col] = 1
         write_raster(tmp_path / f"mask_{i:04d}.tif", mask, transform=tt)
-    tiles = training.load_tile_folder(tmp_path)
+    tiles = training_data.load_tile_folder(tmp_path)
     assert tiles.names == ["tile_0004.tif", "tile_0002.tif"] and tiles.duplicates_dropped == 2
     assert (tiles.labels[0][:, :16] == 1).all() and (tiles.labels[0][:, 16:] == 0).all()
-    assert np.array_equal(tiles.images[0], training.load_tile_folder(tmp_path, "tile_0004.tif").images[0])
+    assert np.array_equal(tiles.images[0], training_data.load_tile_folder(tmp_path, "tile_0004.tif").images[0])
     decisions = {f["window"]: f["decision"] for f in tiles.flags if f["rule"].startswith("copies of one footprint")}
     assert decisions["tile_0004.tif"].startswith("kept tile_0004.tif") and "tile_0001.tif 0.00" in decisions["tile_0004.tif"]
     assert decisions["tile_0000.tif"].startswith("dropped, every copy")
 
 
 def test_split_holds_out_whole_groups_and_validates_on_named_ones(tmp_path):
-    tiles = training.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1, 2, 3)), recipe=channels.RECIPE_V2,
-                                      spec=training.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,group=tile_(\\d+)_"))
-    train_idx, val_idx, test_idx = training.split_windows(tiles, 0.2, 0, val_groups=["m:1"], holdout_groups=["m:3"])
+    spec = training_data.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,group=tile_(\\d+)_")
+    tiles = training_data.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1, 2, 3)),
+                                           recipe=channels.RECIPE_V2, spec=spec)
+    train_idx, val_idx, test_idx = training_data.split_windows(tiles, 0.2, 0, val_groups=["m:1"],
+                                                               holdout_groups=["m:3"])
     group = lambda idx: {tiles.groups[i] for i in idx}  # noqa: E731
     assert group(test_idx) == {"m:3"} and group(val_idx) == {"m:1"} and group(train_idx) == {"m:0", "m:2"}
     # without named groups whole groups are drawn: no zone on both sides
-    train_idx, val_idx, _ = training.split_windows(tiles, 0.3, 0)
+    train_idx, val_idx, _ = training_data.split_windows(tiles, 0.3, 0)
     assert group(train_idx).isdisjoint(group(val_idx)) and val_idx
 
 
@@ -177,10 +180,11 @@ def test_split_holds_out_whole_groups_and_validates_on_named_ones(tmp_path):
 def test_sources_with_different_bands_and_scales_train_together(tmp_path):
     """Float reflectance with B12 (georeferenced) + uint16 DN without B12 (no CRS): recipe v2 reads both."""
     from test_training import make_tiles
-    geo = training.load_tile_folder(make_tiles(tmp_path / "geo", n=4, size=32), recipe=channels.RECIPE_V2)
-    plain = training.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1)), recipe=channels.RECIPE_V2,
-                                      spec=training.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,weight=2,group=tile_(\\d+)_"))
-    both = training.TileSet.concat([geo, plain])
+    geo = training_data.load_tile_folder(make_tiles(tmp_path / "geo", n=4, size=32), recipe=channels.RECIPE_V2)
+    spec = training_data.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,weight=2,group=tile_(\\d+)_")
+    plain = training_data.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1)), recipe=channels.RECIPE_V2,
+                                           spec=spec)
+    both = training_data.TileSet.concat([geo, plain])
     assert both.images.shape[1] == 5 and set(both.sources) == {"geo", "m"}
     assert both.weights.tolist() == [1.0] * 4 + [2.0] * 6
     options = training.TrainOptions(epochs=1, batch_size=2, seed=0, head_width=16, device="cpu", val_groups=["m:1"],
@@ -258,7 +262,7 @@ class StopAfterEpochs(Reporter):
 @pytest.mark.training
 def test_a_stopped_run_resumes_where_it_was_and_ends_as_an_uninterrupted_one(tmp_path):
     from test_training import make_tiles
-    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
     base = dict(epochs=3, batch_size=2, seed=1, head_width=16, device="cpu", val_fraction=0.34)
     straight = training.train(tiles, training.TrainOptions(**base))
     state = tmp_path / "run.resume"
@@ -280,7 +284,7 @@ def test_fine_tuning_adds_the_refinement_and_later_fine_tunes_keep_it(tmp_path):
     fine-tuning that model again keeps it unless asked otherwise, and dropping it is refused."""
     from menet_qgis.core.model import checkpoint
     from test_training import make_tiles
-    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
     plain = tmp_path / "plain.pt"
     checkpoint.save(checkpoint.new_bundle(head_width=16, seed=0), plain)
     base = dict(epochs=1, batch_size=2, seed=1, head_width=16, device="cpu", val_fraction=0.34)
@@ -301,7 +305,7 @@ def test_fine_tuning_keeps_the_start_models_channel_statistics_unless_its_recipe
     channels, so a v1 start gets statistics fitted on the new data."""
     from menet_qgis.core.model import channels as ch, checkpoint
     from test_training import make_tiles
-    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path / "tiles", n=6, size=32))
     fitted = training.fit_statistics(tiles, recipe=ch.DEFAULT_RECIPE)
     base = dict(epochs=1, batch_size=2, seed=1, head_width=16, device="cpu", val_fraction=0.34)
     for recipe, name in ((ch.DEFAULT_RECIPE, "v2.pt"), (ch.RECIPE_V1, "v1.pt")):
@@ -325,9 +329,10 @@ def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_st
     and maps exactly as the two-output network's channel 0 did (what validation scored)."""
     from menet_qgis.core.model import checkpoint
     from test_training import make_tiles
-    geo = training.load_tile_folder(make_tiles(tmp_path / "geo", n=4, size=32), recipe=channels.RECIPE_V2)
-    plain = training.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1)), recipe=channels.RECIPE_V2,
-                                      spec=training.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,style=1,group=tile_(\\d+)_"))
+    geo = training_data.load_tile_folder(make_tiles(tmp_path / "geo", n=4, size=32), recipe=channels.RECIPE_V2)
+    spec = training_data.SourceSpec.parse(f"{tmp_path / 'm'}:name=m,style=1,group=tile_(\\d+)_")
+    plain = training_data.load_tile_folder(write_plain_tiles(tmp_path / "m", zones=(0, 1)), recipe=channels.RECIPE_V2,
+                                           spec=spec)
     assert plain.styles.tolist() == [1] * 6
     target = torch.zeros(2, 8, 8)
     target[:, :, :4] = 1
@@ -336,7 +341,7 @@ def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_st
     # each window is scored on its own style's output: style 1 reads the right channel here
     assert training.masked_loss(logits, target, valid, 1.0, styles=torch.tensor([1, 1])) < 0.01
     assert training.masked_loss(logits, target, valid, 1.0) > 10
-    both = training.TileSet.concat([geo, plain])
+    both = training_data.TileSet.concat([geo, plain])
     options = dict(epochs=1, batch_size=2, seed=0, head_width=16, device="cpu", recipe=channels.RECIPE_V2)
     two = checkpoint.new_bundle(head_width=16, seed=3, recipe=channels.RECIPE_V2, label_styles=2)
     x = torch.randn(2, channels.N_CHANNELS, 32, 32)
@@ -359,7 +364,7 @@ def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_st
     with pytest.raises(ValueError, match="style 0 .* must have training windows"):
         training.train(plain, training.TrainOptions(**options, val_fraction=0.34))
     with pytest.raises(ValueError, match="style 0 to 7"):
-        training.SourceSpec.parse("/data/m:style=9")
+        training_data.SourceSpec.parse("/data/m:style=9")
     with pytest.raises(ValueError, match="cannot be combined with the refinement"):
         checkpoint.new_bundle(head_width=16, refine_width=4, label_styles=2)
 
@@ -368,8 +373,8 @@ def test_a_second_label_style_trains_its_own_output_and_the_saved_model_keeps_st
 @pytest.mark.data
 @pytest.mark.skipif(not MAGSET2.is_dir(), reason=f"MagSet-2 tiles not available at {MAGSET2}")
 def test_real_magset2_tiles_load_with_zones_and_their_noisy_labels_flagged():
-    spec = training.SourceSpec.parse(f"{MAGSET2}:name=magset2,edge_ignore=1,group=tile_(\\d+)_")
-    tiles = training.load_tile_folder(MAGSET2, recipe=channels.RECIPE_V2, spec=spec)
+    spec = training_data.SourceSpec.parse(f"{MAGSET2}:name=magset2,edge_ignore=1,group=tile_(\\d+)_")
+    tiles = training_data.load_tile_folder(MAGSET2, recipe=channels.RECIPE_V2, spec=spec)
     assert len(tiles) == 350 and tiles.images.shape[1:] == (5, 128, 128)
     assert sorted(set(tiles.groups)) == [f"magset2:{z}" for z in (0, 1, 2, 3, 5, 6, 8)]
     assert 0.6 < float(tiles.labels[tiles.valid].mean()) < 0.8            # README: mean share about 0.68
@@ -383,8 +388,8 @@ def test_real_magset2_labels_are_found_where_its_readme_says_they_sit():
     """README: GMW masks sit about 0.6 px south and 1 px east of the imagery."""
     import re
     messages = []
-    spec = training.SourceSpec.parse(f"{MAGSET2}:name=magset2,align=3,group=tile_(\\d+)_")
-    tiles = training.load_tile_folder(MAGSET2, recipe=channels.RECIPE_V2, spec=spec, log=messages.append)
+    spec = training_data.SourceSpec.parse(f"{MAGSET2}:name=magset2,align=3,group=tile_(\\d+)_")
+    tiles = training_data.load_tile_folder(MAGSET2, recipe=channels.RECIPE_V2, spec=spec, log=messages.append)
     line = next(m for m in messages if "labels moved onto their images" in m)
     south, east = map(float, re.search(r"sat ([-+.\d]+) px south and ([-+.\d]+) px east", line).groups())
     assert 0.4 < south < 1.0 and 0.8 < east < 1.6, line

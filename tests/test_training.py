@@ -5,6 +5,7 @@ import torch
 
 from helpers import S2_NAMES, TRAIN, s2_reflectance, write_raster
 from menet_qgis.core.model import checkpoint
+from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
 
 
@@ -26,7 +27,7 @@ def make_tiles(folder, n=6, size=64, duplicate_of=None):
 
 
 def test_tile_folder_loading_handles_real_label_quirks(tmp_path):
-    tiles = training.load_tile_folder(make_tiles(tmp_path, duplicate_of=0))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path, duplicate_of=0))
     assert len(tiles) == 5 and tiles.duplicates_dropped == 1
     assert set(np.unique(tiles.labels)) == {0.0, 1.0}
     assert tiles.labels[2, 0, 0] == 1.0 and tiles.labels[0, 0, 33] == 0.0
@@ -37,10 +38,10 @@ def test_location_split_never_puts_one_place_on_both_sides():
     bounds = [(0, 0, 1280, 1280), (640, 0, 1920, 1280),       # overlapping pair
               (10000, 0, 11280, 1280), (10000, 0, 11280, 1280),  # identical pair
               (50000, 0, 51280, 1280), (90000, 0, 91280, 1280)]
-    groups = training.location_groups(bounds, block=0)
+    groups = training_data.location_groups(bounds, block=0)
     assert groups[0] == groups[1] and groups[2] == groups[3] and len(set(groups)) == 4
     for seed in range(10):
-        train_idx, val_idx = training.spatial_split(bounds, 0.3, seed, block=0)
+        train_idx, val_idx = training_data.spatial_split(bounds, 0.3, seed, block=0)
         assert sorted(train_idx + val_idx) == list(range(6))
         for a, b in ((0, 1), (2, 3)):
             assert (a in val_idx) == (b in val_idx)
@@ -49,7 +50,7 @@ def test_location_split_never_puts_one_place_on_both_sides():
 @pytest.mark.data
 @pytest.mark.skipif(not TRAIN.is_dir(), reason=f"real training tiles not available at {TRAIN}")
 def test_real_training_tiles_split_without_shared_windows():
-    tiles = training.load_tile_folder(TRAIN)
+    tiles = training_data.load_tile_folder(TRAIN)
     # 41 copies of a footprint are dropped.  On the 6 footprints whose copies disagree the image decides:
     # one copy's label follows the vegetation (F1 0.62-0.90), the other's does not (0.01-0.34).
     conflicts = [f for f in tiles.flags if f["rule"].startswith("copies of one footprint")]
@@ -57,7 +58,7 @@ def test_real_training_tiles_split_without_shared_windows():
     assert all(f["decision"].startswith("kept") for f in conflicts)
     assert "tile_0188.tif" in tiles.names and "tile_0217.tif" not in tiles.names       # 0217 has 0.4 % mangrove
     assert "tile_0257.tif" in tiles.names and "tile_0173.tif" not in tiles.names
-    train_idx, val_idx = training.spatial_split(tiles.bounds, 0.2, 0)
+    train_idx, val_idx = training_data.spatial_split(tiles.bounds, 0.2, 0)
     b = np.asarray(tiles.bounds)
     for i in val_idx:
         overlap = (b[train_idx, 0] < b[i, 2]) & (b[train_idx, 2] > b[i, 0]) & \
@@ -66,7 +67,7 @@ def test_real_training_tiles_split_without_shared_windows():
 
 
 def test_training_refuses_what_cannot_train(tmp_path):
-    tiles = training.load_tile_folder(make_tiles(tmp_path, n=4))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path, n=4))
     with pytest.raises(ValueError, match="batch size must be at least 2"):
         training.train(tiles, training.TrainOptions(epochs=1, batch_size=1))
 
@@ -92,9 +93,9 @@ def test_boundary_aware_loss_weighs_mistakes_at_label_edges_only():
     valid = torch.ones(1, 8, 8, dtype=torch.bool)
     valid[0, :, 7] = False
     target[0, :, 7] = 1.0  # a mangrove label under the no-data column: not a boundary of valid pixels
-    band = training.label_edge_band(target.numpy(), 2, valid.numpy())[0]
+    band = training_data.label_edge_band(target.numpy(), 2, valid.numpy())[0]
     assert band[:, 2:6].all() and not band[:, :2].any() and not band[:, 6:].any()
-    assert training.label_edge_band(target.numpy(), 2)[0][:, 6].all()  # ... which it would be without valid
+    assert training_data.label_edge_band(target.numpy(), 2)[0][:, 6].all()  # ... which it would be without valid
     right = torch.where(target > 0.5, 5.0, -5.0)[:, None]
 
     def loss_with_mistake_at(col, weight):
@@ -109,7 +110,7 @@ def test_boundary_aware_loss_weighs_mistakes_at_label_edges_only():
 
 @pytest.mark.training
 def test_short_training_run_is_reproducible_and_its_checkpoint_loads(tmp_path):
-    tiles = training.load_tile_folder(make_tiles(tmp_path / "tiles", n=6))
+    tiles = training_data.load_tile_folder(make_tiles(tmp_path / "tiles", n=6))
     options = training.TrainOptions(epochs=2, batch_size=2, lr=1e-3, val_fraction=0.34, seed=3, head_width=16)
     result = training.train(tiles, options)
     assert len(result.history) == 2 and all(np.isfinite(r["loss"]) for r in result.history)

@@ -89,7 +89,7 @@ def forest_label(bands: int, trees: int = 100) -> str:
 
 def forest_from_tiles(folder, trees: int = 100, seed: int = 0):
     """Random-forest baseline trained on every valid pixel of a tile folder."""
-    from ..training.train import load_tile_folder
+    from ..training.data import load_tile_folder
     tiles = load_tile_folder(folder, recipe=ch.RECIPE_V2)
     return train_random_forest(tiles.images.transpose(1, 0, 2, 3)[:, tiles.valid], tiles.labels[tiles.valid],
                                trees, seed)
