@@ -46,7 +46,8 @@ import numpy as np
 from menet_qgis.options import RUNTIMES
 from menet_qgis.core.inference import runtimes
 from menet_qgis.core.inference.engine import THRESHOLD_TAG
-from menet_qgis.core.inference.tiling import DEFAULT_OVERLAP, WindowGrid
+from menet_qgis.core.inference.tiling import WindowGrid
+from menet_qgis.options import DEFAULT_OVERLAP
 from menet_qgis.core.io import raster_io
 from menet_qgis.model_store import default_model_path
 from scripts.synthetic_s2 import generate

@@ -79,10 +79,10 @@ def cmd_stages(args) -> int:
 
 def cmd_predict(args) -> int:
     from . import jobs
-    from .core.inference import engine
+    from .core import files
     from .core.io import raster_io
     from .core.model.stages import parse_stage_names
-    from .core.inference.tiling import check_window
+    from .core.model.stages import check_window
     # Cheap checks first: parameters, every input, then the model, before any compute.
     check_window(args.window or 256, args.overlap)
     stages = parse_stage_names(args.stages)
@@ -93,7 +93,7 @@ def cmd_predict(args) -> int:
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
     model_path = jobs.resolve_model(args.model, args.runtime, args.device, ConsoleReporter(args.quiet))
     outputs = [Path(args.out_dir) / f"{stem}_probability.tif" for stem in stems]
-    raster_io.refuse_overwriting_inputs(outputs + [engine.stage_path(o, None, n) for o in outputs for n in stages],
+    files.refuse_overwriting_inputs(outputs + [files.stage_path(o, None, n) for o in outputs for n in stages],
                                         [*args.inputs, model_path])
     model = jobs.load_model(model_path, None, args.runtime, args.device, stages)
     for path in args.inputs:  # the model's channel recipe says which bands each input must have

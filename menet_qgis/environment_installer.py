@@ -44,7 +44,7 @@ from . import child_process, user_paths
 from .child_process import ChildProcess
 from .core.reporting import Reporter
 
-#: The pinned requirement lists, one pip requirements file per variant (cited by docs/install.md).
+#: The pinned requirement lists, one pip requirements file per variant (cited by docs/guide/install-dependencies.md).
 REQUIREMENTS_DIR = Path(__file__).resolve().parent / "requirements"
 VARIANTS = ("cpu-light", "cpu", "cuda")
 #: The dialog's and the CLI's default: maps on any CPU through ONNX Runtime, the smallest download.

@@ -308,7 +308,7 @@ def export_channels(params: Dict, reporter) -> Dict:
 
 def train(params: Dict, reporter) -> Dict:
     """Train ME-Net; the checkpoint appears at ``output`` only when training has finished."""
-    from .core.io import raster_io
+    from .core import files
     from .core.model import channels
     from .core.model.checkpoint import read_record, save
     from .core.training import data as training_data, train as training
@@ -319,7 +319,7 @@ def train(params: Dict, reporter) -> Dict:
         if not Path(spec.folder).is_dir():
             raise ValueError(f"tile folder not found: {spec.folder}")
     inputs = [p for spec in specs for p in Path(spec.folder).glob("*") if p.is_file()] + job.images
-    raster_io.refuse_overwriting_inputs([out, job.history],
+    files.refuse_overwriting_inputs([out, job.history],
                                         inputs + [job.label_raster, job.imagenet_weights, job.init_from])
     if specs:
         tiles = training_data.TileSet.concat([training_data.load_tile_folder(spec.folder, recipe=recipe, spec=spec,
@@ -337,7 +337,7 @@ def train(params: Dict, reporter) -> Dict:
     best_so_far = out.parent / f".{out.name}.best-so-far"
     resume_state = out.parent / f".{out.name}.resume"
     for path in (out, best_so_far, resume_state):
-        for stale in raster_io.remove_stale_partials(path):
+        for stale in files.remove_stale_partials(path):
             reporter.info(f"removed {stale.name}: a partial file left by a run that no longer exists")
     if resume_state.exists() and not job.resume:
         resume_state.unlink()
@@ -354,7 +354,7 @@ def train(params: Dict, reporter) -> Dict:
         best_so_far.unlink(missing_ok=True)
     resume_state.unlink(missing_ok=True)
     if job.history:
-        raster_io.atomic_write_text(job.history, json.dumps(result.history, indent=2))
+        files.atomic_write_text(job.history, json.dumps(result.history, indent=2))
     reporter.info(f"model written to {out}")
     return {"checkpoint": str(out), "best": result.best, "windows": len(tiles),
             "threshold": result.bundle.threshold}
@@ -364,9 +364,10 @@ def assess(params: Dict, reporter) -> Dict:
     """Accuracy of a map against a reference (next to MVI and a random forest), or of a model
     on the validation windows it records."""
     from .core.evaluation import assessment
-    from .core.io import polygons as polygons_io, raster_io
+    from .core import files
+    from .core.io import polygons as polygons_io
     job = AssessJob.from_dict(params)
-    raster_io.refuse_overwriting_inputs([job.report, job.table], [job.prediction, job.reference, job.reference_file,
+    files.refuse_overwriting_inputs([job.report, job.table], [job.prediction, job.reference, job.reference_file,
                                                                   job.area_file, job.image, job.model])
     if job.prediction:
         import rasterio

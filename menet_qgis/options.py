@@ -178,7 +178,7 @@ ENGINE: Tuple[Option, ...] = (
     # mandatory boolean a model's child has no value for)
     Option("tta", "bool", False,
            "test-time flips: average the model over the 8 flips/rotations of every window, for 8x the model's "
-           "time (what it gains: the model card's scores, docs/model.md)",
+           "time (what it gains: the scores in resources/models/MODEL_CARD.md)",
            label="Test-time flips (8x slower)", optional=True, advanced=True),
 )
 
@@ -384,6 +384,11 @@ def by_name(options: Sequence[Option], name: str) -> Option:
         if option.name == name:
             return option
     raise KeyError(f"no option {name!r}; options: {', '.join(o.name for o in options)}")
+
+
+def default_of(options: Sequence[Option], name: str):
+    """The declared default of one option: what the core's own option dataclasses start from."""
+    return by_name(options, name).default
 
 
 def defaults(options: Sequence[Option]) -> Dict[str, object]:

@@ -2,7 +2,7 @@
 # One ablation: the fine-tuning recipe (the default model until the random start replaced it: v1's
 # weights, 12 epochs at 3e-4, same split as scripts/train_default_model.sh) with one change, then the
 # per-zone table; `scratchN` is the shipped default's recipe.  Models go to build/ablation/ (not
-# shipped); the MODEL_CARD's ablation tables come from their .evaluation.md files.
+# shipped); the ablation tables of docs/experiments/ come from their .evaluation.md files.
 #
 #   studies/ablate_coasts.sh edge1     1 px either side of MagSet-2's label edges left out of the loss
 #                                      (the first v2 model's setting; the default uses the labels up to their edges)

@@ -206,18 +206,17 @@ def test_batch_and_predict_take_the_same_engine_options():
 def test_engine_and_device_take_the_declared_defaults_and_choices():
     from dataclasses import fields
 
-    from menet_qgis.core.inference import device, engine, runtimes, tiling
+    from menet_qgis.core.inference import device, engine, runtimes
     declared = options.defaults(options.ENGINE)
     defaults = {f.name: f.default for f in fields(engine.EngineOptions)}
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items() if k in declared} == declared
     assert set(declared) <= set(defaults)
     assert device.DEVICE_CHOICES is options.DEVICES
     assert runtimes.RUNTIMES is options.RUNTIMES and runtimes.PRECISIONS is options.PRECISIONS
-    assert tiling.DEFAULT_OVERLAP == options.by_name(options.ENGINE, "overlap").default
 
 
 def test_the_training_loop_defaults_are_the_declared_ones():
-    """core.training.TrainOptions keeps its own defaults for callers outside jobs: they must not drift."""
+    """core.training.TrainOptions (what callers outside jobs use) starts from the same declared defaults."""
     from dataclasses import fields
 
     from menet_qgis.core.training.train import TrainOptions

@@ -217,7 +217,7 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
     from .. import jobs
     from ..core.inference import runtimes
     from ..core.model.stages import parse_stage_names
-    from ..core.inference.tiling import check_window
+    from ..core.model.stages import check_window
     out_dir = Path(out_dir)
     work = out_dir / WORK_FOLDER
     scenes = collect_scenes(inputs, work / "vrt", options.band_numbers, options.dn_offset)

@@ -7,7 +7,7 @@ from qgis.core import (QgsProcessingOutputMultipleLayers, QgsProcessingOutputNum
 
 from .. import options
 from ..core.files import refuse_overwriting_inputs, stage_path  # stdlib only
-from ..core.model.stages import STAGES  # stdlib only
+from ..core.model.stages import STAGES, check_window  # stdlib only
 from .base import MENetAlgorithm
 from .layers import load_results
 from .parameters import advanced, bounds_of, gdal_raster_path, has_value, values_from
@@ -74,7 +74,6 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         self.addOutput(QgsProcessingOutputNumber(self.THRESHOLD, "Model's mangrove threshold"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
-        from ..core.inference.tiling import check_window  # imports numpy: only when a run is checked
         values = values_from(self, parameters, context, self.declared_options)
         try:
             check_window(values["window"] or 256, values["overlap"])

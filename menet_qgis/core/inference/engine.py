@@ -35,7 +35,7 @@ from ..io.raster_io import (AtomicRaster, RasterInput, check_free_space, check_p
 from ..model.stages import STAGE_BY_NAME, parse_stage_names
 from ..reporting import Cancelled, Reporter
 from .tiling import StripStitcher, WindowGrid, stitch_batch
-from ...options import ENGINE, by_name
+from ...options import ENGINE, default_of
 
 STAGE_MODES = ("compact", "all")
 #: Seconds between "windows done, rate, time left" log lines during a run.
@@ -46,24 +46,20 @@ COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
 THRESHOLD_TAG = "MENET_THRESHOLD"
 
 
-def _declared(name: str):
-    return by_name(ENGINE, name).default
-
-
 @dataclass
 class EngineOptions:
     """The engine's options; what each means and its default: options.ENGINE (declared once for every front end)."""
-    window: int = _declared("window")              # 0 = the window size the checkpoint recommends
-    overlap: int = _declared("overlap")
-    batch_size: int = _declared("batch_size")      # 0 = automatic for the device
-    device: str = _declared("device")
-    stages: Sequence[str] = _declared("stages")
-    stage_mode: str = _declared("stage_mode")      # "compact" (3 summary bands) or "all" channels
+    window: int = default_of(ENGINE, "window")              # 0 = the window size the checkpoint recommends
+    overlap: int = default_of(ENGINE, "overlap")
+    batch_size: int = default_of(ENGINE, "batch_size")      # 0 = automatic for the device
+    device: str = default_of(ENGINE, "device")
+    stages: Sequence[str] = default_of(ENGINE, "stages")
+    stage_mode: str = default_of(ENGINE, "stage_mode")      # "compact" (3 summary bands) or "all" channels
     readers: int = 0               # reader threads; 0 = automatic (2 on the CPU, up to 8 with CUDA); not user-facing
-    threads: int = _declared("threads")            # 0 = every core this process may use
-    precision: str = _declared("precision")
-    runtime: str = _declared("runtime")            # see runtimes.choose_runtime
-    tta: bool = _declared("tta")                   # test-time flips: mean over the 8 flips of each window
+    threads: int = default_of(ENGINE, "threads")            # 0 = every core this process may use
+    precision: str = default_of(ENGINE, "precision")
+    runtime: str = default_of(ENGINE, "runtime")            # see runtimes.choose_runtime
+    tta: bool = default_of(ENGINE, "tta")                   # test-time flips: mean over the 8 flips of each window
 
 
 @dataclass

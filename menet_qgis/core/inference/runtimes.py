@@ -79,7 +79,7 @@ def torch_sees_cuda() -> bool:
 
 def default_threads() -> int:
     """CPU threads for a runtime when the user sets none: every core this process may use.
-    (Measured in scripts/bench.py --threads-sweep; see docs/performance.md.)"""
+    (Measured in python -m benchmarks.bench --threads-sweep; see docs/performance.md.)"""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

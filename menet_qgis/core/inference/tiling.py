@@ -17,8 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ...options import DEFAULT_OVERLAP  # noqa: F401 (re-exported)
-from ..model.stages import MAX_STRIDE
+from ..model.stages import check_window
 
 
 @dataclass(frozen=True)
@@ -63,13 +62,6 @@ class WindowGrid:
         for r, y0 in enumerate(self.row_origins):
             for x0 in self.col_origins:
                 yield r, y0, x0
-
-
-def check_window(window: int, overlap: int) -> None:
-    if window < 2 * MAX_STRIDE or window % MAX_STRIDE:
-        raise ValueError(f"window size must be a multiple of {MAX_STRIDE} and at least {2 * MAX_STRIDE} px, got {window}")
-    if overlap < 0 or overlap % MAX_STRIDE or overlap > window // 2:
-        raise ValueError(f"overlap must be a multiple of {MAX_STRIDE} between 0 and half the window ({window // 2}), got {overlap}")
 
 
 def blend_weights(size: int, overlap: int) -> np.ndarray:

@@ -27,9 +27,6 @@ from rasterio.windows import Window, from_bounds
 
 from ..compat import compose
 from ..files import InputError, sync_file, temp_beside, write_failure
-# still importable from here for callers outside core (jobs, cli) and tests:
-from ..files import HOST, WriteError, atomic_write_text, refuse_overwriting_inputs, remove_stale_partials  # noqa: F401
-from ..termination import Terminated, raise_on_sigterm  # noqa: F401 (re-exported)
 from .bands import InputPlan, plan_input
 
 

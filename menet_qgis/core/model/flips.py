@@ -3,8 +3,8 @@ augmentation and for test-time flips.
 
 Overhead imagery has no "up": a mangrove edge seen mirrored or turned is still a mangrove
 edge.  Test-time flips run the model on all 8 views of a window and average the
-probabilities after turning each back; on the validation and held-out coasts that gained
-0.1–0.8 F1 points at 8× the model's time (MODEL_CARD.md), so it is an option, off by default.
+probabilities after turning each back, at 8× the model's time; what that gains is in the model
+card's scores (resources/models/MODEL_CARD.md), so it is an option, off by default.
 
 Works on numpy arrays and torch tensors alike (last two axes) without importing torch:
 the ONNX runtimes map without it.

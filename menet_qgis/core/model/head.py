@@ -106,7 +106,7 @@ class ImageGuidedRefinement(nn.Module):
     predicts a correction added to the coarse logit.  The last conv starts at
     zero, so a model fine-tuned from one without refinement starts out equal to it.
     At ``width`` 16 a training epoch took 12 % longer.  Tried on the default model's
-    recipe (``scripts/ablate_coasts.sh refine16``): no gain on validation, lower on
+    recipe (``studies/ablate_coasts.sh refine16``, docs/experiments/rounds-1-3.md): no gain on validation, lower on
     the held-out coasts, so it is an option (``train --refine-width``), not the default.
     """
 
@@ -139,7 +139,7 @@ class MENetHead(nn.Module):
     mangrove's edge differently (hand-drawn polygons against Global Mangrove Watch's coarse map)
     need not share one output.  ``keep_label_style`` cuts the head back to one style's output
     before a model is saved, so a saved model always has one output, as before.  Tried with
-    MagSet-2 as a second style: lower than one shared output (MODEL_CARD, sixth round).
+    MagSet-2 as a second style: lower than one shared output (docs/experiments/rounds-5-7.md, sixth round).
     """
 
     decoder_stages: Sequence[str] = ("stage4", "stage3", "stage2", "stage0")

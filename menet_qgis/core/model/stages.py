@@ -69,3 +69,12 @@ def stage_table(window: int = 256) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def check_window(window: int, overlap: int) -> None:
+    """Windows and overlaps in whole cells of the deepest stage, so every stage map tiles without seams
+    (standard library: the QGIS process checks a dialog's values with it)."""
+    if window < 2 * MAX_STRIDE or window % MAX_STRIDE:
+        raise ValueError(f"window size must be a multiple of {MAX_STRIDE} and at least {2 * MAX_STRIDE} px, got {window}")
+    if overlap < 0 or overlap % MAX_STRIDE or overlap > window // 2:
+        raise ValueError(f"overlap must be a multiple of {MAX_STRIDE} between 0 and half the window ({window // 2}), got {overlap}")

@@ -30,6 +30,7 @@ from ..model.checkpoint import ModelBundle, load_imagenet_state, new_bundle, sav
 from ..model.flips import dihedral
 from ..reporting import Cancelled, Reporter
 from .data import SPLIT_HINT, TileSet, check_both_classes, label_edge_band, split_windows
+from ...options import TRAIN, default_of
 
 #: Width (px) of the band a boundary-aware loss weights up: 83 % of the Jambelí model's errors
 #: lay within 2 px of a mangrove boundary (issue 10).
@@ -51,16 +52,17 @@ def fit_statistics(tiles: TileSet, max_pixels: int = 500_000, seed: int = 0, rec
 
 @dataclass
 class TrainOptions:
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
+    """The training loop's options; the user-facing ones start from their declaration in options.TRAIN."""
+    epochs: int = default_of(TRAIN, "epochs")
+    batch_size: int = default_of(TRAIN, "batch_size")
+    lr: float = default_of(TRAIN, "lr")
     weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"
+    val_fraction: float = default_of(TRAIN, "val_fraction")
+    seed: int = default_of(TRAIN, "seed")
+    device: str = default_of(TRAIN, "device")
     head_width: int = 64
     imagenet_weights: Optional[str] = None
-    threads: int = 0
+    threads: int = default_of(TRAIN, "threads")
     save_best_to: Optional[str] = None   # write the best checkpoint as soon as it improves
     recipe: ch.Recipe = ch.DEFAULT_RECIPE
     init_from: Optional[str] = None      # start from this checkpoint's weights (fine-tuning)
@@ -68,7 +70,7 @@ class TrainOptions:
     val_groups: Sequence[str] = ()
     holdout_groups: Sequence[str] = ()
     val_names: Sequence[str] = ()
-    boundary_weight: float = 0.0         # > 0: boundary-aware loss (see masked_loss)
+    boundary_weight: float = default_of(TRAIN, "boundary_weight")  # > 0: boundary-aware loss (see masked_loss)
     refine_width: Optional[int] = None   # image-guided refinement width; None = as init_from, else 0 (none)
 
 
