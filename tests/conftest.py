@@ -11,9 +11,9 @@ from helpers import ROOT, SCENE
 
 sys.path.insert(0, str(ROOT))
 
-# Each test's category (pytest.ini describes them; `make test-fast` runs `-m unit`): its file's, unless the test
-# carries another category marker itself.  `data` is added on top: by the file, by an explicit marker, or by
-# using a fixture in DATA_FIXTURES.  tests/test_test_categories.py fails on a test file missing here.
+# Each test's category (pytest.ini says what each means; `make test-fast` runs `-m "unit and not data"`): its
+# file's, unless the test carries another category marker itself.  `data` comes on top: from the file, from a
+# marker, or from using a fixture in DATA_FIXTURES.  tests/test_test_categories.py fails on a file missing here.
 CATEGORIES = ("unit", "integration", "gui", "training")
 FILE_CATEGORIES = {
     "test_assessment.py": "unit",

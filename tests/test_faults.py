@@ -256,7 +256,6 @@ def test_predict_output_that_is_another_input_is_refused(untrained_path, tmp_pat
     assert b.read_bytes() == before and partials(tmp_path) == []
 
 
-@pytest.mark.unit
 def test_predict_output_reaching_the_input_through_a_symlink_is_refused(cli, untrained_path, tmp_path):
     a = write_s2(tmp_path / "data" / "a.tif", 64, 64)
     before = a.read_bytes()
@@ -310,7 +309,6 @@ def test_qgis_process_output_equal_to_input_is_refused(qgis_env, untrained_path,
 
 
 # --- 3. silently wrong inputs ------------------------------------------------------------------
-@pytest.mark.unit
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "complex64"])
 def test_dtypes_no_sentinel2_product_has_are_refused(cli, untrained_path, tmp_path, dtype):
     data = (s2_reflectance(32, 32) * 100).astype(dtype)
@@ -324,7 +322,6 @@ def test_dtypes_no_sentinel2_product_has_are_refused(cli, untrained_path, tmp_pa
     assert (out / "odd_probability.tif").read_bytes() == old and partials(out) == []
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("values, expected", [
     (np.zeros((6, 64, 64), np.float32), "odd.tif holds only zeros (4096 valid pixels in 1 window sampled across it): "
                                         "there is nothing to map. Likely an empty or failed export"),
