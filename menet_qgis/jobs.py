@@ -67,16 +67,21 @@ _EXTRACT_DECLARED = (opts.MODEL,) + opts.INPUT
 
 
 @dataclass
-class ExtractJob(JobParams):
-    """Mangrove probability (and stage layers) for one raster.  ``options``: ``EngineOptions`` fields by
-    name (window, overlap, batch_size, device, stages, stage_mode, ...), passed through to the engine."""
-    JOB: ClassVar[str] = "extract"
+class _RasterThroughModel(JobParams):
+    """A raster read the way a model reads it: its bands found by name or number, DN offset applied."""
     DECLARED: ClassVar[Tuple[Option, ...]] = _EXTRACT_DECLARED
     input: str
     output: str
     model: Optional[str] = _default(_EXTRACT_DECLARED, "model")
     bands: Optional[List[int]] = _default(opts.INPUT, "bands")
     dn_offset: Optional[float] = _default(opts.INPUT, "dn_offset")
+
+
+@dataclass
+class ExtractJob(_RasterThroughModel):
+    """Mangrove probability (and stage layers) for one raster.  ``options``: ``EngineOptions`` fields by
+    name (window, overlap, batch_size, device, stages, stage_mode, ...), passed through to the engine."""
+    JOB: ClassVar[str] = "extract"
     bounds: Optional[List[float]] = None    # [xmin, ymin, xmax, ymax] in the input's CRS
     stage_dir: Optional[str] = None         # stage layers go here; None = beside the probability
     options: Dict = field(default_factory=dict)
@@ -111,15 +116,9 @@ class PrepareJob(JobParams):
 
 
 @dataclass
-class ExportChannelsJob(JobParams):
+class ExportChannelsJob(_RasterThroughModel):
     """The 11 input channels as the model sees them (before normalisation)."""
     JOB: ClassVar[str] = "export_channels"
-    DECLARED: ClassVar[Tuple[Option, ...]] = _EXTRACT_DECLARED
-    input: str
-    output: str
-    model: Optional[str] = _default(_EXTRACT_DECLARED, "model")
-    bands: Optional[List[int]] = _default(opts.INPUT, "bands")
-    dn_offset: Optional[float] = _default(opts.INPUT, "dn_offset")
 
 
 @dataclass

@@ -178,3 +178,18 @@ def decision_threshold(training: Dict) -> float:
     trained and stored with it (``training["threshold"]``), 0.5 for models from before that."""
     value = training.get("threshold", 0.5)
     return float(value) if isinstance(value, (int, float)) and 0.0 < value < 1.0 else 0.5
+
+
+class TrainingRecord:
+    """What every loaded model (a torch checkpoint, an exported ONNX model) says of its training, read
+    from its ``training`` dict: whether it was trained at all, and its decision threshold."""
+
+    training: Dict
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.training.get("trained", False))
+
+    @property
+    def threshold(self) -> float:
+        return decision_threshold(self.training)

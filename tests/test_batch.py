@@ -144,7 +144,7 @@ def test_local_cluster_maps_every_scene(clean_run, inputs, untrained_path):
     rows = summary(out)
     names = ["north", "south", "east", "edge_unnamed", "north_dn", "S2A_17MPV_20200115_0_L2A"]
     assert sorted(rows) == sorted(names)
-    from menet_qgis.batch.manifest import file_sha256
+    from menet_qgis.core.files import file_sha256
     sha = file_sha256(untrained_path)
     for name in names:
         row = rows[name]
@@ -255,7 +255,7 @@ def test_batch_maps_an_onnx_model_without_torch_as_extract_does(inputs, bundle, 
     precision chosen and logged with the reason) and with a .pt whose ONNX export is cached; the maps
     are Extract's, with Extract's default overlap; a .pt never exported is refused in one line before
     any cluster starts."""
-    from menet_qgis.batch.manifest import file_sha256
+    from menet_qgis.core.files import file_sha256
     from menet_qgis.cli import build_parser
     from menet_qgis.core.inference import engine
     from menet_qgis.options import DEFAULT_OVERLAP

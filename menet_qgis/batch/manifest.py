@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, file_sha256
 from .inputs import Scene, is_virtual
 
 RESULT_KEY_TAG = "MENET_RESULT_KEY"
@@ -34,11 +34,6 @@ EDGE_BYTES = 2**20
 PERFORMANCE_OPTIONS = ("batch_size", "readers", "threads", "device", "runtime")
 SUMMARY_COLUMNS = ("scene", "status", "mangrove_ha", "threshold", "seconds", "worker", "attempts", "model_sha256",
                    "windows", "date", "region", "input", "output", "note")
-
-
-def file_sha256(path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def file_fingerprint(path: str) -> Dict:

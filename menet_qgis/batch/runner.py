@@ -28,8 +28,9 @@ from distributed import Client, Event, LocalCluster, as_completed
 from distributed.client import FutureCancelledError
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..core.files import file_sha256
 from .inputs import Scene, collect_scenes
-from .manifest import (RunManifest, SceneRecord, file_sha256, is_done, result_key, result_parameters,
+from .manifest import (RunManifest, SceneRecord, is_done, result_key, result_parameters,
                        scene_fingerprint)
 from .scene_task import ENGINE_CHOICE_PREFIXES, EVENT_TOPIC, Job, engine_options, load_model, output_paths, run_scene
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from .inputs import Scene
-from .manifest import RESULT_KEY_TAG, file_sha256, mangrove_hectares, write_cog
-from ..core.files import finish_file, stage_path
+from .manifest import RESULT_KEY_TAG, mangrove_hectares, write_cog
+from ..core.files import file_sha256, finish_file, stage_path
 from ..core.reporting import Cancelled
 
 EVENT_TOPIC = "menet-batch"

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..model import channels as ch
 from ..model.stages import STAGE_NAMES
+from ...model_records import TrainingRecord
 
 #: The ONNX file's metadata_props key holding the model record (JSON).
 METADATA_KEY = "menet_qgis"
@@ -25,7 +26,7 @@ NEEDS = ("probability", "stages")
 
 
 @dataclass
-class OnnxModel:
+class OnnxModel(TrainingRecord):
     """An exported model plus what the pipeline needs to feed it (no torch inside).
 
     Duck-types the fields of ``checkpoint.ModelBundle`` the engine reads."""
@@ -40,15 +41,6 @@ class OnnxModel:
     source: Optional[str] = None          # the checkpoint it was exported from
     source_sha256: Optional[str] = None
     recipe: ch.Recipe = ch.RECIPE_V1
-
-    @property
-    def trained(self) -> bool:
-        return bool(self.training.get("trained", False))
-
-    @property
-    def threshold(self) -> float:
-        from ...model_records import decision_threshold
-        return decision_threshold(self.training)
 
     @property
     def has_stages(self) -> bool:

@@ -23,6 +23,7 @@ from . import channels as ch
 from .menet import (ARCHITECTURE, ARCHITECTURE_VERSION, ARCHITECTURE_VERSIONS, DEFAULT_HEAD_WIDTH, N_CHANNELS, MENet,
                     find_imagenet_weights, imagenet_weight_candidates)
 from ..files import atomic_write_bytes
+from ...model_records import TrainingRecord
 
 FORMAT = "menet_qgis.checkpoint"
 FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ class CheckpointError(ValueError):
 
 
 @dataclass
-class ModelBundle:
+class ModelBundle(TrainingRecord):
     """A loaded checkpoint: the model plus what the pipeline needs to feed it."""
 
     model: MENet
@@ -48,15 +49,6 @@ class ModelBundle:
     training: Dict = field(default_factory=dict)
     path: Optional[str] = None
     recipe: ch.Recipe = ch.RECIPE_V1
-
-    @property
-    def trained(self) -> bool:
-        return bool(self.training.get("trained", False))
-
-    @property
-    def threshold(self) -> float:
-        from ...model_records import decision_threshold
-        return decision_threshold(self.training)
 
 
 
