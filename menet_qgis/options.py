@@ -141,8 +141,7 @@ DEVICE = Option("device", "choice", "auto", "auto = a CUDA GPU when torch sees o
 
 ENGINE: Tuple[Option, ...] = (
     Option("stages", "multichoice", (),
-           f"stage layers to write besides the probability, comma-separated ({','.join(STAGE_NAMES)}); "
-           "each at its own resolution (see docs/model.md)",
+           "stage layers to write besides the probability, each at its own resolution (see docs/model.md)",
            label="Stage layers", choices=tuple(STAGE_NAMES), optional=True,
            choice_labels=tuple(f"{s.name} — 1/{s.stride} resolution, {s.channels} channels" for s in STAGES)),
     Option("stage_mode", "choice", "compact",
@@ -202,7 +201,7 @@ INPUT: Tuple[Option, ...] = (
 
 MODEL = Option("model", "file", None,
                "exported model (.onnx; maps without torch) or checkpoint (.pt); empty = the default model from "
-               "the model store (see install-model --list)",
+               "the model store (Install model / install-model --list show it)",
                label="Model checkpoint", optional=True, file_filter="ME-Net models (*.pt *.onnx)")
 
 PREDICT: Tuple[Option, ...] = (
@@ -261,7 +260,7 @@ TRAIN: Tuple[Option, ...] = (
     Option("resume", "bool", False, "continue a stopped run from its resume state (.OUT.resume, written every epoch)",
            label="Continue a stopped run", advanced=True, fronts=CLI_AND_DIALOG),
     Option("history", "file", None, "also write the per-epoch log as JSON here", fronts=CLI_ONLY),
-    Option("val_groups", "text_list", (), "location groups used for validation, comma-separated, e.g. magset2:6",
+    Option("val_groups", "text_list", (), "location groups used for validation, e.g. magset2:6",
            fronts=CLI_ONLY),
     Option("holdout_groups", "text_list", (),
            "location groups or sources never trained on nor used to choose anything", flag="--holdout",
@@ -432,13 +431,16 @@ def argument(option: Option) -> Tuple[List[str], Dict]:
         kwargs.update(choices=list(option.choices), type=type(option.choices[0]))
     elif option.kind in _LIST_ITEMS:
         kwargs["type"] = _comma_list(_LIST_ITEMS[option.kind])
+        if not option.repeat:  # the dialog shows a list widget; on the command line it is one word
+            listed = f": {','.join(option.choices)}" if option.choices else ""
+            kwargs["help"] = f"{option.help} (comma-separated{listed})"
     default = option.default
     if option.repeat:
         kwargs["action"] = "append"
         default = None
     kwargs["default"] = list(default) if isinstance(default, tuple) else default
     if default not in (None, "", ()) and "default" not in option.help:
-        kwargs["help"] = f"{option.help} (default: {default})"
+        kwargs["help"] = f"{kwargs['help']} (default: {default})"
     if option.required:
         kwargs["required"] = True
     return [option.cli_flag], kwargs
