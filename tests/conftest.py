@@ -33,7 +33,7 @@ FILE_CATEGORIES = {
     "test_multisource.py": "unit",
     "test_options.py": "unit",
     "test_package.py": "integration",
-    "test_plugin_zip_check.py": "integration",
+    "test_plugin_zip_check.py": "unit",
     "test_processing.py": "unit",
     "test_qgis_process.py": "integration",
     "test_qt6_ready.py": "unit",

@@ -45,6 +45,7 @@ def test_the_plugin_zip_passes_the_repository_offline_checks_and_carries_the_lic
     assert licence == (ROOT / "LICENSE").read_text()
 
 
+@pytest.mark.integration
 def test_only_the_release_urls_stand_between_the_zip_and_a_public_release(plugin_zip):
     """tracker/repository say 'none yet' (no public repository exists); --release says exactly that."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_plugin_zip.py"), "--release", str(plugin_zip)],
