@@ -52,8 +52,7 @@ TESTS ?= tests
 test: plugin
 	$(PY) -m pytest -q $(TESTS)
 
-# The unit tests that need nothing beside the checkout (markers: pytest.ini, tests/conftest.py), in under a minute;
-# torch's idle threads sleep instead of spinning (OMP_WAIT_POLICY), which halves the time on a busy 2-core machine.
+# The unit tests needing nothing beside the checkout, in under a minute (PASSIVE: idle torch threads sleep, not spin).
 test-fast: setup
 	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m "unit and not data" tests
