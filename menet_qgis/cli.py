@@ -81,8 +81,7 @@ def cmd_predict(args) -> int:
     from . import jobs
     from .core import files
     from .core.io import raster_io
-    from .core.model.stages import parse_stage_names
-    from .core.model.stages import check_window
+    from .core.model.stages import check_window, parse_stage_names
     # Cheap checks first: parameters, every input, then the model, before any compute.
     check_window(args.window or 256, args.overlap)
     stages = parse_stage_names(args.stages)
@@ -94,10 +93,11 @@ def cmd_predict(args) -> int:
     model_path = jobs.resolve_model(args.model, args.runtime, args.device, ConsoleReporter(args.quiet))
     outputs = [Path(args.out_dir) / f"{stem}_probability.tif" for stem in stems]
     files.refuse_overwriting_inputs(outputs + [files.stage_path(o, None, n) for o in outputs for n in stages],
-                                        [*args.inputs, model_path])
-    model = jobs.load_model(model_path, None, args.runtime, args.device, stages)
+                                    [*args.inputs, model_path])
+    recipe = jobs.recorded_recipe(model_path)
     for path in args.inputs:  # the model's channel recipe says which bands each input must have
-        raster_io.RasterInput(path, band_numbers=args.bands, dn_offset=args.dn_offset, recipe=model.recipe).close()
+        raster_io.RasterInput(path, band_numbers=args.bands, dn_offset=args.dn_offset, recipe=recipe).close()
+    jobs.load_model(model_path, None, args.runtime, args.device, stages)  # once, before the first input
     engine_options = dict(options.values(args, options.ENGINE), stages=stages)
     reporter = ConsoleReporter(args.quiet)
     summary = []

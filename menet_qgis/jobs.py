@@ -242,6 +242,18 @@ def load_model(path: Path, reporter=None, runtime: str = "torch", device: str = 
     return _MODEL_CACHE[key]
 
 
+def recorded_recipe(path: Path):
+    """The channel recipe a model file records, read without loading its weights (standard library), so an
+    input is checked against it before any load or ONNX export; None when the record cannot be read
+    (loading the model then says why)."""
+    from . import model_records
+    from .core.model import channels
+    try:
+        return channels.recipe_for(model_records.read_model_record(path).get("recipe", {}))
+    except (OSError, ValueError):
+        return None
+
+
 def extract(params: Dict, reporter) -> Dict:
     """Mangrove probability (and stage layers) for one raster."""
     from .core.inference import engine
@@ -250,10 +262,11 @@ def extract(params: Dict, reporter) -> Dict:
     options = job.engine_options()
     raster_io.check_input_exists(str(job.input))
     model_path = resolve_model(job.model, options.runtime, options.device, reporter)
-    bundle = load_model(model_path, reporter, options.runtime, options.device, options.stages)
-    # The model's channel recipe says which bands to look for in the input.
+    # The model's channel recipe says which bands to look for in the input: checked before the model loads.
     source = raster_io.RasterInput(job.input, band_numbers=job.bands, dn_offset=job.dn_offset,
-                                   bounds=tuple(job.bounds) if job.bounds else None, recipe=bundle.recipe)
+                                   bounds=tuple(job.bounds) if job.bounds else None,
+                                   recipe=recorded_recipe(model_path))
+    bundle = load_model(model_path, reporter, options.runtime, options.device, options.stages)
     outdated = model_store.outdated_copy_note(model_path)
     if outdated:
         reporter.warn(outdated)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import S2_NAMES, write_raster
+from menet_qgis.core import files
 from menet_qgis.core.model import channels
 from menet_qgis.core.inference import runtimes
 from menet_qgis.core.io.bands import BandError, plan_input
@@ -221,6 +222,6 @@ def test_dn_with_offset_tag_gives_the_same_model_input_as_reflectance(bundle, tm
 def test_gdal_sentinel2_driver_subdataset_names_are_opened(tmp_path):
     """A name like SENTINEL2_L2A:...:10m:EPSG_32717 is GDAL's, not a file path: it must reach GDAL."""
     from menet_qgis.core.io import raster_io
-    with pytest.raises(raster_io.InputError) as err:
+    with pytest.raises(files.InputError) as err:
         raster_io.RasterInput(f"SENTINEL2_L2A:{tmp_path}/MTD_MSIL2A.xml:10m:EPSG_32717")
     assert "not a raster GDAL can read" in str(err.value)

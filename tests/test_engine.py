@@ -8,6 +8,7 @@ import torch
 from affine import Affine
 
 from helpers import S2_NAMES, predict_reference, raster_profile, read, s2_reflectance, write_raster, write_s2
+from menet_qgis.core import files
 from menet_qgis.core import reporting
 from menet_qgis.core.inference import engine, runtimes
 from menet_qgis.core.io import raster_io
@@ -141,23 +142,23 @@ def test_wrong_band_count_lists_found_and_needed(tmp_path):
 def test_not_a_raster(tmp_path):
     bad = tmp_path / "notes.tif"
     bad.write_text("this is not a raster")
-    with pytest.raises(raster_io.InputError, match="not a raster GDAL can read"):
+    with pytest.raises(files.InputError, match="not a raster GDAL can read"):
         raster_io.RasterInput(bad)
-    with pytest.raises(raster_io.InputError, match="not found"):
+    with pytest.raises(files.InputError, match="not found"):
         raster_io.RasterInput(tmp_path / "missing.tif")
 
 
 @pytest.mark.unit
 def test_raster_without_crs(tmp_path):
     src = write_raster(tmp_path / "nocrs.tif", s2_reflectance(20, 20), S2_NAMES, crs=None)
-    with pytest.raises(raster_io.InputError, match="no coordinate reference system"):
+    with pytest.raises(files.InputError, match="no coordinate reference system"):
         raster_io.RasterInput(src)
 
 
 @pytest.mark.unit
 def test_extent_outside_the_raster_is_refused(tmp_path):
     src = write_s2(tmp_path / "in.tif", 50, 50)
-    with pytest.raises(raster_io.InputError, match="does not overlap"):
+    with pytest.raises(files.InputError, match="does not overlap"):
         raster_io.RasterInput(src, bounds=(0, 0, 10, 10))
 
 
@@ -176,9 +177,9 @@ def test_unwritable_output_refused_before_any_work(bundle, tmp_path):
     src = write_s2(tmp_path / "in.tif", 64, 64)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(raster_io.InputError, match="cannot write output"):
+    with pytest.raises(files.InputError, match="cannot write output"):
         engine.extract(bundle, raster_io.RasterInput(src), blocker / "p.tif", SMALL)
-    with pytest.raises(raster_io.InputError, match="must be a GeoTIFF"):
+    with pytest.raises(files.InputError, match="must be a GeoTIFF"):
         engine.extract(bundle, raster_io.RasterInput(src), tmp_path / "p.png", SMALL)
 
 

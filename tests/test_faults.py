@@ -28,6 +28,7 @@ import torch
 from rasterio.transform import from_origin
 
 from helpers import ROOT, S2_NAMES, qgis_process, s2_reflectance, write_raster, write_s2
+from menet_qgis.core import files
 from menet_qgis.core.model import checkpoint
 from menet_qgis.core.io import raster_io
 from menet_qgis.core.training import data as training_data
@@ -201,7 +202,7 @@ def test_disk_full_write_error_is_caught_in_the_core_for_every_front_end(bundle,
     fill(out, leave=4096)  # one page: the outputs open, their blocks cannot be written
     monkeypatch.setattr(engine, "check_free_space", lambda *a, **k: None)  # as if the disk filled later
     source = raster_io.RasterInput(scene_s2)
-    with pytest.raises(raster_io.WriteError, match=r"^no space left on device at .*/p(_stage1)?\.tif \(nothing was replaced\)$"):
+    with pytest.raises(files.WriteError, match=r"^no space left on device at .*/p(_stage1)?\.tif \(nothing was replaced\)$"):
         engine.extract(bundle, source, out / "p.tif", engine.EngineOptions(window=64, overlap=0, stages=["stage1"]))
     assert (out / "p.tif").read_bytes() == old and partials(out) == []
     assert not (out / "p_stage1.tif").exists()
@@ -210,7 +211,7 @@ def test_disk_full_write_error_is_caught_in_the_core_for_every_front_end(bundle,
 def test_disk_full_checkpoint_save_leaves_the_old_model(small_fs):
     out = small_fs(2048)
     old = keep(out / "model.pt")
-    with pytest.raises(raster_io.WriteError) as err:
+    with pytest.raises(files.WriteError) as err:
         checkpoint.save(checkpoint.new_bundle(seed=0), out / "model.pt", half=True)
     assert str(err.value) == f"no space left on device at {out / 'model.pt'} (nothing was replaced)"
     assert (out / "model.pt").read_bytes() == old and partials(out) == []
@@ -284,7 +285,7 @@ def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
     from menet_qgis.core.io import sentinel2_product
     src = write_s2(tmp_path / "a.tif", 32, 32)
     before = src.read_bytes()
-    with pytest.raises(raster_io.InputError, match="is the input"):
+    with pytest.raises(files.InputError, match="is the input"):
         sentinel2_product.export_channels(src, src, channels.RECIPE_V1.default_pca())
     assert src.read_bytes() == before and partials(tmp_path) == []
 
@@ -293,9 +294,9 @@ def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
 def test_hard_link_to_an_input_is_refused(tmp_path):
     a = write_s2(tmp_path / "a.tif", 16, 16)
     os.link(a, tmp_path / "b.tif")
-    with pytest.raises(raster_io.InputError, match="is the input"):
-        raster_io.refuse_overwriting_inputs([tmp_path / "b.tif"], [a])
-    raster_io.refuse_overwriting_inputs([tmp_path / "c.tif", None], [a, None])  # different files pass
+    with pytest.raises(files.InputError, match="is the input"):
+        files.refuse_overwriting_inputs([tmp_path / "b.tif"], [a])
+    files.refuse_overwriting_inputs([tmp_path / "c.tif", None], [a, None])  # different files pass
 
 
 def test_qgis_process_output_equal_to_input_is_refused(qgis_env, untrained_path, tmp_path):
@@ -497,7 +498,7 @@ def test_sigterm_cleans_up_and_sigkill_leftovers_go_on_the_next_run(cli, untrain
     proc.kill()
     proc.communicate(timeout=60)
     left = partials(out)
-    assert left and all(f".{raster_io.HOST}-{proc.pid}-" in name for name in left)
+    assert left and all(f".{files.HOST}-{proc.pid}-" in name for name in left)
     assert (out / "scene_probability.tif").read_bytes() == old
 
     done = cli(*args)
@@ -516,12 +517,12 @@ def test_partial_files_of_live_runs_are_kept(tmp_path):
         dead = subprocess.Popen(["true"])
         dead.wait()
         for pid in (live.pid, dead.pid):
-            (tmp_path / f".p.{raster_io.HOST}-{pid}-abc.partial.tif").write_bytes(b"x")
-        other_output = tmp_path / f".q.{raster_io.HOST}-{dead.pid}-abc.partial.tif"
+            (tmp_path / f".p.{files.HOST}-{pid}-abc.partial.tif").write_bytes(b"x")
+        other_output = tmp_path / f".q.{files.HOST}-{dead.pid}-abc.partial.tif"
         other_output.write_bytes(b"x")
-        removed = raster_io.remove_stale_partials(target)
-        assert [p.name for p in removed] == [f".p.{raster_io.HOST}-{dead.pid}-abc.partial.tif"]
-        assert (tmp_path / f".p.{raster_io.HOST}-{live.pid}-abc.partial.tif").exists() and other_output.exists()
+        removed = files.remove_stale_partials(target)
+        assert [p.name for p in removed] == [f".p.{files.HOST}-{dead.pid}-abc.partial.tif"]
+        assert (tmp_path / f".p.{files.HOST}-{live.pid}-abc.partial.tif").exists() and other_output.exists()
     finally:
         live.kill()
         live.wait()
