@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import child_process, user_paths
+from .core.files import atomic_write_text
 from .child_process import ChildProcess
 from .core.reporting import Reporter
 
@@ -514,9 +515,7 @@ def read_install_record(env_dir: Optional[Path] = None) -> Optional[dict]:
 
 
 def _write_record(env_dir: Path, data: dict) -> None:
-    tmp = env_dir / f".{RECORD_NAME}.partial"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, env_dir / RECORD_NAME)
+    atomic_write_text(env_dir / RECORD_NAME, json.dumps(data, indent=2))
 
 
 def _pip_progress(reporter, start: float, end: float):

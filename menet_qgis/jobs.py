@@ -346,7 +346,7 @@ def train(params: Dict, reporter) -> Dict:
                       "where their source has them")
     # The best-so-far checkpoint goes to a hidden file that becomes the output only at the end; the resume
     # state (after every epoch) stays until the run has finished, so a stopped run continues with resume.
-    best_so_far = out.parent / f".{out.name}.best-so-far"
+    best_so_far = files.best_so_far_path(out)
     resume_state = out.parent / f".{out.name}.resume"
     for path in (out, best_so_far, resume_state):
         for stale in files.remove_stale_partials(path):

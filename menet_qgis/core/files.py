@@ -70,6 +70,13 @@ def temp_beside(path) -> Path:
     return Path(tmp)
 
 
+def best_so_far_path(path) -> Path:
+    """Where training keeps the best checkpoint so far (hidden, beside the output) until the run ends;
+    a client that cancels a run removes it too."""
+    path = Path(path)
+    return path.parent / f".{path.name}.best-so-far"
+
+
 def partial_files(path) -> List[Path]:
     """The partial files of ``path`` in its folder, of any host and process (what a client removes
     after a run it cancelled)."""

@@ -40,6 +40,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from qgis.core import QgsProcessingException, QgsProcessingFeedback, QgsSettings
 
 from ..child_process import ChildProcess
+from ..core import files  # stdlib only
 from ..user_paths import engine_environment, managed_env_dir, managed_python
 
 #: The menet_qgis package, resolved (in a checkout's build/plugins, the checkout's).
@@ -180,8 +181,7 @@ def remove_partial_outputs(outputs: Iterable[str], since: float) -> None:
         path = Path(output)
         if not path.parent.is_dir():
             continue
-        leftovers = [path, *path.parent.glob(f".{path.stem}.*.partial{path.suffix}"),
-                     path.parent / f".{path.name}.best-so-far"]
+        leftovers = [path, *files.partial_files(path), files.best_so_far_path(path)]
         for item in leftovers:
             try:
                 if item.is_file() and item.stat().st_mtime >= since - 1:
