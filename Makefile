@@ -17,6 +17,8 @@ PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2
 PIP_PACKAGES += "dask[distributed]==2026.8.0" pystac==1.15.2 tqdm==4.70.1
 # docs: the documentation site (make docs)
 PIP_PACKAGES += mkdocs==1.6.1
+# pip install . (pyproject.toml; tests/test_distributed.py builds it without build isolation, offline): its build back-end
+PIP_PACKAGES += setuptools==84.2.1
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
