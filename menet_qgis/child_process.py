@@ -127,7 +127,7 @@ class ChildProcess:
     def _signal_group(self, sig: int) -> None:
         try:
             os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError, OSError):
+        except OSError:  # gone already (ProcessLookupError), not ours to signal (PermissionError)
             pass
 
     def wait(self) -> int:

@@ -43,6 +43,7 @@ class Option:
     required: bool = False    # CLI: the flag must be given
     repeat: bool = False      # CLI: the flag may be given several times (the job gets a list)
     file_filter: str = ""     # Processing file picker filter, e.g. "ME-Net models (*.pt *.onnx)"
+    file_extension: str = ""  # Processing: the one extension a file must have (checked by QGIS), e.g. "pt"
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind
@@ -248,7 +249,7 @@ TRAIN: Tuple[Option, ...] = (
            advanced=True, fronts=CLI_AND_DIALOG),
     DEVICE,
     Option("imagenet_weights", "file", None, "torchvision ResNet-101 ImageNet weights (.pth), optional",
-           label="ImageNet weights (.pth)", optional=True, advanced=True, file_filter="pth", fronts=CLI_AND_DIALOG),
+           label="ImageNet weights (.pth)", optional=True, advanced=True, file_extension="pth", fronts=CLI_AND_DIALOG),
     Option("recipe", "choice", 2, "channel recipe version: 2 = B2,B3,B4,B8,B11 (default), 1 = also B12",
            label="Channel recipe", choices=RECIPE_VERSIONS, advanced=True,
            choice_labels=("v2: B2, B3, B4, B8, B11 (no B12)", "v1: B2, B3, B4, B8, B11, B12"), fronts=CLI_AND_DIALOG),
@@ -256,7 +257,7 @@ TRAIN: Tuple[Option, ...] = (
            "start from this checkpoint's weights (fine-tuning; its channel statistics are kept when its recipe "
            "is the chosen one)",
            label="Fine-tune from model", optional=True, advanced=True, flag="--init", param="INIT_MODEL",
-           file_filter="pt", fronts=CLI_AND_DIALOG),
+           file_extension="pt", fronts=CLI_AND_DIALOG),
     Option("resume", "bool", False, "continue a stopped run from its resume state (.OUT.resume, written every epoch)",
            label="Continue a stopped run", advanced=True, fronts=CLI_AND_DIALOG),
     Option("history", "file", None, "also write the per-epoch log as JSON here", fronts=CLI_ONLY),

@@ -20,7 +20,6 @@ Each file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -30,8 +29,13 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file by the system python3: the package's own stdlib helpers
+from menet_qgis.core.files import file_sha256  # noqa: E402
+from menet_qgis.resources import DEFAULT_MODEL_BASE  # noqa: E402
+from menet_qgis.version import read_metadata_version  # noqa: E402
+
 PLUGIN = "menet_qgis"
-MODEL_STEM = "menet_coasts_v2"
+MODEL_STEM = DEFAULT_MODEL_BASE
 MODEL_NAME = f"{MODEL_STEM}.pt"
 ASSET_NAME = f"{MODEL_STEM}.onnx"
 MODELS = ROOT / "resources" / "models"
@@ -42,10 +46,10 @@ SKIP_SUFFIXES = (".pyc", ".pyo", ".pt", ".onnx", ".pth")
 
 
 def version() -> str:
-    for line in (ROOT / "metadata.txt").read_text().splitlines():
-        if line.startswith("version="):
-            return line.split("=", 1)[1].strip()
-    raise SystemExit("package: metadata.txt has no version=")
+    found = read_metadata_version(ROOT / "metadata.txt")
+    if not found:
+        raise SystemExit("package: metadata.txt has no version=")
+    return found
 
 
 def plugin_files():
@@ -62,14 +66,6 @@ def plugin_files():
             if path.suffix in SKIP_SUFFIXES:
                 continue
             yield path, f"{prefix}/{rel.as_posix()}"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shipped_sha256(name: str):
@@ -97,7 +93,7 @@ def copy_file(source: Path, target: Path) -> None:
 
 def write_sha256(path: Path) -> Path:
     sidecar = path.with_name(f"{path.name}.sha256")
-    sidecar.write_text(f"{sha256_of(path)}  {path.name}\n")
+    sidecar.write_text(f"{file_sha256(path)}  {path.name}\n")
     return sidecar
 
 
@@ -107,7 +103,7 @@ def export_asset(model: Path, dist: Path, export_python: str, record_hash: bool,
     ``any_hash``, may differ: another torch/onnx than the release's exports other bytes)."""
     target = dist / ASSET_NAME
     shipped = shipped_sha256(ASSET_NAME)
-    if not (target.is_file() and shipped and not record_hash and sha256_of(target) == shipped):
+    if not (target.is_file() and shipped and not record_hash and file_sha256(target) == shipped):
         partial = dist / f".{ASSET_NAME}.partial.onnx"
         command = [export_python, "-m", PLUGIN, "export", str(model), "--stages", "--out", str(partial)]
         try:
@@ -123,7 +119,7 @@ def export_asset(model: Path, dist: Path, export_python: str, record_hash: bool,
         checked = json.loads(proc.stdout)["checked_max_difference"]
         print(f"exported {ASSET_NAME}: max |probability difference| against torch {checked:.1e}")
         os.replace(partial, target)
-    digest = sha256_of(target)
+    digest = file_sha256(target)
     if record_hash:
         (MODELS / f"{ASSET_NAME}.sha256").write_text(f"{digest}  {ASSET_NAME}\n")
         print(f"recorded {digest} in resources/models/{ASSET_NAME}.sha256 (commit it)")
@@ -145,7 +141,7 @@ def build(dist: Path, export_python: str = sys.executable, record_hash: bool = F
     model = MODELS / MODEL_NAME
     asset = None
     if model.is_file():
-        digest = sha256_of(model)
+        digest = file_sha256(model)
         if shipped_sha256(MODEL_NAME) not in (None, digest):
             raise SystemExit(f"package: {MODEL_NAME} does not match {MODEL_NAME}.sha256; the plugin would reject it")
         asset = export_asset(model, dist, export_python, record_hash, any_hash)  # before the ZIPs: they ship its hash

@@ -27,10 +27,9 @@ def tooltip(option: Option) -> str:
 
 
 def _file_kwargs(option: Option) -> Dict:
-    """A filter with a description ("ME-Net models (*.pt *.onnx)") or a bare extension ("pth")."""
-    if not option.file_filter:
-        return {}
-    return {"fileFilter": option.file_filter} if "(" in option.file_filter else {"extension": option.file_filter}
+    """The picker's filter and/or the one extension QGIS requires, as declared."""
+    kwargs = {"fileFilter": option.file_filter, "extension": option.file_extension}
+    return {key: value for key, value in kwargs.items() if value}
 
 
 def _range(option: Option) -> Dict:
