@@ -178,6 +178,8 @@ fi
 log "chroot ready in $(( SECONDS - t0 )) s: QGIS $(in_root dpkg-query -W -f='${Version}' qgis), $(in_root /usr/bin/python3 -V)"
 
 # ---- run -------------------------------------------------------------------------------------------
+# Earlier runs' pytest folders live on in the cached chroot's /tmp (GBs each): start from none.
+rm -rf --one-file-system -- "$ROOT"/tmp/pytest-of-*
 mount_system
 bind "$CHECKOUT" "$CHECKOUT"
 [[ -d $SHARED ]] && bind "$SHARED" "$SHARED"
