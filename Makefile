@@ -19,6 +19,8 @@ PIP_PACKAGES += "dask[distributed]==2026.8.0" pystac==1.15.2 tqdm==4.70.1
 PIP_PACKAGES += mkdocs==1.6.1
 # pip install . (pyproject.toml; tests/test_distributed.py builds it without build isolation, offline): its build back-end
 PIP_PACKAGES += setuptools==84.2.1
+# fault tests: seeded, time-bounded fuzzing of the engine protocol and the model-record readers
+PIP_PACKAGES += hypothesis==6.170.27
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 # Debian's /usr/bin/qgis_process wrapper passes --noversioncheck, which 3.22 rejects: call the binary.
 QGIS_PROCESS := /usr/bin/qgis_process.bin
