@@ -112,3 +112,20 @@ def menet_provider(qgis_processing):
     plugin.initProcessing()
     yield plugin.provider
     plugin.unload()
+
+
+@pytest.fixture
+def cli(capfd):
+    """The CLI's ``main`` in this process (same code as ``python -m menet_qgis`` without importing torch
+    again for every case: this 2-core machine would need minutes); captures the file descriptors, so
+    anything GDAL prints on its own stderr shows up too."""
+    import subprocess
+
+    from menet_qgis.cli import main
+
+    def run(*args):
+        capfd.readouterr()
+        status = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, status, out, err)
+    return run

@@ -182,3 +182,9 @@ def serve_folder(folder):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def cli_process(*args, timeout=300):
+    """``python -m menet_qgis`` in its own process (signals, GDAL's own stderr, real exit status)."""
+    return subprocess.run([sys.executable, "-m", "menet_qgis", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)

@@ -27,7 +27,7 @@ import rasterio.shutil
 import torch
 from rasterio.transform import from_origin
 
-from helpers import ROOT, S2_NAMES, qgis_process, s2_reflectance, write_raster, write_s2
+from helpers import ROOT, S2_NAMES, cli_process, qgis_process, s2_reflectance, write_raster, write_s2
 from menet_qgis.core import files
 from menet_qgis.core.model import checkpoint
 from menet_qgis.core.io import raster_io
@@ -37,26 +37,8 @@ from menet_qgis.core.training import train as training
 S2_DN = dict(descriptions=S2_NAMES)
 
 
-# --- helpers ------------------------------------------------------------------------------
-def cli_process(*args, timeout=300):
-    """``python -m menet_qgis`` in its own process (signals, GDAL's own stderr, real exit status)."""
-    return subprocess.run([sys.executable, "-m", "menet_qgis", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.fixture
-def cli(capfd):
-    """The CLI's ``main`` in this process (same code as ``python -m menet_qgis`` without importing torch
-    again for every case: this 2-core machine would need minutes); captures the file descriptors, so
-    anything GDAL prints on its own stderr shows up too."""
-    from menet_qgis.cli import main
-
-    def run(*args):
-        capfd.readouterr()
-        status = main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(args, status, out, err)
-    return run
+# cli_process (helpers.py) and the in-process ``cli`` fixture (conftest.py) are shared with the
+# other fault-test files.
 
 
 def cli_start(*args):
