@@ -145,7 +145,8 @@ def cmd_batch(args) -> int:
         del engine_options["tta"]
     batch_options = BatchOptions(workers=args.workers, scheduler=args.scheduler, retries=args.retries,
                                  resources=resources, engine_options=engine_options, band_numbers=args.bands,
-                                 dn_offset=args.dn_offset, progress=not args.no_progress)
+                                 dn_offset=args.dn_offset, data_root=args.data_root,
+                                 progress=not args.no_progress)
     try:
         manifest = run_batch(args.inputs, args.out_dir, args.model, batch_options)
     except KeyboardInterrupt:

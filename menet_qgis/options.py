@@ -325,6 +325,9 @@ BATCH: Tuple[Option, ...] = (
     Option("resources", "text", "", "Dask resources per scene, e.g. GPU=1 (workers started with --resources GPU=1)",
            fronts=_BATCH_ONLY),
     Option("no_progress", "bool", False, "no progress bars (log lines only)", fronts=_BATCH_ONLY),
+    Option("data_root", "folder", None,
+           "local files that manifest CSVs and STAC catalogues list must lie inside this folder; default: "
+           "each manifest's or catalogue's own folder", fronts=_BATCH_ONLY),
 )
 
 # --- Install ME-Net dependencies -----------------------------------------------------------------------------

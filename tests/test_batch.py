@@ -322,7 +322,7 @@ def test_stac_item_becomes_a_band_vrt(clean_run, inputs):
 
 
 def test_stac_static_catalog_gives_the_same_scene(inputs, tmp_path):
-    from menet_qgis.batch.inputs import collect_scenes
+    from menet_qgis.batch.inputs import BatchInputError, collect_scenes
     item = json.loads(inputs["stac"].read_text())["features"][0]
     folder = inputs["folder"]
     item_path = folder / "catalog" / item["id"] / f"{item['id']}.json"
@@ -335,7 +335,10 @@ def test_stac_static_catalog_gives_the_same_scene(inputs, tmp_path):
     catalog.write_text(json.dumps({"type": "Catalog", "stac_version": "1.0.0", "id": "jambeli", "description": "test",
                                    "links": [{"rel": "root", "href": "./catalog.json"},
                                              {"rel": "item", "href": f"./{item['id']}/{item['id']}.json"}]}))
-    a = collect_scenes([str(catalog)], tmp_path / "a")
+    # its assets lie beside the catalogue's folder, not in it: refused unless --data-root holds them
+    with pytest.raises(BatchInputError, match=r"'\.\./\.\./T17MPV_20200115/B0.\.tif' in .*\.json points outside "):
+        collect_scenes([str(catalog)], tmp_path / "refused")
+    a = collect_scenes([str(catalog)], tmp_path / "a", data_root=folder)
     b = collect_scenes([str(inputs["stac"])], tmp_path / "b")
     assert [s.name for s in a] == [s.name for s in b] == [item["id"]]
     assert a[0].sources[1:] == b[0].sources[1:]

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..core.files import atomic_write_text, file_sha256
-from .inputs import Scene, is_virtual
+from .inputs import RESULT_KEY_TAG, Scene, is_virtual  # noqa: F401 (RESULT_KEY_TAG: used by scene_task)
 
-RESULT_KEY_TAG = "MENET_RESULT_KEY"
 EDGE_BYTES = 2**20
 #: Engine options that change how fast a map is made, not the map: they do not invalidate a result.
 #: The runtime is one: torch, onnxruntime and OpenVINO give the same probability within 1e-4 in fp32

@@ -29,12 +29,11 @@ from distributed.client import FutureCancelledError
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..core.files import file_sha256
-from .inputs import Scene, collect_scenes
+from .inputs import WORK_FOLDER, Scene, collect_scenes
 from .manifest import (RunManifest, SceneRecord, is_done, result_key, result_parameters,
                        scene_fingerprint)
 from .scene_task import ENGINE_CHOICE_PREFIXES, EVENT_TOPIC, Job, engine_options, load_model, output_paths, run_scene
 
-WORK_FOLDER = ".menet-batch"
 
 
 @dataclass
@@ -46,6 +45,7 @@ class BatchOptions:
     engine_options: Dict = field(default_factory=dict)          # EngineOptions fields (runtime, precision, …)
     band_numbers: Optional[Sequence[int]] = None
     dn_offset: Optional[float] = None
+    data_root: Optional[str] = None     # local files in manifests/catalogues must lie here (default: their folder)
     progress: bool = True
     cancel_grace_s: float = 20.0        # how long Ctrl-C waits for running scenes to stop
 
@@ -221,13 +221,14 @@ def prepare_run(inputs: Sequence[str], out_dir, model_path, options: BatchOption
     from ..core.model.stages import check_window
     out_dir = Path(out_dir)
     work = out_dir / WORK_FOLDER
-    scenes = collect_scenes(inputs, work / "vrt", options.band_numbers, options.dn_offset)
+    say = _Say(log or (lambda _line: None))
+    scenes = collect_scenes(inputs, work / "vrt", options.band_numbers, options.dn_offset, options.data_root,
+                            out_dir, say.info)
     opts = engine_options(options.engine_options)  # refuses unknown fields early
     check_window(opts.window or 256, opts.overlap)
     stages = parse_stage_names(opts.stages)
     if options.retries < 0:
         raise ValueError(f"retries must be 0 or more, got {options.retries}")
-    say = _Say(log or (lambda _line: None))
     model_path = jobs.resolve_model(str(model_path) if model_path else None, opts.runtime, opts.device, say).resolve()
     model = jobs.load_model(model_path, say, opts.runtime, opts.device, stages)  # a .pt for ONNX: exported here
     runtime, why = runtimes.check_model_fits(model, opts.runtime, opts.device, stages)
@@ -326,13 +327,21 @@ def check_cluster(client: Client) -> None:
 def _run(inputs: Sequence[str], out_dir: Path, model_path, options: BatchOptions, client: Optional[Client],
          log: Optional[Callable[[str], None]]) -> RunManifest:
     work = out_dir / WORK_FOLDER
+    made = [f for f in (out_dir, work) if not f.exists()]  # removed again when the inputs are refused
     work.mkdir(parents=True, exist_ok=True)
     lock = _lock(work)
     staging = work / "staging"
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed (we hold the lock)
         say = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        manifest, todo, sha, threshold = prepare_run(inputs, out_dir, model_path, options, say)
+        try:
+            manifest, todo, sha, threshold = prepare_run(inputs, out_dir, model_path, options, say)
+        except Exception:
+            if work in made:  # nothing of this run is kept: no output folder appears for a refused run
+                shutil.rmtree(work, ignore_errors=True)
+                if out_dir in made and not any(out_dir.iterdir()):
+                    out_dir.rmdir()
+            raise
         progress = Progress(len(todo), options.progress and bool(todo))
         say = log or progress.write
         for rec in manifest.records:
