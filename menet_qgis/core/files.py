@@ -7,6 +7,9 @@ killed run never leaves half a file and never replaces a good one.  Partial file
 killed process left behind.  The one name for stage files (``stage_path``) lives here too, so the engine and
 its front ends cannot disagree about where a stage map goes.
 
+Text side outputs (reports, tables, training histories) replace only a previous output of their own kind
+(``TextOutput``, ``refuse_replacing``): a mistyped path never turns a raster or a checkpoint into a CSV.
+
 Standard library only: the QGIS process (model store, Processing) imports it.
 """
 from __future__ import annotations
@@ -18,9 +21,12 @@ import os
 import re
 import shutil
 import socket
+import json
+import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 
 class InputError(ValueError):
@@ -180,9 +186,26 @@ def atomic_write_bytes(path, data) -> Path:
     return path
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """``atomic_write_bytes`` for UTF-8 text (reports, tables, JSON)."""
+def atomic_write_text(path, text: str, kind: Optional["TextOutput"] = None) -> Path:
+    """``atomic_write_bytes`` for UTF-8 text (reports, tables, JSON); with ``kind``, an existing file at
+    ``path`` is replaced only if it is a previous output of that kind (``refuse_replacing``)."""
+    if kind is not None:
+        refuse_replacing(path, kind)
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_text(data, indent: int = 2) -> str:
+    """Strict JSON (RFC 8259): a non-finite float becomes ``null``, never the ``NaN`` or ``Infinity`` that
+    Python writes by default and that other JSON readers refuse."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(data), indent=indent, allow_nan=False)
 
 
 def file_sha256(path) -> str:
@@ -222,6 +245,66 @@ def refuse_overwriting_inputs(outputs: Iterable, inputs: Iterable) -> None:
         if hit is not None:
             raise InputError(f"output {out} is the input {hit}: writing it would destroy the input; "
                              "choose another output path")
+
+
+@dataclass(frozen=True)
+class TextOutput:
+    """A kind of text side output: what it is called in messages, the file name endings it may have, and
+    how every file of that kind that this program writes begins (``signature``: what tells a previous
+    output, which a rerun may replace, from anything else at that path)."""
+    what: str
+    suffixes: Tuple[str, ...]
+    signature: "re.Pattern[bytes]"
+
+
+HTML_REPORT = TextOutput("HTML report", (".html", ".htm"),
+                         re.compile(rb"<!DOCTYPE html><html><head><meta charset='utf-8'><title>"))
+CSV_TABLE = TextOutput("CSV table", (".csv",), re.compile(rb"name,threshold,overall_accuracy,"))
+JSON_HISTORY = TextOutput("training history", (".json",), re.compile(rb'\[\s*(\]|\{\s*"epoch":)'))
+
+#: How much of an existing file is read to recognise it.
+_SNIFF_BYTES = 4096
+
+
+def _what_it_is(head: bytes) -> str:
+    """A few words on what a file that is not ours holds (from its first bytes), for the refusal."""
+    if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return "a TIFF raster"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (a PyTorch checkpoint is one)"
+    if b"\0" in head:
+        return "binary data"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the sniffed bytes
+            return "binary data"
+    return "text that this program did not write"
+
+
+def refuse_replacing(path, kind: TextOutput) -> None:
+    """Refuse to write ``kind`` at ``path`` unless the name ends as that kind's files do and whatever is already
+    there is a previous output of that kind (or empty): a report, table or history must never replace a raster,
+    a checkpoint or any other file.  Called before any work starts and again just before writing."""
+    if path is None:
+        return
+    path = Path(path)
+    endings = " or ".join(kind.suffixes)
+    if path.suffix.lower() not in kind.suffixes:
+        raise InputError(f"the {kind.what} must go to a file ending in {endings}, not {path} (nothing was written)")
+    if not os.path.lexists(path):
+        return
+    if not path.is_file():
+        raise InputError(f"{path} exists and is not a file: choose another path for the {kind.what}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise InputError(f"{path} exists and cannot be read ({exc.strerror or exc}) to check that it is a previous "
+                         f"{kind.what}: choose another path") from None
+    if head and not kind.signature.match(head):
+        raise InputError(f"{path} exists and holds {_what_it_is(head)}, not a previous {kind.what}: writing would "
+                         f"destroy it; choose another path (or move that file away)")
 
 
 def stage_path(probability_path, stage_dir, stage: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -125,36 +126,84 @@ def baseline_maps(image, like, forest=None) -> Dict[str, np.ndarray]:
     return maps
 
 
+def check_threshold(threshold) -> float:
+    """The mangrove threshold as a float in 0..1; NaN, infinities and anything else refused (a NaN threshold
+    would call nothing mangrove and write NaN into the results)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise ValueError(f"the mangrove threshold must be a number from 0 to 1, got {threshold}")
+    return value
+
+
+def check_prediction(ds, values: np.ndarray, name: str) -> None:
+    """A prediction is one band holding a mangrove probability (0-1) or a 0/1 mask: a multi-band raster (the
+    Sentinel-2 image given by mistake) or values outside 0-1 (a 1/2 or 0/255 coded mask, reflectance in DN)
+    are refused, since thresholding them would score nonsense."""
+    if ds.count != 1:
+        described = ", ".join(d for d in ds.descriptions if d)
+        raise ValueError(f"{name} has {ds.count} bands{f' ({described})' if described else ''}: the prediction must "
+                         "be one band, a mangrove probability 0-1 or a 0/1 mask such as predict writes; the "
+                         "Sentinel-2 image goes in as the image (for the MVI baseline), not as the prediction")
+    finite = values[np.isfinite(values)]
+    if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+        raise ValueError(f"{name} holds values from {finite.min():g} to {finite.max():g}: the prediction must be a "
+                         "mangrove probability 0-1 or a 0/1 mask; recode a mask to 1 = mangrove, 0 = other and "
+                         "declare its no-data value if it has one")
+
+
+def pixel_area_ha(ds, name: str) -> Tuple[float, Optional[str]]:
+    """One pixel's area in hectares in the raster's own linear unit (metres, US survey feet, ...), and a note
+    when that unit is not the metre; geographic coordinates and CRSs without a linear unit are refused."""
+    from rasterio.errors import CRSError
+    if ds.crs.is_geographic:
+        raise ValueError(f"{name} is in geographic coordinates ({ds.crs}); areas need metres: reproject it to a "
+                         "projected CRS (e.g. its UTM zone) first")
+    try:
+        unit, metres = ds.crs.linear_units_factor
+    except CRSError:
+        raise ValueError(f"the CRS of {name} ({ds.crs}) names no linear unit, so its areas are unknown: reproject "
+                         "it to a projected CRS in metres (e.g. its UTM zone) first") from None
+    area = abs(ds.transform.determinant) * metres * metres / 10000.0
+    note = None if metres == 1.0 else f"{name}'s CRS is in {unit} ({metres:.6g} m): areas converted to hectares"
+    return area, note
+
+
 def assess_rasters(prediction, reference: Optional[str] = None, reference_polygons: Optional[Sequence[Dict]] = None,
                    area_polygons: Optional[Sequence[Dict]] = None, threshold: float = 0.5,
                    name: str = "prediction", image: Optional[str] = None, forest=None) -> List[Assessment]:
-    """Score ``prediction`` (probability or mask, band 1) against a reference mask raster
-    (mangrove = value >= 0.5) or reference polygons, inside ``area_polygons`` if given.
-    With ``image`` (the Sentinel-2 raster), the MVI baseline (and the random forest,
-    when one is given) are scored on exactly the same pixels."""
+    """Score ``prediction`` (probability or 0/1 mask, one band) against a reference mask raster
+    (1 = mangrove, 0 = other, soft values: mangrove >= 0.5) or reference polygons, inside ``area_polygons``
+    if given.  With ``image`` (the Sentinel-2 raster), the MVI baseline (and the random forest, when one is
+    given) are scored on exactly the same pixels.  Inputs that cannot be what they claim (a multi-band
+    prediction, a 1/2-coded reference, a threshold outside 0-1) are refused before anything is scored."""
+    from ..training.data import check_label_coding
     if (reference is None) == (reference_polygons is None):
         raise ValueError("give exactly one reference: a mask raster or polygons")
+    threshold = check_threshold(threshold)
+    pred_name = Path(prediction).name
     with rasterio.open(prediction) as pred:
         if pred.crs is None:
-            raise ValueError(f"{Path(prediction).name} has no coordinate reference system")
+            raise ValueError(f"{pred_name} has no coordinate reference system")
         values = pred.read(1, out_dtype="float32", masked=True).filled(np.nan)
+        check_prediction(pred, values, pred_name)
+        pixel_ha, unit_note = pixel_area_ha(pred, pred_name)
         if reference is not None:
             ref_values = read_on_grid(reference, pred)
+            check_label_coding(ref_values, Path(reference).name, "reference")
             ref_valid = np.isfinite(ref_values)
             ref = np.nan_to_num(ref_values) >= 0.5
         else:
             ref = burn_polygons(reference_polygons, pred)
             ref_valid = np.ones_like(ref)
         inside = burn_polygons(area_polygons, pred) if area_polygons else np.ones_like(ref)
-        if pred.crs.is_geographic:
-            raise ValueError(f"{Path(prediction).name} is in geographic coordinates ({pred.crs}); areas need "
-                             "metres: reproject it to a projected CRS (e.g. its UTM zone) first")
-        pixel_ha = abs(pred.transform.a * pred.transform.e) / 10000.0
         baselines = baseline_maps(image, pred, forest) if image else {}
     counted = np.isfinite(values) & ref_valid & inside & baselines.pop("_valid", True)
     if not counted.any():
         raise ValueError("prediction and reference share no valid pixels (inside the area, if one was given)")
-    note = f"{int(counted.sum())} pixels compared"
+    note = f"{int(counted.sum())} pixels compared" + (f"; {unit_note}" if unit_note else "")
     results = [Assessment(name, Confusion().add(values[counted] >= threshold, ref[counted]), pixel_ha, threshold,
                           [note + f"; mangrove = prediction >= {threshold}"])]
     results[0].best_threshold = best_threshold_here(values[counted], ref[counted])
@@ -178,23 +227,24 @@ def best_threshold_here(probability: np.ndarray, reference: np.ndarray) -> Optio
 
 def write_table(assessments: Sequence[Assessment], path) -> None:
     """CSV, one row per method: the scores, areas and confusion counts.  Written atomically:
-    a full disk raises WriteError and leaves any previous table as it was."""
+    a full disk raises WriteError and leaves any previous table as it was; an existing file that is not
+    a previous table is refused (``files.refuse_replacing``)."""
     import csv
     import io
 
-    from ..files import atomic_write_text
+    from ..files import CSV_TABLE, atomic_write_text
     rows = [a.to_dict() for a in assessments]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
+    atomic_write_text(path, text.getvalue(), kind=CSV_TABLE)
 
 
 def write_html(assessments: Sequence[Assessment], path, title: str = "ME-Net accuracy assessment") -> None:
     """The HTML report (``html_report``) written atomically, like ``write_table``."""
-    from ..files import atomic_write_text
-    atomic_write_text(path, html_report(assessments, title))
+    from ..files import HTML_REPORT, atomic_write_text
+    atomic_write_text(path, html_report(assessments, title), kind=HTML_REPORT)
 
 
 def html_report(assessments: Sequence[Assessment], title: str = "ME-Net accuracy assessment") -> str:
@@ -217,7 +267,7 @@ def html_report(assessments: Sequence[Assessment], title: str = "ME-Net accuracy
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
             f"<h1>{html.escape(title)}</h1><table border=1 cellpadding=4><tr><th>method</th>{head}"
             f"<th>predicted mangrove (ha)</th><th>reference mangrove (ha)</th></tr>{''.join(rows)}</table>"
-            f"{''.join(confusions)}<pre>{html.escape(json.dumps([a.to_dict() for a in assessments], indent=1))}</pre>"
+            f"{''.join(confusions)}<pre>{html.escape(json.dumps([a.to_dict() for a in assessments], indent=1, allow_nan=False))}</pre>"
             "</body></html>")
 
 

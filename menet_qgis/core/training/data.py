@@ -5,13 +5,15 @@ What real labels look like is handled here: soft mask values (mangrove means
 than once (kept once; when their labels disagree, the copy the image agrees
 with, or none), labels that contradict the image (mangrove on open water),
 labels offset from their image (moved back), class imbalance left to the loss
-(``train.masked_loss``).  Validation windows are chosen by *location*: windows
+(``train.masked_loss``).  A tile folder pairs each tile with its mask by name (any case of the extension) and
+checks that a georeferenced mask lies on its tile's grid; unpaired files are refused by name.  Validation windows are chosen by *location*: windows
 that overlap or touch go to the same side, so no place is seen in both training
 and validation.
 """
 from __future__ import annotations
 
-import glob
+import fnmatch
+import os
 import random
 import re
 import warnings
@@ -109,7 +111,7 @@ def _read_reflectance(path: str, recipe: ch.Recipe = ch.DEFAULT_RECIPE,
     return data.astype(np.float32), valid, bounds, crs
 
 
-def check_label_coding(mask: np.ndarray, name: str) -> None:
+def check_label_coding(mask: np.ndarray, name: str, what: str = "mask") -> None:
     """Labels must be mangrove = 1, other = 0 (soft values in between allowed), no-data as
     NaN or the raster's declared no-data.  Anything else (1/2, 0/255, 0..100) is refused with
     the values found, since guessing which value means mangrove silently trains nonsense."""
@@ -126,7 +128,7 @@ def check_label_coding(mask: np.ndarray, name: str) -> None:
         cause = "it looks like percent cover: divide by 100"
     else:
         cause = "recode it"
-    raise ValueError(f"mask {name} holds values {shown}; masks must be 1 = mangrove, 0 = other "
+    raise ValueError(f"{what} {name} holds values {shown}; masks must be 1 = mangrove, 0 = other "
                      f"(soft values 0-1 allowed, mangrove >= 0.5), no-data as NaN or the declared no-data value: {cause}")
 
 
@@ -301,15 +303,16 @@ def copy_agreement(image: np.ndarray, valid: np.ndarray, label: np.ndarray, reci
 def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[str, str] = ("tile_", "mask_"),
                      recipe: ch.Recipe = ch.DEFAULT_RECIPE, spec: Optional[SourceSpec] = None,
                      log: Callable[[str], None] = lambda message: None) -> TileSet:
-    """Image/mask pairs such as ``tile_0001.tif`` + ``mask_0001.tif``; copies of one footprint kept
-    once (when their labels disagree, the one that agrees with the image, or none); label-noise rules
-    applied and logged."""
+    """Image/mask pairs such as ``tile_0001.tif`` + ``mask_0001.tif`` (paired by ``pair_tile_files``, each mask on
+    its tile's grid by ``check_mask_grid``); copies of one footprint kept once (when their labels disagree, the
+    one that agrees with the image, or none); label-noise rules applied and logged."""
     spec = spec or SourceSpec(str(folder))
-    paths = sorted(glob.glob(str(Path(folder) / image_glob)))
-    if not paths:
-        raise ValueError(f"no training tiles matching {image_glob} in {folder}")
-    pairs = _read_pairs(paths, mask_prefix, recipe)
+    pairs = _read_pairs(pair_tile_files(folder, image_glob, mask_prefix), recipe)
     pairs.check_grids(folder)
+    if pairs.one_sided:
+        log(f"{spec.source}: {len(pairs.one_sided)} of {len(pairs.names) + pairs.dropped} pairs have georeferencing on "
+            f"only one of tile and mask ({_listed(pairs.one_sided)}): paired pixel for pixel, right only if each "
+            "mask was cut from its very tile")
     flags = pairs.resolve_copies(recipe, spec)
     images, labels, valid, bounds, names = pairs.kept()
     if spec.align:
@@ -347,6 +350,7 @@ class _TilePairs:
     seen: Dict[Tuple, int] = field(default_factory=dict)  # footprint -> index of its first window
     crss: Set[Optional[str]] = field(default_factory=set)
     dropped: int = 0
+    one_sided: List[str] = field(default_factory=list)  # masks paired pixel for pixel: only one side georeferenced
 
     def add(self, img: np.ndarray, ok: np.ndarray, lab: np.ndarray, b: Optional[Tuple], name: str) -> None:
         """A window, or a copy of one already read (same footprint, to 3 decimals)."""
@@ -410,25 +414,111 @@ class _TilePairs:
                 [self.bounds[i] for i in keep], [self.names[i] for i in keep])
 
 
-def _read_pairs(paths: Sequence[str], mask_prefix: Tuple[str, str], recipe: ch.Recipe) -> _TilePairs:
-    """Each image with its mask (labels checked and binarised, the mask's no-data made invalid)."""
+#: How far (in the tile's pixels) a georeferenced mask's corners may lie from its tile's: rounding, not a shift.
+GRID_TOLERANCE_PX = 0.1
+#: How many file names a message lists before the count.
+NAMES_SHOWN = 5
+
+
+def _listed(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f" … ({len(names)} in all)" if len(names) > NAMES_SHOWN else "")
+
+
+def pair_tile_files(folder, image_glob: str = "tile_*.tif",
+                    mask_prefix: Tuple[str, str] = ("tile_", "mask_")) -> List[Tuple[Path, Path]]:
+    """(tile, mask) paths of a tile folder: the tiles ``image_glob`` matches and the mask named like each (the
+    first ``mask_prefix[0]`` replaced by ``mask_prefix[1]``), both matched whatever the case (``tile_7.TIF`` +
+    ``mask_7.tif``).  Tiles without a mask, masks without a tile and a tile with two masks differing only
+    in case are refused, naming them: a file left out of training silently is a label set quietly shrunk."""
+    folder = Path(folder)
+    try:
+        names = sorted(n for n in os.listdir(folder) if (folder / n).is_file())
+    except OSError as exc:
+        raise ValueError(f"cannot read the tile folder {folder}: {exc.strerror or exc}") from None
+    old, new = mask_prefix
+
+    def as_mask(name: str) -> str:
+        return re.sub(re.escape(old), lambda _: new, name, count=1, flags=re.IGNORECASE)
+
+    by_lower: Dict[str, List[str]] = {}
+    for name in names:
+        by_lower.setdefault(name.lower(), []).append(name)
+    tiles = [n for n in names if fnmatch.fnmatchcase(n.lower(), image_glob.lower())]
+    if not tiles:
+        raise ValueError(f"no training tiles matching {image_glob} in {folder}")
+    mask_glob = as_mask(image_glob).lower()
+    unpaired = {n for n in names if mask_glob != image_glob.lower() and fnmatch.fnmatchcase(n.lower(), mask_glob)}
+    pairs, missing, doubled = [], [], []
+    for tile in tiles:
+        found = by_lower.get(as_mask(tile).lower(), [])
+        if len(found) == 1:
+            pairs.append((folder / tile, folder / found[0]))
+            unpaired.discard(found[0])
+        elif found:
+            doubled.append(" and ".join(found))
+        else:
+            missing.append(tile)
+    if missing:
+        raise ValueError(f"{len(missing)} tile{'s' if len(missing) > 1 else ''} in {folder} without a mask: "
+                         f"{_listed(missing)}; each {old}NAME needs its {new}NAME beside it (add the masks or move "
+                         "those tiles out of the folder)")
+    if doubled:
+        raise ValueError(f"tiles in {folder} with two masks that differ only in case: {_listed(doubled)}; keep one")
+    if unpaired:
+        orphans = sorted(unpaired)
+        raise ValueError(f"{len(orphans)} mask{'s' if len(orphans) > 1 else ''} in {folder} without a tile: "
+                         f"{_listed(orphans)}; each {new}NAME belongs to a {old}NAME beside it (add the tiles or move "
+                         "those masks out of the folder)")
+    return pairs
+
+
+def check_mask_grid(tile, mask, tile_name: str, mask_name: str) -> bool:
+    """Refuse a mask whose georeferencing puts it elsewhere than its tile: another CRS, or corners more than
+    ``GRID_TOLERANCE_PX`` from the tile's (shifted, another pixel size).  A pair where only one of the two is
+    georeferenced (MagSet-2 has neither) is paired pixel for pixel: returns True then, for the log.  Masks
+    swapped between two tiles are caught this way when both carry their own georeferencing; between copies
+    of one footprint, or without georeferencing, nothing in the files can tell."""
+    if tile.transform.is_identity or mask.transform.is_identity:
+        return tile.transform.is_identity != mask.transform.is_identity
+    if tile.crs and mask.crs and tile.crs != mask.crs:
+        raise ValueError(f"mask {mask_name} is in {mask.crs}, its tile {tile_name} in {tile.crs}: a mask must lie "
+                         "on its tile's grid (same CRS, origin and pixel size); reproject the mask onto its tile")
+    to_tile_px = ~tile.transform * mask.transform
+    corners = [(0, 0), (mask.width, 0), (0, mask.height), (mask.width, mask.height)]
+    off = max(max(abs(x - cx), abs(y - cy)) for (cx, cy), (x, y) in zip(corners, (to_tile_px * c for c in corners)))
+    if off <= GRID_TOLERANCE_PX:
+        return False
+    if not np.allclose(mask.res, tile.res, rtol=1e-6):
+        how = f"its pixels are {mask.res[0]:g} x {mask.res[1]:g}, the tile's {tile.res[0]:g} x {tile.res[1]:g}"
+    else:
+        col, row = to_tile_px * (0, 0)
+        parts = [f"{abs(col):.1f} px {'east' if col > 0 else 'west'}" if abs(col) > GRID_TOLERANCE_PX else "",
+                 f"{abs(row):.1f} px {'south' if row > 0 else 'north'}" if abs(row) > GRID_TOLERANCE_PX else ""]
+        how = f"it lies {' and '.join(p for p in parts if p)} of it"
+    raise ValueError(f"mask {mask_name} does not lie on its tile {tile_name}: {how}; a mask must share its tile's "
+                     "grid (same CRS, origin and pixel size): pair it with the right tile or cut it to this one")
+
+
+def _read_pairs(pairs_of_files: Sequence[Tuple[Path, Path]], recipe: ch.Recipe) -> _TilePairs:
+    """Each image with its mask (mask on the tile's grid, labels checked and binarised, the mask's no-data
+    made invalid)."""
     pairs = _TilePairs()
     with warnings.catch_warnings():  # un-georeferenced tiles are expected here (maps refuse them elsewhere)
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        for path in paths:
-            mask_path = str(Path(path).parent / Path(path).name.replace(*mask_prefix, 1))
-            if not Path(mask_path).is_file():
-                raise ValueError(f"no mask {Path(mask_path).name} for {Path(path).name}")
-            img, ok, b, crs = _read_reflectance(path, recipe, georeferenced=False)
-            pairs.crss.add(crs)
-            with rasterio.open(mask_path) as ds:
+        for path, mask_path in pairs_of_files:
+            with rasterio.open(path) as tile, rasterio.open(mask_path) as ds:
+                if check_mask_grid(tile, ds, path.name, mask_path.name):
+                    pairs.one_sided.append(mask_path.name)
                 mask = ds.read(1, out_dtype="float32", masked=True).filled(np.nan)  # declared no-data -> NaN
-            check_label_coding(mask, Path(mask_path).name)
+            img, ok, b, crs = _read_reflectance(str(path), recipe, georeferenced=False)
+            pairs.crss.add(crs)
+            check_label_coding(mask, mask_path.name)
             if mask.shape != ok.shape:
-                raise ValueError(f"{Path(mask_path).name} is {mask.shape}, its image {ok.shape}")
+                raise ValueError(f"{mask_path.name} is {mask.shape}, its image {ok.shape}")
             ok &= np.isfinite(mask)
             lab = (np.nan_to_num(mask, nan=0.0) >= 0.5).astype(np.float32)
-            pairs.add(img, ok, lab, b, Path(path).name)
+            pairs.add(img, ok, lab, b, path.name)
     return pairs
 
 

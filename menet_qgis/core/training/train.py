@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluation.metrics import Confusion, ProbabilityCounts
-from ..files import atomic_write_bytes
+from ..files import JSON_HISTORY, atomic_write_bytes, atomic_write_text, json_text
 from ..inference.runtimes import prepare_batch
 from ..io.bands import InputPlan
 from ..io.raster_io import require_free_space
@@ -395,6 +395,12 @@ def _check_best(best_state: Optional[Dict], best: Dict, reporter: Reporter) -> N
     if best["kappa"] <= 0:
         reporter.warn(f"the best model is no better than chance on the validation windows (kappa "
                       f"{best['kappa']:.3f}): more epochs or more labels are needed before using it")
+
+
+def write_history(history: Sequence[Dict], path) -> None:
+    """The per-epoch log as strict JSON (an epoch whose loss diverged to NaN shows ``null``), written atomically
+    and replacing only an earlier history (``files.refuse_replacing``)."""
+    atomic_write_text(path, json_text(list(history)), kind=JSON_HISTORY)
 
 
 def _one_style(bundle: ModelBundle) -> ModelBundle:
