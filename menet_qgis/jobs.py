@@ -333,6 +333,7 @@ def train(params: Dict, reporter) -> Dict:
     inputs = [p for spec in specs for p in Path(spec.folder).glob("*") if p.is_file()] + job.images
     files.refuse_overwriting_inputs([out, job.history],
                                         inputs + [job.label_raster, job.imagenet_weights, job.init_from])
+    files.refuse_replacing(job.history, files.JSON_HISTORY)  # before training, not after hours of it
     if specs:
         tiles = training_data.TileSet.concat([training_data.load_tile_folder(spec.folder, recipe=recipe, spec=spec,
                                                                    log=reporter.info) for spec in specs])
@@ -366,7 +367,7 @@ def train(params: Dict, reporter) -> Dict:
         best_so_far.unlink(missing_ok=True)
     resume_state.unlink(missing_ok=True)
     if job.history:
-        files.atomic_write_text(job.history, json.dumps(result.history, indent=2))
+        training.write_history(result.history, job.history)
     reporter.info(f"model written to {out}")
     return {"checkpoint": str(out), "best": result.best, "windows": len(tiles),
             "threshold": result.bundle.threshold}
@@ -381,6 +382,8 @@ def assess(params: Dict, reporter) -> Dict:
     job = AssessJob.from_dict(params)
     files.refuse_overwriting_inputs([job.report, job.table], [job.prediction, job.reference, job.reference_file,
                                                                   job.area_file, job.image, job.model])
+    files.refuse_replacing(job.report, files.HTML_REPORT)
+    files.refuse_replacing(job.table, files.CSV_TABLE)
     if job.prediction:
         import rasterio
         with rasterio.open(job.prediction) as ds:
@@ -434,6 +437,9 @@ def prediction_threshold(prediction, given: Optional[float], reporter) -> float:
     except (TypeError, ValueError):
         reporter.info(f"mangrove = prediction >= 0.5 ({Path(prediction).name} carries no model threshold)")
         return 0.5
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise ValueError(f"{Path(prediction).name} carries the model threshold {stored} ({THRESHOLD_TAG}), not a "
+                         "number from 0 to 1: give the mangrove threshold explicitly")
     reporter.info(f"mangrove = prediction >= {value:g}: the threshold of the model that made it ({THRESHOLD_TAG})")
     return value
 
