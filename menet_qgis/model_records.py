@@ -8,11 +8,14 @@ from __future__ import annotations
 import collections
 import io
 import json
+import math
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
+
+from .core.model.stages import check_window  # stdlib only
 
 #: What the engine writes into its files (core/model/checkpoint.py FORMAT, core/inference/onnx_model.py ONNX_FORMAT and
 #: METADATA_KEY), repeated here because those modules import torch / numpy; a test keeps them equal.
@@ -23,6 +26,10 @@ ONNX_METADATA_KEY = "menet_qgis"
 
 class ModelRecordError(ValueError):
     """A file whose ME-Net record cannot be read without torch or an ONNX runtime."""
+
+
+#: The largest record pickle (``data.pkl``) read: a real one is a few kB (the weights live beside it).
+MAX_RECORD_BYTES = 16 * 2**20
 
 
 # --- what a model file says about itself, without torch or an ONNX runtime ----------------------
@@ -49,6 +56,20 @@ class _CheckpointUnpickler(pickle.Unpickler):
         return None  # a tensor's storage, kept in the archive's data/ entries: not needed for the record
 
 
+def check_checkpoint_archive(archive: zipfile.ZipFile, size: int, label: str) -> None:
+    """Refuse a torch zip archive that could make reading it allocate more than the file holds: every entry
+    stored as ``torch.save`` writes it (uncompressed), none claiming more bytes than the file has.  torch
+    reads deflated entries too, so a 0.5 MB file could otherwise unpack into a 512 MB tensor (and more)."""
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ModelRecordError(f"{label} is not a checkpoint as torch.save writes it (entry {info.filename} "
+                                   "is compressed); refused: a compressed entry can unpack into far more memory "
+                                   "than the file holds")
+        if info.file_size > size:
+            raise ModelRecordError(f"{label} is not a readable torch checkpoint (entry {info.filename} claims "
+                                   f"{info.file_size} bytes in a file of {size})")
+
+
 def checkpoint_record(path, label: str = "") -> Dict:
     """The record of an ME-Net ``.pt`` checkpoint (core/model/checkpoint.py) without its weights.
     ``label``: the file's name in messages (default: its own)."""
@@ -56,19 +77,96 @@ def checkpoint_record(path, label: str = "") -> Dict:
     label = label or path.name
     try:
         with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            check_checkpoint_archive(archive, path.stat().st_size, label)
+            pickles = [i for i in archive.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
             if not pickles:
                 raise ModelRecordError(f"{label} is not a torch checkpoint (no data.pkl inside)")
+            if pickles[0].file_size > MAX_RECORD_BYTES:
+                raise ModelRecordError(f"{label} is not an ME-Net checkpoint (its record holds {pickles[0].file_size} "
+                                       f"bytes, more than the {MAX_RECORD_BYTES // 2**20} MB any record needs)")
             record = _CheckpointUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-            AttributeError, IndexError, KeyError) as exc:
-        if isinstance(exc, ModelRecordError):
-            raise
-        raise ModelRecordError(f"{label} is not a readable torch checkpoint ({type(exc).__name__}: "
-                               f"{str(exc)[:120]})") from None
+    except ModelRecordError:
+        raise
+    except (OSError, MemoryError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise ModelRecordError(f"{label} not found") from None
+        raise ModelRecordError(f"{label} is not a readable torch checkpoint ({_one_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 (a hostile pickle or zip can make the readers raise almost any type)
+        raise ModelRecordError(f"{label} is not a readable torch checkpoint ({_one_line(exc)})") from None
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise ModelRecordError(f"{label} is not an ME-Net checkpoint (no '{CHECKPOINT_FORMAT}' header)")
-    return {k: v for k, v in record.items() if k != "state_dict"}
+    record = {k: v for k, v in record.items() if k != "state_dict"}
+    check_record_types(record, label)
+    return record
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, whole words only (a longer message is cut at a space, marked '…')."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: The sections of a model record and the type each must have (checked before any caller reads them).
+SECTIONS = {"architecture": dict, "recipe": dict, "training": dict, "normalisation": dict, "pca": dict,
+            "outputs": list}
+
+
+def check_record_types(record: Dict, label: str, error=ModelRecordError) -> None:
+    """Every section of a record the type readers expect (``SECTIONS``; the recipe's names strings, its
+    version an integer), so a damaged or crafted record is refused here in one line instead of failing
+    in whichever caller touches it first."""
+    for key, kind in SECTIONS.items():
+        if key in record and not isinstance(record[key], kind):
+            raise error(f"{label}: its record's {key} is not a {'JSON object' if kind is dict else 'list'}; "
+                                   "the file is damaged or was not written by this plugin")
+    recipe = record.get("recipe", {})
+    for key in ("channels", "source_bands"):
+        if key in recipe and not (isinstance(recipe[key], list) and all(isinstance(v, str) for v in recipe[key])):
+            raise error(f"{label}: its record's recipe {key} is not a list of names")
+    for section, key in (("recipe", "version"), ("architecture", "version")):
+        value = record.get(section, {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise error(f"{label}: its record's {section} version is not a whole number ({value!r:.40})")
+
+
+def _numbers(values, count: Optional[int]) -> bool:
+    """``values`` is a list of ``count`` (any number if None) finite numbers (no booleans)."""
+    return isinstance(values, list) and (count is None or len(values) == count) and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def check_description(record: Dict, label: str, n_channels: Optional[int] = None,
+                      n_source_bands: Optional[int] = None, error=ModelRecordError) -> None:
+    """What feeds the network, checked before it is used: per-channel normalisation (finite means, finite
+    standard deviations above 0: dividing by 0 would turn every pixel into inf/NaN, which the engine
+    would then quietly map as 'no mangrove'), a finite PCA basis and a usable window size (the same
+    bounds as a user's ``window``, ``stages.check_window``; a crafted 1000000 px window would ask for
+    terabytes).  ``n_channels`` / ``n_source_bands``: the lengths this plugin's recipe gives, when known."""
+    check_record_types(record, label, error)
+    norm = record.get("normalisation", {})
+    mean, std = norm.get("mean"), norm.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list)) or \
+            (n_channels is not None and (len(mean), len(std)) != (n_channels, n_channels)):
+        raise error(f"{label}: normalisation statistics do not have {n_channels or 'one value per'} channels")
+    bad = [i for i, v in enumerate(std) if not _numbers([v], 1) or v <= 0]
+    if not _numbers(mean, None) or bad:
+        detail = f" (standard deviation of channel {bad[0] + 1} is {std[bad[0]]!r:.40})" if bad else ""
+        raise error(f"{label}: normalisation statistics are not finite and positive{detail}: the file is damaged "
+                    "or was not written by this plugin; export or train the model again")
+    pca = record.get("pca", {})
+    if not (_numbers(pca.get("mean"), n_source_bands) and _numbers(pca.get("component"), n_source_bands)
+            and len(pca["mean"]) == len(pca["component"])):
+        raise error(f"{label}: the PCA basis does not hold {n_source_bands or 'the same number of'} finite values "
+                    "per vector")
+    window = record.get("window_size", 256)
+    try:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise ValueError(f"window size must be a whole number of px, got {window!r:.40}")
+        check_window(window, 0)
+    except ValueError as exc:
+        raise error(f"{label}: its recorded window_size cannot be used ({exc})") from None
 
 
 def _varint(read) -> int:
@@ -136,8 +234,12 @@ def onnx_metadata(path, label: str = "") -> Dict[str, str]:
                             text = entry.getvalue()[sub_span[0]:sub_span[0] + sub_span[1]].decode("utf-8")
                             key, value = (text, value) if sub == 1 else (key, text)
                     props[key] = value
+    except FileNotFoundError:
+        raise ModelRecordError(f"{label} not found") from None
     except (ModelRecordError, UnicodeDecodeError) as exc:
         raise ModelRecordError(f"{label} is not an ONNX model ({exc})") from None
+    except OSError as exc:
+        raise ModelRecordError(f"{label} cannot be read ({_one_line(exc)})") from None
     if not has_graph:
         raise ModelRecordError(f"{label} is not an ONNX model (no graph)")
     return props
@@ -155,10 +257,11 @@ def onnx_record(path, label: str = "") -> Dict:
         raise ModelRecordError(f"{label} carries no ME-Net record ('{ONNX_METADATA_KEY}' metadata)")
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ModelRecordError(f"{label}: its ME-Net record is not JSON") from None
     if not isinstance(record, dict) or record.get("format") != ONNX_FORMAT:
         raise ModelRecordError(f"{label} is not an ME-Net ONNX model (no '{ONNX_FORMAT}' record)")
+    check_record_types(record, label)
     return record
 
 

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .core.model.stages import STAGES, STAGE_NAMES  # stdlib only
+from .core.model.stages import MAX_WINDOW, STAGES, STAGE_NAMES  # stdlib only
 
 FRONTS = frozenset({"cli", "processing", "batch"})
 CLI_ONLY = frozenset({"cli"})
@@ -150,7 +150,7 @@ ENGINE: Tuple[Option, ...] = (
            label="Stage layer content", choices=STAGE_MODES,
            choice_labels=("compact (mean, max, std of channels)", "all channels")),
     Option("window", "int", 0, "window size in px, a multiple of 32; 0 = the model's recommendation (256)",
-           label="Window size (px)", minimum=0, maximum=2048, advanced=True, param="WINDOW_SIZE"),
+           label="Window size (px)", minimum=0, maximum=MAX_WINDOW, advanced=True, param="WINDOW_SIZE"),
     Option("overlap", "int", DEFAULT_OVERLAP,
            "overlap of neighbouring windows in px, a multiple of 32 less than the window size; overlaps are "
            "blended without seams (see docs/performance.md)",

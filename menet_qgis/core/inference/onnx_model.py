@@ -63,7 +63,7 @@ def read_onnx_model(path) -> OnnxModel:
     """Load an exported model's record (from the file's metadata, else its ``.json`` sidecar) and check it.
     The record is read by ``model_records.onnx_record`` (the standard library, the weights skipped): no runtime
     session is built just to read 5 kB of JSON, and a Python without any runtime can read it too."""
-    from ...model_records import ModelRecordError, onnx_record
+    from ...model_records import ModelRecordError, check_description, onnx_record
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file not found: {path}")
@@ -78,6 +78,16 @@ def read_onnx_model(path) -> OnnxModel:
         recipe = ch.recipe_for(record.get("recipe", {}))
     except ValueError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
+    # the same checks as a checkpoint's record (checkpoint.read_record): a zero standard deviation, a
+    # crafted window or a missing section is refused here, in one line, before any runtime runs it
+    check_description(record, path.name, ch.N_CHANNELS, len(recipe.source_bands), ValueError)
+    outputs = record.get("outputs")
+    if not (isinstance(outputs, list) and "probability" in outputs and all(isinstance(o, str) for o in outputs)):
+        raise ValueError(f"{path.name}: its record does not list the model's outputs (with 'probability'); "
+                         "export it again with `python -m menet_qgis export`")
+    for key in ("source", "source_sha256"):
+        if not isinstance(record.get(key), (str, type(None))):
+            raise ValueError(f"{path.name}: its record's {key} is not text; export it again")
     norm = record["normalisation"]
     return OnnxModel(str(path), list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
                      list(record["outputs"]), int(record.get("window_size", 256)), dict(record.get("training", {})),

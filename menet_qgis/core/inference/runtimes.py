@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -49,6 +50,35 @@ class RuntimeChoiceError(ValueError):
 
 class TorchRequired(RuntimeChoiceError):
     """The step needs torch and this Python has none (e.g. a checkpoint never exported to ONNX)."""
+
+
+class ModelRuntimeError(ValueError):
+    """ONNX Runtime or OpenVINO could not load or run a model file; the message gives the runtime's whole
+    reason on one line (their own exceptions are no ValueError: ONNX Runtime's are not even RuntimeError)."""
+
+
+#: Longest runtime reason quoted (cut at a space, marked '…'); OpenVINO's longest seen are ~700 characters.
+MAX_REASON = 2000
+
+
+def runtime_reason(exc: BaseException) -> str:
+    """A runtime's error as its reason on one line, whole: without ONNX Runtime's ``[ONNXRuntimeError] : 2 :
+    INVALID_ARGUMENT : Load model from PATH failed:`` frame, without OpenVINO's source locations
+    (``Exception from src/....cpp:84:``, ``Check '...' failed at src/....cpp:47:``), never cut mid-word."""
+    text = " ".join(str(exc).split())
+    framed = re.match(r"\[ONNXRuntimeError\] : \d+ : \w+ : (.*)", text)
+    if framed:
+        text = re.sub(r"^Load model from .*? failed: ?", "", framed.group(1))
+    text = re.sub(r"Exception from \S+:\d+: ?", "", text)
+    text = re.sub(r"Check '[^']*' failed at \S+:\d+: ?", "", text).strip()
+    if len(text) > MAX_REASON:
+        text = text[:MAX_REASON].rsplit(" ", 1)[0] + " …"
+    return text or type(exc).__name__
+
+
+def _runtime_failure(runner, doing: str, exc: BaseException) -> ModelRuntimeError:
+    return ModelRuntimeError(f"{runner.runtime} {runner.version()} could not {doing} {Path(runner.model.path).name}: "
+                             f"{runtime_reason(exc)}")
 
 
 def installed(module: str) -> bool:
@@ -437,14 +467,20 @@ class OnnxRuntimeRunner(OnnxRunner):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             return ort.InferenceSession(model.path, options, providers=["CPUExecutionProvider"])
 
-        self.session = _cached((model.path, self.runtime, self.threads), make)
+        try:
+            self.session = _cached((model.path, self.runtime, self.threads), make)
+        except Exception as exc:  # noqa: BLE001 (onnxruntime's errors are plain Exceptions of many types)
+            raise _runtime_failure(self, "load", exc) from None
         self.input_name = self.session.get_inputs()[0].name
 
     def version(self) -> str:
         return self.ort.__version__
 
     def infer(self, x, batch_size=0):
-        values = self.session.run(self.output_names, {self.input_name: x})
+        try:
+            values = self.session.run(self.output_names, {self.input_name: x})
+        except Exception as exc:  # noqa: BLE001 (as above)
+            raise _runtime_failure(self, "run", exc) from None
         return dict(zip(self.output_names, values))
 
 
@@ -486,9 +522,12 @@ class OpenVinoRunner(OnnxRunner):
                       "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
             return core.compile_model(net, "CPU", config)
 
-        compiled = _cached((self.model.path, self.runtime, self.threads, self.precision, tuple(shape),
-                            tuple(self.output_names)), make)
-        return compiled.create_infer_request(), compiled
+        try:
+            compiled = _cached((self.model.path, self.runtime, self.threads, self.precision, tuple(shape),
+                                tuple(self.output_names)), make)
+            return compiled.create_infer_request(), compiled
+        except RuntimeError as exc:  # OpenVINO's reading, reshaping and compiling errors
+            raise _runtime_failure(self, "load", exc) from None
 
     def prepare(self, batch_size, window):
         self._compiled_for((batch_size, ch.N_CHANNELS, window, window))
@@ -504,7 +543,10 @@ class OpenVinoRunner(OnnxRunner):
         request, compiled = self._compiled_for((size,) + x.shape[1:])
         if n < size:
             x = np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
-        result = request.infer({0: x})
+        try:
+            result = request.infer({0: x})
+        except RuntimeError as exc:
+            raise _runtime_failure(self, "run", exc) from None
         return {name: np.array(result[compiled.output(name)][:n]) for name in self.output_names}
 
 

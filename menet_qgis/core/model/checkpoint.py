@@ -10,9 +10,9 @@ size and the training metadata.
 from __future__ import annotations
 
 import io
-import math
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -23,7 +23,8 @@ from . import channels as ch
 from .menet import (ARCHITECTURE, ARCHITECTURE_VERSION, ARCHITECTURE_VERSIONS, DEFAULT_HEAD_WIDTH, N_CHANNELS, MENet,
                     find_imagenet_weights, imagenet_weight_candidates)
 from ..files import atomic_write_bytes
-from ...model_records import TrainingRecord
+from ...model_records import (ModelRecordError, TrainingRecord, check_checkpoint_archive, check_description,
+                              check_record_types)
 
 FORMAT = "menet_qgis.checkpoint"
 FORMAT_VERSION = 1
@@ -31,6 +32,9 @@ FORMAT_VERSION = 1
 #: untrained checkpoints; trained checkpoints carry statistics fitted on their data.
 UNTRAINED_MEAN = [0.06, 0.07, 0.05, 0.22, 0.15, 0.45, -0.3, 0.11, 2.0, 1.5, 0.0]
 UNTRAINED_STD = [0.05, 0.05, 0.05, 0.12, 0.09, 0.35, 0.35, 0.1, 2.0, 1.5, 0.2]
+#: Widths a checkpoint's head may record: the plugin trains 64 (refinement: 0 to 256, options.py); the bound
+#: keeps a crafted record from building a network of any size.
+MAX_HEAD_WIDTH = 1024
 
 
 class CheckpointError(ValueError):
@@ -103,6 +107,7 @@ def load(path) -> ModelBundle:
     arch = record["architecture"]
     model = MENet(ch.N_CHANNELS, int(arch.get("head_width", DEFAULT_HEAD_WIDTH)),
                   refine_width=int(arch.get("refine_width", 0)))
+    check_weights_fit(record["state_dict"], model, path.name, arch["version"])  # before any tensor is copied
     state = {k: v.float() if v.is_floating_point() else v for k, v in record["state_dict"].items()}
     try:
         model.load_state_dict(state, strict=True)
@@ -114,6 +119,40 @@ def load(path) -> ModelBundle:
     return ModelBundle(model, list(norm["mean"]), list(norm["std"]), ch.PCABasis.from_record(record["pca"]),
                        int(record.get("window_size", 256)), dict(record.get("training", {})), str(path),
                        ch.recipe_for(record["recipe"]))
+
+
+def check_weights_fit(state: Dict[str, torch.Tensor], model: torch.nn.Module, label: str, version) -> None:
+    """Every weight the architecture has, under its name and in its shape, and nothing else, checked on the
+    tensors' shapes alone: ``load_state_dict`` would say the same, but only after each tensor had been
+    converted to fp32, which for a crafted file means allocating whatever shape it claims."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    wrong = [k for k in want if k in state and tuple(state[k].shape) != want[k]]
+    if missing or unexpected or wrong:
+        what = (f"size mismatch for {wrong[0]}: the file has {list(state[wrong[0]].shape)}, the architecture "
+                f"{list(want[wrong[0]])}" if wrong else
+                f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}" if missing else
+                f"unexpected {', '.join(unexpected[:3])}{' …' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(f"{label}: weights do not fit {ARCHITECTURE} v{version} ({what})")
+
+
+def check_stored_tensors(tensors: Dict, path: Path, error=ValueError) -> None:
+    """Each tensor laid out as ``torch.save`` writes weights (contiguous, in bytes of its own) and all of them
+    together no larger than the file.  A crafted file can hold views that repeat a few stored bytes (zero
+    strides: ``expand``, or many views of one storage): they pass ``torch.load`` and every shape check
+    yet turn into gigabytes the moment they are copied (8.8 GB measured from a 9 kB file)."""
+    total = 0
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise error(f"{path.name}: weight {name} is a view (shape {list(tensor.shape)}, strides "
+                        f"{list(tensor.stride())}), not stored as torch.save writes weights; refused: copying it "
+                        "would take far more memory than the file holds")
+        total += tensor.numel() * tensor.element_size()
+    if total > path.stat().st_size:
+        raise error(f"{path.name}: its weights claim {total / 1e6:.1f} MB in a file of "
+                    f"{path.stat().st_size / 1e6:.1f} MB (tensors sharing their bytes); refused: copying them "
+                    "would take far more memory than the file holds")
 
 
 def read_pca(path) -> ch.PCABasis:
@@ -152,6 +191,14 @@ def load_weights_only(path, what: str, kind: str, error=ValueError):
         raise error(f"{what} not found: {path}")
     if path.stat().st_size == 0:
         raise error(f"{path.name} is empty (0 bytes): was it cut short while copying or saving?")
+    if zipfile.is_zipfile(path):  # before torch reads it: no compressed entry unpacks into gigabytes
+        try:
+            with zipfile.ZipFile(path) as archive:
+                check_checkpoint_archive(archive, path.stat().st_size, path.name)
+        except ModelRecordError as exc:
+            raise error(str(exc)) from None
+        except (zipfile.BadZipFile, OSError, ValueError):
+            pass  # torch says what is wrong with it below
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -171,31 +218,29 @@ def read_record(path: Path) -> Dict:
         raise CheckpointError(f"{path.name} is not an ME-Net checkpoint (no '{FORMAT}' header)")
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path.name} has checkpoint format v{record.get('format_version')}, this plugin reads v{FORMAT_VERSION}")
+    check_record_types(record, path.name, CheckpointError)
     arch = record.get("architecture", {})
     if arch.get("name") != ARCHITECTURE or arch.get("version") not in ARCHITECTURE_VERSIONS:
         raise CheckpointError(f"{path.name} is for architecture {arch.get('name')} v{arch.get('version')}, "
                               f"this plugin runs {ARCHITECTURE} v1 to v{ARCHITECTURE_VERSION}")
     if arch.get("version") == 1 and arch.get("refine_width"):
         raise CheckpointError(f"{path.name}: architecture v1 has no refinement, yet refine_width is set")
+    for key, low, high in (("head_width", 1, MAX_HEAD_WIDTH), ("refine_width", 0, 256)):
+        value = arch.get(key, DEFAULT_HEAD_WIDTH if key == "head_width" else 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{path.name}: its architecture's {key} is {value!r:.40}, this plugin builds "
+                                  f"{low} to {high}")
     try:
         recipe = ch.recipe_for(record.get("recipe", {}))
     except ValueError as exc:
         raise CheckpointError(f"{path.name}: {exc}") from None
     if arch.get("in_channels") != ch.N_CHANNELS:
         raise CheckpointError(f"{path.name} expects {arch.get('in_channels')} input channels, the recipe gives {ch.N_CHANNELS}")
-    norm = record.get("normalisation", {})
-    if len(norm.get("mean", [])) != ch.N_CHANNELS or len(norm.get("std", [])) != ch.N_CHANNELS:
-        raise CheckpointError(f"{path.name}: normalisation statistics do not have {ch.N_CHANNELS} channels")
-    if not all(math.isfinite(v) for v in norm["mean"]) or not all(math.isfinite(v) and v > 0 for v in norm["std"]):
-        raise CheckpointError(f"{path.name}: normalisation statistics are not finite and positive")
-    pca = record.get("pca", {})
-    n = len(recipe.source_bands)
-    if (len(pca.get("mean", [])), len(pca.get("component", []))) != (n, n) or \
-            not all(math.isfinite(v) for v in list(pca["mean"]) + list(pca["component"])):
-        raise CheckpointError(f"{path.name}: the PCA basis does not hold {n} finite values per vector")
+    check_description(record, path.name, ch.N_CHANNELS, len(recipe.source_bands), CheckpointError)
     state = record.get("state_dict")
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path.name} holds no weights (state_dict of tensors)")
+    check_stored_tensors(state, path, CheckpointError)
     return record
 
 
@@ -209,5 +254,6 @@ def load_imagenet_state(path: Optional[str] = None, log: Callable[[str], None] =
     state = load_weights_only(found, "ImageNet weight file", "torchvision ImageNet weight file")
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{found.name} is not a torchvision ResNet-101 weight file (no state dict of tensors)")
+    check_stored_tensors(state, Path(found))
     log(f"ImageNet ResNet-101 weights from {found}; conv1 = mean of the RGB kernels x 3/{N_CHANNELS}")
     return state

@@ -71,10 +71,20 @@ def stage_table(window: int = 256) -> str:
     return "\n".join(lines)
 
 
+#: The largest window accepted anywhere (dialog, CLI, batch, engine jobs, a model file's recorded window).
+#: Memory grows with the window's square (a 2048 px window is 64 of the 256 px the models are trained on and
+#: peaks at several GB on the CPU); a larger one only risks running out of memory (a 100000 px window would
+#: ask for terabytes), and a raster larger than a window is tiled anyway.
+MAX_WINDOW = 2048
+
+
 def check_window(window: int, overlap: int) -> None:
-    """Windows and overlaps in whole cells of the deepest stage, so every stage map tiles without seams
-    (standard library: the QGIS process checks a dialog's values with it)."""
-    if window < 2 * MAX_STRIDE or window % MAX_STRIDE:
-        raise ValueError(f"window size must be a multiple of {MAX_STRIDE} and at least {2 * MAX_STRIDE} px, got {window}")
+    """Windows and overlaps in whole cells of the deepest stage, so every stage map tiles without seams, and
+    windows no larger than ``MAX_WINDOW`` (standard library: the QGIS process checks a dialog's values with it;
+    every front end and every model file's recorded window reach this check before anything is allocated)."""
+    if window < 2 * MAX_STRIDE or window % MAX_STRIDE or window > MAX_WINDOW:
+        raise ValueError(f"window size must be a multiple of {MAX_STRIDE} from {2 * MAX_STRIDE} to {MAX_WINDOW} px, "
+                         f"got {window}")
     if overlap < 0 or overlap % MAX_STRIDE or overlap > window // 2:
-        raise ValueError(f"overlap must be a multiple of {MAX_STRIDE} between 0 and half the window ({window // 2}), got {overlap}")
+        raise ValueError(f"overlap must be a multiple of {MAX_STRIDE} between 0 and half the window ({window // 2}), "
+                         f"got {overlap}")
