@@ -10,9 +10,13 @@ Protocol (UTF-8, one JSON object per line):
 stdin, client -> worker
   1st line  ``{"job": "extract|prepare|export_channels|train|assess", "params": {...}}``
             (the parameters of ``menet_qgis.jobs``)
+            (the parameters of ``menet_qgis.jobs``; no other key)
   later     ``{"type": "cancel"}``: stop at the next check (one batch/epoch/strip)
             and remove partial outputs.  Closing stdin (the client died) cancels too,
-            so keep it open until the last message.
+            so keep it open until the last message.  Any other later line (not JSON,
+            not UTF-8, not an object, another message) is answered with a log line of
+            level "error" and ignored: the job goes on, and cancel and the end of
+            stdin still stop it.
 stdout, worker -> client (nothing else is ever written there: stray prints and
 library messages go to stderr)
   ``{"type": "progress", "percent": 42.0}``
@@ -22,6 +26,8 @@ library messages go to stderr)
                                                  last line on failure, exit status 1
   ``{"type": "cancelled", "message": "..."}``      last line after a cancel, exit status 3
 
+A bad first line (not UTF-8, not JSON, not an object, an unknown key, an
+unknown job, parameters the job refuses) ends with an ``input`` error line.
 A worker that ends without one of the last three lines has died (signal,
 out-of-memory kill): the client reports the signal or exit status and the
 last stderr lines.
@@ -37,6 +43,11 @@ import time
 import traceback
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
+#: The keys of the first line.
+JOB_LINE_KEYS = ("job", "params")
+#: Bad later lines answered one by one; after these, one note and silence (a flooding client cannot
+#: flood the log).
+REPORTED_BAD_LINES = 10
 
 
 def _jsonable(value):
@@ -89,15 +100,91 @@ def _reporter_class():
     return ProtocolReporter
 
 
-def _watch_stdin(stream, cancel: threading.Event) -> None:
-    """Set ``cancel`` on a cancel line or when stdin closes (the client is gone)."""
-    for line in stream:
-        try:
-            if json.loads(line).get("type") == "cancel":
+def _excerpt(text: str) -> str:
+    """A received line as a message quotes it: escaped, on one line, at most 80 characters."""
+    return repr(text[:80] + ("..." if len(text) > 80 else ""))
+
+
+def _decode(raw: bytes) -> str:
+    """A received line as text; ValueError saying so when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"not UTF-8 text: {raw[:40]!r}") from None
+
+
+_JSON_KINDS = {int: "number", float: "number", str: "string", list: "array", bool: "boolean", type(None): "null"}
+
+
+def _json_object(raw: bytes, example: str) -> dict:
+    """A received line as a JSON object; ValueError saying what it is instead (one line)."""
+    text = _decode(raw).strip()
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise ValueError(f"not JSON: {_excerpt(text)}; expected {example}") from None
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply: {_excerpt(text)}; expected {example}") from None
+    if not isinstance(message, dict):
+        raise ValueError(f"a JSON {_JSON_KINDS.get(type(message), 'value')}, not an object: {_excerpt(text)}; "
+                         f"expected {example}")
+    return message
+
+
+def read_job_line(raw: bytes):
+    """(job name, params) from the first line; ValueError with one line saying what is wrong.  The job
+    name and the parameters themselves are checked by ``jobs.run`` (one place for every front end)."""
+    if not raw.strip():
+        raise ValueError("it is empty, or stdin was closed before it")
+    request = _json_object(raw, '{"job": "extract", "params": {...}}')
+    from .jobs import refuse_unknown  # stdlib only
+    try:
+        refuse_unknown("key", request, JOB_LINE_KEYS)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (the job's parameters go inside params)") from None
+    if "job" not in request:
+        raise ValueError('the job line names no job: {"job": "extract", "params": {...}}')
+    return request["job"], request.get("params")
+
+
+def control_line_problem(raw: bytes):
+    """None for a cancel line, "" for a blank one, else why the line is ignored (one line)."""
+    if not raw.strip():
+        return ""
+    try:
+        message = _json_object(raw, '{"type": "cancel"}')
+    except ValueError as exc:
+        return str(exc)
+    kind = message.get("type")
+    if kind == "cancel":
+        return None
+    if "job" in message:
+        return "a second job line: an engine process runs one job"
+    return f'unknown message type {_excerpt(str(kind))}: the only message after the job line is {{"type": "cancel"}}'
+
+
+def _watch_stdin(stream, cancel: threading.Event, channel: "Channel") -> None:
+    """Set ``cancel`` on a cancel line or when stdin closes (the client is gone).  Any other line is
+    answered with an error log line and ignored; whatever happens here ends in ``cancel`` too, since a
+    reader that stopped could no longer see the client go."""
+    ignored = 0
+    try:
+        for number, raw in enumerate(stream, start=2):
+            problem = control_line_problem(raw)
+            if problem is None:
                 break
-        except ValueError:
-            continue
-    cancel.set()
+            if not problem:
+                continue
+            ignored += 1
+            if ignored <= REPORTED_BAD_LINES:
+                channel.send(type="log", level="error", message=f"stdin line {number} ignored: {problem}")
+            if ignored == REPORTED_BAD_LINES:
+                channel.send(type="log", level="error",
+                             message=f"{REPORTED_BAD_LINES} stdin lines ignored: later bad lines are ignored silently")
+    except Exception:  # noqa: BLE001 (a closed stdout, a read error: stop the job rather than run on unwatched)
+        traceback.print_exc()
+    finally:
+        cancel.set()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -143,17 +230,19 @@ def main() -> int:
     # The protocol reads fd 0 through a private file object and sys.stdin becomes /dev/null: a library
     # that forks (OpenVINO's telemetry does) closes sys.stdin in the child, which would deadlock on the
     # lock our reader thread holds while it waits for a cancel line.
-    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    # Bytes, decoded line by line: a line that is not UTF-8 is refused, not an exception in the reader.
+    requests = os.fdopen(os.dup(0), "rb")
     sys.stdin = open(os.devnull, "r")
-    first = requests.readline()
     try:
-        request = json.loads(first)
-        job, params = request["job"], request.get("params") or {}
-    except (ValueError, KeyError, TypeError):
-        channel.send(type="error", kind="input", message=f"bad job line on stdin: {first.strip()[:200]!r}")
+        job, params = read_job_line(requests.readline())
+    except ValueError as exc:
+        channel.send(type="error", kind="input", message=f"bad job line on stdin: {_one_line(exc)}")
         return EXIT_ERROR
+    except ImportError as exc:
+        return _missing(channel, exc)
     cancel = threading.Event()
-    threading.Thread(target=_watch_stdin, args=(requests, cancel), name="menet-stdin", daemon=True).start()
+    threading.Thread(target=_watch_stdin, args=(requests, cancel, channel), name="menet-stdin",
+                     daemon=True).start()
     started = time.perf_counter()
     try:
         from . import jobs

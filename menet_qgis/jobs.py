@@ -5,8 +5,11 @@ batch runners all call these, so a job behaves the same wherever it runs.
 Each job reads its dict into a typed dataclass (``ExtractJob``, ``PrepareJob``,
 ``ExportChannelsJob``, ``TrainJob``, ``AssessJob``): ``None`` or absent means the
 default declared in ``options.py``, values are checked against the declarations
-(choices, ranges), and an unknown key is refused, so a misspelt parameter fails
-in one line instead of being ignored.
+(choices, ranges), the others against their annotation (a path is text, bounds
+are four ordered numbers, polygons a list ...), and an unknown key is refused
+naming the nearest known one, so a misspelt or mistyped parameter fails in one
+line (a ``ValueError``) before anything runs, instead of being ignored or
+surfacing as a library's ``TypeError`` deep inside the job.
 QGIS-free; the heavy core modules (torch, rasterio) are imported inside each
 job, so a missing library surfaces as an ImportError the worker can explain.
 Errors are the core's one-line ``ValueError``/``OSError``; a cancelled job
@@ -14,14 +17,98 @@ raises ``core.reporting.Cancelled`` and leaves no output.
 """
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from . import model_store, options as opts
+from .core.model.stages import check_window  # stdlib only
 from .options import Option
+
+#: Names listed in one message at most (a line stays one readable line whatever a client sends).
+_SHOWN = 6
+
+
+def shown(name) -> str:
+    """A name as a message shows it: bare when it is a plain name, else quoted with escapes (one line)."""
+    text = str(name)
+    return text if text.isidentifier() else repr(text[:60] + ("..." if len(text) > 60 else ""))
+
+
+def nearest(name, known: Sequence[str]) -> str:
+    """' (did you mean dn_offset?)' for the closest known name, or ''."""
+    match = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def refuse_unknown(what: str, given, known: Sequence[str]) -> None:
+    """A one-line ValueError naming the unknown names in ``given``, each with the nearest known one."""
+    unknown = sorted((name for name in given if name not in known), key=str)
+    if unknown:
+        names = [shown(name) + nearest(name, known) for name in unknown[:_SHOWN]]
+        if len(unknown) > _SHOWN:
+            names.append(f"and {len(unknown) - _SHOWN} more")
+        raise ValueError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(names)}; "
+                         f"known: {', '.join(known)}")
+
+
+def _what(value) -> str:
+    """A short, one-line description of a received value for a message."""
+    if isinstance(value, dict):
+        return "an object"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_type(name: str, value, hint):
+    """``value`` checked against a field's annotation (str, List[str], List[float], List, Dict, Optional[...]);
+    a path given as os.PathLike becomes text.  One-line ValueError naming the parameter otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return check_type(name, value, next(a for a in args if a is not type(None)))
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be text (a path or a name), got {_what(value)}")
+        if "\0" in value:
+            raise ValueError(f"{name} must not contain a NUL character")
+        return value
+    if origin is list or hint is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {_what(value)}")
+        item = args[0] if args else None
+        if item is str:
+            return [check_type(f"{name}[{i}]", v, str) for i, v in enumerate(value)]
+        if item is float:
+            for v in value:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{name} must be a list of finite numbers, got {_what(value)}")
+            return [float(v) for v in value]
+        return list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object (name: value), got {_what(value)}")
+        return value
+    return value  # int, float, bool, str choices: declared options, checked by their declaration
+
+
+def check_bounds(name: str, bounds):
+    """[xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax, or None."""
+    if bounds is None:
+        return None
+    bounds = check_type(name, bounds, List[float])
+    if len(bounds) != 4 or not (bounds[0] < bounds[2] and bounds[1] < bounds[3]):
+        raise ValueError(f"{name} must be xmin, ymin, xmax, ymax with xmin < xmax and ymin < ymax, "
+                         f"got {_what(bounds)}")
+    return bounds
 
 
 def _default(group: Sequence[Option], name: str):
@@ -39,18 +126,28 @@ class JobParams:
     #: Declarations that check this job's fields of the same name.
     DECLARED: ClassVar[Tuple[Option, ...]] = ()
 
+    #: Fields that take one value or a list of them (the one value becomes a list of one).
+    ONE_OR_LIST: ClassVar[Tuple[str, ...]] = ()
+
     @classmethod
     def from_dict(cls, params: Optional[Dict]):
+        """The typed job, or a one-line ValueError: parameters not an object, an unknown name (with the
+        nearest known one), missing required ones (all named), or a value of the wrong type or range."""
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"the {cls.JOB} job's parameters must be an object (name: value), got {_what(params)}")
         params = dict(params or {})
         names = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(names))
-        if unknown:
-            raise ValueError(f"unknown {cls.JOB} parameter{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(unknown)}; known: {', '.join(names)}")
+        refuse_unknown(f"{cls.JOB} parameter", params, names)
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
                    and params.get(f.name) is None]
         if missing:
             raise ValueError(f"the {cls.JOB} job needs {', '.join(missing)}")
+        declared = {o.name for o in cls.DECLARED}
+        hints = typing.get_type_hints(cls)
+        for name in [n for n in names if n in params and n not in declared and params[n] is not None]:
+            if name in cls.ONE_OR_LIST and isinstance(params[name], (str, os.PathLike)):
+                params[name] = [params[name]]
+            params[name] = check_type(name, params[name], hints[name])
         job = cls(**{k: v for k, v in params.items() if v is not None})
         job.check()
         return job
@@ -64,6 +161,9 @@ class JobParams:
 
 
 _EXTRACT_DECLARED = (opts.MODEL,) + opts.INPUT
+#: Engine options the front ends do not show but a job may set (``EngineOptions.readers``).
+_ENGINE_INTERNAL = (Option("readers", "int", 0, "reader threads; 0 = automatic", minimum=0, maximum=64,
+                           fronts=frozenset()),)
 
 
 @dataclass
@@ -88,16 +188,17 @@ class ExtractJob(_RasterThroughModel):
 
     def check(self) -> None:
         super().check()
-        declared = {o.name: o for o in opts.ENGINE}
-        self.options = {k: declared[k].check(v) if k in declared else v for k, v in self.options.items()}
+        self.bounds = check_bounds("bounds", self.bounds)
+        declared = {o.name: o for o in opts.ENGINE + _ENGINE_INTERNAL}
+        refuse_unknown("engine option", self.options, list(declared))
+        self.options = {k: declared[k].check(v) for k, v in self.options.items()}
+        window, overlap = self.options.get("window"), self.options.get("overlap")
+        if window:  # 0/None = the model's window, checked once it is known
+            check_window(window, opts.DEFAULT_OVERLAP if overlap is None else overlap)
 
     def engine_options(self):
         from .core.inference.engine import EngineOptions
-        known = [f.name for f in fields(EngineOptions)]
-        unknown = sorted(set(self.options) - set(known))
-        if unknown:
-            raise ValueError(f"unknown engine option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                             f"known: {', '.join(known)}")
+        refuse_unknown("engine option", self.options, [f.name for f in fields(EngineOptions)])
         return EngineOptions(**self.options)
 
 
@@ -114,6 +215,10 @@ class PrepareJob(JobParams):
     polygon_crs: Optional[str] = None       # WKT; None = the product's
     resampling: str = _default(opts.PREPARE, "resampling")
 
+    def check(self) -> None:
+        super().check()
+        self.bounds = check_bounds("bounds", self.bounds)
+
 
 @dataclass
 class ExportChannelsJob(_RasterThroughModel):
@@ -127,6 +232,7 @@ class TrainJob(JobParams):
     with ``label_raster`` or ``label_polygons`` (one list of GeoJSON geometries per image, in its CRS)."""
     JOB: ClassVar[str] = "train"
     DECLARED: ClassVar[Tuple[Option, ...]] = tuple(o for o in opts.TRAIN if o.name != "tiles")
+    ONE_OR_LIST: ClassVar[Tuple[str, ...]] = ("tiles",)
     output: str
     tiles: List[str] = field(default_factory=list)
     images: List[str] = field(default_factory=list)
@@ -153,13 +259,11 @@ class TrainJob(JobParams):
     def check(self) -> None:
         if Path(self.output).suffix != ".pt":
             raise ValueError(f"the model file {Path(self.output).name} must end in .pt")
+        super().check()  # declared options converted first: the checks below compare numbers
         if not float(self.boundary_weight) >= 0:  # NaN too
             raise ValueError(f"boundary weight must be 0 (off) or positive, got {float(self.boundary_weight):g}")
         if self.refine_width is not None and not 0 <= int(self.refine_width) <= 256:
             raise ValueError(f"refinement width must be 0 (none) to 256, got {self.refine_width}")
-        self.tiles = [self.tiles] if isinstance(self.tiles, (str, os.PathLike)) else list(self.tiles)
-        self.images = list(self.images)
-        super().check()
         if self.tiles and self.images:
             raise ValueError("give either tile folders or rasters with labels, not both")
         if not self.tiles and not self.images:
@@ -449,6 +553,7 @@ JOBS: Dict[str, Callable[[Dict, object], Dict]] = {
 
 
 def run(name: str, params: Dict, reporter) -> Dict:
-    if name not in JOBS:
-        raise ValueError(f"unknown job {name!r}; jobs: {', '.join(JOBS)}")
+    if not isinstance(name, str) or name not in JOBS:
+        hint = nearest(name, list(JOBS)) if isinstance(name, str) else ""
+        raise ValueError(f"unknown job {_what(name)}{hint}; jobs: {', '.join(JOBS)}")
     return JOBS[name](params, reporter)

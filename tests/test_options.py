@@ -34,7 +34,7 @@ OLD_FLAGS = {
                "--model": None, "--report": None, "--table": None},
     "install-deps": {"--variant": "cpu-light", "--wheel-folder": None, "--index-url": None, "--env-dir": None,
                      "--python": None, "--system-site-packages": False, "--fresh": False},
-    "install-model": {"--list": False, "--sha256": None, "--name": None, "--timeout": 60},
+    "install-model": {"--list": False, "--sha256": None, "--name": None, "--timeout": 60, "--allow-http": False},
     "worker": {},
 }
 OLD_CHOICES = {"--stage-mode": {"compact", "all"}, "--device": {"auto", "cuda", "cpu"},
@@ -286,7 +286,7 @@ def test_jobs_run_refuses_unknown_keys_and_engine_options_before_any_work(tmp_pa
     out = tmp_path / "p.tif"
     with pytest.raises(ValueError, match="unknown extract parameter"):
         jobs.run("extract", {"input": "missing.tif", "output": str(out), "windw": 64}, None)
-    with pytest.raises(ValueError, match="unknown engine option windw; known: window, "):
+    with pytest.raises(ValueError, match=r"^unknown engine option windw \(did you mean window\?\); known: stages, stage_mode, window, "):
         jobs.run("extract", {"input": "missing.tif", "output": str(out), "options": {"windw": 64}}, None)
     with pytest.raises(ValueError, match="^overlap must be from 0 to 1024, got -32$"):
         jobs.run("extract", {"input": "missing.tif", "output": str(out), "options": {"overlap": -32}}, None)
