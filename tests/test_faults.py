@@ -217,7 +217,9 @@ def test_disk_full_report_and_table(cli, tmp_path, small_fs):
     pred = write_raster(tmp_path / "pred.tif", half_mask()[None])
     ref = write_raster(tmp_path / "ref.tif", half_mask()[None])
     out = small_fs(512)
-    old_html, old_csv = keep(out / "r.html"), keep(out / "r.csv", b"old,table\n")
+    # previous outputs of the same kinds (files.refuse_replacing lets only those be replaced)
+    old_html = keep(out / "r.html", b"<!DOCTYPE html><html><head><meta charset='utf-8'><title>old</title></head></html>")
+    old_csv = keep(out / "r.csv", b"name,threshold,overall_accuracy,f1\nold,0.5,1,1\n")
     fill(out)
     for option, name, old in (("--report", "r.html", old_html), ("--table", "r.csv", old_csv)):
         proc = cli("assess", pred, "--reference", ref, option, out / name)
