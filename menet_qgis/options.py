@@ -260,7 +260,8 @@ TRAIN: Tuple[Option, ...] = (
            file_extension="pt", fronts=CLI_AND_DIALOG),
     Option("resume", "bool", False, "continue a stopped run from its resume state (.OUT.resume, written every epoch)",
            label="Continue a stopped run", advanced=True, fronts=CLI_AND_DIALOG),
-    Option("history", "file", None, "also write the per-epoch log as JSON here", fronts=CLI_ONLY),
+    Option("history", "file", None,
+           "also write the per-epoch log as JSON here (.json; replaces only an earlier history)", fronts=CLI_ONLY),
     Option("val_groups", "text_list", (), "location groups used for validation, e.g. magset2:6",
            fronts=CLI_ONLY),
     Option("holdout_groups", "text_list", (),
@@ -307,8 +308,10 @@ ASSESS: Tuple[Option, ...] = (
     Option("model", "file", None,
            "checkpoint (.pt) scored on its validation windows (with --tiles and no prediction); empty = the "
            "default model", fronts=CLI_ONLY),
-    Option("report", "file", None, "write an HTML report here", fronts=CLI_ONLY),
-    Option("table", "file", None, "write a CSV table here", fronts=CLI_ONLY),
+    Option("report", "file", None, "write an HTML report here (.html; replaces only an earlier report)",
+           fronts=CLI_ONLY),
+    Option("table", "file", None, "write a CSV table here (.csv; replaces only an earlier table)",
+           fronts=CLI_ONLY),
 )
 
 # --- batch: many scenes on Dask ------------------------------------------------------------------------------
