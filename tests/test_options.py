@@ -29,7 +29,7 @@ OLD_FLAGS = {
     "batch": {"--out-dir": None, "--model": None, "--workers": 0, "--scheduler": None, "--retries": 2,
               "--resources": "", "--stages": "", "--stage-mode": "compact", "--window": 0, "--overlap": 32,
               "--batch-size": 0, "--device": "auto", "--runtime": "auto", "--threads": 0, "--precision": "auto",
-              "--tta": False, "--bands": None, "--dn-offset": None, "--no-progress": False},
+              "--tta": False, "--bands": None, "--dn-offset": None, "--no-progress": False, "--data-root": None},
     "assess": {"--reference": None, "--area": None, "--threshold": None, "--image": None, "--tiles": None,
                "--model": None, "--report": None, "--table": None},
     "install-deps": {"--variant": "cpu-light", "--wheel-folder": None, "--index-url": None, "--env-dir": None,
