@@ -14,7 +14,10 @@ re-uses the distribution's rasterio/GDAL instead (saves ~60 MB, but the env then
 also sees whatever else is installed system-wide).
 
 An environment is claimed good only by :data:`RECORD_NAME` inside it, written
-after the verification run passed.  A new or changed environment is built in a
+after the verification run passed.  The installer replaces or removes only folders
+it recognises as its own (:func:`refuse_foreign_folders`): :data:`MARKER_NAME`,
+put into every environment it makes before anything else, or the record; an
+``--env-dir`` that holds anything else is refused, not emptied.  A new or changed environment is built in a
 sibling folder (``env.new``) and swapped in with one rename only once it has
 passed, so a cancelled or failed install (another variant, a rebuild) leaves
 the last verified environment in place, byte for byte, and still in use.
@@ -54,6 +57,10 @@ DEFAULT_VARIANT = "cpu-light"
 CPU_ONLY_VARIANTS = ("cpu-light", "cpu")
 #: Written into the environment only after verification passed.
 RECORD_NAME = "menet-environment.json"
+#: Written into every environment this installer makes, before the venv: the folder is one it may replace or remove.
+MARKER_NAME = "menet-managed-environment.txt"
+MARKER_TEXT = ("This folder is a Python environment made by ME-Net's installer (install-deps / 'Install ME-Net "
+               "dependencies'); a later install may replace or remove it.\n")
 #: Seconds a cancelled child gets to exit after SIGTERM before it is killed.
 KILL_GRACE_S = child_process.GRACE_S
 VERIFY_TIMEOUT_S = 300.0
@@ -663,6 +670,38 @@ def staging_dir(env_dir: Path) -> Path:
     return env_dir.with_name(env_dir.name + ".new")
 
 
+def _is_ours(folder: Path, managed: bool) -> bool:
+    """An environment this installer made: its marker or its record; in the managed folder (the plugin's
+    profile folder) also a venv an older version made, before the marker."""
+    if (folder / MARKER_NAME).is_file() or (folder / RECORD_NAME).is_file():
+        return True
+    return managed and (folder / "pyvenv.cfg").is_file()
+
+
+def _names(folder: Path, most: int = 5) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def refuse_foreign_folders(env_dir: Path) -> None:
+    """Before anything is created or removed: ``env_dir`` and the folders an install replaces beside it
+    (``.new``, ``.old``) must be absent, empty, or environments this installer made.  Installing into a folder
+    that holds anything else would delete it (the new environment replaces the folder), so it is refused."""
+    if not env_dir.name:
+        raise InstallError(f"{env_dir} cannot hold an environment: give a folder of its own for --env-dir")
+    managed = os.path.abspath(env_dir) == os.path.abspath(user_paths.managed_env_dir())
+    for folder, role in ((env_dir, "the environment folder"), (staging_dir(env_dir), "where a new environment is "
+                         "built"), (env_dir.with_name(env_dir.name + ".old"), "where the replaced one is put")):
+        if not os.path.lexists(folder) or (folder.is_symlink() and folder is not env_dir):
+            continue
+        if not folder.is_dir():
+            raise InstallError(f"{folder} ({role}) is a file, not a folder: give another --env-dir, or move it away")
+        if any(folder.iterdir()) and not _is_ours(folder, managed):
+            raise InstallError(f"{folder} ({role}) is not an ME-Net environment: it holds {_names(folder)}, which "
+                               "installing there would delete; give a new or empty folder for --env-dir, or move "
+                               "that folder away yourself")
+
+
 def _remove_tree(path: Path, reporter=None) -> None:
     if path.is_symlink():
         path.unlink()
@@ -753,9 +792,10 @@ def install_environment(variant: str = DEFAULT_VARIANT, env_dir=None, base_pytho
     lines = list(requirements) if requirements is not None else spec.requirements
     for pin in lines:
         _pin_parts(pin)
-    env_dir = Path(env_dir) if env_dir else user_paths.managed_env_dir()
+    env_dir = Path(os.path.abspath(env_dir)) if env_dir else user_paths.managed_env_dir()
     own_sources = requirements is None and not wheel_folder and not index_url
     sources = pip_source_options(spec.index_options if requirements is None else [], wheel_folder, index_url)
+    refuse_foreign_folders(env_dir)
 
     with _install_lock(env_dir):
         python = env_python(env_dir)
@@ -805,7 +845,9 @@ def _build_beside(env_dir: Path, spec: Variant, lines: Sequence[str], sources: S
     try:
         base = find_base_python(base_python, reporter)
         reporter.info(f"creating the environment with {base}")
-        command = [str(base), "-m", "venv", "--clear", "--prompt", env_dir.name, str(staging)]
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / MARKER_NAME).write_text(MARKER_TEXT)  # first: a later run may remove what a killed one left
+        command = [str(base), "-m", "venv", "--prompt", env_dir.name, str(staging)]
         if system_site_packages:
             command.insert(3, "--system-site-packages")
         try:
