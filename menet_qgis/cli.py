@@ -222,7 +222,8 @@ def cmd_install_model(args) -> int:
         print("\n".join(_store_listing()))
         return 0
     installed = model_store.install_model(args.source or model_store.default_model_url(), name=args.name,
-                                          sha256=args.sha256, timeout=args.timeout, reporter=ConsoleReporter())
+                                          sha256=args.sha256, timeout=args.timeout, allow_http=args.allow_http,
+                                          reporter=ConsoleReporter())
     if args.list:
         print("\n".join(_store_listing()))
     else:

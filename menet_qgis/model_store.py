@@ -17,12 +17,22 @@ Install model log can show it anywhere.
 
 The project has no public release of its model yet, so :func:`default_model_url`
 is empty unless ``MENET_MODEL_URL`` (or the provider setting) names one.
+
+What a download may go through (:func:`transport_refusal`, :func:`redirect_refusal`):
+https; plain http only to this machine (loopback: nothing on the network can
+alter it) or with ``allow_http`` and a sha256 the user gives (a ``.sha256`` from
+the same unprotected server proves nothing); an https download stays https
+through its redirects; redirects to other hosts (release assets on a CDN) are
+followed and logged.  A download may be at most :data:`MAX_MODEL_BYTES`, with or
+without a Content-Length, and the partial file of a download that was killed is
+removed by the next install.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -40,11 +50,17 @@ from .model_records import ModelRecordError, read_model_record
 from . import resources
 from .resources import DEFAULT_ASSET_NAME, DEFAULT_MODEL_BASE
 from .model_records import decision_threshold
-from .core.files import atomic_write_text, temp_beside
+from .core.files import HOST, atomic_write_text, remove_stale_partials, temp_beside
 
 CHUNK = 1 << 20
 #: Extra free space kept beyond the model's size before a download starts.
 SPACE_MARGIN = 16 << 20
+#: The largest model accepted (ME-Net's are ~100 MB): a server that announces or sends more is stopped there,
+#: so a broken or hostile server cannot fill the disk.
+MAX_MODEL_BYTES = 2_000_000_000
+#: How to proceed over plain http, for the refusals that need it.
+HTTP_HOW = ("use an https URL, or allow plain http (--allow-http) and give the model's sha256 from a source you "
+            "trust (--sha256)")
 MODEL_SUFFIXES = (".pt", ".onnx")
 NO_RELEASE = ("no model URL is configured: the project has no public model release yet. Give a URL or a file "
               "(e.g. dist/menet_coasts_v2.onnx from 'make package'), or set the download location in "
@@ -59,6 +75,10 @@ _SHA = re.compile(r"^[0-9a-fA-F]{64}$")
 class ModelStoreError(ValueError):
     """A model could not be installed; the message is one line and nothing was changed."""
 
+
+class InsecureSourceError(ModelStoreError):
+    """A download that could be altered on its way (plain http, a redirect from https to http); never passed
+    over in silence, not even while looking for a ``.sha256`` beside the source."""
 
 
 @dataclass
@@ -126,10 +146,83 @@ def outdated_copy_note(path) -> Optional[str]:
             f"of {known[:12]}…): reinstall it with 'Install model' to use the current one")
 
 
-def _open_url(url: str, timeout: float):
-    request = urllib.request.Request(url, headers={"User-Agent": "menet_qgis model installer"})
+# --- what a download may go through ---------------------------------------------------------------
+def is_loopback_host(host: Optional[str]) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1: traffic that never leaves this machine (pip and the W3C's secure
+    contexts treat these as secure origins too)."""
+    host = (host or "").strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
     try:
-        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (the user's own URL)
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def transport_refusal(url: str, allow_http: bool = False) -> Optional[str]:
+    """Why ``url`` may not be downloaded from (one line), or None: https always; plain http only to loopback
+    or with ``allow_http`` (which :func:`install_model` accepts only together with a given sha256)."""
+    parts = urllib.parse.urlparse(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("https", "file"):
+        return None
+    if scheme == "http":
+        if allow_http or is_loopback_host(parts.hostname):
+            return None
+        return (f"plain http refused for {url}: anyone on the way can replace the model, and a .sha256 from the "
+                f"same server proves nothing; {HTTP_HOW}")
+    return f"{url}: only https (or plain http with --allow-http) is downloaded from"
+
+
+def redirect_refusal(first_url: str, new_url: str, allow_http: bool = False) -> Optional[str]:
+    """Why a redirect of a download that started at ``first_url`` to ``new_url`` is not followed, or None.
+
+    Only http(s); a download that started on https stays on https (or the log, and the user, would believe
+    it protected); plain http otherwise as :func:`transport_refusal`.  Other hosts are allowed (release
+    assets are served from CDNs) and logged by the caller.
+    """
+    scheme = urllib.parse.urlparse(new_url).scheme.lower()
+    if scheme not in ("http", "https"):
+        return f"{first_url} was redirected to {new_url}: only https (or plain http with --allow-http) is followed"
+    if scheme == "http" and not allow_http:
+        if urllib.parse.urlparse(first_url).scheme.lower() == "https":
+            return (f"{first_url} was redirected to plain http ({new_url}), where the download could be "
+                    f"altered on its way: refused; {HTTP_HOW}")
+        refusal = transport_refusal(new_url)
+        if refusal:
+            return f"{first_url} was redirected to {new_url}: {refusal}"
+    return None
+
+
+class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling, with :func:`redirect_refusal` applied to every hop and each hop logged
+    (with the host when it changes)."""
+
+    def __init__(self, allow_http: bool, reporter=None):
+        super().__init__()
+        self.allow_http, self.reporter = allow_http, reporter
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        first = getattr(req, "menet_first_url", req.full_url)
+        refusal = redirect_refusal(first, newurl, self.allow_http)
+        if refusal:
+            fp.close()
+            raise InsecureSourceError(refusal + "; nothing was installed")
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.menet_first_url = first
+            if self.reporter is not None:
+                old_host, new_host = (urllib.parse.urlparse(u).hostname for u in (req.full_url, newurl))
+                self.reporter.info(f"redirected (HTTP {code}) to {newurl}"
+                                   + (f" (another host: {new_host})" if new_host != old_host else ""))
+        return new
+
+
+def _open_url(url: str, timeout: float, allow_http: bool = False, reporter=None):
+    request = urllib.request.Request(url, headers={"User-Agent": "menet_qgis model installer"})
+    opener = urllib.request.build_opener(_RedirectPolicy(allow_http, reporter))
+    try:
+        return opener.open(request, timeout=timeout)  # noqa: S310 (the user's own URL, checked above)
     except urllib.error.HTTPError as exc:
         raise ModelStoreError(f"download failed: HTTP {exc.code} {exc.reason} for {url}") from None
     except urllib.error.URLError as exc:
@@ -138,15 +231,18 @@ def _open_url(url: str, timeout: float):
         raise ModelStoreError(f"no answer from {urllib.parse.urlparse(url).netloc} within {timeout:g} s") from None
 
 
-def _expected_sha256(source: str, name: str, sha256: Optional[str], timeout: float) -> Tuple[str, str]:
+def _expected_sha256(source: str, name: str, sha256: Optional[str], timeout: float,
+                     reporter=None) -> Tuple[str, str]:
     """(the sha256 the model must have, where it came from, for the log)."""
     if sha256:
         return parse_sha256(sha256, "the given SHA256"), "from the given SHA256"
     if _is_url(source):
         try:
-            with _open_url(source + ".sha256", timeout) as response:
+            with _open_url(source + ".sha256", timeout, reporter=reporter) as response:
                 return (parse_sha256(response.read(4096).decode("utf-8", "replace"), f"{source}.sha256"),
                         f"from {_name_from_source(source)}.sha256 beside the source ({source}.sha256)")
+        except InsecureSourceError:
+            raise
         except ModelStoreError:
             pass
     else:
@@ -168,7 +264,12 @@ def _check_space(folder: Path, size: Optional[int]) -> None:
                               f"{free / 1e6:.0f} MB are free")
 
 
-def _copy_hashing(read, write, expected_size: Optional[int], reporter) -> tuple:
+def _size_text(size: int) -> str:
+    return f"{size / 1e9:.3g} GB" if size >= 1e9 else f"{size / 1e6:.3g} MB"
+
+
+def _copy_hashing(read, write, expected_size: Optional[int], reporter, limit: Optional[int] = None,
+                  where: str = "") -> tuple:
     digest = hashlib.sha256()
     done = 0
     while True:
@@ -177,6 +278,9 @@ def _copy_hashing(read, write, expected_size: Optional[int], reporter) -> tuple:
         chunk = read(CHUNK)
         if not chunk:
             break
+        if limit is not None and done + len(chunk) > limit:
+            raise ModelStoreError(f"the download from {where} goes on past {_size_text(limit)}, the most a model "
+                                  f"may have (ME-Net's are ~100 MB): stopped there; nothing was installed")
         write(chunk)
         digest.update(chunk)
         done += len(chunk)
@@ -186,19 +290,28 @@ def _copy_hashing(read, write, expected_size: Optional[int], reporter) -> tuple:
 
 
 def install_model(source: str, name: Optional[str] = None, sha256: Optional[str] = None, models_dir=None,
-                  timeout: float = 60.0, reporter=None) -> InstalledModel:
+                  timeout: float = 60.0, reporter=None, allow_http: bool = False) -> InstalledModel:
     """Download or copy ``source`` into the model folder as ``name`` after checking its size and sha256,
-    and record it in the folder's index."""
+    and record it in the folder's index.  ``allow_http``: plain http beyond this machine, only with ``sha256``."""
     source = (source or "").strip()
     if not source:
         raise ModelStoreError(NO_RELEASE)
     name = check_model_name(name or _name_from_source(source))
-    if not _is_url(source) and not Path(source).is_file():
+    if _is_url(source):
+        if allow_http and not (sha256 or "").strip():
+            raise InsecureSourceError("--allow-http needs --sha256: over plain http the .sha256 beside the model "
+                                      "comes from the same unprotected server and proves nothing; give the "
+                                      "model's sha256 from a source you trust")
+        refusal = transport_refusal(source, allow_http)
+        if refusal:
+            raise InsecureSourceError(refusal)
+    elif not Path(source).is_file():
         raise ModelStoreError(f"model file {source} does not exist")
-    expected_sha, sha_from = _expected_sha256(source, name, sha256, timeout)
+    expected_sha, sha_from = _expected_sha256(source, name, sha256, timeout, reporter)
     folder = Path(models_dir) if models_dir else user_paths.installed_models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
+    _remove_killed_installs(folder, reporter)
     if not _is_url(source):
         source = str(Path(source).resolve())
 
@@ -206,7 +319,7 @@ def install_model(source: str, name: Optional[str] = None, sha256: Optional[str]
     try:
         with open(partial, "wb") as handle:
             if _is_url(source):
-                size, digest = _download(source, handle, folder, timeout, reporter)
+                size, digest = _download(source, handle, folder, timeout, reporter, allow_http)
             else:
                 expected_size = Path(source).stat().st_size
                 _check_space(folder, expected_size)
@@ -240,15 +353,42 @@ def install_model(source: str, name: Optional[str] = None, sha256: Optional[str]
     return InstalledModel(target, digest, size, source, sha_from, entry)
 
 
-def _download(url: str, handle, folder: Path, timeout: float, reporter) -> tuple:
+def _remove_killed_installs(folder: Path, reporter) -> None:
+    """Remove the partial files that installs killed on this host left in ``folder`` (SIGKILL, power loss:
+    nothing else removes them, and a download's may be up to MAX_MODEL_BYTES); live installs keep theirs.
+    Which files those are and whether their process still runs is ``core.files``' to say."""
+    targets, sizes = set(), {}
+    for partial in folder.glob(".*.partial*"):
+        stem, found, _ = partial.name.rpartition(f".{HOST}-")
+        if found and stem.startswith("."):
+            targets.add(folder / (stem[1:] + partial.name.rpartition(".partial")[2]))
+            try:
+                sizes[partial.name] = partial.stat().st_size
+            except OSError:  # its install just finished
+                pass
+    for target in sorted(targets):
+        for removed in remove_stale_partials(target):
+            if reporter is not None:
+                reporter.info(f"removed {removed.name} ({sizes.get(removed.name, 0) / 1e6:.0f} MB), left in "
+                              f"{folder} by an install of {target.name} that was killed")
+
+
+def _download(url: str, handle, folder: Path, timeout: float, reporter, allow_http: bool = False) -> tuple:
     if reporter is not None:
         reporter.info(f"downloading {url}")
-    with _open_url(url, timeout) as response:
+    with _open_url(url, timeout, allow_http, reporter) as response:
+        final = response.geturl()
+        if reporter is not None and final != url:
+            reporter.info(f"downloading from {final}")
         length = response.headers.get("Content-Length")
         expected_size = int(length) if length and length.isdigit() else None
+        if expected_size is not None and expected_size > MAX_MODEL_BYTES:
+            raise ModelStoreError(f"{final} is {_size_text(expected_size)}, more than the {_size_text(MAX_MODEL_BYTES)} "
+                                  f"a model may have (ME-Net's are ~100 MB); nothing was downloaded")
         _check_space(folder, expected_size)
         try:
-            size, digest = _copy_hashing(response.read, handle.write, expected_size, reporter)
+            size, digest = _copy_hashing(response.read, handle.write, expected_size, reporter, MAX_MODEL_BYTES,
+                                         final)
         except http.client.IncompleteRead as exc:
             raise ModelStoreError(f"truncated download from {url}: the server closed the connection after "
                                   f"{len(exc.partial)} more bytes; nothing was installed") from None

@@ -371,6 +371,10 @@ INSTALL_MODEL: Tuple[Option, ...] = (
            optional=True, fronts=CLI_AND_DIALOG),
     Option("name", "text", None, "file name to store it under; empty = the source's file name", label="Install as",
            optional=True, fronts=CLI_AND_DIALOG),
+    Option("allow_http", "bool", False,
+           "download over plain http from another machine (not protected: needs the expected SHA256 given, "
+           "from a source you trust)", label="Allow plain http (needs SHA256)", advanced=True,
+           fronts=CLI_AND_DIALOG),
     Option("timeout", "float", 60.0, "seconds without data before giving up", minimum=0.0,
            fronts=CLI_ONLY),
 )

@@ -26,6 +26,7 @@ FILE_CATEGORIES = {
     "test_engine.py": "integration",
     "test_environment_installer.py": "integration",
     "test_faults.py": "integration",
+    "test_faults_installers.py": "integration",
     "test_faults_outputs.py": "unit",
     "test_faults_training.py": "unit",
     "test_faults_batch.py": "integration",

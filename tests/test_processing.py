@@ -270,7 +270,7 @@ INTERFACE = {
                                 "TTA", "OUTPUT"], ["OUTPUT", "STAGE_LAYERS", "THRESHOLD"]),
     "menet:installdependencies": (["VARIANT", "WHEEL_FOLDER", "INDEX_URL", "FRESH", "SYSTEM_SITE"],
                                   ["PYTHON", "VERSIONS"]),
-    "menet:installmodel": (["SOURCE", "SHA256", "NAME"], ["OUTPUT"]),
+    "menet:installmodel": (["SOURCE", "SHA256", "NAME", "ALLOW_HTTP"], ["OUTPUT"]),
     "menet:preparesentinel2": (["INPUT_FOLDER", "EXTENT", "CLIP_LAYER", "RESAMPLING", "OUTPUT"], ["OUTPUT"]),
     "menet:trainmenet": (["TILE_FOLDER", "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS", "EPOCHS", "BATCH_SIZE",
                           "LEARNING_RATE", "VAL_FRACTION", "SEED", "DEVICE", "IMAGENET_WEIGHTS", "RECIPE", "INIT_MODEL",

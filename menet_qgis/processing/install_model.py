@@ -76,6 +76,10 @@ class InstallModelAlgorithm(MENetAlgorithm):
             "(or the checksum the plugin ships for its default model); the log says which. A file that does "
             "not match is not installed; a download that breaks off leaves nothing behind, and a model "
             "installed before stays as it was.</p>"
+            "<p><b>Downloads</b> go over https (redirects to other hosts, e.g. a release CDN, are followed and "
+            "logged; a redirect from https to plain http is refused). Plain http only from this machine, or with "
+            "<b>Allow plain http</b> together with a SHA256 from a source you trust. A download may be at most "
+            "2 GB; a partial file left by an install that was killed is removed by the next one.</p>"
             "<p>The log ends with the store's index: every installed model with its version, channel recipe, "
             "threshold, size, sha256 and source.</p>")
 
@@ -95,7 +99,7 @@ class InstallModelAlgorithm(MENetAlgorithm):
     def execute(self, job, feedback):
         try:
             return model_store.install_model(job["source"], name=job["name"], sha256=job["sha256"],
-                                             reporter=FeedbackReporter(feedback))
+                                             allow_http=job["allow_http"], reporter=FeedbackReporter(feedback))
         except model_store.ModelStoreError as exc:
             raise QgsProcessingException(str(exc)) from None
 
