@@ -339,3 +339,30 @@ def test_a_batch_into_its_input_folder_resumes_instead_of_mapping_its_maps(untra
                            log=said.append)
     assert [s.name for s in found] == ["a"] and said == [
         f"input {elsewhere}/**/*.tif: left out 1 file(s) a batch wrote (a_probability.tif)"]
+
+
+@pytest.mark.parametrize("target, allowed", [
+    ("http://93.184.216.35/b02.tif", True),                    # another public host
+    ("b02.tif", True),                                         # relative: the same server
+    ("/other/b02.tif", True),                                  # host-relative: the same server
+    ("http://127.0.0.1:8080/b02.tif", False),
+    ("http://localhost/b02.tif", False),                       # a name: every address it resolves to counts
+    ("http://[::1]/b02.tif", False),
+    ("http://[::ffff:127.0.0.1]/b02.tif", False),              # IPv4-mapped IPv6
+    ("http://0.0.0.0:8000/b02.tif", False),                    # reaches this machine on Linux
+    ("http://2130706433/b02.tif", False),                      # 127.0.0.1 written as one number
+    ("http://169.254.169.254/latest/meta-data/", False),
+    ("http://192.168.1.10/b02.tif", False),
+    ("//127.0.0.1/b02.tif", False),                            # scheme-relative
+    ("file:///etc/passwd", False),
+    ("/vsicurl/http://127.0.0.1/b02.tif", True),               # a path on the public server, not a GDAL name
+])
+def test_what_a_public_catalogue_may_point_at(target, allowed):
+    """The resolver on its own, for a catalogue on a public address (nothing is fetched)."""
+    from menet_qgis.batch.inputs import UnsafeHrefError, resolve_href
+    document = "https://93.184.216.34/stac/item.json"
+    if allowed:
+        assert resolve_href(target, document).startswith("http")
+    else:
+        with pytest.raises(UnsafeHrefError):
+            resolve_href(target, document)

@@ -226,8 +226,8 @@ def read_document(location: str) -> Dict:
             raise BatchInputError(f"{location} is larger than {MAX_DOCUMENT_BYTES // 2**20} MiB: not a STAC document")
         text = body.decode("utf-8", errors="replace")
     else:
-        with open(location, encoding="utf-8") as fh:
-            text = fh.read(MAX_DOCUMENT_BYTES + 1)
+        with open(location, encoding="utf-8") as fh:  # the user's own file: no cap
+            text = fh.read()
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -270,7 +270,7 @@ def collect_scenes(inputs: Sequence[str], vrt_dir: Path, band_numbers: Optional[
         suffix = Path(urlsplit(text).path if is_remote(text) else text).suffix.lower()
         if suffix in MANIFEST_SUFFIXES and not is_remote(text):
             scenes += read_manifest_csv(text, data_root)
-        elif suffix in STAC_SUFFIXES or is_remote(text):
+        elif suffix in STAC_SUFFIXES:
             scenes += read_stac(text, vrt_dir, data_root)
         elif any(ch in text for ch in "*?["):
             matches = sorted(glob.glob(text, recursive=True))
@@ -380,7 +380,8 @@ def read_manifest_csv(path, data_root=None) -> List[Scene]:
                 offset = float(row["dn_offset"]) if row.get("dn_offset") else None
             except ValueError as exc:
                 raise BatchInputError(f"{where}: {exc}") from None
-            scenes.append(Scene(safe_name(row.get("name") or Path(urlsplit(row["path"]).path).stem),
+            listed = urlsplit(row["path"]).path if "://" in row["path"] else row["path"]
+            scenes.append(Scene(safe_name(row.get("name") or Path(listed).stem),
                                 gdal_path(raster), date=row.get("date", ""), region=row.get("region", ""),
                                 band_numbers=bands, dn_offset=offset, origin=where))
     if not scenes:
