@@ -366,3 +366,76 @@ def test_what_a_public_catalogue_may_point_at(target, allowed):
     else:
         with pytest.raises(UnsafeHrefError):
             resolve_href(target, document)
+
+
+# --- bounded fuzzing of the resolver ------------------------------------------------------------------
+LOCAL_PIECES = ["..", ".", "/", "a.tif", "data", "file:", "file://", "localhost", "//", "%2e%2e", "%2F", "~",
+                "/vsicurl/", "/vsizip/", "GTIFF_DIR:", "NETCDF:", "\\", "?", "#", " ", "\x00", "é", "s3://b/k.tif",
+                "http://127.0.0.1/", "link"]
+REMOTE_PATH_PIECES = ["..", ".", "/", "a.tif", "%2e%2e", "file:", "file:///etc/passwd", "s3://b/k.tif", "?", "#",
+                      "\\", " ", "\x00", "[", "]", "é", "@", ":8080", "/vsicurl/"]
+#: hosts are address literals only, so the fuzz never looks a name up in DNS
+REMOTE_HOSTS = ["127.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "169.254.169.254", "10.0.0.1", "93.184.216.35", "0.0.0.0",
+                "2130706433", "93.184.216.35@127.0.0.1", "[fd00::1]", "100.64.0.1", "224.0.0.1"]
+
+
+def _fuzz(hrefs, check):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=1500, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(hrefs)
+    def run(href):
+        check(href)
+    run()
+
+
+def _joined(pieces):
+    from hypothesis import strategies as st
+    return st.lists(st.sampled_from(pieces), min_size=1, max_size=8).map("".join)
+
+
+def test_fuzzed_local_hrefs_land_inside_the_folder_or_are_refused(tmp_path):
+    """Seeded and bounded (1,500 hrefs built from traversal, URL and GDAL pieces, a symlink out of the
+    folder among them): every answer is a refusal in one line, a URL of an allowed scheme, or a real
+    path inside the catalogue's folder; never another exception."""
+    pytest.importorskip("hypothesis")
+    from menet_qgis.batch.inputs import UnsafeHrefError, resolve_href
+    folder = tmp_path / "catalogue"
+    (folder / "data").mkdir(parents=True)
+    os.symlink("/etc", folder / "link")
+    document = str(folder / "catalog.json")
+
+    def check(href):
+        try:
+            target = resolve_href(href, document)
+        except UnsafeHrefError as exc:
+            assert "\n" not in str(exc)
+            return
+        if re.match(r"^(https?|s3|gs)://", target, re.I):
+            return
+        assert os.path.commonpath([target, str(folder)]) == str(folder) and not target.startswith("/vsi"), target
+    _fuzz(_joined(LOCAL_PIECES), check)
+
+
+def test_fuzzed_remote_hrefs_stay_public_and_http(tmp_path):
+    """The same for hrefs in a catalogue on a public address: only http(s) URLs on public hosts come out."""
+    pytest.importorskip("hypothesis")
+    from urllib.parse import urlsplit
+
+    from menet_qgis.batch.inputs import UnsafeHrefError, address_scope, resolve_href
+    document = "https://93.184.216.34/stac/items/item.json"
+
+    def check(href):
+        try:
+            target = resolve_href(href, document)
+        except UnsafeHrefError as exc:
+            assert "\n" not in str(exc)
+            return
+        parts = urlsplit(target)
+        assert parts.scheme in ("http", "https"), target
+        assert address_scope(parts.hostname) == "public", target
+    from hypothesis import strategies as st
+    absolute = st.tuples(st.sampled_from(["http://", "https://", "//", "ftp://", "file://"]),
+                         st.sampled_from(REMOTE_HOSTS), _joined(REMOTE_PATH_PIECES)).map("".join)
+    _fuzz(st.one_of(_joined(REMOTE_PATH_PIECES), absolute), check)

@@ -124,9 +124,21 @@ def resolve_href(href: str, document: str, root=None) -> str:
 
     The one resolver for manifests, STAC links and STAC assets (and STAC API results).
     """
+    try:
+        return _resolve_href(href, document, root)
+    except UnsafeHrefError:
+        raise
+    except ValueError as exc:  # a NUL byte in a path, an unclosed IPv6 bracket, …
+        raise UnsafeHrefError(f"{href!r} in {_short(document)} is not a valid path or URL "
+                              f"({' '.join(str(exc).split())})") from None
+
+
+def _resolve_href(href: str, document: str, root) -> str:
     href = (href or "").strip()
     if not href:
         raise UnsafeHrefError(f"an empty href in {document}")
+    if re.search(r"[\x00-\x1f\x7f]", href):  # urlsplit drops some, C and GDAL stop at a NUL
+        raise ValueError("control characters")
     if is_remote(document):
         target = urljoin(document, href)
         scheme = urlsplit(target).scheme.lower()
