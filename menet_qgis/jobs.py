@@ -257,9 +257,9 @@ class TrainJob(JobParams):
     refine_width: Optional[int] = _default(opts.TRAIN, "refine_width")
 
     def check(self) -> None:
+        super().check()  # declared options converted first: the checks below read them
         if Path(self.output).suffix != ".pt":
             raise ValueError(f"the model file {Path(self.output).name} must end in .pt")
-        super().check()  # declared options converted first: the checks below compare numbers
         if not float(self.boundary_weight) >= 0:  # NaN too
             raise ValueError(f"boundary weight must be 0 (off) or positive, got {float(self.boundary_weight):g}")
         if self.refine_width is not None and not 0 <= int(self.refine_width) <= 256:

@@ -175,8 +175,20 @@ def _last_lines(lines: Iterable[str], count: int) -> str:
     return " | ".join(kept) if kept else "(no output)"
 
 
-def remove_partial_outputs(outputs: Iterable[str], since: float) -> None:
-    """After a failed or cancelled run: outputs and hidden temporary files of this run (never older files)."""
+def file_identity(path) -> Optional[Tuple[int, int, int, int]]:
+    """(device, inode, size, mtime in ns) of a file, None when there is none: the engine replaces an output by
+    renaming a new file onto it, so an output with the identity it had before the run is not the run's."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def remove_partial_outputs(outputs: Iterable[str], since: float, before: Optional[Dict[str, tuple]] = None) -> None:
+    """After a failed or cancelled run: outputs and hidden temporary files of this run (never older files, and
+    never an output that is still the file ``before`` saw there when the run started, however recent)."""
+    before = before or {}
     for output in outputs:
         path = Path(output)
         if not path.parent.is_dir():
@@ -184,6 +196,8 @@ def remove_partial_outputs(outputs: Iterable[str], since: float) -> None:
         leftovers = [path, *files.partial_files(path), files.best_so_far_path(path)]
         for item in leftovers:
             try:
+                if item == path and before.get(output) is not None and file_identity(path) == before[output]:
+                    continue  # the user's own file, untouched by this run
                 if item.is_file() and item.stat().st_mtime >= since - 1:
                     item.unlink()
             except OSError:
@@ -200,6 +214,7 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
     python, why = choose_python()
     started = time.time()
     outputs = [str(o) for o in outputs]
+    before = {output: file_identity(output) for output in outputs}
     try:
         engine = ChildProcess([python, "-c", BOOT, str(PACKAGE_DIR.parent), "worker"], env=worker_env(python),
                               stdin=True)
@@ -213,7 +228,7 @@ def run_job(job: str, params: Dict, feedback, outputs: Iterable[str] = ()) -> Di
         if returncode != 0:
             feedback.pushWarning(f"the ME-Net engine {exit_text(returncode)} after finishing its job")
         return final.get("result") or {}
-    remove_partial_outputs(outputs, started)
+    remove_partial_outputs(outputs, started, before)
     if run.cancel_sent or (final is not None and final["type"] == "cancelled"):
         raise QgsProcessingException("cancelled: no output was written")
     if final is not None:
