@@ -35,7 +35,6 @@ from .manifest import (RunManifest, SceneRecord, is_done, result_key, result_par
 from .scene_task import ENGINE_CHOICE_PREFIXES, EVENT_TOPIC, Job, engine_options, load_model, output_paths, run_scene
 
 
-
 @dataclass
 class BatchOptions:
     workers: int = 0                    # embedded cluster's worker processes; 0 = automatic
