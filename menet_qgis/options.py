@@ -11,6 +11,7 @@ Help texts say what an option does in words; measured numbers live in docs/
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -77,9 +78,9 @@ class Option:
         return value
 
 
-_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "choice": "one of the choices",
-               "multichoice": "a list", "text": "text", "file": "a file path", "folder": "a folder path",
-               "int_list": "a list of whole numbers", "float_list": "a list of numbers", "text_list": "a list"}
+_KIND_WORDS = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
+               "choice": "one of the choices", "multichoice": "a list", "text": "text", "file": "a file path", "folder": "a folder path",
+               "int_list": "a list of whole numbers", "float_list": "a list of finite numbers", "text_list": "a list"}
 
 
 def _range_words(option: Option) -> str:
@@ -91,6 +92,15 @@ def _range_words(option: Option) -> str:
     return f"from {low:g} to {high:g}"
 
 
+def finite_float(value) -> float:
+    """``float(value)``; ValueError for NaN and infinities too, which no option means (``nan`` compares false
+    with every range limit, so it would pass them)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
+
+
 def _convert(option: Option, value):
     kind = option.kind
     if kind == "int":
@@ -100,10 +110,7 @@ def _convert(option: Option, value):
     if kind == "float":
         if isinstance(value, bool):
             raise ValueError
-        value = float(value)
-        if value != value:  # NaN
-            raise ValueError
-        return value
+        return finite_float(value)
     if kind == "bool":
         if value not in (True, False):  # 0 and 1 too
             raise ValueError
@@ -194,10 +201,12 @@ INPUT: Tuple[Option, ...] = (
            "band numbers of B2,B3,B4,B8,B11,B12 when the file does not name its bands, e.g. 1,2,3,4,5,6 (B12 "
            "only for models of channel recipe v1)",
            label="Band numbers", optional=True, advanced=True),
+    # Sentinel-2 products use -1000 (processing baseline 04.00 and later) or 0 (before); an offset beyond
+    # +-2000 moves every reflectance by more than 0.2, which is never a Sentinel-2 product's
     Option("dn_offset", "float", None,
            "added to integer DN before dividing by 10000 when the product metadata has no offset (-1000 for "
-           "processing baseline 04.00 and later)",
-           label="DN offset", optional=True, advanced=True),
+           "processing baseline 04.00 and later, 0 before)",
+           label="DN offset", optional=True, advanced=True, minimum=-2000.0, maximum=2000.0),
 )
 
 MODEL = Option("model", "file", None,
@@ -421,13 +430,16 @@ def _ranged(option: Option, convert):
     return parse
 
 
-def _comma_list(convert):
+def _comma_list(convert, words: str):
     def parse(text: str) -> List:
-        return [convert(v.strip()) for v in text.split(",") if v.strip()]
+        try:
+            return [convert(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {words} separated by commas, got {text!r}") from None
     return parse
 
 
-_LIST_ITEMS = {"int_list": int, "float_list": float, "text_list": str, "multichoice": str}
+_LIST_ITEMS = {"int_list": int, "float_list": finite_float, "text_list": str, "multichoice": str}
 
 
 def argument(option: Option) -> Tuple[List[str], Dict]:
@@ -437,11 +449,11 @@ def argument(option: Option) -> Tuple[List[str], Dict]:
         kwargs.update(action="store_true", default=bool(option.default))
         return [option.cli_flag], kwargs
     if option.kind in ("int", "float"):
-        kwargs["type"] = _ranged(option, int if option.kind == "int" else float)
+        kwargs["type"] = _ranged(option, int if option.kind == "int" else finite_float)
     elif option.kind == "choice":
         kwargs.update(choices=list(option.choices), type=type(option.choices[0]))
     elif option.kind in _LIST_ITEMS:
-        kwargs["type"] = _comma_list(_LIST_ITEMS[option.kind])
+        kwargs["type"] = _comma_list(_LIST_ITEMS[option.kind], _KIND_WORDS[option.kind])
         if not option.repeat:  # the dialog shows a list widget; on the command line it is one word
             listed = f": {','.join(option.choices)}" if option.choices else ""
             kwargs["help"] = f"{option.help} (comma-separated{listed})"

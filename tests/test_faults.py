@@ -330,7 +330,7 @@ def test_implausible_values_are_refused_naming_what_was_seen(cli, untrained_path
 
 def test_some_negative_dn_and_a_missing_offset_are_warnings_even_when_quiet(cli, untrained_path, tmp_path):
     dn = (s2_reflectance(64, 64) * 10000).astype(np.int16)
-    dn[:, :8, :] = -32768  # wrapped values, 12.5 % of the pixels
+    dn[:, :8, :] = -32768 + 1000 * np.arange(6)[:, None, None]  # wrapped values, 12.5 % of the pixels
     src = write_raster(tmp_path / "dn.tif", dn, S2_NAMES)
     proc = cli("predict", src, "--model", untrained_path, "--out-dir", tmp_path / "out", *PREDICT, "--quiet")
     assert proc.returncode == 0, proc.stderr

@@ -30,11 +30,11 @@ import numpy as np
 
 from . import runtimes
 from ..files import refuse_overwriting_inputs, remove_stale_partials, stage_path
-from ..io.raster_io import (AtomicRaster, RasterInput, check_free_space, check_plausible_values, check_writable,
-                            commit_all)
+from ..io.raster_io import (Area, AtomicRaster, RasterInput, check_free_space, check_plausible_values,
+                            check_writable, commit_all)
 from ..model.stages import STAGE_BY_NAME, parse_stage_names
 from ..reporting import Cancelled, Reporter
-from .tiling import StripStitcher, WindowGrid, stitch_batch
+from .tiling import CroppedSink, StripStitcher, WindowGrid, stitch_batch
 from ...options import ENGINE, default_of
 
 STAGE_MODES = ("compact", "all")
@@ -114,27 +114,30 @@ class OutputRasters:
     """The probability and stage rasters of one run and their strip blenders.  Every GDAL call happens on the
     sink thread: they are opened there, fed blended strips, and committed together or all discarded."""
 
-    def __init__(self, bundle, source: RasterInput, grid: WindowGrid, output: Path, stage_files: Dict[str, Path],
-                 stage_mode: str):
+    def __init__(self, bundle, source: RasterInput, grid: WindowGrid, context: Area, output: Path,
+                 stage_files: Dict[str, Path], stage_mode: str):
         self.sink = SinkThread()
         self.stitchers: Dict[str, StripStitcher] = {}
         self.created: List[AtomicRaster] = []
-        self.sink.submit(lambda: self._open(bundle, source, grid, output, stage_files, stage_mode))
+        self.sink.submit(lambda: self._open(bundle, source, grid, context, output, stage_files, stage_mode))
 
-    def _open(self, bundle, source, grid, output, stage_files, stage_mode) -> None:
-        prob = AtomicRaster(output, grid.width, grid.height, 1, source.crs, source.area_transform(),
+    def _open(self, bundle, source, grid, context, output, stage_files, stage_mode) -> None:
+        prob = AtomicRaster(output, source.width, source.height, 1, source.crs, source.area_transform(),
                             ["mangrove probability"], tags={**source.plan.tags, THRESHOLD_TAG: f"{bundle.threshold:g}"})
         self.created.append(prob)
-        self.stitchers["probability"] = StripStitcher(prob, 1, 1, grid)
+        self.stitchers["probability"] = StripStitcher(cropped(prob, source.area, context, 1), 1, 1, grid)
         for name, path in stage_files.items():
             st = STAGE_BY_NAME[name]
             count = st.channels if stage_mode == "all" else len(COMPACT_BANDS)
             desc = ([f"{name} channel {i}" for i in range(count)] if stage_mode == "all"
                     else [f"{name} {b}" for b in COMPACT_BANDS])
-            raster = AtomicRaster(path, math.ceil(grid.width / st.stride), math.ceil(grid.height / st.stride),
-                                  count, source.crs, source.area_transform(st.stride), desc, tags=source.plan.tags)
+            box = stage_box(source.area, context, st.stride)
+            raster = AtomicRaster(path, box.width, box.height, count, source.crs,
+                                  source.area_transform(st.stride, box.row_off, box.col_off), desc,
+                                  tags=source.plan.tags)
             self.created.append(raster)
-            self.stitchers[name] = StripStitcher(raster, count, st.stride, grid)
+            self.stitchers[name] = StripStitcher(cropped(raster, source.area, context, st.stride), count,
+                                                 st.stride, grid)
 
     def add(self, batch, outputs) -> None:
         """Queue one batch's results for blending (brought to the host here, on the calling thread)."""
@@ -153,6 +156,25 @@ class OutputRasters:
             raster.discard()
 
 
+def stage_box(area: Area, context: Area, stride: int) -> Area:
+    """The whole stage pixels (of ``stride`` input px, on the grid of the context's corner) covering ``area``,
+    in input pixels; for a whole-raster run (context = area) the stage raster of the area as before."""
+    top, left = (area.row_off - context.row_off) // stride, (area.col_off - context.col_off) // stride
+    bottom = min(-(-(area.row_off + area.height - context.row_off) // stride), -(-context.height // stride))
+    right = min(-(-(area.col_off + area.width - context.col_off) // stride), -(-context.width // stride))
+    return Area(context.row_off + top * stride, context.col_off + left * stride, bottom - top, right - left)
+
+
+def cropped(raster: AtomicRaster, area: Area, context: Area, stride: int):
+    """``raster`` itself when the context is the area (a whole-raster run), else the part of the context's
+    rows and columns that ``raster`` covers (``CroppedSink``)."""
+    if context == area:
+        return raster
+    box = stage_box(area, context, stride)
+    return CroppedSink(raster, (box.row_off - context.row_off) // stride, (box.col_off - context.col_off) // stride,
+                       box.height, box.width)
+
+
 # --- the engine -----------------------------------------------------------------
 def extract(bundle, source: RasterInput, output, options: EngineOptions = EngineOptions(),
             reporter: Reporter = Reporter(), stage_dir=None) -> ExtractionResult:
@@ -161,19 +183,23 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     ``bundle`` is a ``checkpoint.ModelBundle`` (any runtime; the ONNX runtimes
     export it once) or an ``onnx_model.OnnxModel`` (onnxruntime/openvino, no torch)."""
     source.use_recipe(bundle.recipe)  # the bands this model's channel recipe reads
+    pixel_warnings = source.check_mappable()  # too thin or too coarse: refused before anything is opened
     output = check_writable(output)
     stages = parse_stage_names(options.stages)
-    grid = window_grid(bundle, source, options)
+    grid, context = window_grid(bundle, source, options)
     runner = runtimes.open_runner(bundle, options, stages, reporter)
     batch_size = options.batch_size or runner.auto_batch_size(grid.window)
     runner.prepare(batch_size, grid.window)
     t0 = time.perf_counter()  # windows/s counts the mapping, not a one-time export or compile
     stage_files = {name: check_writable(stage_path(output, stage_dir, name)) for name in stages}
-    check_outputs(bundle, source, grid, output, stage_files, options.stage_mode, reporter)
-    log_plan(bundle, source, grid, runner, batch_size, options, stages, reporter)
-    rasters = OutputRasters(bundle, source, grid, output, stage_files, options.stage_mode)
+    for message in pixel_warnings:
+        reporter.warn(message)
+    check_outputs(bundle, source, output, stage_files, options.stage_mode, reporter)
+    log_plan(bundle, source, grid, context, runner, batch_size, options, stages, reporter)
+    rasters = OutputRasters(bundle, source, grid, context, output, stage_files, options.stage_mode)
     try:
-        run_count, batch_size = map_windows(source, grid, runner, batch_size, rasters, options.readers, reporter, t0)
+        run_count, batch_size = map_windows(source, grid, context, runner, batch_size, rasters, options.readers,
+                                            reporter, t0)
         rasters.commit()
     except BaseException:
         rasters.discard()
@@ -188,8 +214,9 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     return ExtractionResult(output, stage_files, runner.description, len(grid), run_count, batch_size, seconds)
 
 
-def window_grid(bundle, source: RasterInput, options: EngineOptions) -> WindowGrid:
-    """The windows over ``source`` once the options make sense (ValueError naming the bad one)."""
+def window_grid(bundle, source: RasterInput, options: EngineOptions) -> Tuple[WindowGrid, Area]:
+    """The windows over the context of ``source``'s processed area (``RasterInput.context_area``), once the
+    options make sense (ValueError naming the bad one), and that context."""
     if options.stage_mode not in STAGE_MODES:
         raise ValueError(f"stage mode must be one of {', '.join(STAGE_MODES)}")
     if options.batch_size < 0:
@@ -197,11 +224,14 @@ def window_grid(bundle, source: RasterInput, options: EngineOptions) -> WindowGr
     grid = WindowGrid(source.height, source.width, options.window or bundle.window_size, options.overlap)
     if options.threads < 0:
         raise ValueError(f"threads must be 0 (automatic) or positive, got {options.threads}")
-    return grid
+    context = source.context_area(grid.window, grid.overlap)
+    if context != source.area:
+        grid = WindowGrid(context.height, context.width, grid.window, grid.overlap)
+    return grid, context
 
 
-def log_plan(bundle, source: RasterInput, grid: WindowGrid, runner, batch_size: int, options: EngineOptions,
-             stages: Sequence[str], reporter: Reporter) -> None:
+def log_plan(bundle, source: RasterInput, grid: WindowGrid, context: Area, runner, batch_size: int,
+             options: EngineOptions, stages: Sequence[str], reporter: Reporter) -> None:
     """What is about to run, on what and why: the log is all a long run shows."""
     reporter.info(f"input: {source.path} ({source.full_width} x {source.full_height} px, {source.crs.to_string()})")
     reporter.info(f"input bands: {source.plan.describe()}")
@@ -209,9 +239,12 @@ def log_plan(bundle, source: RasterInput, grid: WindowGrid, runner, batch_size: 
     reporter.info(f"mangrove threshold of this model: {bundle.threshold:g} (stored in the probability as {THRESHOLD_TAG})")
     reporter.info(f"runtime: {runner.runtime} ({runner.why})")
     reporter.info(f"device: {runner.description}")
+    if context != source.area:
+        reporter.info(f"extent: {source.width} x {source.height} px, mapped from the whole raster's windows that "
+                      f"touch it ({context.width} x {context.height} px read), as in a run over the whole raster")
     reporter.info(f"windows: {len(grid)} of {grid.window}² px, overlap {grid.overlap} px, batch size {batch_size}")
     if stages:
-        size = estimate_stage_bytes(grid.width, grid.height, stages, options.stage_mode)
+        size = estimate_stage_bytes(source.width, source.height, stages, options.stage_mode)
         reporter.info(f"stage layers {', '.join(stages)} ({options.stage_mode}): about {size / 2**20:.1f} MiB uncompressed")
     if options.tta:
         reporter.info("test-time flips: each window's probability is the mean over its 8 flips/rotations "
@@ -228,17 +261,17 @@ def estimate_stage_bytes(width: int, height: int, stages: Sequence[str], mode: s
     return total
 
 
-def check_outputs(bundle, source: RasterInput, grid: WindowGrid, output: Path,
-                  stage_files: Dict[str, Path], stage_mode: str, reporter: Reporter) -> None:
+def check_outputs(bundle, source: RasterInput, output: Path, stage_files: Dict[str, Path], stage_mode: str,
+                  reporter: Reporter) -> None:
     """Before any compute: no output may replace an input, the values must make sense,
     the outputs must fit on their disks; partial files of killed earlier runs are removed."""
     refuse_overwriting_inputs([output, *stage_files.values()], [source.path, bundle.path])
     for message in source.plan.warnings:
         reporter.warn(message)
     check_plausible_values(source, reporter.warn)
-    needs = {output: grid.width * grid.height * 4}
+    needs = {output: source.width * source.height * 4}
     for name, path in stage_files.items():
-        needs[path] = estimate_stage_bytes(grid.width, grid.height, [name], stage_mode)
+        needs[path] = estimate_stage_bytes(source.width, source.height, [name], stage_mode)
     check_free_space(needs, reporter.warn, "probability and stage layers" if stage_files else "probability")
     for path in needs:
         for stale in remove_stale_partials(path):
@@ -246,15 +279,15 @@ def check_outputs(bundle, source: RasterInput, grid: WindowGrid, output: Path,
 
 
 # --- the pipelined loop ----------------------------------------------------------
-def map_windows(source: RasterInput, grid: WindowGrid, runner, batch_size: int, rasters: "OutputRasters",
-                readers: int, reporter: Reporter, t0: float) -> Tuple[int, int]:
+def map_windows(source: RasterInput, grid: WindowGrid, context: Area, runner, batch_size: int,
+                rasters: "OutputRasters", readers: int, reporter: Reporter, t0: float) -> Tuple[int, int]:
     """Every window of ``grid`` in row-major order through ``runner`` into ``rasters``; windows of pure no-data
     are skipped, not run.  A batch's results are collected only after the next batch is launched, so the
     device works meanwhile.  Returns (windows run, the batch size in the end: out of GPU memory halves it)."""
     total, done, run_count = len(grid), 0, 0
     in_flight = None  # (batch, outputs): collected after the next batch is launched
     last_log = time.perf_counter()
-    with ReadAhead(source, grid, reader_count(readers, runner.device_type)) as reads:
+    with ReadAhead(source, grid, context, reader_count(readers, runner.device_type)) as reads:
         while done < total:
             batch, consumed = reads.next_batch(batch_size)
             done += consumed
@@ -276,8 +309,8 @@ def map_windows(source: RasterInput, grid: WindowGrid, runner, batch_size: int, 
 class ReadAhead:
     """Reads the grid's windows in order on reader threads, up to two batches ahead of the model."""
 
-    def __init__(self, source: RasterInput, grid: WindowGrid, workers: int):
-        self.source, self.window, self.windows = source, grid.window, list(grid)
+    def __init__(self, source: RasterInput, grid: WindowGrid, context: Area, workers: int):
+        self.source, self.window, self.windows, self.context = source, grid.window, list(grid), context
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="menet-read")
         self.pending: deque = deque()
         self.next_read = 0
@@ -287,7 +320,7 @@ class ReadAhead:
         were consumed to find them (all-no-data ones included)."""
         while self.next_read < len(self.windows) and len(self.pending) < 2 * size:
             _, y0, x0 = self.windows[self.next_read]
-            self.pending.append((y0, x0, self.pool.submit(self.source.read, y0, x0, self.window)))
+            self.pending.append((y0, x0, self.pool.submit(self.source.read, y0, x0, self.window, self.context)))
             self.next_read += 1
         batch, consumed = [], 0
         while self.pending and len(batch) < size:

@@ -130,6 +130,20 @@ class StripStitcher:
             self.top += n
 
 
+class CroppedSink:
+    """Passes on to ``sink`` only rows [top, top + height) and columns [left, left + width) of what a
+    ``StripStitcher`` writes, renumbered from 0: an extent mapped with context around it keeps the extent."""
+
+    def __init__(self, sink, top: int, left: int, height: int, width: int):
+        self.sink, self.top, self.left, self.height, self.width = sink, top, left, height, width
+
+    def write_rows(self, row0: int, block: np.ndarray) -> None:
+        first, end = max(row0, self.top), min(row0 + block.shape[1], self.top + self.height)
+        if first < end:
+            self.sink.write_rows(first - self.top,
+                                 block[:, first - row0:end - row0, self.left:self.left + self.width])
+
+
 def stitch_batch(stitchers: Dict[str, "StripStitcher"], batch, results: Dict[str, np.ndarray]) -> None:
     """Blend every window of ``batch`` [(y0, x0, data, valid), ...] into each output's strip;
     ``results`` holds each output's (N, C, h, w) values."""

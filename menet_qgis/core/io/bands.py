@@ -10,11 +10,13 @@ error listing what was found and what is needed (explicit band numbers fix it).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from ..model.channels import N_CHANNELS, RECIPE_V1, Recipe
+from ...options import INPUT, by_name
 
 #: Normalised aliases (lower case, no spaces, dashes or underscores) per band.
 ALIASES: Dict[str, Sequence[str]] = {
@@ -36,10 +38,38 @@ _LOOKUP = {alias: band for band, aliases in ALIASES.items() for alias in aliases
 #: Product metadata keys that carry the DN offset (processing baseline >= 04.00 uses -1000).
 OFFSET_KEYS = ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET")
 DN_SCALE = 1.0 / 10000.0
+#: DN offsets accepted, from the option or the product metadata (declared with the option, options.INPUT).
+DN_OFFSET_RANGE = (by_name(INPUT, "dn_offset").minimum, by_name(INPUT, "dn_offset").maximum)
 
 
 class BandError(ValueError):
     """The input's bands cannot be used; the message lists what was found and what is needed."""
+
+
+def checked_dn_offset(value, source: str, fix: str) -> float:
+    """``value`` as a finite, plausible DN offset (``DN_OFFSET_RANGE``); else ``BandError`` naming where it
+    came from (``source``: the option or the product's metadata) and how to proceed (``fix``)."""
+    try:
+        offset = float(value)
+    except (TypeError, ValueError):
+        offset = None
+    if offset is None or not math.isfinite(offset):
+        raise BandError(f"the DN offset {str(value).strip()!r} from {source} is not a number; Sentinel-2 products "
+                        f"use -1000 (processing baseline 04.00 and later) or 0 (before): {fix}")
+    low, high = DN_OFFSET_RANGE
+    if not low <= offset <= high:
+        raise BandError(f"the DN offset {offset:g} from {source} is not a Sentinel-2 offset (accepted: {low:g} to "
+                        f"{high:g}; products use -1000 from processing baseline 04.00, 0 before): {fix}")
+    return offset
+
+
+def metadata_dn_offset(dataset_tags: Dict[str, str], where: str) -> Optional[float]:
+    """The DN offset a raster's metadata carries (``OFFSET_KEYS``), checked; None when it carries none."""
+    for key in OFFSET_KEYS:
+        if key in dataset_tags:
+            return checked_dn_offset(dataset_tags[key], f"the metadata of {where} ({key})",
+                                     f"correct the tag, e.g. gdal_edit.py -mo {key}=-1000 {where}")
+    return None
 
 
 def normalise_name(text: str) -> str:
@@ -81,11 +111,12 @@ class InputPlan:
 
 def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], dataset_tags: Dict[str, str],
                dtype: str, band_numbers: Optional[Sequence[int]] = None,
-               dn_offset: Optional[float] = None, *, recipe: Recipe) -> InputPlan:
+               dn_offset: Optional[float] = None, *, recipe: Recipe, name: str = "the input") -> InputPlan:
     """Decide how to read a raster for ``recipe`` (the model's).  ``band_numbers`` (1-based,
     in B2, B3, B4, B8, B11, B12 order) overrides what the file says — a recipe without B12
     takes the first five and ignores a sixth; ``dn_offset`` is used for integer DN when the
-    product metadata carries none."""
+    product metadata carries none; both are checked (``checked_dn_offset``) and ``name`` (the raster's file
+    name) says in messages where a bad one came from."""
     source_bands = list(recipe.source_bands)
     count = len(descriptions)
     labels = [band_label(d, t) for d, t in zip(descriptions, tags)]
@@ -119,7 +150,9 @@ def plan_input(descriptions: Sequence[str], tags: Sequence[Dict[str, str]], data
         indexes, how = [by_label[b] for b in source_bands], "band descriptions"
     notes = [f"bands {', '.join(f'{b}=band {i}' for b, i in zip(source_bands, indexes))} (from {how})"]
     if dtype.startswith(("int", "uint")):
-        meta_offset = next((float(dataset_tags[k]) for k in OFFSET_KEYS if k in dataset_tags), None)
+        meta_offset = metadata_dn_offset(dataset_tags, name)
+        if meta_offset is None and dn_offset is not None:
+            dn_offset = checked_dn_offset(dn_offset, "the DN offset option", "give -1000 or 0")
         warnings: List[str] = []
         if meta_offset is not None:
             offset, source = meta_offset, "product metadata"

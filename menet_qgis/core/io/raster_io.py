@@ -109,6 +109,46 @@ class Area:
     width: int
 
 
+#: Mapping refuses rasters thinner than this (px) either way: a window of the model is then almost all padding
+#: and the map departs from the same pixels mapped in context (measured on the Jambeli scene: a 1-row strip
+#: changes the class of 53 % of its pixels, 8 rows 5.5 %, 16 rows 4.0 %, 64 rows 2.8 %; docs/robustness.md).
+MIN_MAP_SIDE = 16
+#: Pixel sizes (m): the model learned Sentinel-2's 10 m pixels.  Coarser than PIXEL_WARN_M warns (a 20 m
+#: stack of an L2A product's R20m bands), coarser than PIXEL_MAX_M is refused (Landsat's 30 m, MODIS...).
+PIXEL_WARN_M = 12.0
+PIXEL_MAX_M = 20.0
+#: Mean Earth radius (m): degrees of a geographic CRS to metres at the raster's latitude.
+EARTH_RADIUS_M = 6371008.8
+
+
+def pixel_size_m(crs, transform: Affine, height: int) -> Optional[Tuple[float, float]]:
+    """(width, height) of a pixel in metres: projected units through the CRS's unit factor (US feet too),
+    degrees at the raster's central latitude; None when the CRS says neither."""
+    try:
+        if crs.is_geographic:
+            latitude = max(-89.0, min(89.0, transform.f + transform.e * height / 2))
+            per_degree = math.radians(1.0) * EARTH_RADIUS_M
+            return (abs(transform.a) * per_degree * math.cos(math.radians(latitude)),
+                    abs(transform.e) * per_degree)
+        factor = crs.linear_units_factor[1]
+    except Exception:  # rasterio's CRSError, or a CRS without units: nothing to check against
+        return None
+    return abs(transform.a) * factor, abs(transform.e) * factor
+
+
+def resample_advice(crs, transform: Affine, width: int, height: int, name: str) -> str:
+    """The gdalwarp command that brings a raster to 10 m pixels (into UTM when its CRS is geographic)."""
+    stem = Path(name).stem
+    if crs.is_geographic:
+        lon = transform.c + transform.a * width / 2
+        lat = transform.f + transform.e * height / 2
+        zone = min(60, max(1, int((lon + 180) // 6) + 1))
+        return (f"gdalwarp -t_srs EPSG:{(32600 if lat >= 0 else 32700) + zone} -tr 10 10 -r bilinear {name} "
+                f"{stem}_10m.tif")
+    ten_metres = 10 / crs.linear_units_factor[1]  # in the CRS's units (US feet...)
+    return f"gdalwarp -tr {ten_metres:g} {ten_metres:g} -r bilinear {name} {stem}_10m.tif"
+
+
 def check_input_exists(path: str) -> None:
     """``InputError`` for a local input path that does not exist (GDAL names such as /vsi… and
     URLs are left to GDAL), before anything slow such as loading the model."""
@@ -154,7 +194,7 @@ class RasterInput:
             raise InputError(f"{Path(self.path).name} is rotated; warp it to a north-up grid first")
         self._plan_inputs = (descriptions, tags, dataset_tags, self.dtype, band_numbers, dn_offset)
         self.recipe = recipe or RECIPE_V2
-        self.plan: InputPlan = plan_input(*self._plan_inputs, recipe=self.recipe)
+        self.plan: InputPlan = plan_input(*self._plan_inputs, recipe=self.recipe, name=Path(self.path).name)
         self.area = self._area(bounds)
         self._local = threading.local()
         self._handles: List = []
@@ -163,7 +203,7 @@ class RasterInput:
     def use_recipe(self, recipe) -> None:
         """Plan the bands for ``recipe`` (the model's): a v1 model also needs B12 (BandError if absent)."""
         if recipe is not self.recipe:
-            self.plan = plan_input(*self._plan_inputs, recipe=recipe)
+            self.plan = plan_input(*self._plan_inputs, recipe=recipe, name=Path(self.path).name)
             self.recipe = recipe
 
     # --- geometry -------------------------------------------------------
@@ -177,6 +217,45 @@ class RasterInput:
             raise InputError(f"the processing extent {tuple(bounds)} does not overlap {Path(self.path).name}") from None
         return Area(int(win.row_off), int(win.col_off), int(win.height), int(win.width))
 
+    def check_mappable(self) -> List[str]:
+        """Refuse (``InputError``) a raster the model cannot map sensibly: thinner than ``MIN_MAP_SIDE`` or
+        with pixels coarser than ``PIXEL_MAX_M``; the warnings for pixels coarser than ``PIXEL_WARN_M``."""
+        name = Path(self.path).name
+        if min(self.full_width, self.full_height) < MIN_MAP_SIDE:
+            raise InputError(f"{name} is {self.full_width} x {self.full_height} px, too thin to map: the model needs "
+                             f"at least {MIN_MAP_SIDE} px each way for the context around each pixel; map the "
+                             "raster it was cut from (in QGIS with this area as the processing extent) and clip "
+                             "the map")
+        size = pixel_size_m(self.crs, self.transform, self.full_height) if self.crs is not None else None
+        if size is None or max(size) <= PIXEL_WARN_M:
+            return []
+        seen = f"{size[0]:.3g} x {size[1]:.3g} m"
+        if self.crs.is_geographic:
+            seen += f" ({abs(self.transform.a):.3g}° x {abs(self.transform.e):.3g}° at its latitude)"
+        advice = resample_advice(self.crs, self.transform, self.full_width, self.full_height, name)
+        if max(size) > PIXEL_MAX_M:
+            raise InputError(f"{name} has pixels of {seen}, coarser than the {PIXEL_MAX_M:g} m the model can map "
+                             f"(it learned Sentinel-2's 10 m pixels): resample it to 10 m first, e.g. {advice}")
+        return [f"{name} has pixels of {seen}; the model learned Sentinel-2's 10 m pixels and maps coarser ones "
+                f"less reliably: for the best map resample it to 10 m, e.g. {advice}"]
+
+    def context_area(self, window: int, overlap: int) -> Area:
+        """The part of the raster read to map ``area``: every window of the whole raster's grid (origins at
+        multiples of ``window - overlap`` from the raster's corner) that touches the area.  An extent is
+        then mapped from the same windows, with the same context, as in a run over the whole raster, so a
+        small extent maps as it does there; the whole raster's context is the area itself."""
+        stride = window - overlap
+
+        def span(start: int, length: int, full: int) -> Tuple[int, int]:
+            last_origin = 0 if full <= window else -(-(full - window) // stride) * stride
+            first = max(0, -(-(start - window + 1) // stride) * stride)     # first origin reaching into the area
+            last = min(last_origin, (start + length - 1) // stride * stride)  # last origin starting inside it
+            return first, min(full, last + window) - first
+
+        row_off, height = span(self.area.row_off, self.area.height, self.full_height)
+        col_off, width = span(self.area.col_off, self.area.width, self.full_width)
+        return Area(row_off, col_off, height, width)
+
     @property
     def width(self) -> int:
         return self.area.width
@@ -185,9 +264,12 @@ class RasterInput:
     def height(self) -> int:
         return self.area.height
 
-    def area_transform(self, stride: int = 1) -> Affine:
-        """Transform of the processed area at ``stride`` x the input pixel size (same origin)."""
-        return compose(self.transform, Affine.translation(self.area.col_off, self.area.row_off), Affine.scale(stride))
+    def area_transform(self, stride: int = 1, row_off: Optional[int] = None, col_off: Optional[int] = None) -> Affine:
+        """Transform of the processed area at ``stride`` x the input pixel size (same origin), or of a grid
+        starting at input pixel (``row_off``, ``col_off``)."""
+        row_off = self.area.row_off if row_off is None else row_off
+        col_off = self.area.col_off if col_off is None else col_off
+        return compose(self.transform, Affine.translation(col_off, row_off), Affine.scale(stride))
 
     # --- reading --------------------------------------------------------
     def _dataset(self):
@@ -199,13 +281,14 @@ class RasterInput:
                 self._handles.append(ds)
         return ds
 
-    def read(self, y0: int, x0: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    def read(self, y0: int, x0: int, size: int, area: Optional[Area] = None) -> Tuple[np.ndarray, np.ndarray]:
         """(bands, size, size) float32 values and a (size, size) validity mask for
-        the window at area pixel (y0, x0).  Parts outside the area and no-data
-        pixels are marked invalid and hold 0, never NaN."""
-        h = min(size, self.height - y0)
-        w = min(size, self.width - x0)
-        win = Window(self.area.col_off + x0, self.area.row_off + y0, w, h)
+        the window at pixel (y0, x0) of ``area`` (default: the processed area).  Parts
+        outside the area and no-data pixels are marked invalid and hold 0, never NaN."""
+        area = area or self.area
+        h = min(size, area.height - y0)
+        w = min(size, area.width - x0)
+        win = Window(area.col_off + x0, area.row_off + y0, w, h)
         with gdal_errors() as errors:  # GDAL's 20-30 lines per bad block become one message
             try:
                 data = self._dataset().read(self.plan.band_indexes, window=win, out_dtype="float32")
@@ -239,6 +322,30 @@ PLAUSIBILITY_WINDOWS = 4       # 4 x 4 windows spread over the area
 PLAUSIBILITY_SIZE = 128
 
 
+#: Refuse a value found in every band of at least this share of the sampled valid pixels: no surface has
+#: the same reflectance in all six bands, so it is a fill value (-9999, 65535, 0, -32768...) nobody declared.
+FILL_SHARE = 0.01
+
+
+def check_undeclared_fill(source: "RasterInput", raw: np.ndarray, seen: str) -> None:
+    """``InputError`` when one value fills every band of ``FILL_SHARE`` or more of the sampled pixels ``raw``
+    (bands x pixels): an undeclared no-data value, read as data, changes the class of the pixels around it."""
+    uniform = (raw == raw[:1]).all(axis=0)
+    if not uniform.any():
+        return
+    values, counts = np.unique(raw[0, uniform], return_counts=True)
+    value, share = float(values[counts.argmax()]), counts.max() / raw.shape[1]
+    if share < FILL_SHARE:
+        return
+    if source.plan.scale != 1.0:  # DN: the raw value before the offset
+        value = round(value)
+    name = Path(source.path).name
+    raise InputError(f"{name} holds {value:g} in every band of {share:.1%} of the sampled pixels ({seen}): a no-data "
+                     f"value the raster does not declare, read as data it changes the map of the pixels around "
+                     f"it. Declare it, e.g. gdal_translate -of VRT -a_nodata {value:g} {name} "
+                     f"{Path(name).stem}_nodata.vrt (or gdal_edit.py -a_nodata {value:g} {name}), and map that")
+
+
 def check_plausible_values(source: RasterInput, warn: Callable[[str], None]) -> None:
     """Read a sample of windows spread over the area before the run and check the values
     make sense as Sentinel-2: refuse (``InputError``) where nothing sensible can come out,
@@ -269,6 +376,7 @@ def check_plausible_values(source: RasterInput, warn: Callable[[str], None]) -> 
                      "so it is read as DN" if median > 100 else "reflectance in percent: divide it by 100")
             raise InputError(f"{name} is a {source.dtype} raster, read as reflectance (0-1), but its values look "
                              f"scaled: median {median:.4g}, maximum {float(raw.max()):.4g} ({seen}). Likely {cause}")
+        check_undeclared_fill(source, raw, seen)
         return
     negative = raw < 0
     if negative.any():
@@ -282,7 +390,10 @@ def check_plausible_values(source: RasterInput, warn: Callable[[str], None]) -> 
                    f"{seen}); Sentinel-2 DN are never negative: {cause}")
         if share > 0.5:
             raise InputError(message)
+        check_undeclared_fill(source, raw, seen)  # a fill value is refused, not only warned about
         warn(message + "; these pixels give wrong probabilities")
+        return
+    check_undeclared_fill(source, raw, seen)
 
 
 def require_free_space(folder, nbytes: int, what: str) -> None:

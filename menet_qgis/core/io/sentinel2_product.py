@@ -30,7 +30,7 @@ from rasterio.features import geometry_mask
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from .bands import ALIASES, OFFSET_KEYS, band_label
+from .bands import ALIASES, OFFSET_KEYS, band_label, checked_dn_offset
 from ..model.channels import N_CHANNELS, RECIPE_V1, SOURCE_BANDS, PCABasis, Recipe, compute_channels
 from ..reporting import Cancelled, Reporter
 from ..files import refuse_overwriting_inputs
@@ -162,7 +162,9 @@ def read_metadata(xml_path) -> Tuple[Optional[float], str, Optional[str], Option
         if tag in OFFSET_KEYS and band_id.isdigit() and int(band_id) < len(METADATA_BAND_ORDER):
             band = METADATA_BAND_ORDER[int(band_id)]
             if band in SOURCE_BANDS:
-                offsets[band], key = float(text), tag
+                offsets[band] = checked_dn_offset(text, f"{Path(xml_path).name} ({tag} of {band})",
+                                                  "the product metadata is damaged; download the product again")
+                key = tag
         elif tag == "PROCESSING_BASELINE" and baseline is None:
             baseline = text
         elif tag == "PRODUCT_URI" and uri is None:
