@@ -27,6 +27,7 @@ FILE_CATEGORIES = {
     "test_environment_installer.py": "integration",
     "test_faults.py": "integration",
     "test_faults_installers.py": "integration",
+    "test_faults_inputs.py": "integration",
     "test_faults_outputs.py": "unit",
     "test_faults_protocol.py": "integration",
     "test_faults_training.py": "unit",
