@@ -247,3 +247,19 @@ def test_gpu_precision_path_on_cpu_matches_fp32(bundle, tmp_path):
     assert any("bf16 autocast, channels_last" in m for m in messages)
     # bf16 keeps ~3 significant digits; through 101 random-weight layers that is a few percent
     assert np.abs(bf16 - fp32).mean() < 0.02 and np.abs(bf16 - fp32).max() < 0.25
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("rows, expected", [
+    ((0, 130), (0, 130)),        # the whole raster: its own context, the grid as before
+    ((70, 72), (32, 128)),       # the windows at 32 and 64 (64 px, overlap 32) touch rows 70-71
+    ((0, 5), (0, 64)),           # only the first window
+    ((125, 130), (64, 130)),     # the last window runs past the edge, as in a whole-raster run
+])
+def test_an_extent_reads_the_whole_rasters_windows_that_touch_it(tmp_path, rows, expected):
+    src = write_s2(tmp_path / "in.tif", 130, 40)
+    t = raster_profile(src)["transform"]
+    source = raster_io.RasterInput(src, bounds=(t.c, t.f - 10 * rows[1], t.c + 400, t.f - 10 * rows[0]))
+    context = source.context_area(64, 32)
+    assert (context.row_off, context.row_off + context.height) == expected
+    assert (context.col_off, context.width) == (0, 40)
