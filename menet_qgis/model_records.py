@@ -145,6 +145,10 @@ def check_description(record: Dict, label: str, n_channels: Optional[int] = None
     bounds as a user's ``window``, ``stages.check_window``; a crafted 1000000 px window would ask for
     terabytes).  ``n_channels`` / ``n_source_bands``: the lengths this plugin's recipe gives, when known."""
     check_record_types(record, label, error)
+    for key, what in (("normalisation", "normalisation statistics"), ("pca", "PCA basis")):
+        if key not in record:
+            raise error(f"{label}: its record has no {what}; the file is damaged or was not written by this "
+                        "plugin: export or train the model again")
     norm = record.get("normalisation", {})
     mean, std = norm.get("mean"), norm.get("std")
     if not (isinstance(mean, list) and isinstance(std, list)) or \

@@ -191,14 +191,13 @@ def load_weights_only(path, what: str, kind: str, error=ValueError):
         raise error(f"{what} not found: {path}")
     if path.stat().st_size == 0:
         raise error(f"{path.name} is empty (0 bytes): was it cut short while copying or saving?")
-    if zipfile.is_zipfile(path):  # before torch reads it: no compressed entry unpacks into gigabytes
-        try:
-            with zipfile.ZipFile(path) as archive:
-                check_checkpoint_archive(archive, path.stat().st_size, path.name)
-        except ModelRecordError as exc:
-            raise error(str(exc)) from None
-        except (zipfile.BadZipFile, OSError, ValueError):
-            pass  # torch says what is wrong with it below
+    try:  # before torch reads it: no compressed entry unpacks into gigabytes
+        with zipfile.ZipFile(path) as archive:
+            check_checkpoint_archive(archive, path.stat().st_size, path.name)
+    except ModelRecordError as exc:
+        raise error(str(exc)) from None
+    except Exception:  # noqa: BLE001 (not a zip: a legacy torch file, or a damaged one; zipfile raises many
+        pass           # types for those, even is_zipfile does): torch says what is wrong with it below
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
