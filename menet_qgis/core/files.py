@@ -286,7 +286,7 @@ def refuse_replacing(path, kind: TextOutput) -> None:
     """Refuse to write ``kind`` at ``path`` unless the name ends as that kind's files do and whatever is already
     there is a previous output of that kind (or empty): a report, table or history must never replace a raster,
     a checkpoint or any other file.  Called before any work starts and again just before writing."""
-    if path is None:
+    if path is None or os.fspath(path) == "":  # no such output asked for
         return
     path = Path(path)
     endings = " or ".join(kind.suffixes)
