@@ -37,12 +37,16 @@ def _no_tensor(*_args, **_kwargs):
     return None
 
 
-class _CheckpointUnpickler(pickle.Unpickler):
+class _CheckpointUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python unpickler, on purpose)
     """Reads the pickle inside a ``torch.save`` file without torch: tensors become None (their bytes are
     never read) and every global but the few torch.save writes for tensors is refused, so no code runs.
 
     Hand-rolled because the process reading it may be QGIS's, which must never import torch (its
-    native libraries clash with QGIS's), and the record is plain dicts, lists, numbers and strings."""
+    native libraries clash with QGIS's), and the record is plain dicts, lists, numbers and strings.
+    The pure-Python unpickler, not the C one: the C unpickler's memo is an array sized by the largest
+    index a pickle names, so one ``LONG_BINPUT 2**31`` in a 9 kB file made it allocate 17 GB (found by
+    the fuzz run, tests/test_faults_models.py); the Python one keeps its memo in a dict, and a record is
+    a few kB, read in milliseconds either way (torch's own weights-only unpickler is Python too)."""
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):

@@ -278,6 +278,18 @@ def test_runtime_reasons_lose_frames_not_words():
     assert reason.endswith("word …") and len(reason) <= runtimes.MAX_REASON + 2
 
 
+def test_a_huge_memo_index_costs_the_record_reader_nothing(tmp_path):
+    """One ``LONG_BINPUT 2**31`` in a 2 kB record: the C unpickler sized its memo array by it (16.6 GB peak,
+    20 s, in the process that lists models: QGIS's); the reader's pure-Python unpickler keeps a dict."""
+    record = pickle.dumps({"format": model_records.CHECKPOINT_FORMAT}, protocol=2)
+    record = record.replace(b"}q\x00", b"}r" + (2**31).to_bytes(4, "little"), 1)
+    with zipfile.ZipFile(tmp_path / "m.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", record)
+    before, started = peak_rss_gb(), time.monotonic()
+    assert model_records.read_model_record(tmp_path / "m.pt") == {"format": model_records.CHECKPOINT_FORMAT}
+    assert time.monotonic() - started < 1.0 and peak_rss_gb() - before < 0.5
+
+
 # --- a bounded fuzz run of the model-record readers -----------------------------------------------
 #: Seconds the fuzz run may take (the cases it ran are printed); MENET_FUZZ_SECONDS overrides.
 FUZZ_SECONDS = float(os.environ.get("MENET_FUZZ_SECONDS", "60"))
@@ -434,8 +446,10 @@ def test_fuzz_the_model_record_readers(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == ["scene.tif"]
         assert not marker.exists()
 
+    peak_before = peak_rss_gb()
     run()
     total = sum(ran.values())
     print(f"fuzzed the model-record readers with {total} cases in <= {FUZZ_SECONDS:g} s: {ran}")
     assert user_file.read_bytes() == b"a user's raster, must stay as it is" and not marker.exists()
     assert total >= min(FUZZ_CASES, 200), ran
+    assert peak_rss_gb() - peak_before < 1.0  # no case made a reader allocate (one did: 17 GB, fixed)
