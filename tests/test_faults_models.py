@@ -16,7 +16,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -169,7 +168,7 @@ def test_a_window_beyond_the_bound_is_refused_on_every_front(cli, tmp_path):
     assert window.maximum == MAX_WINDOW
     with pytest.raises(ValueError, match="window must be from 0 to 2048, got 100000"):
         window.check(100_000)
-    with pytest.raises(ValueError, match=f"window size must be a multiple of 32 from 64 to {MAX_WINDOW} px, got 100000"):
+    with pytest.raises(ValueError, match=f"multiple of 32 from 64 to {MAX_WINDOW} px, got 100000"):
         WindowGrid(100, 100, 100_000, 0)
     WindowGrid(100, 100, MAX_WINDOW, 32)
 
@@ -276,6 +275,9 @@ def test_runtime_reasons_lose_frames_not_words():
     long = RuntimeError("word " * 1000)
     reason = runtimes.runtime_reason(long)
     assert reason.endswith("word …") and len(reason) <= runtimes.MAX_REASON + 2
+    path = "/" + "long-folder/" * 30 + "m.pt"  # a first 'word' longer than the limit: kept whole
+    assert checkpoint.first_sentence(f"cannot open {path} now", 100) == "cannot open …"
+    assert checkpoint.first_sentence(f"{path} is not readable", 100) == f"{path} …"
 
 
 def test_a_huge_memo_index_costs_the_record_reader_nothing(tmp_path):

@@ -179,7 +179,8 @@ def first_sentence(text: str, limit: int = 240) -> str:
     match = re.match(r"(.+?[.!?])(\s|$)", text)
     sentence = match.group(1) if match else text
     if len(sentence) > limit:
-        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+        head = sentence[:limit]  # at the last space; a first word longer than the limit (a path) stays whole
+        sentence = (head.rsplit(" ", 1)[0] if " " in head else sentence.split(" ", 1)[0]) + " …"
     return sentence
 
 
