@@ -228,3 +228,12 @@ def test_an_extent_maps_as_the_same_pixels_of_the_whole_raster(bundle, tmp_path,
         assert (ds.transform.a, ws.xy(row, col, offset="ul")) == (80.0, (ds.transform.c, ds.transform.f))
         np.testing.assert_array_equal(ds.read(), ws.read()[:, row:row + ds.height, col:col + ds.width])
         assert ds.height * 8 >= rows[1] - rows[0] and ds.width * 8 >= cols[1] - cols[0]
+
+
+@pytest.mark.unit
+def test_an_extent_of_non_finite_numbers_is_refused(tmp_path):
+    src = write_raster(tmp_path / "in.tif", s2_reflectance(32, 32), S2_NAMES)
+    with pytest.raises(files.InputError) as err:
+        raster_io.RasterInput(src, bounds=(600000.0, float("nan"), 600100.0, 9700000.0))
+    assert str(err.value) == "the processing extent (600000.0, nan, 600100.0, 9700000.0) is not four finite numbers " \
+                             "(xmin, ymin, xmax, ymax)"

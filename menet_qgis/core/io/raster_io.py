@@ -212,6 +212,12 @@ class RasterInput:
         if bounds is None:
             return Area(0, 0, self.full_height, self.full_width)
         try:
+            finite = len(bounds) == 4 and all(math.isfinite(float(v)) for v in bounds)
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise InputError(f"the processing extent {tuple(bounds)} is not four finite numbers (xmin, ymin, xmax, ymax)")
+        try:
             win = snapped_window(self.transform, full, bounds)
         except ValueError:
             raise InputError(f"the processing extent {tuple(bounds)} does not overlap {Path(self.path).name}") from None
