@@ -196,7 +196,7 @@ def test_sources_with_different_bands_and_scales_train_together(tmp_path):
     with pytest.raises(ValueError, match="recipe menet-s2 v1 reads 6"):
         training.train(both, training.TrainOptions(epochs=1, batch_size=2, recipe=channels.RECIPE_V1))
     from menet_qgis import jobs
-    with pytest.raises(ValueError, match="boundary weight must be 0 .off. or positive"):
+    with pytest.raises(ValueError, match="boundary_weight must be 0 or more, got -1"):
         jobs.train({"tiles": str(tmp_path / "m"), "output": str(tmp_path / "x.pt"), "boundary_weight": -1}, None)
     assert not (tmp_path / "x.pt").exists()
 
