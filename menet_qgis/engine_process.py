@@ -9,7 +9,6 @@ Protocol (UTF-8, one JSON object per line):
 
 stdin, client -> worker
   1st line  ``{"job": "extract|prepare|export_channels|train|assess", "params": {...}}``
-            (the parameters of ``menet_qgis.jobs``)
             (the parameters of ``menet_qgis.jobs``; no other key)
   later     ``{"type": "cancel"}``: stop at the next check (one batch/epoch/strip)
             and remove partial outputs.  Closing stdin (the client died) cancels too,

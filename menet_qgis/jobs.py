@@ -18,7 +18,6 @@ raises ``core.reporting.Cancelled`` and leaves no output.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import typing

@@ -29,7 +29,7 @@ FILE_CATEGORIES = {
     "test_faults_batch.py": "integration",
     "test_faults_installers.py": "integration",
     "test_faults_inputs.py": "integration",
-    "test_faults_models.py": "unit",
+    "test_faults_models.py": "integration",
     "test_faults_outputs.py": "unit",
     "test_faults_protocol.py": "integration",
     "test_faults_training.py": "unit",

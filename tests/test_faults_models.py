@@ -25,7 +25,7 @@ from menet_qgis.core.inference import onnx_model, runtimes
 from menet_qgis.core.model import channels, checkpoint
 from menet_qgis.core.model.stages import MAX_WINDOW
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # runtimes, CLI maps and a 60 s fuzz: not for make test-fast
 
 
 def error_line(proc) -> str:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
 import socket
-import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
