@@ -20,6 +20,7 @@ FILE_CATEGORIES = {
     "test_batch.py": "integration data",
     "test_channels.py": "unit",
     "test_child_process.py": "integration",
+    "test_composite.py": "unit",
     "test_cloud_masking.py": "integration data",
     "test_cli.py": "integration",
     "test_desktop_gui.py": "gui",
