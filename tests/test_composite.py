@@ -1,10 +1,17 @@
 """Cloud-free composites from several dates (issue 27, item 3)."""
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
+import rasterio
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 
-from menet_qgis.core.io.composite import clear_composite
+from helpers import PRODUCT_BANDS, SCENE, crop_scene, write_raster
+from menet_qgis.core.io.composite import DateInput, clear_composite, write_composite
 
 CLEAR, CLOUD, SHADOW = 0, 4, 3   # clouds.py's agreed quality codes
 BANDS = ("B2", "B3", "B4", "B8", "B11", "B12")
@@ -60,3 +67,115 @@ def test_bad_observations_refused_in_one_line():
         clear_composite([(a, np.zeros((4, 4), np.uint8))], method="mean")
     with pytest.raises(ValueError, match="B4 and B8"):
         clear_composite([(a, np.zeros((4, 4), np.uint8))], method="ndvi_max")
+
+
+# --- the must-show: real pixels, real clouds, several dates ---------------------------------------------
+TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "magset2" / "tiles"
+LABELS = Path(__file__).resolve().parent / "data" / "clouds"
+CROP = (1280, 384, 384, 384)          # row, col, height, width in scene_2020.tif: fully valid, coast with mangrove
+#: (tile, row, col) pasted per date: real cloud pixels at different places, overlapping so some pixels are
+#: clear on 0, 1, 2, 3 or 4 dates
+PASTES = [[("tile_1_41", 0, 0), ("tile_1_48", 200, 200)],
+          [("tile_1_41", 0, 64), ("tile_2_01", 256, 0)],
+          [("tile_1_48", 0, 0), ("tile_2_01", 128, 256)],
+          [("tile_1_41", 32, 32), ("tile_1_48", 256, 256)]]
+
+
+def cloud_tile(name):
+    """(6, 128, 128) reflectance of a cloudy MagSet-2 tile as B2, B3, B4, B8, B11, B12 (no B12 there: B11 stands
+    in) and its cloud footprint: bright in blue and red (B2 >= 0.15 and B4 >= 0.12) or labelled cloud by hand
+    (tests/data/clouds, where present)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)   # MagSet-2 tiles carry no georeferencing
+        with rasterio.open(TILES / f"{name}.tif") as ds:
+            dn = ds.read().astype(np.float32) / 10000.0      # B2, B3, B4, B8, B8A, B11, offset 0
+    pixels = dn[[0, 1, 2, 3, 5, 5]]
+    footprint = (dn[0] >= 0.15) & (dn[2] >= 0.12)
+    label = LABELS / f"{name}_cloud.tif"
+    if label.is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(label) as ds:
+                footprint |= ds.read(1) == 1
+    return pixels, footprint
+
+
+def cloudy_dates(truth):
+    """The truth with each date's clouds pasted in, the per-date cloud footprints (10 m) and SCL (20 m: a
+    20 m pixel is cloud (9) where any of its four 10 m pixels is, vegetation (4) elsewhere, as L2A's)."""
+    dates, footprints = [], []
+    for pastes in PASTES:
+        date, cloud = truth.copy(), np.zeros(truth.shape[1:], bool)
+        for name, row, col in pastes:
+            pixels, footprint = cloud_tile(name)
+            h, w = min(128, truth.shape[1] - row), min(128, truth.shape[2] - col)
+            part = footprint[:h, :w]
+            date[:, row:row + h, col:col + w][:, part] = pixels[:, :h, :w][:, part]
+            cloud[row:row + h, col:col + w] |= part
+        dates.append(date)
+        footprints.append(cloud)
+    return dates, footprints
+
+
+def scl_20m(cloud):
+    blocks = cloud.reshape(cloud.shape[0] // 2, 2, cloud.shape[1] // 2, 2).any(axis=(1, 3))
+    return np.where(blocks, 9, 4).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cloudy_area(tmp_path_factory):
+    if not (SCENE.is_file() and TILES.is_dir()):
+        pytest.skip("real data (../shared/data: jambeli scene, magset2 tiles) not available")
+    folder = tmp_path_factory.mktemp("composite")
+    row, col, h, w = CROP
+    truth_path = crop_scene(folder / "truth.tif", row, col, h, w)
+    with rasterio.open(truth_path) as ds:
+        truth, profile = ds.read(), ds.profile
+    dates, footprints = cloudy_dates(truth)
+    rasters, scls, masks = [], [], []
+    for i, (date, cloud) in enumerate(zip(dates, footprints), 1):
+        transform = profile["transform"]
+        if i == 3:   # one date on a larger grid (64 px more each side): read through the warper
+            pad = 64
+            date = np.pad(date, ((0, 0), (pad, pad), (pad, pad)), constant_values=np.nan)
+            cloud = np.pad(cloud, pad)
+            transform = transform * Affine.translation(-pad, -pad)
+        rasters.append(write_raster(folder / f"date{i}.tif", date, PRODUCT_BANDS, crs=profile["crs"],
+                                    transform=transform, nodata=float("nan")))
+        scls.append(write_raster(folder / f"date{i}_SCL_20m.tif", scl_20m(cloud)[None],
+                                 crs=profile["crs"], transform=transform * Affine.scale(2), nodata=0))
+        masks.append(write_raster(folder / f"date{i}_cloud.tif", cloud.astype(np.uint8)[None], crs=profile["crs"],
+                                  transform=transform))
+    return dict(folder=folder, truth=truth, truth_path=truth_path, footprints=footprints, rasters=rasters,
+                scls=scls, masks=masks)
+
+
+def expected_count(footprints, scl_grid=True):
+    """Clear dates per 10 m pixel when each date's clouds are known from its 20 m SCL (scl_grid) or at 10 m."""
+    if scl_grid:
+        footprints = [np.kron(scl_20m(f) == 9, np.ones((2, 2), bool)) for f in footprints]
+    return sum((~f).astype(np.uint8) for f in footprints)
+
+
+def test_composite_of_four_cloudy_dates_is_the_cloud_free_truth(cloudy_area, tmp_path):
+    """Four dates of one real area, each with real clouds of MagSet-2 tiles pasted in at other places and an
+    L2A-style SCL marking them: the composite is the cloud-free crop wherever a date is clear, no data where
+    none is, and the count band counts the clear dates."""
+    area = cloudy_area
+    dates = [DateInput(r, scl=s) for r, s in zip(area["rasters"], area["scls"])]
+    result = write_composite(dates, tmp_path / "composite.tif")
+    with rasterio.open(result.path) as ds:
+        composite, count = ds.read(list(range(1, 7))), ds.read(7)
+        assert ds.descriptions == tuple(PRODUCT_BANDS) + ("CLEAR_COUNT",)
+        with rasterio.open(area["truth_path"]) as truth_ds:
+            assert (ds.crs, ds.transform, ds.shape) == (truth_ds.crs, truth_ds.transform, truth_ds.shape)
+    expected = expected_count(area["footprints"])
+    np.testing.assert_array_equal(count, expected)
+    assert set(np.unique(expected)) == {0, 1, 2, 3, 4}          # every case occurs
+    seen = count > 0
+    np.testing.assert_allclose(composite[:, seen], area["truth"][:, seen], rtol=0, atol=1e-6)
+    assert np.isnan(composite[:, ~seen]).all()
+    assert result.count_histogram == np.bincount(expected.ravel(), minlength=5).tolist()
+    # without the clouds masked, a median lets them through: the check can fail
+    naive = np.median(np.stack(cloudy_dates(area["truth"])[0]), axis=0)
+    assert np.abs(naive - area["truth"]).max() > 0.05
