@@ -162,7 +162,9 @@ class JobParams:
 _EXTRACT_DECLARED = (opts.MODEL,) + opts.INPUT
 #: Engine options the front ends do not show but a job may set (``EngineOptions.readers``).
 _ENGINE_INTERNAL = (Option("readers", "int", 0, "reader threads; 0 = automatic", minimum=0, maximum=64,
-                           fronts=frozenset()),)
+                           fronts=frozenset()),
+                    Option("scl", "text", None, "a scene classification raster (GDAL name) for the input",
+                           fronts=frozenset()))
 
 
 @dataclass

@@ -187,6 +187,20 @@ ENGINE: Tuple[Option, ...] = (
            "test-time flips: average the model over the 8 flips/rotations of every window, for 8x the model's "
            "time (what it gains: the scores in resources/models/MODEL_CARD.md)",
            label="Test-time flips (8x slower)", optional=True, advanced=True),
+    # pixels without ground evidence (issue 27): core/io/clouds.py, docs/guide/extract-mangroves.md#clouds
+    Option("cloud_mask", "choice", "auto",
+           "pixels without ground evidence (cloud, cloud shadow, cirrus, saturated or defective, no data) are left "
+           "as no-data and a quality layer (<output>_quality.tif) says why: auto = the product's scene "
+           "classification (SCL) where the input has one, else the cloud detector on the bands read; scl = the "
+           "scene classification only; detector = the detector only; off = no masking, every pixel gets a "
+           "probability",
+           label="Cloud mask", choices=("auto", "scl", "detector", "off"),
+           choice_labels=("auto (scene classification, else the cloud detector)", "scene classification (SCL)",
+                          "cloud detector", "off (map under clouds too)"), optional=True),
+    Option("mask_layer", "file", None,
+           "a mask of your own, added to the cloud mask: a raster (nonzero = masked) or a polygon file (masked "
+           "inside); masked pixels are left as no-data (quality code 'user mask')",
+           label="Mask layer (raster or polygons)", optional=True, advanced=True),
 )
 
 # --- the input raster: predict, batch, Extract mangroves, Export channels ----------------------------------

@@ -29,8 +29,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import runtimes
-from ..files import refuse_overwriting_inputs, remove_stale_partials, stage_path
-from ..io.raster_io import (Area, AtomicRaster, RasterInput, check_free_space, check_plausible_values,
+from ..files import InputError, refuse_overwriting_inputs, remove_stale_partials, stage_path
+from ..io import clouds
+from ..io.raster_io import (Area, AtomicRaster, MaskSource, RasterInput, check_free_space, check_plausible_values,
                             check_writable, commit_all)
 from ..model.stages import STAGE_BY_NAME, parse_stage_names
 from ..reporting import Cancelled, Reporter
@@ -44,6 +45,9 @@ COMPACT_BANDS = ("mean activation", "max activation", "std of activations")
 #: Probability rasters carry the model's decision threshold (chosen on validation), so whatever
 #: thresholds the map later (Assess accuracy, the example model, a user) can use the model's own.
 THRESHOLD_TAG = "MENET_THRESHOLD"
+#: Tag of a probability some of whose pixels were masked (no ground evidence): the one-line summary.
+MASKED_TAG = "MENET_MASKED"
+CLOUD_MASKS = ("auto", "scl", "detector", "off")
 
 
 @dataclass
@@ -60,6 +64,9 @@ class EngineOptions:
     precision: str = default_of(ENGINE, "precision")
     runtime: str = default_of(ENGINE, "runtime")            # see runtimes.choose_runtime
     tta: bool = default_of(ENGINE, "tta")                   # test-time flips: mean over the 8 flips of each window
+    cloud_mask: str = default_of(ENGINE, "cloud_mask")      # auto | scl | detector | off (see open_mask)
+    mask_layer: Optional[str] = default_of(ENGINE, "mask_layer")  # a user's mask: raster (nonzero) or polygons
+    scl: Optional[str] = None      # a scene classification raster for the input (GDAL name); not user-facing
 
 
 @dataclass
@@ -71,6 +78,9 @@ class ExtractionResult:
     windows_run: int = 0
     batch_size: int = 0
     seconds: float = 0.0
+    quality: Optional[Path] = None                      # the quality layer (codes: core/io/clouds.py)
+    quality_counts: Dict[int, int] = field(default_factory=dict)  # pixels per quality code
+    masked_summary: str = ""                            # "23 % cloud or shadow: left as no-data"
 
 
 class SinkThread:
@@ -115,17 +125,28 @@ class OutputRasters:
     sink thread: they are opened there, fed blended strips, and committed together or all discarded."""
 
     def __init__(self, bundle, source: RasterInput, grid: WindowGrid, context: Area, output: Path,
-                 stage_files: Dict[str, Path], stage_mode: str):
+                 stage_files: Dict[str, Path], stage_mode: str, mask: Optional[MaskSource] = None,
+                 quality: Optional[Path] = None):
         self.sink = SinkThread()
         self.stitchers: Dict[str, StripStitcher] = {}
         self.created: List[AtomicRaster] = []
-        self.sink.submit(lambda: self._open(bundle, source, grid, context, output, stage_files, stage_mode))
+        self.masking: Optional[MaskingSink] = None
+        self.sink.submit(lambda: self._open(bundle, source, grid, context, output, stage_files, stage_mode,
+                                            mask, quality))
 
-    def _open(self, bundle, source, grid, context, output, stage_files, stage_mode) -> None:
+    def _open(self, bundle, source, grid, context, output, stage_files, stage_mode, mask, quality) -> None:
         prob = AtomicRaster(output, source.width, source.height, 1, source.crs, source.area_transform(),
                             ["mangrove probability"], tags={**source.plan.tags, THRESHOLD_TAG: f"{bundle.threshold:g}"})
         self.created.append(prob)
-        self.stitchers["probability"] = StripStitcher(cropped(prob, source.area, context, 1), 1, 1, grid)
+        target = prob
+        if mask is not None:
+            codes = AtomicRaster(quality, source.width, source.height, 1, source.crs, source.area_transform(),
+                                 ["quality: why a pixel has no probability"], nodata=None, dtype="uint8",
+                                 tags={clouds.QUALITY_TAG: clouds.quality_legend()})
+            self.created.append(codes)
+            codes.ds.write_colormap(1, clouds.QUALITY_COLOURS)
+            target = self.masking = MaskingSink(prob, codes, mask, source.area)
+        self.stitchers["probability"] = StripStitcher(cropped(target, source.area, context, 1), 1, 1, grid)
         for name, path in stage_files.items():
             st = STAGE_BY_NAME[name]
             count = st.channels if stage_mode == "all" else len(COMPACT_BANDS)
@@ -147,6 +168,8 @@ class OutputRasters:
     def commit(self) -> None:
         """Write the strips' last rows, then rename every output into place (or none: ``commit_all``)."""
         self.sink.submit(lambda: [s.flush_until() for s in self.stitchers.values()])
+        if self.masking is not None:
+            self.sink.submit(self.masking.tag)
         self.sink.submit(lambda: commit_all(self.created))
         self.sink.close()
 
@@ -154,6 +177,36 @@ class OutputRasters:
         self.sink.stop()  # the sink thread has ended: its rasters can be discarded from here
         for raster in self.created:
             raster.discard()
+
+
+class MaskingSink:
+    """Between the probability's stitcher and its raster: every finished block of rows gets NaN wherever its
+    pixels have no ground evidence (``MaskSource.quality``), and the codes go to the quality layer.  Masking
+    happens on the model's output only, so the probability of every unmasked pixel is as without masking."""
+
+    def __init__(self, probability: AtomicRaster, codes: AtomicRaster, mask: MaskSource, area: Area):
+        self.probability, self.codes, self.mask, self.area = probability, codes, mask, area
+        self.counts: Dict[int, int] = {code: 0 for code in clouds.QUALITY_NAMES}
+        self.newly_masked = 0  # pixels with a probability that masking turned into no-data
+
+    def write_rows(self, row0: int, block: np.ndarray) -> None:
+        rows, width = block.shape[1], block.shape[2]
+        quality = self.mask.quality(self.area.row_off + row0, self.area.col_off, rows, width)
+        masked = quality != clouds.CLEAR
+        self.newly_masked += int((masked & ~np.isnan(block[0])).sum())
+        block[0][masked] = np.nan
+        clouds.add_counts(self.counts, clouds.code_counts(quality))
+        self.probability.write_rows(row0, block)
+        self.codes.write_rows(row0, quality[None])
+
+    def summary(self) -> str:
+        return clouds.masked_summary(self.counts)
+
+    def tag(self) -> None:
+        """The masked share in the probability's tags, where masking changed it (so a map with nothing
+        masked stays byte-identical to one made without masking)."""
+        if self.newly_masked:
+            self.probability.ds.update_tags(**{MASKED_TAG: self.summary()})
 
 
 def stage_box(area: Area, context: Area, stride: int) -> Area:
@@ -187,6 +240,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     output = check_writable(output)
     stages = parse_stage_names(options.stages)
     grid, context = window_grid(bundle, source, options)
+    mask = open_mask(source, options, reporter)  # a bad mask layer is refused before the model loads
     runner = runtimes.open_runner(bundle, options, stages, reporter)
     batch_size = options.batch_size or runner.auto_batch_size(grid.window)
     runner.prepare(batch_size, grid.window)
@@ -195,23 +249,83 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     for message in pixel_warnings:
         reporter.warn(message)
     check_outputs(bundle, source, output, stage_files, options.stage_mode, reporter)
+    quality = check_quality_output(output, mask, [source.path, bundle.path, options.mask_layer], reporter)
     log_plan(bundle, source, grid, context, runner, batch_size, options, stages, reporter)
-    rasters = OutputRasters(bundle, source, grid, context, output, stage_files, options.stage_mode)
+    rasters = OutputRasters(bundle, source, grid, context, output, stage_files, options.stage_mode, mask, quality)
     try:
         run_count, batch_size = map_windows(source, grid, context, runner, batch_size, rasters, options.readers,
-                                            reporter, t0)
+                                            reporter, t0, mask)
         rasters.commit()
     except BaseException:
         rasters.discard()
         source.close()
+        if mask is not None:
+            mask.close()
         raise
     source.close()
     seconds = time.perf_counter() - t0
+    result = ExtractionResult(output, stage_files, runner.description, len(grid), run_count, batch_size, seconds)
+    if mask is not None:
+        mask.close()
+        result.quality, result.quality_counts = quality, dict(rasters.masking.counts)
+        result.masked_summary = rasters.masking.summary()
+        reporter.info(f"pixels without ground evidence: {result.masked_summary} (why, per pixel: {quality.name})")
     if run_count == 0:
         reporter.warn("the input has no valid pixels in the processed area: the output is all no-data")
-    reporter.info(f"ran the model on {run_count} of {len(grid)} windows (the rest hold only no-data) "
+    reporter.info(f"ran the model on {run_count} of {len(grid)} windows (the rest hold only no-data"
+                  f"{' or masked pixels' if mask is not None else ''}) "
                   f"in {seconds:.1f} s ({run_count / max(seconds, 1e-9):.2f} windows/s)")
-    return ExtractionResult(output, stage_files, runner.description, len(grid), run_count, batch_size, seconds)
+    return result
+
+
+def quality_path(output: Path) -> Path:
+    """The quality layer beside a probability: ``<stem>_quality.tif``."""
+    return output.with_name(f"{output.stem}_quality.tif")
+
+
+def open_mask(source: RasterInput, options: EngineOptions, reporter: Reporter) -> Optional[MaskSource]:
+    """The sources of the quality codes for this run (``options.cloud_mask``): ``scl`` = the scene
+    classification (``options.scl`` or the input product's SCL; refused when there is none), ``detector`` =
+    the spectral detector, ``auto`` = the SCL where the input has one, else the detector (where the input
+    holds Sentinel-2 bands), ``off`` = no masking; a mask layer the user gives is added to any of them
+    but ``off``.  None (and a log line) when nothing masks."""
+    choice = options.cloud_mask or "auto"
+    if choice not in CLOUD_MASKS:
+        raise ValueError(f"cloud mask must be one of {', '.join(CLOUD_MASKS)}, got {choice!r}")
+    if choice == "off":
+        reporter.info("cloud masking off: every pixel with data gets a probability, under clouds too")
+        return None
+    product = getattr(source, "product", None)
+    scl = options.scl or (getattr(product, "scl", None) if product is not None else None)
+    if choice == "scl" and not scl:
+        raise InputError(f"{Path(source.path).name} has no scene classification (SCL: Sentinel-2 L2A products "
+                         "have one): choose cloud mask auto or detector, or give a mask layer")
+    use_scl = scl if choice in ("scl", "auto") else None
+    detector = choice == "detector" or (choice == "auto" and not scl and source.plan.kind == "sentinel2")
+    if choice == "auto" and detector:
+        try:
+            from ..io import cloud_detector  # noqa: F401
+        except ImportError:
+            detector = False
+    if not (use_scl or detector or options.mask_layer):
+        reporter.info("no cloud mask: the input has no scene classification and holds ready-made channels the "
+                      "cloud detector cannot read; give a mask layer to leave clouds as no-data")
+        return None
+    mask = MaskSource(source, scl=use_scl, mask_layer=options.mask_layer or None, detector=detector)
+    reporter.info(f"cloud mask: {mask.describe()}; pixels without ground evidence (cloud, shadow, cirrus, "
+                  "defective, no data) are left as no-data")
+    return mask
+
+
+def check_quality_output(output: Path, mask: Optional[MaskSource], inputs, reporter: Reporter) -> Optional[Path]:
+    """The quality layer's path once it can be written (None without masking)."""
+    if mask is None:
+        return None
+    path = check_writable(quality_path(output))
+    refuse_overwriting_inputs([path], [p for p in inputs if p])
+    for stale in remove_stale_partials(path):
+        reporter.info(f"removed {stale.name}: a partial output left by a run that no longer exists")
+    return path
 
 
 def window_grid(bundle, source: RasterInput, options: EngineOptions) -> Tuple[WindowGrid, Area]:
@@ -280,14 +394,15 @@ def check_outputs(bundle, source: RasterInput, output: Path, stage_files: Dict[s
 
 # --- the pipelined loop ----------------------------------------------------------
 def map_windows(source: RasterInput, grid: WindowGrid, context: Area, runner, batch_size: int,
-                rasters: "OutputRasters", readers: int, reporter: Reporter, t0: float) -> Tuple[int, int]:
+                rasters: "OutputRasters", readers: int, reporter: Reporter, t0: float,
+                mask: Optional[MaskSource] = None) -> Tuple[int, int]:
     """Every window of ``grid`` in row-major order through ``runner`` into ``rasters``; windows of pure no-data
-    are skipped, not run.  A batch's results are collected only after the next batch is launched, so the
+    are skipped, not run, and so are windows whose every pixel is masked (``mask``).  A batch's results are collected only after the next batch is launched, so the
     device works meanwhile.  Returns (windows run, the batch size in the end: out of GPU memory halves it)."""
     total, done, run_count = len(grid), 0, 0
     in_flight = None  # (batch, outputs): collected after the next batch is launched
     last_log = time.perf_counter()
-    with ReadAhead(source, grid, context, reader_count(readers, runner.device_type)) as reads:
+    with ReadAhead(source, grid, context, reader_count(readers, runner.device_type), mask) as reads:
         while done < total:
             batch, consumed = reads.next_batch(batch_size)
             done += consumed
@@ -309,8 +424,10 @@ def map_windows(source: RasterInput, grid: WindowGrid, context: Area, runner, ba
 class ReadAhead:
     """Reads the grid's windows in order on reader threads, up to two batches ahead of the model."""
 
-    def __init__(self, source: RasterInput, grid: WindowGrid, context: Area, workers: int):
+    def __init__(self, source: RasterInput, grid: WindowGrid, context: Area, workers: int,
+                 mask: Optional[MaskSource] = None):
         self.source, self.window, self.windows, self.context = source, grid.window, list(grid), context
+        self.mask = mask
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="menet-read")
         self.pending: deque = deque()
         self.next_read = 0
@@ -320,16 +437,27 @@ class ReadAhead:
         were consumed to find them (all-no-data ones included)."""
         while self.next_read < len(self.windows) and len(self.pending) < 2 * size:
             _, y0, x0 = self.windows[self.next_read]
-            self.pending.append((y0, x0, self.pool.submit(self.source.read, y0, x0, self.window, self.context)))
+            self.pending.append((y0, x0, self.pool.submit(self._read, y0, x0)))
             self.next_read += 1
         batch, consumed = [], 0
         while self.pending and len(batch) < size:
             y0, x0, fut = self.pending.popleft()
-            data, valid = fut.result()
+            data, valid, evidence = fut.result()
             consumed += 1
-            if valid.any():  # windows of pure no-data are skipped, not run
+            if evidence:  # windows of pure no-data (or all masked) are skipped, not run
                 batch.append((y0, x0, data, valid))
         return batch, consumed
+
+    def _read(self, y0: int, x0: int):
+        """A window's values, validity, and whether any of its pixels has ground evidence (valid and, with a
+        mask, clear): the model runs only on windows that have."""
+        data, valid = self.source.read(y0, x0, self.window, self.context)
+        evidence = bool(valid.any())
+        if evidence and self.mask is not None:
+            h, w = min(self.window, self.context.height - y0), min(self.window, self.context.width - x0)
+            quality = self.mask.quality(self.context.row_off + y0, self.context.col_off + x0, h, w)
+            evidence = bool((quality == clouds.CLEAR).any())
+        return data, valid, evidence
 
     def __enter__(self) -> "ReadAhead":
         return self

@@ -157,6 +157,29 @@ def check_input_exists(path: str) -> None:
         raise InputError(f"input raster not found: {path}")
 
 
+def open_product_input(path: str):
+    """The Sentinel-2 product ``path`` names as delivered (a ``.SAFE`` folder or a folder holding
+    ``MTD_MSIL*.xml``, a ``.zip``, an ``MTD_MSIL*.xml``, a GDAL SENTINEL2 subdataset), found with
+    ``sentinel2_product.open_product``; None for any other raster.  ``InputError`` in one line for a
+    product ME-Net cannot map (a band missing, a zip holding no product)."""
+    from . import sentinel2_product
+    kind = sentinel2_product.product_source_name(path)
+    if kind is None:
+        return None
+    if kind == "folder" and not (Path(path).suffix.upper() == ".SAFE" or any(Path(path).glob("MTD_MSIL*.xml"))):
+        return None  # some rasters are folders (an ESRI grid): GDAL opens those
+    try:
+        return sentinel2_product.open_product(path)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _product_reader(product):
+    """The product's six bands on the 10 m grid, read like a rasterio dataset (``ProductReader``)."""
+    from .sentinel2_product import ProductReader
+    return ProductReader(product)
+
+
 class RasterInput:
     """An opened input raster plus the plan for turning its bands into model input."""
 
@@ -170,8 +193,11 @@ class RasterInput:
         from ..model.channels import RECIPE_V2
         self.path = str(path)
         check_input_exists(self.path)
+        #: The Sentinel-2 product (``sentinel2_product.Sentinel2Product``: bands, DN offset, ``scl``) when the
+        #: input is one as delivered (.SAFE folder, .zip, MTD_MSIL*.xml, SENTINEL2 subdataset); else None.
+        self.product = open_product_input(self.path)
         try:
-            with rasterio.open(self.path) as ds:
+            with (_product_reader(self.product) if self.product else rasterio.open(self.path)) as ds:
                 self.crs = ds.crs
                 self.transform = ds.transform
                 self.full_width, self.full_height = ds.width, ds.height
@@ -182,6 +208,8 @@ class RasterInput:
                 dataset_tags = ds.tags()
         except RasterioIOError as exc:
             raise InputError(f"{Path(self.path).name} is not a raster GDAL can read ({str(exc).splitlines()[0][:160]})") from None
+        except ValueError as exc:  # a product whose bands do not fit together
+            raise InputError(str(exc)) from None
         if self.dtype not in ACCEPTED_DTYPES:
             raise InputError(f"{Path(self.path).name} holds {self.dtype} values, which no Sentinel-2 product has; "
                              f"accepted: integer DN ({', '.join(d for d in ACCEPTED_DTYPES if 'int' in d)}) or "
@@ -281,7 +309,7 @@ class RasterInput:
     def _dataset(self):
         ds = getattr(self._local, "ds", None)
         if ds is None:
-            ds = rasterio.open(self.path)
+            ds = _product_reader(self.product) if self.product else rasterio.open(self.path)
             self._local.ds = ds
             with self._lock:
                 self._handles.append(ds)
@@ -294,7 +322,16 @@ class RasterInput:
         area = area or self.area
         h = min(size, area.height - y0)
         w = min(size, area.width - x0)
-        win = Window(area.col_off + x0, area.row_off + y0, w, h)
+        data, valid = self.read_pixels(area.row_off + y0, area.col_off + x0, h, w)
+        if h < size or w < size:
+            data = np.pad(data, ((0, 0), (0, size - h), (0, size - w)))
+            valid = np.pad(valid, ((0, size - h), (0, size - w)), constant_values=False)
+        return data, valid
+
+    def read_pixels(self, row_off: int, col_off: int, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(bands, h, w) float32 values and an (h, w) validity mask of the raster's pixels from (row_off,
+        col_off) (whole-raster pixel coordinates); no-data pixels are invalid and hold 0."""
+        win = Window(col_off, row_off, w, h)
         with gdal_errors() as errors:  # GDAL's 20-30 lines per bad block become one message
             try:
                 data = self._dataset().read(self.plan.band_indexes, window=win, out_dtype="float32")
@@ -309,10 +346,17 @@ class RasterInput:
         if self.plan.zero_is_nodata:
             valid &= (data != 0).all(axis=0)
         data[:, ~valid] = 0.0
-        if h < size or w < size:
-            data = np.pad(data, ((0, 0), (0, size - h), (0, size - w)))
-            valid = np.pad(valid, ((0, size - h), (0, size - w)), constant_values=False)
         return data, valid
+
+    def reflectance(self, row_off: int, col_off: int, h: int, w: int) -> Optional[np.ndarray]:
+        """(bands, h, w) float32 reflectance of the recipe's source bands (``recipe.source_bands`` order), NaN
+        where the input has no data; None for inputs that are not Sentinel-2 bands (ready-made stacks)."""
+        if self.plan.kind != "sentinel2":
+            return None
+        data, valid = self.read_pixels(row_off, col_off, h, w)
+        data = (data + np.float32(self.plan.offset)) * np.float32(self.plan.scale)
+        data[:, ~valid] = np.nan
+        return data
 
     def close(self) -> None:
         with self._lock:
@@ -570,3 +614,113 @@ def check_writable(path) -> Path:
         raise InputError(f"cannot write output to {parent}: {exc.strerror or exc}") from None
     return path
 
+
+
+# --- pixels without ground evidence: the quality of each input pixel (issue 27) -------------------------
+#: Vector files a mask layer may be (polygons: masked inside); anything else is read as a raster.
+VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".kml", ".gml", ".fgb", ".sqlite")
+
+
+class MaskSource:
+    """The quality code (``clouds``) of any block of an input's pixels, from the sources a run uses: the
+    scene classification (``scl``: a GDAL name, resampled nearest onto the input's grid), a user's mask
+    (``mask_layer``: a raster, nonzero = masked, or a polygon file, masked inside) and/or the spectral
+    detector (``detector``: ``cloud_detector.detect`` on the block's reflectance).  Pixels the input itself
+    has no data for are ``NO_DATA``.  Thread-safe: one dataset handle per thread."""
+
+    def __init__(self, source: RasterInput, scl: Optional[str] = None, mask_layer: Optional[str] = None,
+                 detector: bool = False):
+        from rasterio.crs import CRS
+        self.source, self.scl, self.mask_layer, self.detector = source, scl, mask_layer, detector
+        self.polygons = None
+        self._local = threading.local()
+        self._handles: List = []
+        self._lock = threading.Lock()
+        if detector and source.plan.kind != "sentinel2":
+            raise InputError(f"{Path(source.path).name} holds ready-made model channels, not Sentinel-2 bands: "
+                             "the cloud detector cannot read it; give a mask layer or turn cloud masking off")
+        if detector:
+            from . import cloud_detector  # noqa: F401 (fails here, not on a reader thread)
+        for name, what in ((scl, "scene classification"), (mask_layer, "mask layer")):
+            if name and Path(name).suffix.lower() not in VECTOR_SUFFIXES:
+                check_input_exists(str(name))
+                try:
+                    with rasterio.open(name) as ds:
+                        if ds.crs is None and source.crs is not None:
+                            raise InputError(f"the {what} {Path(name).name} has no coordinate reference system")
+                except RasterioIOError as exc:
+                    raise InputError(f"the {what} {Path(name).name} is not a raster GDAL can read "
+                                     f"({str(exc).splitlines()[0][:160]})") from None
+        if mask_layer and Path(mask_layer).suffix.lower() in VECTOR_SUFFIXES:
+            from .polygons import read_polygons
+            check_input_exists(str(mask_layer))
+            try:
+                self.polygons = read_polygons(mask_layer, CRS.from_user_input(source.crs))
+            except ValueError as exc:
+                raise InputError(f"mask layer: {exc}") from None
+
+    def describe(self) -> str:
+        parts = []
+        if self.scl:
+            parts.append(f"the scene classification ({Path(str(self.scl)).name})")
+        if self.mask_layer:
+            parts.append(f"the mask layer {Path(str(self.mask_layer)).name}")
+        if self.detector:
+            parts.append("the cloud detector on the bands read")
+        return " + ".join(parts)
+
+    def _warped(self, name: str):
+        """A nearest-neighbour view of raster ``name`` on the input's whole grid, one per thread."""
+        views = getattr(self._local, "views", None)
+        if views is None:
+            views = self._local.views = {}
+        if name not in views:
+            from rasterio.enums import Resampling
+            from rasterio.vrt import WarpedVRT
+            src = rasterio.open(name)
+            vrt = WarpedVRT(src, crs=self.source.crs, transform=self.source.transform,
+                            width=self.source.full_width, height=self.source.full_height,
+                            resampling=Resampling.nearest, src_nodata=src.nodata, nodata=0)
+            views[name] = vrt
+            with self._lock:
+                self._handles += [vrt, src]
+        return views[name]
+
+    def _read(self, name: str, win: Window) -> np.ndarray:
+        with gdal_errors() as errors:
+            try:
+                return self._warped(name).read(1, window=win)
+            except RasterioIOError as exc:
+                errors.append(" ".join(str(exc).split()))
+        raise InputError(f"{Path(name).name} cannot be read at col {win.col_off}, row {win.row_off}: {errors[0][:200]}")
+
+    def quality(self, row_off: int, col_off: int, h: int, w: int) -> np.ndarray:
+        """(h, w) uint8 quality codes of the input's pixels from (row_off, col_off) (whole-raster pixels)."""
+        from . import clouds
+        win = Window(col_off, row_off, w, h)
+        _, valid = self.source.read_pixels(row_off, col_off, h, w)
+        parts = [np.where(valid, clouds.CLEAR, clouds.NO_DATA).astype(np.uint8)]
+        if self.scl:
+            # outside the classification's footprint (its no-data, read as 0): no evidence either way, so clear
+            scl = self._read(self.scl, win)
+            parts.append(np.where(scl == 0, clouds.CLEAR, clouds.scl_quality(scl)).astype(np.uint8))
+        if self.polygons is not None:
+            from rasterio.features import rasterize
+            transform = compose(self.source.transform, Affine.translation(col_off, row_off))
+            burnt = (rasterize([(g, 1) for g in self.polygons], out_shape=(h, w), transform=transform, fill=0,
+                               dtype="uint8") if self.polygons else np.zeros((h, w), np.uint8))
+            parts.append(clouds.user_mask_quality(burnt))
+        elif self.mask_layer:
+            parts.append(clouds.user_mask_quality(self._read(self.mask_layer, win)))
+        if self.detector:
+            from .cloud_detector import detect
+            reflectance = self.source.reflectance(row_off, col_off, h, w)
+            parts.append(np.asarray(detect(reflectance, list(self.source.recipe.source_bands)), np.uint8))
+        return clouds.combine(*parts)
+
+    def close(self) -> None:
+        with self._lock:
+            for ds in self._handles:
+                ds.close()
+            self._handles.clear()
+        self._local = threading.local()
