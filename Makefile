@@ -15,6 +15,8 @@ PIP_PACKAGES := pytest pytest-qgis
 PIP_PACKAGES += onnxruntime==1.32.0 openvino==2026.4.1 onnx==1.23.2
 # batch: Dask distributed (workers, retries), pystac (STAC catalogs), tqdm (progress bars)
 PIP_PACKAGES += "dask[distributed]==2026.8.0" pystac==1.15.2 tqdm==4.70.1
+# map from STAC (stac-map, Map mangroves from STAC): pystac-client searches STAC APIs (works with pystac 1.15.2)
+PIP_PACKAGES += pystac-client==0.9.1
 # docs: the documentation site (make docs)
 PIP_PACKAGES += mkdocs==1.6.1
 # pip install . (pyproject.toml; tests/test_distributed.py builds it without build isolation, offline): its build back-end

@@ -45,6 +45,9 @@ SUBCOMMANDS: Dict[str, Tuple[str, List[Tuple[str, Dict]], List[Sequence[options.
               [_positional("inputs", nargs="+", help="rasters, globs ('scenes/*.tif'), manifest CSVs (path[,date,"
                            "region,name,bands,dn_offset]) or STAC JSON (ItemCollection, Item, static catalog)")],
               [(options.MODEL,), options.BATCH, options.ENGINE, options.INPUT]),
+    "stac-map": ("search a STAC API for Sentinel-2 L2A over an area and dates, composite the clear observations "
+                 "(read over HTTP, the area's windows only) and map the composite",
+                 [], [options.STAC, (options.MODEL,), options.ENGINE]),
     "assess": ("accuracy of a map against a reference, next to MVI and random forest",
                [_positional("prediction", nargs="?", help="probability or 0/1 mask raster")], [options.ASSESS]),
     "install-deps": ("create/update the managed Python environment the worker runs in", [],
@@ -184,6 +187,16 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_stac_map(args) -> int:
+    from . import jobs
+    engine_options = options.values(args, options.ENGINE)
+    params = dict(options.values(args, options.STAC), model=args.model, options=engine_options)
+    result = jobs.stac_map(params, ConsoleReporter())
+    print(json.dumps({k: result[k] for k in ("probability", "composite", "items", "dates", "never_clear", "device",
+                                             "seconds")}, indent=2))
+    return 0
+
+
 def cmd_assess(args) -> int:
     from . import jobs
     params = dict(options.values(args, options.ASSESS), prediction=args.prediction)
@@ -242,7 +255,7 @@ def _store_listing() -> List[str]:
 
 
 COMMANDS = {"stages": cmd_stages, "predict": cmd_predict, "export": cmd_export, "batch": cmd_batch,
-            "prepare": cmd_prepare, "train": cmd_train, "assess": cmd_assess,
+            "prepare": cmd_prepare, "train": cmd_train, "stac-map": cmd_stac_map, "assess": cmd_assess,
             "install-deps": cmd_install_deps, "install-model": cmd_install_model, "worker": cmd_worker}
 
 

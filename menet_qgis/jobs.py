@@ -222,6 +222,39 @@ class PrepareJob(JobParams):
 
 
 @dataclass
+class StacMapJob(JobParams):
+    """Sentinel-2 L2A over an area and a date range from a STAC API, composited from clear observations and
+    mapped like Extract's input (``options``: the engine options, as Extract's)."""
+    JOB: ClassVar[str] = "stac_map"
+    DECLARED: ClassVar[Tuple[Option, ...]] = (opts.MODEL,) + tuple(o for o in opts.STAC if o.name != "bounds")
+    output: str
+    bounds: List[float]
+    start: str
+    end: str
+    bounds_crs: str = _default(opts.STAC, "bounds_crs")
+    cloud_limit: float = _default(opts.STAC, "cloud_limit")
+    max_items: int = _default(opts.STAC, "max_items")
+    api_url: str = _default(opts.STAC, "api_url")
+    collection: str = _default(opts.STAC, "collection")
+    composite: Optional[str] = _default(opts.STAC, "composite")
+    model: Optional[str] = _default((opts.MODEL,), "model")
+    options: Dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        super().check()
+        self.bounds = check_bounds("bounds", self.bounds)
+        self.extract_job("composite.tif")  # the engine options and the output, checked before any search
+
+    def composite_path(self) -> Path:
+        out = Path(self.output)
+        return Path(self.composite) if self.composite else out.with_name(f"{out.stem}_composite.tif")
+
+    def extract_job(self, composite: str) -> "ExtractJob":
+        return ExtractJob.from_dict({"input": composite, "output": self.output, "model": self.model,
+                                     "options": self.options})
+
+
+@dataclass
 class ExportChannelsJob(_RasterThroughModel):
     """The 11 input channels as the model sees them (before normalisation)."""
     JOB: ClassVar[str] = "export_channels"
@@ -404,6 +437,98 @@ def prepare(params: Dict, reporter) -> Dict:
             "product": result.product.describe()}
 
 
+def stac_map(params: Dict, reporter) -> Dict:
+    """Search a STAC API for Sentinel-2 L2A over an area and dates, read only the area's windows of the COGs,
+    composite the clear observations (SCL) and map the composite through ``extract``."""
+    from collections import Counter
+
+    import numpy as np
+    from rasterio.warp import transform_bounds
+
+    from .core import files
+    from .core.io import clouds, composite as compositing, raster_io, stac_search
+    job = StacMapJob.from_dict(params)
+    composite_path = job.composite_path()
+    if composite_path.suffix.lower() not in (".tif", ".tiff"):
+        raise ValueError(f"the composite {composite_path.name} must end in .tif")
+    if composite_path.resolve() == Path(job.output).resolve():
+        raise ValueError("the composite and the probability must be two files")
+    raster_io.check_writable(job.output)
+    raster_io.check_writable(composite_path)
+    files.refuse_overwriting_inputs([job.output, composite_path], [job.model])
+    try:
+        bbox = transform_bounds(job.bounds_crs, "EPSG:4326", *job.bounds, densify_pts=21)
+    except Exception as exc:  # rasterio raises CRSError and others for a bad CRS
+        raise ValueError(f"bounds CRS {job.bounds_crs!r} is not one GDAL knows ({' '.join(str(exc).split())[:120]})") \
+            from None
+    items, document = stac_search.search(job.api_url, bbox, job.start, job.end, job.cloud_limit, job.collection,
+                                         job.max_items, reporter.info)
+    assets = [stac_search.item_assets(item, document) for item in items]
+    reporter.info(f"{len(assets)} scene(s) from {job.api_url}: " + ", ".join(
+        f"{a.id} ({a.cloud:g} % cloud)" for a in assets))
+    crs_counts = Counter(str(stac_search.item_crs(a)) for a in assets)
+    crs = next(stac_search.item_crs(a) for a in assets if str(stac_search.item_crs(a)) == crs_counts.most_common(1)[0][0])
+    grid = stac_search.area_grid(job.bounds, job.bounds_crs, crs)
+    reporter.info(f"reading {grid.width} x {grid.height} px at 10 m ({crs}) from each scene: the windows only")
+    observations = stac_search.read_observations(assets, grid, log=reporter.info, cancelled=reporter.cancelled)
+    for obs in observations:
+        reporter.info(f"{obs.day}: {clouds.masked_summary(obs.quality)}")
+    stack, count = compositing.clear_composite([(o.reflectance, o.quality) for o in observations])
+    never = float((count == 0).mean())
+    if never == 1.0:
+        raise ValueError(f"no pixel of the area is clear on any of the {len(observations)} date(s): widen the "
+                         "dates or raise the cloud limit")
+    reporter.info(f"composite of {len(observations)} date(s): median {float(np.median(count)):g} clear observations "
+                  f"per pixel, {never:.1%} of the area never clear (no data in the map)")
+    tags = {"MENET_STAC_API": job.api_url, "MENET_STAC_ITEMS": ",".join(a.id for a in assets),
+            "MENET_STAC_DATES": ",".join(str(o.day) for o in observations)}
+    out = raster_io.AtomicRaster(composite_path, grid.width, grid.height, len(stac_search.BANDS) + 1, grid.crs,
+                                 grid.transform, descriptions=list(stac_search.BANDS) + ["clear observations"],
+                                 tags=tags)
+    try:
+        out.write_rows(0, np.concatenate([stack, count[None].astype(np.float32)]))
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
+    try:
+        result = extract({"input": str(composite_path), "output": job.output, "model": job.model,
+                          "options": job.options}, reporter)
+    except BaseException:
+        composite_path.unlink(missing_ok=True)
+        raise
+    return {**result, "composite": str(composite_path), "items": [a.id for a in assets],
+            "dates": [str(o.day) for o in observations], "never_clear": round(never, 4)}
+
+
+def prepare_composite(job: PrepareJob, reporter) -> Dict:
+    """The composite of the clear observations of ``job``'s dates on the first date's grid (core/io/composite.py)."""
+    import tempfile
+
+    import rasterio
+    from rasterio.warp import transform_bounds, transform_geom
+
+    from .core.io import composite
+    inputs, masks = job.inputs(), job.masks or [None] * len(job.inputs())
+    with tempfile.TemporaryDirectory(prefix="menet-composite-") as workdir:
+        dates = [composite.date_input(name, mask, workdir, i) for i, (name, mask) in enumerate(zip(inputs, masks), 1)]
+        with rasterio.open(dates[0].raster) as first:
+            crs = first.crs
+        bounds, polygon = job.bounds, job.polygon
+        if bounds and job.bounds_crs:
+            bounds = transform_bounds(job.bounds_crs, crs, *bounds)
+        if polygon and job.polygon_crs:
+            polygon = transform_geom(job.polygon_crs, crs, polygon)
+        result = composite.write_composite(dates, job.output, method=job.composite, bounds=bounds,
+                                           polygon_geojson=polygon, reporter=reporter)
+    reporter.info(f"wrote {result.width} x {result.height} px, bands B2, B3, B4, B8, B11, B12 and "
+                  f"{composite.COUNT_BAND} to {result.path}")
+    return {"stack": str(result.path), "width": result.width, "height": result.height, "dates": result.dates,
+            "composite": result.method, "clear_count_pixels": result.count_histogram,
+            "masked_shares": [round(v, 4) for v in result.masked_shares], "seconds": round(result.seconds, 2),
+            "product": result.describe()}
+
+
 def export_channels(params: Dict, reporter) -> Dict:
     """The 11 input channels as the model sees them (before normalisation)."""
     from .core.io import sentinel2_product
@@ -550,7 +675,8 @@ def prediction_threshold(prediction, given: Optional[float], reporter) -> float:
 
 
 JOBS: Dict[str, Callable[[Dict, object], Dict]] = {
-    "extract": extract, "prepare": prepare, "export_channels": export_channels, "train": train, "assess": assess}
+    "extract": extract, "prepare": prepare, "export_channels": export_channels, "train": train, "assess": assess,
+    "stac_map": stac_map}
 
 
 def run(name: str, params: Dict, reporter) -> Dict:

@@ -356,6 +356,36 @@ BATCH: Tuple[Option, ...] = (
            "each manifest's or catalogue's own folder", fronts=_BATCH_ONLY),
 )
 
+# --- Map mangroves from STAC (an area and a date range) ---------------------------------------------------
+#: The default STAC API and collection: Element 84's Earth Search (public COGs, no signing needed).
+STAC_API = "https://earth-search.aws.element84.com/v1"
+STAC_COLLECTION = "sentinel-2-l2a"
+
+STAC: Tuple[Option, ...] = (
+    Option("output", "file", None, "the mangrove probability to write (.tif)", flag="--out", fronts=CLI_ONLY,
+           required=True),
+    Option("bounds", "float_list", None, "the area: xmin,ymin,xmax,ymax in --bounds-crs (default longitude and "
+           "latitude, WGS 84)", fronts=CLI_ONLY, required=True),
+    Option("bounds_crs", "text", "EPSG:4326", "coordinate system of --bounds (EPSG code or WKT)", fronts=CLI_ONLY),
+    Option("start", "text", None, "first day of the date range, YYYY-MM-DD", fronts=CLI_ONLY, required=True),
+    Option("end", "text", None, "last day of the date range, YYYY-MM-DD (included)", fronts=CLI_ONLY,
+           required=True),
+    Option("cloud_limit", "float", 40.0,
+           "leave out scenes whose cloud cover (eo:cloud_cover, whole scene) is above this percentage; the clouds "
+           "of the scenes kept are masked per pixel from their scene classification before compositing",
+           label="Most scene cloud cover (%)", minimum=0.0, maximum=100.0, fronts=CLI_AND_DIALOG),
+    Option("max_items", "int", 10, "read at most this many scenes, the least cloudy first",
+           label="Most scenes read", minimum=1, maximum=100, advanced=True, fronts=CLI_AND_DIALOG),
+    Option("api_url", "text", STAC_API,
+           "STAC API to search (Earth Search by default; Microsoft Planetary Computer needs signed asset URLs, "
+           "see docs/guide/map-from-stac.md)", label="STAC API URL", advanced=True, fronts=CLI_AND_DIALOG),
+    Option("collection", "text", STAC_COLLECTION, "the Sentinel-2 L2A collection of that API",
+           label="STAC collection", advanced=True, fronts=CLI_AND_DIALOG),
+    Option("composite", "file", None,
+           "also keep the composite (6 bands and the clear-observation count) here (.tif); default: "
+           "<output stem>_composite.tif beside the probability", fronts=CLI_ONLY),
+)
+
 # --- Install ME-Net dependencies -----------------------------------------------------------------------------
 #: environment_installer.VARIANTS (a test keeps them equal).
 VARIANTS = ("cpu-light", "cpu", "cuda")
@@ -404,7 +434,7 @@ INSTALL_MODEL: Tuple[Option, ...] = (
 
 GROUPS: Dict[str, Tuple[Option, ...]] = {
     "engine": ENGINE, "input": INPUT, "predict": PREDICT, "stage_table": STAGE_TABLE, "export": EXPORT,
-    "train": TRAIN, "prepare": PREPARE, "assess": ASSESS, "batch": BATCH,
+    "train": TRAIN, "prepare": PREPARE, "assess": ASSESS, "batch": BATCH, "stac": STAC,
     "install_deps": INSTALL_DEPS, "install_model": INSTALL_MODEL}
 
 

@@ -48,6 +48,7 @@ FILE_CATEGORIES = {
     "test_qt6_ready.py": "unit",
     "test_runtimes.py": "integration",
     "test_sentinel2_product.py": "unit",
+    "test_stac_search.py": "integration data",
     "test_study_scripts.py": "integration data",
     "test_test_categories.py": "unit",
     "test_tiling.py": "unit",
