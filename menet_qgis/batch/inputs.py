@@ -253,6 +253,17 @@ def _short(location: str) -> str:
     return location if is_remote(location) else Path(location).name
 
 
+def _input_stem(text: str) -> str:
+    """A file's stem; a Sentinel-2 product's name for its folder, zip, MTD_MSIL*.xml or subdataset."""
+    from ..core.io.raster_io import input_stem
+    return input_stem(text)
+
+
+def _is_product_folder(path: str) -> bool:
+    """A Sentinel-2 product folder (``.SAFE``, or one holding MTD_MSIL*.xml): a scene, read as a product."""
+    return Path(path).is_dir() and (Path(path).suffix.upper() == ".SAFE" or any(Path(path).glob("MTD_MSIL*.xml")))
+
+
 def is_virtual(path: str) -> bool:
     """GDAL names that are not local files (URLs, /vsi…, DRIVER:…)."""
     return path.startswith("/vsi") or "://" in path or bool(re.match(r"^[A-Z0-9_]+:", path))
@@ -298,12 +309,12 @@ def collect_scenes(inputs: Sequence[str], vrt_dir: Path, band_numbers: Optional[
                                       "no scene")
             scenes += [Scene(safe_name(Path(m).stem), str(Path(m).resolve()), origin=text) for m in kept]
         else:
-            scenes.append(Scene(safe_name(Path(text).stem), text if is_virtual(text) else str(Path(text).resolve()),
+            scenes.append(Scene(safe_name(_input_stem(text)), text if is_virtual(text) else str(Path(text).resolve()),
                                 origin="command line"))
     if not scenes:
         raise BatchInputError("no input scenes")
     for s in scenes:
-        if not is_virtual(s.path) and not Path(s.path).is_file():
+        if not is_virtual(s.path) and not Path(s.path).is_file() and not _is_product_folder(s.path):
             raise BatchInputError(f"input raster not found: {s.path} (listed in {s.origin})")
         if not is_virtual(s.path) and s.path == s.sources[0] and _has_result_key(s.path):
             raise BatchInputError(f"{s.path} (listed in {s.origin}) is a probability map a batch wrote (it carries "

@@ -174,6 +174,28 @@ def open_product_input(path: str):
         raise InputError(str(exc)) from None
 
 
+def input_stem(path) -> str:
+    """The stem outputs are named after: a file's stem, or for a Sentinel-2 product as delivered the
+    product's name (``S2B_MSIL2A_20200615T153621_N0509_..._20200615T180000`` for its folder, zip,
+    MTD_MSIL*.xml or subdataset names alike)."""
+    from . import sentinel2_product
+    text = str(path).strip()
+    kind = sentinel2_product.product_source_name(text)
+    if kind is None:
+        return Path(text).stem
+    match = sentinel2_product.SUBDATASET.match(text)
+    if match:
+        text = match["path"].strip('"')
+    parts = [p for p in text.replace("\\", "/").split("/") if p]
+    if parts and sentinel2_product.METADATA_FILE.match(parts[-1]):
+        parts = parts[:-1]
+    name = parts[-1] if parts else text
+    for suffix in (".zip", ".SAFE"):
+        if name.upper().endswith(suffix.upper()):
+            name = name[:-len(suffix)]
+    return name or Path(text).stem
+
+
 def _product_reader(product):
     """The product's six bands on the 10 m grid, read like a rasterio dataset (``ProductReader``)."""
     from .sentinel2_product import ProductReader
