@@ -90,7 +90,7 @@ def cmd_predict(args) -> int:
     stages = parse_stage_names(args.stages)
     for path in args.inputs:
         raster_io.check_input_exists(path)
-    stems = [Path(p).stem for p in args.inputs]
+    stems = [raster_io.input_stem(p) for p in args.inputs]  # a product's name for its folder/zip/xml/subdataset
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
     model_path = jobs.resolve_model(args.model, args.runtime, args.device, ConsoleReporter(args.quiet))

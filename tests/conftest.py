@@ -44,6 +44,7 @@ FILE_CATEGORIES = {
     "test_package.py": "integration",
     "test_plugin_zip_check.py": "unit",
     "test_processing.py": "unit",
+    "test_products.py": "integration data",
     "test_qgis_process.py": "integration",
     "test_qt6_ready.py": "unit",
     "test_runtimes.py": "integration",
