@@ -424,7 +424,7 @@ def prepare(params: Dict, reporter) -> Dict:
 
     from .core.io import sentinel2_product
     job = PrepareJob.from_dict(params)
-    product = sentinel2_product.find_product(job.folder)
+    product = sentinel2_product.open_product(job.folder)
     bounds, polygon = job.bounds, job.polygon
     if bounds and job.bounds_crs:
         bounds = transform_bounds(job.bounds_crs, product.crs, *bounds)
