@@ -37,8 +37,10 @@ SUBCOMMANDS: Dict[str, Tuple[str, List[Tuple[str, Dict]], List[Sequence[options.
                [_positional("model", nargs="?", help=f"checkpoint (.pt; default: {DEFAULT_MODEL_BASE}.pt from the "
                             "model store, else the plugin's)")],
                [options.EXPORT]),
-    "prepare": ("6-band 10 m stack from an unzipped Sentinel-2 product folder",
-                [_positional("folder", help=".SAFE folder or a folder of per-band files (..._B02_10m.jp2, ...)"),
+    "prepare": ("6-band 10 m stack from a Sentinel-2 product, or the composite of the clear observations of "
+                "several dates (with a band counting them)",
+                [_positional("folder", nargs="+", help="a .SAFE folder or a folder of per-band files (..._B02_10m.jp2, "
+                             "...); or two or more dates of one area to composite (products or 6-band rasters)"),
                  _positional("out", help="output GeoTIFF")],
                 [options.PREPARE]),
     "batch": ("many scenes on Dask distributed: resumable, retried, COG outputs",
@@ -181,7 +183,7 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     from . import jobs
-    result = jobs.prepare(dict(options.values(args, options.PREPARE), folder=args.folder, output=args.out),
+    result = jobs.prepare(dict(options.values(args, options.PREPARE), dates=args.folder, output=args.out),
                           ConsoleReporter())
     print(json.dumps(result, indent=2))
     return 0

@@ -205,20 +205,38 @@ class ExtractJob(_RasterThroughModel):
 
 @dataclass
 class PrepareJob(JobParams):
-    """The 6-band 10 m stack of an unzipped Sentinel-2 product, cut to bounds and/or a polygon."""
+    """The 6-band 10 m stack of a Sentinel-2 product (``folder``), or the composite of the clear observations of
+    two or more dates (``folder`` and/or ``dates``: products or rasters of one area), cut to bounds and/or a
+    polygon."""
     JOB: ClassVar[str] = "prepare"
     DECLARED: ClassVar[Tuple[Option, ...]] = opts.PREPARE
-    folder: str
+    ONE_OR_LIST: ClassVar[Tuple[str, ...]] = ("dates",)
     output: str
+    folder: Optional[str] = None
+    dates: List[str] = field(default_factory=list)
     bounds: Optional[List[float]] = _default(opts.PREPARE, "bounds")
     bounds_crs: Optional[str] = None        # WKT; None = the product's
     polygon: Optional[Dict] = None          # GeoJSON geometry
     polygon_crs: Optional[str] = None       # WKT; None = the product's
     resampling: str = _default(opts.PREPARE, "resampling")
+    composite: str = _default(opts.PREPARE, "composite")
+    masks: Optional[List[str]] = _default(opts.PREPARE, "masks")
 
     def check(self) -> None:
         super().check()
         self.bounds = check_bounds("bounds", self.bounds)
+        inputs = self.inputs()
+        if not inputs:
+            raise ValueError("give a Sentinel-2 product (folder), or two or more dates to composite")
+        if self.masks and len(self.masks) != len(inputs):
+            raise ValueError(f"{len(self.masks)} mask(s) for {len(inputs)} date(s): give one per date, in the "
+                             "order of the dates ('-' for a date without one)")
+        if self.masks and len(inputs) == 1:
+            raise ValueError("masks apply to composites of two or more dates")
+
+    def inputs(self) -> List[str]:
+        """Every date: ``folder`` first, then ``dates``."""
+        return ([self.folder] if self.folder else []) + list(self.dates)
 
 
 @dataclass
@@ -419,11 +437,14 @@ def extract(params: Dict, reporter) -> Dict:
 
 
 def prepare(params: Dict, reporter) -> Dict:
-    """The 6-band 10 m stack of an unzipped Sentinel-2 product."""
+    """The 6-band 10 m stack of a Sentinel-2 product, or the composite of several dates' clear observations."""
     from rasterio.warp import transform_bounds, transform_geom
 
-    from .core.io import sentinel2_product
     job = PrepareJob.from_dict(params)
+    if len(job.inputs()) > 1:
+        return prepare_composite(job, reporter)
+    from .core.io import sentinel2_product
+    job.folder = job.inputs()[0]
     product = sentinel2_product.open_product(job.folder)
     bounds, polygon = job.bounds, job.polygon
     if bounds and job.bounds_crs:

@@ -310,6 +310,19 @@ PREPARE: Tuple[Option, ...] = (
            "for B11/B12 from 20 m to 10 m: bilinear (reflectance varies continuously) or nearest (each 20 m "
            "value on its four 10 m pixels)",
            label="B11/B12 resampling (20 m → 10 m)", choices=("bilinear", "nearest"), fronts=CLI_AND_DIALOG),
+    # several dates -> one composite of clear observations (core/io/composite.py, docs/guide/prepare-sentinel2.md)
+    Option("composite", "choice", "medoid",
+           "with two or more dates: how each pixel's clear observations become one value: medoid (the whole "
+           "spectrum of the clear observation closest to the others; of two, the darker blue), median (per band) "
+           "or ndvi_max (the clear observation of greatest NDVI); cloud, shadow, cirrus, defective and no-data "
+           "pixels never enter (docs/guide/prepare-sentinel2.md#composites says why the medoid)",
+           label="Composite of several dates", choices=("medoid", "median", "ndvi_max"),
+           choice_labels=("medoid (one date's whole spectrum)", "median of the clear observations",
+                          "greatest NDVI"), fronts=CLI_AND_DIALOG),
+    Option("masks", "text_list", None,
+           "with several dates: one mask raster per date, in the order of the dates (nonzero = not clear; '-' for "
+           "a date without one); otherwise a date's clear pixels come from its scene classification (L2A "
+           "products), else the cloud detector", fronts=CLI_ONLY),
 )
 
 # --- Assess accuracy ----------------------------------------------------------------------------------------

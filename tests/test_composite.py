@@ -1,6 +1,7 @@
 """Cloud-free composites from several dates (issue 27, item 3)."""
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -43,9 +44,25 @@ def test_only_clear_observations_count_and_enter(method):
 def test_median_of_clear_values_only():
     dates = [np.full((6, 2, 2), v, np.float32) for v in (0.1, 0.2, 0.9, 0.3)]
     quality = [np.full((2, 2), q, np.uint8) for q in (CLEAR, CLEAR, CLOUD, CLEAR)]
-    composite, count = clear_composite(list(zip(dates, quality)))
+    composite, count = clear_composite(list(zip(dates, quality)), method="median")
     np.testing.assert_allclose(composite, 0.2)   # the cloud's 0.9 never enters
     assert (count == 3).all()
+
+
+def test_medoid_of_two_takes_the_darker_blue():
+    hazy = np.full((6, 2, 2), 0.3, np.float32)
+    clear = np.full((6, 2, 2), 0.05, np.float32)
+    for order in ([hazy, clear], [clear, hazy]):
+        composite, count = clear_composite([(d, np.zeros((2, 2), np.uint8)) for d in order], bands=BANDS)
+        np.testing.assert_array_equal(composite, clear)
+        assert (count == 2).all()
+
+
+def test_options_offer_the_composite_rules_of_the_core():
+    from menet_qgis import options
+    from menet_qgis.core.io.composite import METHODS
+    option = options.by_name(options.PREPARE, "composite")
+    assert option.choices == METHODS and option.default == METHODS[0]
 
 
 def test_medoid_keeps_one_dates_spectrum():
@@ -73,12 +90,16 @@ def test_bad_observations_refused_in_one_line():
 TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "magset2" / "tiles"
 LABELS = Path(__file__).resolve().parent / "data" / "clouds"
 CROP = (1280, 384, 384, 384)          # row, col, height, width in scene_2020.tif: fully valid, coast with mangrove
-#: (tile, row, col) pasted per date: real cloud pixels at different places, overlapping so some pixels are
-#: clear on 0, 1, 2, 3 or 4 dates
-PASTES = [[("tile_1_41", 0, 0), ("tile_1_48", 200, 200)],
-          [("tile_1_41", 0, 64), ("tile_2_01", 256, 0)],
-          [("tile_1_48", 0, 0), ("tile_2_01", 128, 256)],
-          [("tile_1_41", 32, 32), ("tile_1_48", 256, 256)]]
+#: (tile, row, col, quarter turns) pasted per date: real cloud pixels at different places, overlapping so some
+#: pixels are clear on 0, 1, 2, 3 or 4 dates
+PASTES = [[("tile_1_41", 0, 0, 0), ("tile_1_41", 128, 128, 1), ("tile_1_48", 256, 0, 0), ("tile_1_41", 0, 256, 2),
+           ("tile_1_48", 256, 256, 3)],
+          [("tile_1_41", 64, 64, 3), ("tile_1_41", 200, 200, 0), ("tile_1_48", 0, 128, 1), ("tile_2_01", 256, 128, 0),
+           ("tile_1_41", 128, 0, 2)],
+          [("tile_1_48", 0, 0, 2), ("tile_1_41", 128, 256, 0), ("tile_1_41", 256, 64, 1), ("tile_2_01", 64, 192, 0),
+           ("tile_1_48", 160, 96, 0)],
+          [("tile_1_41", 32, 32, 1), ("tile_1_41", 224, 224, 3), ("tile_1_48", 96, 160, 2), ("tile_2_01", 0, 256, 0),
+           ("tile_1_41", 250, 0, 0)]]
 
 
 def cloud_tile(name):
@@ -106,8 +127,9 @@ def cloudy_dates(truth):
     dates, footprints = [], []
     for pastes in PASTES:
         date, cloud = truth.copy(), np.zeros(truth.shape[1:], bool)
-        for name, row, col in pastes:
+        for name, row, col, turns in pastes:
             pixels, footprint = cloud_tile(name)
+            pixels, footprint = np.rot90(pixels, turns, axes=(1, 2)), np.rot90(footprint, turns)
             h, w = min(128, truth.shape[1] - row), min(128, truth.shape[2] - col)
             part = footprint[:h, :w]
             date[:, row:row + h, col:col + w][:, part] = pixels[:, :h, :w][:, part]
@@ -179,3 +201,35 @@ def test_composite_of_four_cloudy_dates_is_the_cloud_free_truth(cloudy_area, tmp
     # without the clouds masked, a median lets them through: the check can fail
     naive = np.median(np.stack(cloudy_dates(area["truth"])[0]), axis=0)
     assert np.abs(naive - area["truth"]).max() > 0.05
+
+
+@pytest.mark.integration
+def test_cli_composite_maps_like_the_cloud_free_crop(cloudy_area, cli, tmp_path):
+    """`prepare` with four dates and their cloud masks writes the composite; `predict` with its defaults maps
+    it as it maps the cloud-free crop, no data only where no date is clear."""
+    area = cloudy_area
+    out = tmp_path / "composite.tif"
+    run = cli("prepare", *area["rasters"], out, "--masks", ",".join(str(m) for m in area["masks"]))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["dates"] == 4 and result["composite"] == "medoid"
+    with rasterio.open(out) as ds:
+        composite, count = ds.read(list(range(1, 7))), ds.read(7)
+    expected = expected_count(area["footprints"], scl_grid=False)
+    np.testing.assert_array_equal(count, expected)
+    seen = count > 0
+    np.testing.assert_allclose(composite[:, seen], area["truth"][:, seen], rtol=0, atol=1e-6)
+    assert 0.15 < np.mean([1 - (~f).mean() for f in area["footprints"]])   # a fifth of each date is cloud
+    run = cli("predict", area["truth_path"], out, "--out-dir", tmp_path / "maps", "--quiet")
+    assert run.returncode == 0, run.stderr
+    with rasterio.open(tmp_path / "maps" / "truth_probability.tif") as ds:
+        truth_map, threshold = ds.read(1), float(ds.tags()["MENET_THRESHOLD"])
+    with rasterio.open(tmp_path / "maps" / "composite_probability.tif") as ds:
+        composite_map = ds.read(1)
+    assert np.isnan(composite_map[~seen]).all()
+    both = np.isfinite(truth_map) & np.isfinite(composite_map)
+    changed = ((truth_map >= threshold) != (composite_map >= threshold))[both].mean()
+    assert changed < 0.002, f"{changed:.2%} of the map changed"
+    lost = (np.isnan(composite_map) & np.isfinite(truth_map) & seen).mean()
+    assert lost < 0.01, f"{lost:.2%} of the clear composite left unmapped"
+    print(f"composite map vs cloud-free map: {changed:.3%} changed, {(~seen).mean():.2%} clear on no date")

@@ -26,7 +26,7 @@ OLD_FLAGS = {
               "--init": None, "--val-groups": [], "--holdout": [], "--val-names-from": None, "--resume": False,
               "--threads": 0, "--boundary-weight": 0.0, "--refine-width": None},
     "export": {"--out": None, "--stages": False},
-    "prepare": {"--bounds": None, "--resampling": "bilinear"},
+    "prepare": {"--bounds": None, "--resampling": "bilinear", "--composite": "medoid", "--masks": None},
     "batch": {"--out-dir": None, "--model": None, "--workers": 0, "--scheduler": None, "--retries": 2,
               "--resources": "", "--stages": "", "--stage-mode": "compact", "--window": 0, "--overlap": 32,
               "--batch-size": 0, "--device": "auto", "--runtime": "auto", "--threads": 0, "--precision": "auto",
