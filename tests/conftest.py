@@ -23,6 +23,7 @@ FILE_CATEGORIES = {
     "test_composite.py": "unit",
     "test_cloud_masking.py": "integration data",
     "test_cli.py": "integration",
+    "test_cloud_detector.py": "unit",
     "test_desktop_gui.py": "gui",
     "test_distributed.py": "integration",
     "test_engine.py": "integration",
