@@ -13,7 +13,7 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from helpers import ROOT, SCENE, cli_process, read, write_l2a_product, write_l1c_product
+from helpers import ROOT, SCENE, cli_process, read, run_in_fresh_qgis, write_l1c_product, write_l2a_product
 
 pytestmark = [pytest.mark.skipif(not SCENE.is_file(), reason=f"the real Jambelí scene is not at {SCENE}"),
               # the product's MTD_MSIL2A.xml itself is a dataset without a grid: only its subdatasets have one
@@ -87,21 +87,43 @@ def test_prepare_takes_the_same_inputs(products, tmp_path):
         assert ds.tags()["BOA_ADD_OFFSET"] == "-1000" and ds.descriptions == ("B2", "B3", "B4", "B8", "B11", "B12")
 
 
-def test_predict_maps_products_as_the_stack(products, tmp_path):
-    """CLI predict with the default model: each form of the product gives the probability of its stack."""
+@pytest.fixture(scope="module")
+def maps(products, tmp_path_factory):
+    """CLI predict with the default model over the Prepare stack and every form of the product, in one run."""
     from menet_qgis.core.io.sentinel2_product import build_stack
-    stack = build_stack(products["safe"], tmp_path / "stack.tif").path
-    out = tmp_path / "maps"
-    inputs = [stack, *products.values()]
-    proc = cli_process("predict", "--model", MODEL, "--out-dir", out, "--cloud-mask", "off", "--quiet", *inputs,
-                       timeout=900)
+    work = tmp_path_factory.mktemp("maps")
+    stack = build_stack(products["safe"], work / "stack.tif").path
+    out = work / "maps"
+    proc = cli_process("predict", "--model", MODEL, "--out-dir", out, "--cloud-mask", "off", "--quiet", stack,
+                       *products.values(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    reference = read(out / "stack_probability.tif")[0]
+    return out
+
+
+def test_predict_maps_products_as_the_stack(products, maps):
+    """Each form of the product gives exactly the probability of its Prepare stack."""
+    reference = read(maps / "stack_probability.tif")[0]
     assert np.isfinite(reference).all() and 0.05 < (reference > 0.5).mean() < 0.95
-    maps = sorted(out.glob("S2B_MSIL2A_*_probability.tif"))
-    assert len(maps) == len(products)
-    for path in maps:  # named after the product, whichever form was given
+    found = sorted(maps.glob("S2B_MSIL2A_*_probability.tif"))
+    assert len(found) == len(products)
+    for path in found:  # named after the product, whichever form was given
         np.testing.assert_array_equal(read(path)[0], reference, err_msg=path.name)
+
+
+def test_qgis_extract_on_the_10m_subdataset(qgis_env, products, maps, tmp_path):
+    """In QGIS, Extract on the 10 m subdataset layer (what QGIS opens for the product: B2, B3, B4, B8, no
+    B11) maps the product: the map is the stack's."""
+    out = tmp_path / "prob.tif"
+    report = run_in_fresh_qgis(tmp_path / "extract_subdataset.py", f"""\
+        from qgis.core import QgsRasterLayer
+        layer = QgsRasterLayer({products["subdataset"]!r}, "10m", "gdal")
+        assert layer.isValid() and layer.bandCount() == 4
+        result = processing.run("menet:extractmangroves", {{"INPUT": layer, "MODEL": {str(MODEL)!r},
+                                "OUTPUT": {str(out)!r}}})
+        print(json.dumps({{"output": result["OUTPUT"]}}))
+        """, qgis_env)
+    assert report["output"] == str(out)
+    np.testing.assert_array_equal(read(out)[0], read(maps / "stack_probability.tif")[0])
 
 
 def test_the_10m_subdataset_brings_its_scl(pixels, tmp_path):
