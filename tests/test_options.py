@@ -34,6 +34,12 @@ OLD_FLAGS = {
               "--cloud-mask": "auto", "--mask-layer": None},
     "assess": {"--reference": None, "--area": None, "--threshold": None, "--image": None, "--tiles": None,
                "--model": None, "--report": None, "--table": None},
+    "stac-map": {"--out": None, "--bounds": None, "--bounds-crs": "EPSG:4326", "--start": None, "--end": None,
+                 "--cloud-limit": 40.0, "--max-items": 10, "--api-url": "https://earth-search.aws.element84.com/v1",
+                 "--collection": "sentinel-2-l2a", "--composite": None, "--model": None, "--stages": "",
+                 "--stage-mode": "compact", "--window": 0, "--overlap": 32, "--batch-size": 0, "--device": "auto",
+                 "--runtime": "auto", "--threads": 0, "--precision": "auto", "--tta": False, "--cloud-mask": "auto",
+                 "--mask-layer": None},
     "install-deps": {"--variant": "cpu-light", "--wheel-folder": None, "--index-url": None, "--env-dir": None,
                      "--python": None, "--system-site-packages": False, "--fresh": False},
     "install-model": {"--list": False, "--sha256": None, "--name": None, "--timeout": 60, "--allow-http": False},
@@ -42,7 +48,8 @@ OLD_FLAGS = {
 OLD_CHOICES = {"--stage-mode": {"compact", "all"}, "--device": {"auto", "cuda", "cpu"},
                "--runtime": {"auto", "torch", "onnxruntime", "openvino"}, "--precision": {"auto", "fp32", "bf16"},
                "--recipe": {1, 2}, "--resampling": {"bilinear", "nearest"}, "--variant": {"cpu-light", "cpu", "cuda"}}
-OLD_REQUIRED = {("predict", "--out-dir"), ("train", "--tiles"), ("train", "--out"), ("batch", "--out-dir")}
+OLD_REQUIRED = {("predict", "--out-dir"), ("train", "--tiles"), ("train", "--out"), ("batch", "--out-dir"),
+                ("stac-map", "--out"), ("stac-map", "--bounds"), ("stac-map", "--start"), ("stac-map", "--end")}
 OLD_POSITIONALS = {"predict": ["inputs"], "export": ["model"], "prepare": ["folder", "out"], "batch": ["inputs"],
                    "assess": ["prediction"], "install-model": ["source"]}
 
