@@ -233,3 +233,62 @@ def test_cli_composite_maps_like_the_cloud_free_crop(cloudy_area, cli, tmp_path)
     lost = (np.isnan(composite_map) & np.isfinite(truth_map) & seen).mean()
     assert lost < 0.01, f"{lost:.2%} of the clear composite left unmapped"
     print(f"composite map vs cloud-free map: {changed:.3%} changed, {(~seen).mean():.2%} clear on no date")
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_l2a_products_composite_by_their_scl(cloudy_area, cli, tmp_path):
+    """The four cloudy dates as L2A products, as users have them (a .SAFE folder, its zip, its MTD_MSIL2A.xml,
+    the 10 m subdataset QGIS opens), each with an SCL marking its real clouds; one from before processing
+    baseline 04.00 (DN offset 0), the others after (-1000).  The composite takes each date's clear pixels from
+    its SCL and its DN offset from its metadata: the 10 m bands are the cloud-free crop's wherever a date is
+    clear, and its map is the map of the cloud-free product."""
+    from helpers import write_l2a_product
+    area = cloudy_area
+    with rasterio.open(area["truth_path"]) as ds:
+        transform, crs = ds.transform, ds.crs
+    dates, footprints = cloudy_dates(area["truth"])
+    inputs = []
+    for i, (date, cloud, form) in enumerate(zip(dates, footprints, ("safe", "zip", "xml", "subdataset")), 1):
+        product = write_l2a_product(tmp_path / form, date, scl=scl_20m(cloud), transform=transform, crs=crs,
+                                    date=f"202{0 if i == 1 else 2}-0{i}-15T15:36:21", zip=form == "zip",
+                                    baseline="02.14" if i == 1 else "05.09")
+        if form == "xml":
+            product = product / "MTD_MSIL2A.xml"
+        elif form == "subdataset":
+            with rasterio.open(product / "MTD_MSIL2A.xml") as ds:
+                product = next(s for s in ds.subdatasets if ":10m:" in s)
+        inputs.append(product)
+    clear = write_l2a_product(tmp_path / "clear", area["truth"], transform=transform, crs=crs)
+    out = tmp_path / "composite.tif"
+    run = cli("prepare", *inputs, out)
+    assert run.returncode == 0, run.stderr
+    assert "scene classification" in run.stderr
+    with rasterio.open(out) as ds:
+        assert ds.dtypes[0] == "uint16" and ds.tags()["BOA_ADD_OFFSET"] == "-1000"
+        composite = (ds.read(list(range(1, 7))).astype(np.float32) - 1000) / 10000
+        count = ds.read(7)
+    expected = expected_count(footprints)
+    np.testing.assert_array_equal(count, expected)
+    seen = count > 0
+    np.testing.assert_allclose(composite[:4, seen], area["truth"][:4, seen], rtol=0, atol=0.6e-4)
+    # B11 and B12 come from 20 m: pixels away from every date's clouds hold the cloud-free product's values
+    run = cli("prepare", clear, tmp_path / "clear_stack.tif")
+    assert run.returncode == 0, run.stderr
+    with rasterio.open(tmp_path / "clear_stack.tif") as ds:
+        reference = (ds.read([5, 6]).astype(np.float32) - 1000) / 10000
+    from scipy.ndimage import binary_dilation
+    far = ~binary_dilation(np.logical_or.reduce(footprints), iterations=4)
+    assert far.mean() > 0.05
+    np.testing.assert_allclose(composite[4:, far], reference[:, far], rtol=0, atol=1.5e-4)
+    run = cli("predict", tmp_path / "clear_stack.tif", out, "--out-dir", tmp_path / "maps", "--quiet")
+    assert run.returncode == 0, run.stderr
+    with rasterio.open(tmp_path / "maps" / "clear_stack_probability.tif") as ds:
+        clear_map, threshold = ds.read(1), float(ds.tags()["MENET_THRESHOLD"])
+    with rasterio.open(tmp_path / "maps" / "composite_probability.tif") as ds:
+        composite_map = ds.read(1)
+    both = np.isfinite(clear_map) & np.isfinite(composite_map)
+    changed = ((clear_map >= threshold) != (composite_map >= threshold))[both].mean()
+    print(f"L2A products: composite map vs cloud-free product's map: {changed:.3%} changed, "
+          f"{np.isnan(composite_map).mean():.2%} no data")
+    assert changed < 0.01
