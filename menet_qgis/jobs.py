@@ -487,8 +487,9 @@ def stac_map(params: Dict, reporter) -> Dict:
     assets = [stac_search.item_assets(item, document) for item in items]
     reporter.info(f"{len(assets)} scene(s) from {job.api_url}: " + ", ".join(
         f"{a.id} ({a.cloud:g} % cloud)" for a in assets))
-    crs_counts = Counter(str(stac_search.item_crs(a)) for a in assets)
-    crs = next(stac_search.item_crs(a) for a in assets if str(stac_search.item_crs(a)) == crs_counts.most_common(1)[0][0])
+    crss = [stac_search.item_crs(a) for a in assets]  # the CRS most scenes are in (their UTM zone)
+    common = Counter(str(c) for c in crss).most_common(1)[0][0]
+    crs = next(c for c in crss if str(c) == common)
     grid = stac_search.area_grid(job.bounds, job.bounds_crs, crs)
     reporter.info(f"reading {grid.width} x {grid.height} px at 10 m ({crs}) from each scene: the windows only")
     observations = stac_search.read_observations(assets, grid, log=reporter.info, cancelled=reporter.cancelled)

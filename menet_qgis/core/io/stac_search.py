@@ -34,7 +34,7 @@ from urllib.parse import urljoin
 import numpy as np
 
 from ...batch.inputs import UnsafeHrefError, gdal_path, is_remote, resolve_href
-from ...options import STAC_API as DEFAULT_API, STAC_COLLECTION as DEFAULT_COLLECTION
+from ...options import STAC_COLLECTION as DEFAULT_COLLECTION
 from .bands import DN_SCALE
 #: Sentinel-2 band -> asset keys that carry it (Earth Search first, then Planetary Computer / ESA names).
 ASSET_KEYS: Dict[str, Tuple[str, ...]] = {
@@ -107,10 +107,11 @@ def cloud_cover(item) -> Optional[float]:
 def search(api_url: str, bbox: Sequence[float], start: str, end: str, cloud_limit: float,
            collection: str = DEFAULT_COLLECTION, max_items: int = 10,
            log: Callable[[str], None] = lambda _m: None) -> Tuple[List, str]:
-    """(items, the search URL they came from): the least cloudy items (at most ``max_items``) over ``bbox`` (WGS 84 lon/lat) from ``start`` to ``end``
-    (dates, inclusive) whose ``eo:cloud_cover`` is at most ``cloud_limit`` (%).  The limit goes to the API as a
-    query (or CQL2 filter) where it says it takes one, and is applied here again either way (an item without a
-    cloud cover is left out).  A search that finds nothing is a one-line ``StacSearchError``."""
+    """(items, the search URL they came from): the least cloudy items (at most ``max_items``) over ``bbox``
+    (WGS 84 lon/lat) from ``start`` to ``end`` (dates, inclusive) whose ``eo:cloud_cover`` is at most
+    ``cloud_limit`` (%).  The limit goes to the API as a query (or CQL2 filter) where it says it takes one, and
+    is applied here again either way (an item without a cloud cover is left out).  A search that finds nothing
+    is a one-line ``StacSearchError``."""
     from pystac_client import Client
     from pystac_client.exceptions import APIError
     if not is_remote(api_url):
@@ -140,7 +141,8 @@ def search(api_url: str, bbox: Sequence[float], start: str, end: str, cloud_limi
     if not kept:
         more = f" ({len(found)} with more cloud)" if found else ""
         raise StacSearchError(f"no {collection} item at {api_url} over {_bbox_text(bbox)} from {first} to {last} "
-                              f"with at most {cloud_limit:g} % cloud{more}: widen the dates, the area or the cloud limit")
+                              f"with at most {cloud_limit:g} % cloud{more}: widen the dates, the area or the cloud "
+                              "limit")
     kept.sort(key=lambda item: (cloud_cover(item), item.id))
     if len(kept) > max_items:
         log(f"{len(kept)} items found; the {max_items} least cloudy are read")
