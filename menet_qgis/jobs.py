@@ -433,7 +433,8 @@ def extract(params: Dict, reporter) -> Dict:
     return {"probability": str(result.probability), "stages": {k: str(v) for k, v in result.stages.items()},
             "device": result.device, "windows": result.windows, "windows_run": result.windows_run,
             "batch_size": result.batch_size, "seconds": round(result.seconds, 2), "trained": bundle.trained,
-            "threshold": bundle.threshold}
+            "threshold": bundle.threshold, "quality": str(result.quality) if result.quality else None,
+            "masked": result.masked_summary}
 
 
 def prepare(params: Dict, reporter) -> Dict:

@@ -192,8 +192,8 @@ ENGINE: Tuple[Option, ...] = (
            "pixels without ground evidence (cloud, cloud shadow, cirrus, saturated or defective, no data) are left "
            "as no-data and a quality layer (<output>_quality.tif) says why: auto = the product's scene "
            "classification (SCL) where the input has one, else the cloud detector on the bands read; scl = the "
-           "scene classification only; detector = the detector only; off = no masking, every pixel gets a "
-           "probability",
+           "scene classification only; detector = the detector only; off = no cloud masking, every pixel with "
+           "data gets a probability (a mask layer still applies)",
            label="Cloud mask", choices=("auto", "scl", "detector", "off"),
            choice_labels=("auto (scene classification, else the cloud detector)", "scene classification (SCL)",
                           "cloud detector", "off (map under clouds too)"), optional=True),

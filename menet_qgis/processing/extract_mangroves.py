@@ -1,12 +1,13 @@
 """Processing algorithm "Extract mangroves (ME-Net)", id ``menet:extractmangroves``."""
 from __future__ import annotations
 
-from qgis.core import (QgsProcessingOutputMultipleLayers, QgsProcessingOutputNumber, QgsProcessingParameterExtent,
-                       QgsProcessingParameterFile, QgsProcessingParameterRasterDestination,
-                       QgsProcessingParameterRasterLayer)
+from qgis.core import (QgsProcessingOutputMultipleLayers, QgsProcessingOutputNumber, QgsProcessingOutputRasterLayer,
+                       QgsProcessingOutputString, QgsProcessingParameterExtent, QgsProcessingParameterFile,
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
 from .. import options
 from ..core.files import refuse_overwriting_inputs, stage_path  # stdlib only
+from ..core.io.clouds import quality_path  # numpy only
 from ..core.model.stages import STAGES, check_window  # stdlib only
 from .base import MENetAlgorithm
 from .layers import load_results
@@ -26,7 +27,7 @@ def stage_table_html(window: int = 256) -> str:
 
 class ExtractMangrovesAlgorithm(MENetAlgorithm):
     INPUT, EXTENT, STAGE_FOLDER, OUTPUT = "INPUT", "EXTENT", "STAGE_FOLDER", "OUTPUT"
-    STAGE_LAYERS, THRESHOLD = "STAGE_LAYERS", "THRESHOLD"
+    STAGE_LAYERS, THRESHOLD, QUALITY, MASKED = "STAGE_LAYERS", "THRESHOLD", "QUALITY", "MASKED"
     job, guide = "extract", "extract-mangroves"
 
     def name(self):
@@ -53,6 +54,10 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
             "bands (mean, max, std over channels), <i>all channels</i> = every channel (large). Empty stage "
             "folder = beside the probability.</p>"
             f"{stage_table_html()}"
+            "<p><b>Clouds</b>: pixels without ground evidence (cloud, shadow, cirrus, defective, no data) are "
+            "left as no-data; the quality layer &lt;output&gt;_quality.tif beside the probability says why for "
+            "each. Sources: the product's scene classification, else the cloud detector, plus a mask layer of "
+            "yours; <i>Cloud mask off</i> maps under clouds too.</p>"
             "<p>stage4/5 follow stock ResNet-101 (16² and 8² at 256²), not the paper figure's 8² / 4².</p>"
             "<p>The engine runs in its own Python process (see the log for which Python).</p>")
 
@@ -72,6 +77,9 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
         self.addOutput(QgsProcessingOutputMultipleLayers(self.STAGE_LAYERS, "Stage feature layers"))
         # The model's decision threshold (chosen on validation): model chains threshold with it.
         self.addOutput(QgsProcessingOutputNumber(self.THRESHOLD, "Model's mangrove threshold"))
+        # Why pixels have no probability (clouds...): written beside the probability unless masking is off.
+        self.addOutput(QgsProcessingOutputRasterLayer(self.QUALITY, "Quality (why no probability)"))
+        self.addOutput(QgsProcessingOutputString(self.MASKED, "Masked share"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         values = values_from(self, parameters, context, self.declared_options)
@@ -95,11 +103,17 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
 
     def files_written(self, job):
         stages = job["options"]["stages"]
-        return [job["output"]] + [str(stage_path(job["output"], job["stage_dir"], name)) for name in stages]
+        masking = job["options"].get("cloud_mask") != "off" or job["options"].get("mask_layer")
+        quality = [str(quality_path(job["output"]))] if masking else []
+        return [job["output"]] + [str(stage_path(job["output"], job["stage_dir"], name)) for name in stages] + quality
 
     def load_outputs(self, parameters, context, feedback, job, result):
         stages = result.get("stages", {})
+        quality = result.get("quality")
         load_results(context, job["output"], stages, self.parameterAsRasterLayer(parameters, self.INPUT, context),
-                     job["input"])
+                     job["input"], quality)
+        if result.get("masked"):
+            feedback.pushInfo(f"pixels without ground evidence: {result['masked']}")
         return {self.OUTPUT: job["output"], self.STAGE_LAYERS: list(stages.values()),
-                self.THRESHOLD: float(result.get("threshold", 0.5))}
+                self.THRESHOLD: float(result.get("threshold", 0.5)), self.QUALITY: quality,
+                self.MASKED: result.get("masked", "")}

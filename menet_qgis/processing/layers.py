@@ -11,9 +11,12 @@ from typing import Dict, List, Optional
 
 import qgis.utils
 from qgis.core import (QgsColorRampShader, QgsLayerTree, QgsLayerTreeGroup, QgsLayerTreeRegistryBridge,
-                       QgsMapLayer, QgsProcessingContext, QgsProcessingLayerPostProcessorInterface,
-                       QgsProcessingUtils, QgsProject, QgsRasterLayer, QgsRasterShader,
-                       QgsSingleBandPseudoColorRenderer, QgsStyle)
+                       QgsMapLayer, QgsPalettedRasterRenderer, QgsProcessingContext,
+                       QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils, QgsProject, QgsRasterLayer,
+                       QgsRasterShader, QgsSingleBandPseudoColorRenderer, QgsStyle)
+from qgis.PyQt.QtGui import QColor
+
+from ..core.io.clouds import QUALITY_COLOURS, QUALITY_NAMES  # numpy only
 
 #: QGIS holds layer post-processors by raw pointer; Python must keep them alive.
 KEEP_ALIVE: list = []
@@ -38,6 +41,14 @@ def style_probability(layer: QgsRasterLayer) -> None:
     renderer.setClassificationMin(0.0)
     renderer.setClassificationMax(1.0)
     layer.setRenderer(renderer)
+    layer.triggerRepaint()
+
+
+def style_quality(layer: QgsRasterLayer) -> None:
+    """The quality layer's codes as named classes (clear transparent): why a pixel has no probability."""
+    classes = [QgsPalettedRasterRenderer.Class(code, QColor(*QUALITY_COLOURS[code]), QUALITY_NAMES[code])
+               for code in sorted(QUALITY_NAMES)]
+    layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
     layer.triggerRepaint()
 
 
@@ -71,6 +82,7 @@ class ResultLayout:
         self.run_id = uuid.uuid4().hex
         self.input_id, self.input_source = input_id, input_source
         self.probability_id: Optional[str] = None
+        self.quality_id: Optional[str] = None  # the quality layer goes right above the probability
         self.stage_ids: Dict[str, str] = {}
 
     def branch(self, project: QgsProject) -> QgsLayerTreeGroup:
@@ -87,12 +99,15 @@ class ResultLayout:
     def arrange(self, project: QgsProject) -> None:
         root = project.layerTreeRoot()
         parent = self.branch(project)
+        quality = root.findLayer(self.quality_id) if self.quality_id else None
+        if quality is not None:
+            quality = _move(quality, parent, 0)
         prob = root.findLayer(self.probability_id) if self.probability_id else None
         if prob is not None:
-            prob = _move(prob, parent, 0)
+            prob = _move(prob, parent, 1 if quality is not None else 0)
         if not self.stage_ids:
             return
-        position = 1 if prob is not None else 0
+        position = (prob is not None) + (quality is not None)
         group = find_stage_group(root, self.run_id)
         if group is None:
             group = parent.insertGroup(position, self.group_name)
@@ -189,6 +204,9 @@ class ResultLayerPlacer(QgsProcessingLayerPostProcessorInterface):
         if self.role == "probability":
             style_probability(layer)
             self.layout.probability_id = layer.id()
+        elif self.role == "quality":
+            style_quality(layer)
+            self.layout.quality_id = layer.id()
         else:
             style_stage(layer)
             self.layout.stage_ids[self.role] = layer.id()
@@ -198,11 +216,11 @@ class ResultLayerPlacer(QgsProcessingLayerPostProcessorInterface):
 
 
 def load_results(context: QgsProcessingContext, probability: str, stages: Dict[str, str],
-                 input_layer: QgsMapLayer, input_source: str) -> None:
+                 input_layer: QgsMapLayer, input_source: str, quality: Optional[str] = None) -> None:
     """Name, style and place the probability layer and load the stage layers with it — explicitly as
     rasters, so QGIS does not try OGR on them first — when the run loads its result (the dialog's
     "Open output file after running", the batch dialog's "Load layers on completion"); without the
-    probability the stage layers are not loaded either."""
+    probability the stage layers (and the quality layer, which goes right above it) are not loaded either."""
     if not context.willLoadLayerOnCompletion(probability):
         return
     layout = ResultLayout(f"ME-Net stages — {input_layer.name()}", list(stages), input_layer.id(), input_source)
@@ -215,6 +233,16 @@ def load_results(context: QgsProcessingContext, probability: str, stages: Dict[s
     details.setPostProcessor(placer)
     _sort_key(details, 0)
     project = details.project  # where the user asked the probability to go: the stages go there too
+    if quality:
+        details = QgsProcessingContext.LayerDetails(f"{input_layer.name()} quality (why no probability)", project,
+                                                    "quality")
+        details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster
+        details.forceName = True
+        placer = ResultLayerPlacer(layout, "quality")
+        KEEP_ALIVE.append(placer)
+        details.setPostProcessor(placer)
+        _sort_key(details, 0)
+        context.addLayerToLoadOnCompletion(quality, details)
     for order, (name, path) in enumerate(stages.items(), 1):
         details = QgsProcessingContext.LayerDetails(f"{input_layer.name()} {name}", project, name)
         details.layerTypeHint = QgsProcessingUtils.LayerHint.Raster

@@ -278,21 +278,16 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
     return result
 
 
-def quality_path(output: Path) -> Path:
-    """The quality layer beside a probability: ``<stem>_quality.tif``."""
-    return output.with_name(f"{output.stem}_quality.tif")
-
-
 def open_mask(source: RasterInput, options: EngineOptions, reporter: Reporter) -> Optional[MaskSource]:
     """The sources of the quality codes for this run (``options.cloud_mask``): ``scl`` = the scene
     classification (``options.scl`` or the input product's SCL; refused when there is none), ``detector`` =
     the spectral detector, ``auto`` = the SCL where the input has one, else the detector (where the input
-    holds Sentinel-2 bands), ``off`` = no masking; a mask layer the user gives is added to any of them
-    but ``off``.  None (and a log line) when nothing masks."""
+    holds Sentinel-2 bands), ``off`` = no cloud masking; a mask layer the user gives applies with any of
+    them (with ``off`` alone).  None (and a log line) when nothing masks."""
     choice = options.cloud_mask or "auto"
     if choice not in CLOUD_MASKS:
         raise ValueError(f"cloud mask must be one of {', '.join(CLOUD_MASKS)}, got {choice!r}")
-    if choice == "off":
+    if choice == "off" and not options.mask_layer:
         reporter.info("cloud masking off: every pixel with data gets a probability, under clouds too")
         return None
     product = getattr(source, "product", None)
@@ -300,7 +295,7 @@ def open_mask(source: RasterInput, options: EngineOptions, reporter: Reporter) -
     if choice == "scl" and not scl:
         raise InputError(f"{Path(source.path).name} has no scene classification (SCL: Sentinel-2 L2A products "
                          "have one): choose cloud mask auto or detector, or give a mask layer")
-    use_scl = scl if choice in ("scl", "auto") else None
+    use_scl = scl if choice in ("scl", "auto") else None  # off: the mask layer only
     detector = choice == "detector" or (choice == "auto" and not scl and source.plan.kind == "sentinel2")
     if choice == "auto" and detector:
         try:
@@ -321,7 +316,7 @@ def check_quality_output(output: Path, mask: Optional[MaskSource], inputs, repor
     """The quality layer's path once it can be written (None without masking)."""
     if mask is None:
         return None
-    path = check_writable(quality_path(output))
+    path = check_writable(clouds.quality_path(output))
     refuse_overwriting_inputs([path], [p for p in inputs if p])
     for stale in remove_stale_partials(path):
         reporter.info(f"removed {stale.name}: a partial output left by a run that no longer exists")

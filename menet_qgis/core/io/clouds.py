@@ -8,6 +8,7 @@ numpy only (the light engine environment has no torch).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional
 
 import numpy as np
@@ -139,22 +140,33 @@ def _reasons(codes: Iterable[int]) -> str:
 
 
 def masked_summary(counts_or_quality) -> str:
-    """One line for the log and the outputs' tags, e.g. ``"23 % cloud or shadow: left as no-data"`` or
-    ``"0 % masked (no cloud, shadow or no data found)"``; the per-reason shares follow in brackets when
-    more than one reason applies."""
+    """One line for the log and the outputs' tags, e.g. ``"23 % cloud or shadow: left as no-data"``, with the
+    per-reason shares in brackets when more than one reason applies and the share the input has no data
+    for after a semicolon; ``"no cloud, shadow or defective pixels found"`` when nothing but no data is
+    masked."""
     counts = counts_or_quality if isinstance(counts_or_quality, Mapping) else code_counts(counts_or_quality)
     total = sum(counts.values())
-    share = masked_share(counts)
-    present = [c for c in sorted(counts) if c != CLEAR and counts[c] > 0]
-    if not present or total == 0:
-        return "0 % masked (no cloud, shadow or no data found)"
-    line = f"{_percent(share)} % {_reasons(present)}: left as no-data"
-    if len(present) > 1:
-        parts = ", ".join(f"{QUALITY_NAMES[c]} {_percent(counts[c] / total)} %" for c in present)
-        line += f" ({parts})"
+    if total == 0:
+        return "no pixels"
+    present = [c for c in sorted(counts) if c not in (CLEAR, NO_DATA) and counts[c] > 0]
+    if present:
+        share = sum(counts[c] for c in present) / total
+        line = f"{_percent(share)} % {_reasons(present)}: left as no-data"
+        if len(present) > 1:
+            line += " (" + ", ".join(f"{QUALITY_NAMES[c]} {_percent(counts[c] / total)} %" for c in present) + ")"
+    else:
+        line = "no cloud, shadow or defective pixels found"
+    if counts.get(NO_DATA, 0):
+        line += f"; {_percent(counts[NO_DATA] / total)} % no data"
     return line
 
 
 def quality_legend() -> str:
     """``"0=clear;1=no data;..."``: the value of ``QUALITY_TAG``."""
     return ";".join(f"{code}={name}" for code, name in sorted(QUALITY_NAMES.items()))
+
+
+def quality_path(probability) -> Path:
+    """The quality layer beside a probability: ``<stem>_quality.tif``."""
+    probability = Path(probability)
+    return probability.with_name(f"{probability.stem}_quality.tif")

@@ -641,6 +641,8 @@ def check_writable(path) -> Path:
 # --- pixels without ground evidence: the quality of each input pixel (issue 27) -------------------------
 #: Vector files a mask layer may be (polygons: masked inside); anything else is read as a raster.
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".kml", ".gml", ".fgb", ".sqlite")
+#: Pixels of context around each block the cloud detector sees (more than its opening + buffer reach, 3 px).
+DETECTOR_HALO = 8
 
 
 class MaskSource:
@@ -735,10 +737,20 @@ class MaskSource:
         elif self.mask_layer:
             parts.append(clouds.user_mask_quality(self._read(self.mask_layer, win)))
         if self.detector:
-            from .cloud_detector import detect
-            reflectance = self.source.reflectance(row_off, col_off, h, w)
-            parts.append(np.asarray(detect(reflectance, list(self.source.recipe.source_bands)), np.uint8))
+            parts.append(self._detected(row_off, col_off, h, w))
         return clouds.combine(*parts)
+
+    def _detected(self, row_off: int, col_off: int, h: int, w: int) -> np.ndarray:
+        """The detector's codes for a block, computed with ``DETECTOR_HALO`` px of the raster around it (its
+        opening and buffer look a few pixels around each), so a pixel's code does not depend on which
+        block (a window, a strip of rows) it was computed in."""
+        from .cloud_detector import detect
+        top, left = max(0, row_off - DETECTOR_HALO), max(0, col_off - DETECTOR_HALO)
+        bottom = min(self.source.full_height, row_off + h + DETECTOR_HALO)
+        right = min(self.source.full_width, col_off + w + DETECTOR_HALO)
+        reflectance = self.source.reflectance(top, left, bottom - top, right - left)
+        codes = np.asarray(detect(reflectance, list(self.source.recipe.source_bands)), np.uint8)
+        return codes[row_off - top:row_off - top + h, col_off - left:col_off - left + w]
 
     def close(self) -> None:
         with self._lock:
