@@ -292,3 +292,24 @@ def test_l2a_products_composite_by_their_scl(cloudy_area, cli, tmp_path):
     print(f"L2A products: composite map vs cloud-free product's map: {changed:.3%} changed, "
           f"{np.isnan(composite_map).mean():.2%} no data")
     assert changed < 0.01
+
+
+@pytest.mark.integration
+def test_processing_composites_raster_layers_with_the_detector(cloudy_area, menet_provider, tmp_path):
+    """'Prepare Sentinel-2 stack' with no product folder and the four dates as raster layers (no SCL, no
+    mask: the cloud detector decides) writes the composite; pixels clear on every date are the crop's."""
+    import processing
+    from qgis.core import QgsRasterLayer
+    area = cloudy_area
+    layers = [QgsRasterLayer(str(r), f"date{i}") for i, r in enumerate(area["rasters"], 1)]
+    assert all(layer.isValid() for layer in layers)
+    result = processing.run("menet:preparesentinel2", {"MORE_DATES": layers, "OUTPUT": str(tmp_path / "c.tif")})
+    with rasterio.open(result["OUTPUT"]) as ds:
+        composite, count, tags = ds.read(list(range(1, 7))), ds.read(7).astype(np.int64), ds.tags()
+    assert tags["MENET_COMPOSITE_CLEAR_FROM"] == ";".join(["cloud detector"] * 4)
+    clear_everywhere = ~np.logical_or.reduce(area["footprints"]) & (count > 0)
+    np.testing.assert_allclose(composite[:, clear_everywhere], area["truth"][:, clear_everywhere], atol=1e-6)
+    print(f"detector composite: {(count == 0).mean():.2%} clear on no date; pixels per count "
+          f"{np.bincount(count.ravel(), minlength=5).tolist()} (SCL: "
+          f"{np.bincount(expected_count(area['footprints']).ravel(), minlength=5).tolist()})")
+    assert (count > 0).mean() > 0.9

@@ -11,7 +11,6 @@ server that honours Range and HEAD (GDAL's /vsicurl/ needs both) and counts the 
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -251,6 +250,8 @@ def world(tmp_path_factory):
         # a relative href climbing out of the API's folder resolves to the API's host: allowed (http on its own
         # host), so the path-escape case is the local file; and a next page on a link-local address
         "next": good[:1],
+        # an asset the file server does not have
+        "missing": [item(d, c, href=lambda date, name: f"{file_url}/{date}/{name}_gone.tif") for d, c in items[2:3]],
     }
     extra = {"next": [{"rel": "next", "href": "http://169.254.169.254/latest/meta-data/", "method": "GET"}]}
     api = _serve(StacApi, catalogues=catalogues, extra_links=extra, searches=[])
@@ -311,6 +312,17 @@ def test_hrefs_pointing_outside_are_refused(world):
     # a next-page link to the cloud metadata address: refused before any request
     with pytest.raises(UnsafeHrefError, match="meta-data/ is on 169.254.169.254, a link-local address"):
         stac_search.search(f"{world['api']}/next", world["area"], "2020-03-01", "2020-04-30", 100)
+
+
+def test_an_asset_that_cannot_be_read_is_named_in_one_line(world):
+    from menet_qgis.core.io import stac_search
+    items, document = stac_search.search(f"{world['api']}/missing", world["area"], "2020-03-01", "2020-04-30", 100)
+    assets = [stac_search.item_assets(i, document) for i in items]
+    grid = stac_search.area_grid(world["utm_area"], world["crs"], world["crs"])
+    with pytest.raises(stac_search.StacSearchError) as error:
+        stac_search.read_observations(assets, grid)
+    assert str(error.value).startswith(f"cannot read http://127.0.0.1:{world['files'].server_address[1]}/2020-03-25/")
+    assert "\n" not in str(error.value)
 
 
 def test_windows_read_and_composited_from_clear_observations(world):
@@ -406,3 +418,50 @@ def test_the_command_line_searches_and_says_why_nothing_was_found(world, tmp_pat
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("menet_qgis: error: no sentinel-2-l2a item at http://127.0.0.1:")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason="needs resources/models/menet_coasts_v2.pt")
+def test_the_processing_algorithm_maps_an_extent_and_dates(world, menet_provider, tmp_path):
+    """Map mangroves from STAC in QGIS: an extent in the scene's CRS, two dates, the engine process."""
+    import processing
+    import rasterio
+    from qgis.core import QgsProcessingException
+    from qgis.PyQt.QtCore import QDate, QDateTime, QTime
+
+    def day(text):
+        return QDateTime(QDate.fromString(text, "yyyy-MM-dd"), QTime(0, 0))
+
+    x0, y0, x1, y1 = world["utm_area"]
+    params = {"EXTENT": f"{x0},{x1},{y0},{y1} [EPSG:32717]", "START_DATE": day("2020-03-01"),
+              "END_DATE": day("2020-04-30"), "API_URL": f"{world['api']}/good", "MODEL": str(MODEL),
+              "OUTPUT": str(tmp_path / "p.tif"), "OUTPUT_COMPOSITE": str(tmp_path / "c.tif")}
+    result = processing.run("menet:mapfromstac", params)
+    with rasterio.open(result["OUTPUT"]) as prob, rasterio.open(result["OUTPUT_COMPOSITE"]) as comp:
+        assert prob.shape == comp.shape == (AREA[1] - AREA[0], AREA[3] - AREA[2])
+        assert comp.descriptions[-1] == "clear observations" and comp.read(7).min() >= 1
+    assert 0 < result["THRESHOLD"] < 1
+    with pytest.raises(QgsProcessingException, match="no sentinel-2-l2a item"):
+        processing.run("menet:mapfromstac", dict(params, START_DATE=day("2019-01-01"), END_DATE=day("2019-02-01"),
+                                                 OUTPUT=str(tmp_path / "q.tif"),
+                                                 OUTPUT_COMPOSITE=str(tmp_path / "d.tif")))
+    assert not (tmp_path / "q.tif").exists() and not (tmp_path / "d.tif").exists()
+
+
+def test_a_scene_in_another_crs_is_warped_onto_the_grid(world):
+    """A COG in another CRS (here UTM 17N, which is 17S shifted by 10 000 km: the same pixels) is read through a
+    WarpedVRT onto the area's grid; its values land on the same pixels as the file in the grid's own CRS."""
+    import rasterio
+    from osgeo import gdal
+
+    from menet_qgis.core.io import stac_search
+    source = world["folder"] / "2020-03-25" / "B02.tif"
+    north = world["folder"] / "north_B02.tif"
+    gdal.Warp(str(north), str(source), dstSRS="EPSG:32617", format="COG", resampleAlg="near",
+              creationOptions=["COMPRESS=DEFLATE", "BLOCKSIZE=256"])
+    grid = stac_search.area_grid(world["utm_area"], world["crs"], world["crs"])
+    base = f"http://127.0.0.1:{world['files'].server_address[1]}"
+    with rasterio.Env(**stac_search.GDAL_HTTP_OPTIONS):
+        same = stac_search.read_on_grid(f"/vsicurl/{base}/2020-03-25/B02.tif", grid, "nearest")
+        warped = stac_search.read_on_grid(f"/vsicurl/{base}/north_B02.tif", grid, "nearest")
+    assert (same > 0).all()
+    np.testing.assert_array_equal(warped, same)

@@ -8,6 +8,7 @@ from .export_channels import ExportChannelsAlgorithm
 from .extract_mangroves import ExtractMangrovesAlgorithm
 from .install_dependencies import InstallDependenciesAlgorithm
 from .install_model import InstallModelAlgorithm, register_settings, unregister_settings
+from .map_from_stac import MapFromStacAlgorithm
 from .prepare_sentinel2 import PrepareSentinel2Algorithm
 from .train_menet import TrainMENetAlgorithm
 from .engine_client import SETTING
@@ -15,6 +16,7 @@ from .engine_client import SETTING
 ALGORITHMS = [
     ExtractMangrovesAlgorithm,
     PrepareSentinel2Algorithm,
+    MapFromStacAlgorithm,
     ExportChannelsAlgorithm,
     TrainMENetAlgorithm,
     AssessAccuracyAlgorithm,

@@ -257,11 +257,18 @@ def read_on_grid(path: str, grid: Grid, resampling: str, fill: float = 0) -> np.
     """Band 1 of ``path`` on ``grid`` (float32, ``fill`` where the file does not reach): a window read
     (only the tiles it touches travel) on the file's own CRS, resampled by GDAL where its pixels are not 10 m
     (20 m SWIR and SCL); through a WarpedVRT where the file is in another CRS (another UTM zone)."""
-    import rasterio
     from rasterio.enums import Resampling
+    from rasterio.errors import RasterioIOError
+    try:
+        return _read_on_grid(path, grid, Resampling[resampling], fill)
+    except RasterioIOError as exc:
+        raise StacSearchError(f"cannot read {gdal_url(path)} ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _read_on_grid(path: str, grid: Grid, method, fill: float) -> np.ndarray:
+    import rasterio
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window, from_bounds
-    method = Resampling[resampling]
     out = np.full((grid.height, grid.width), fill, dtype=np.float32)
     with rasterio.open(path) as src:
         if src.crs != grid.crs:
@@ -353,3 +360,8 @@ def read_observations(items: Sequence[ItemAssets], grid: Grid, bands: Sequence[s
                 log(note)
             observations.append(Observation(day, [i.id for i in day_items], reflectance, quality, tuple(bands), notes))
     return observations
+
+
+def gdal_url(path: str) -> str:
+    """The URL behind a ``/vsicurl/`` name, for messages."""
+    return path[len("/vsicurl/"):] if path.startswith("/vsicurl/") else path
