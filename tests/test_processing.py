@@ -37,7 +37,8 @@ def processing(menet_provider):
 def test_provider_lists_the_algorithm(menet_provider):
     ids = sorted(a.id() for a in menet_provider.algorithms())
     assert ids == ["menet:assessaccuracy", "menet:exportchannels", "menet:extractmangroves",
-                   "menet:installdependencies", "menet:installmodel", "menet:preparesentinel2", "menet:trainmenet"]
+                   "menet:installdependencies", "menet:installmodel", "menet:mapfromstac", "menet:preparesentinel2",
+                   "menet:trainmenet"]
     alg = menet_provider.algorithm("extractmangroves")
     assert "stage5" in alg.shortHelpString() and "8×8×2048" in alg.shortHelpString()
 
@@ -272,6 +273,10 @@ INTERFACE = {
     "menet:installdependencies": (["VARIANT", "WHEEL_FOLDER", "INDEX_URL", "FRESH", "SYSTEM_SITE"],
                                   ["PYTHON", "VERSIONS"]),
     "menet:installmodel": (["SOURCE", "SHA256", "NAME", "ALLOW_HTTP"], ["OUTPUT"]),
+    "menet:mapfromstac": (["EXTENT", "AREA", "START_DATE", "END_DATE", "CLOUD_LIMIT", "MAX_ITEMS", "API_URL",
+                           "COLLECTION", "MODEL", "WINDOW_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "RUNTIME", "THREADS",
+                           "PRECISION", "TTA", "CLOUD_MASK", "MASK_LAYER", "OUTPUT", "OUTPUT_COMPOSITE"],
+                          ["OUTPUT", "OUTPUT_COMPOSITE", "THRESHOLD"]),
     "menet:preparesentinel2": (["INPUT_FOLDER", "MORE_DATES", "EXTENT", "CLIP_LAYER", "RESAMPLING", "COMPOSITE",
                                 "OUTPUT"], ["OUTPUT"]),
     "menet:trainmenet": (["TILE_FOLDER", "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS", "EPOCHS", "BATCH_SIZE",
