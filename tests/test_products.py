@@ -185,3 +185,18 @@ def test_products_open_without_torch(products):
             "d, v = s.read(0, 0, 64); assert v.all() and s.product.scl; print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_batch_maps_a_product_folder_and_a_zip_subdataset(products, maps, tmp_path):
+    """``batch`` takes a .SAFE folder and a subdataset inside a zip: each mapped as its stack, named after the
+    product, and skipped when run again (the product's files fingerprinted)."""
+    args = ["batch", "--model", MODEL, "--out-dir", tmp_path / "out", "--workers", "1", "--no-progress",
+            "--cloud-mask", "off", products["safe"], products["zip_subdataset"]]
+    proc = cli_process(*args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = sorted((tmp_path / "out").glob("S2B_MSIL2A_*_probability.tif"))
+    assert len(found) == 2
+    for path in found:
+        np.testing.assert_array_equal(read(path)[0], read(maps / "stack_probability.tif")[0], err_msg=path.name)
+    again = cli_process(*args, timeout=900)
+    assert again.returncode == 0 and "2 skipped" in again.stdout + again.stderr, again.stdout + again.stderr

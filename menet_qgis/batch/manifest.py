@@ -35,8 +35,33 @@ SUMMARY_COLUMNS = ("scene", "status", "mangrove_ha", "threshold", "seconds", "wo
                    "windows", "date", "region", "input", "output", "note")
 
 
+def _product_files(path: str) -> Optional[str]:
+    """What a Sentinel-2 product name reads from: its local folder or zip (a SENTINEL2 subdataset or an
+    MTD_MSIL*.xml names them), else None."""
+    from ..core.io import sentinel2_product as s2
+    text = str(path).strip()
+    match = s2.SUBDATASET.match(text)
+    if match:
+        text = match["path"].strip('"')
+    if text.lower().startswith("/vsizip/"):
+        parts = s2._split_vsizip(text)
+        return str(parts[0]) if parts else None
+    if s2.METADATA_FILE.match(Path(text).name):
+        return str(Path(text).parent)
+    return text if match or Path(text).is_dir() else None
+
+
 def file_fingerprint(path: str) -> Dict:
-    """Size, mtime and the hash of both ends of a local file; size and mtime of a /vsi… one."""
+    """Size, mtime and the hash of both ends of a local file; size and mtime of a /vsi… one; for a
+    Sentinel-2 product (its folder, zip, MTD_MSIL*.xml or subdataset) those of every file it holds."""
+    product = _product_files(path)
+    if product is not None and Path(product).is_dir():
+        return {"product": [[p.relative_to(product).as_posix(), _fingerprint(str(p))]
+                            for p in sorted(Path(product).rglob("*")) if p.is_file()]}
+    return {"product": _fingerprint(product)} if product is not None and product != path else _fingerprint(path)
+
+
+def _fingerprint(path: str) -> Dict:
     if is_virtual(path):
         from osgeo import gdal
         stat = gdal.VSIStatL(path)
