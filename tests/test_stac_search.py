@@ -358,9 +358,12 @@ def test_windows_read_and_composited_from_clear_observations(world):
     assert "2020-04-04/B02.tif" not in read                          # the overcast date: never read
     total = sum(sizes[k] for k in read)
     assert sum(read.values()) < 0.35 * total, (sum(read.values()), total)
-    world["bytes"] = (sum(read.values()), total, len(read))
+    ten = [k for k in read if k.split("/")[-1] in ("B02.tif", "B03.tif", "B04.tif", "B08.tif")]
+    per = {kind: (sum(read[k] for k in keys), sum(sizes[k] for k in keys))
+           for kind, keys in (("10 m", ten), ("20 m", [k for k in read if k not in ten]))}
     print(f"\nHTTP: {sum(read.values())} bytes read of {total} bytes in {len(read)} COGs "
-          f"({sum(read.values()) / total:.1%}); area {grid.width} x {grid.height} px of {CROP[2]} x {CROP[2]}")
+          f"({sum(read.values()) / total:.1%}; " + ", ".join(f"{k} files {r} of {t}" for k, (r, t) in per.items()) +
+          f"); area {grid.width} x {grid.height} px of {CROP[2]} x {CROP[2]}")
 
 
 @pytest.mark.skipif(not MODEL.is_file(), reason="needs resources/models/menet_coasts_v2.pt")
@@ -465,3 +468,27 @@ def test_a_scene_in_another_crs_is_warped_onto_the_grid(world):
         warped = stac_search.read_on_grid(f"/vsicurl/{base}/north_B02.tif", grid, "nearest")
     assert (same > 0).all()
     np.testing.assert_array_equal(warped, same)
+
+
+def test_the_dialog_takes_a_polygon_layers_extent_and_needs_an_area(menet_provider, tmp_path):
+    from qgis.core import QgsFeature, QgsGeometry, QgsProcessingContext, QgsProcessingException, QgsVectorLayer
+    from qgis.PyQt.QtCore import QDate, QDateTime, QTime
+
+    from menet_qgis.processing.parameters import values_from
+    alg = menet_provider.algorithm("mapfromstac")
+    layer = QgsVectorLayer("Polygon?crs=EPSG:4326", "area", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt("POLYGON((-80.2 -3.4, -80.1 -3.4, -80.1 -3.3, -80.2 -3.4))"))
+    layer.dataProvider().addFeatures([feature])
+    context = QgsProcessingContext()
+    day = QDateTime(QDate(2021, 1, 5), QTime(0, 0))
+    params = {"AREA": layer, "START_DATE": day, "END_DATE": day, "OUTPUT": str(tmp_path / "p.tif"),
+              "OUTPUT_COMPOSITE": str(tmp_path / "c.tif")}
+    job = alg.job_parameters(params, context, values_from(alg, params, context, alg.declared_options))
+    assert job["bounds"] == pytest.approx([-80.2, -3.4, -80.1, -3.3]) and job["bounds_crs"] == "EPSG:4326"
+    assert (job["start"], job["end"], job["cloud_limit"], job["max_items"]) == ("2021-01-05", "2021-01-05", 40.0, 10)
+    assert job["api_url"] == "https://earth-search.aws.element84.com/v1" and "stages" not in job["options"]
+    assert alg.files_written(job) == [str(tmp_path / "p.tif"), str(tmp_path / "c.tif"), str(tmp_path / "p_quality.tif")]
+    with pytest.raises(QgsProcessingException, match="give the area"):
+        del params["AREA"]
+        alg.job_parameters(params, context, values_from(alg, params, context, alg.declared_options))
