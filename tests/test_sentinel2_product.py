@@ -376,3 +376,53 @@ def test_cli_prepare_then_predict_on_the_stack(safe, untrained_path, tmp_path):
                "--quiet")
     assert pred.returncode == 0, pred.stderr
     assert (tmp_path / "stack_probability.tif").is_file()
+
+
+# --- products as delivered (issue 27): open_product, product_vrt, subdataset names ----------------------------
+def _product(tmp_path, **kw):
+    from helpers import s2_reflectance, write_l2a_product
+    return write_l2a_product(tmp_path, s2_reflectance(64, 64, seed=3), **kw)
+
+
+def test_product_vrt_holds_the_stacks_values_and_offset(tmp_path):
+    """product_vrt's B11/B12 (GDAL's VRT bilinear resampling) equal build_stack's (GDAL's warper) DN for DN;
+    RasterInput reads its offset from the tags."""
+    product = sentinel2_product.open_product(_product(tmp_path, zip=True))
+    vrt = sentinel2_product.product_vrt(product, tmp_path / "p.vrt")
+    stack = sentinel2_product.build_stack(product.source, tmp_path / "s.tif").path
+    np.testing.assert_array_equal(read(vrt), read(stack))
+    source = RasterInput(vrt)
+    try:
+        assert source.plan.offset == -1000 and source.product is None
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("form", ["plain", "quoted", "no_epsg", "tci"])
+def test_subdataset_names_lead_to_the_product(tmp_path, form):
+    safe = _product(tmp_path)
+    xml = safe / "MTD_MSIL2A.xml"
+    name = {"plain": f"SENTINEL2_L2A:{xml}:10m:EPSG_32717", "quoted": f'SENTINEL2_L2A:"{xml}":20m:EPSG_32717',
+            "no_epsg": f"SENTINEL2_L2A:{xml}:60m", "tci": f"SENTINEL2_L2A:{xml}:TCI:EPSG_32717"}[form]
+    product = sentinel2_product.open_product(name)
+    assert Path(product.band_files["B11"]).name.endswith("_B11_20m.jp2") and product.level == "L2A"
+    from menet_qgis.core.io.raster_io import input_stem
+    assert input_stem(name) == safe.name[:-len(".SAFE")]
+
+
+def test_what_is_not_one_product_is_refused(tmp_path):
+    import zipfile
+    first, second = _product(tmp_path / "a", date="2020-01-01T10:00:00"), _product(tmp_path / "b")
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as zf:
+        for safe in (first, second):
+            for path in safe.rglob("*"):
+                zf.write(path, path.relative_to(safe.parent).as_posix())
+    with pytest.raises(ValueError, match="holds several products"):
+        sentinel2_product.open_product(two)
+    inner = f"/vsizip/{two}/{second.name}/MTD_MSIL2A.xml"  # naming one of them works
+    assert sentinel2_product.open_product(inner).date == "2020-06-15"
+    with pytest.raises(ValueError, match="Level-1B"):
+        sentinel2_product.open_product(f"SENTINEL2_L1B:{first}/MTD_SAFL1B.xml:10m")
+    with pytest.raises(ValueError, match="not found"):
+        sentinel2_product.open_product(tmp_path / "missing.SAFE.zip")
