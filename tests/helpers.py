@@ -264,10 +264,10 @@ def write_l2a_product(folder, reflectance_or_dn: np.ndarray, scl: Optional[np.nd
     if safe.exists():
         shutil.rmtree(safe)
     granule = f"{level}_T{tile}_A017123_{stamp}"
-    img = safe / "GRANULE" / granule / "IMG_DATA"
     ten = {b: dn[i] for i, b in enumerate(PRODUCT_BANDS)}
     twenty = {b: _block_mean(dn[i], 2) for i, b in enumerate(PRODUCT_BANDS)}
-    t20 = transform * Affine_scale(2)
+    from affine import Affine
+    t20 = transform * Affine.scale(2)
     files = []  # (relative path without extension, array, transform)
     for band in bands:
         code = _FILE_BAND[band]
@@ -352,8 +352,3 @@ def write_l2a_product(folder, reflectance_or_dn: np.ndarray, scl: Optional[np.nd
 def write_l1c_product(folder, reflectance_or_dn: np.ndarray, **kw) -> Path:
     """``write_l2a_product`` for a Level-1C product (top-of-atmosphere DN, RADIO_ADD_OFFSET, no SCL)."""
     return write_l2a_product(folder, reflectance_or_dn, level="L1C", **kw)
-
-
-def Affine_scale(factor: float):
-    from affine import Affine
-    return Affine.scale(factor)
