@@ -130,7 +130,7 @@ class StackResult:
 #: GDAL's SENTINEL2 subdataset names: ``SENTINEL2_L2A:/path/MTD_MSIL2A.xml:10m:EPSG_32717`` (the path
 #: possibly quoted, the EPSG part absent for some).
 SUBDATASET = re.compile(r'^SENTINEL2_(?P<level>L1B|L1C|L2A)(?:_TILE)?:(?P<path>"[^"]+"|.+?)'
-                        r'(?::(?P<what>\d+m|TCI|PREVIEW|RGB|ALL|[^:]+))?(?::EPSG_\d+)?$', re.IGNORECASE)
+                        r'(?::(?P<what>\d+m|TCI|PREVIEW|RGB|ALL))?(?::EPSG_\d+)?$', re.IGNORECASE)
 METADATA_FILE = re.compile(r"^MTD_MSIL(1C|2A)\.xml$", re.IGNORECASE)
 SCL_FILE = re.compile(r"_SCL_(?P<res>\d+)m\.(?:jp2|tiff?)$", re.IGNORECASE)
 
@@ -365,7 +365,8 @@ def open_product(name) -> Sentinel2Product:
         raise ValueError(f"Sentinel-2 product not found: {text}")
     if path.is_file() and path.suffix.lower() == ".zip":
         return _zip_product(path)
-    if path.is_file() and METADATA_FILE.match(path.name):
+    if path.is_file() and (METADATA_FILE.match(path.name) or (sub and path.suffix.lower() == ".xml")):
+        # MTD_MSIL*.xml, or the granule's or an older layout's metadata a subdataset names: its folder
         product = find_product(path.parent)
         product.source = str(name)
         return product
