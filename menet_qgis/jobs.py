@@ -494,8 +494,11 @@ def stac_map(params: Dict, reporter) -> Dict:
     grid = stac_search.area_grid(job.bounds, job.bounds_crs, crs)
     reporter.info(f"reading {grid.width} x {grid.height} px at 10 m ({crs}) from each scene: the windows only")
     observations = stac_search.read_observations(assets, grid, log=reporter.info, cancelled=reporter.cancelled)
-    for obs in observations:
-        reporter.info(f"{obs.day}: {clouds.masked_summary(obs.quality)}")
+    for obs in observations:  # what each date loses to its SCL
+        counts = clouds.code_counts(obs.quality)
+        lost = [f"{n / obs.quality.size:.1%} {clouds.QUALITY_NAMES.get(code, code)}"
+                for code, n in sorted(counts.items()) if code != clouds.CLEAR and n]
+        reporter.info(f"{obs.day}: " + (", ".join(lost) + ": left out of the composite" if lost else "clear everywhere"))
     stack, count = compositing.clear_composite([(o.reflectance, o.quality) for o in observations])
     never = float((count == 0).mean())
     if never == 1.0:

@@ -411,6 +411,7 @@ def test_stac_map_end_to_end_maps_the_composite_like_the_clear_scene(world, tmp_
     assert float(np.abs(probability - expected).mean()) < 0.01
     assert (probability >= result["threshold"]).mean() > 0.02        # the crop holds mangrove
     assert any("2020-03-05:" in line and "cloud" in line for line in Log.lines)
+    print("\n" + "\n".join(line for line in Log.lines if line.startswith(("2020-", "composite of", "reading "))))
 
 
 def test_the_command_line_searches_and_says_why_nothing_was_found(world, tmp_path):
