@@ -22,8 +22,10 @@ Why the medoid: four dates of a real Jambeli crop with real MagSet-2 clouds
 pasted in, masks missing each cloud's 2-px rim (the usual failure of SCL and
 detectors): reflectance RMSE against the cloud-free truth 0.024 (medoid),
 0.031 (median), 0.112 (ndvi_max: over water a cloud's NDVI beats the water's);
-the map changed on 0.33 %, 0.61 % and 24 % of the pixels; with exact masks all
-three give the truth.  The medoid is also the cheaper up to 16 dates.
+the map (default model) changed on 0.33 %, 0.61 % and 19 % of the pixels, and
+the default cloud mask left 0.27 %, 1.7 % and 16 % of it unmapped; with exact
+masks all three give the truth.  Cost: about the same (0.8 s per date per
+megapixel on 2 busy cores).
 
 ``clear_composite`` is numpy only; ``write_composite`` reads and writes rasters with rasterio (GDAL).
 No torch: this runs in the light engine environment.
@@ -34,7 +36,6 @@ import math
 import os
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,13 @@ def clear_composite(observations: Sequence[Tuple[np.ndarray, np.ndarray]], metho
     count = clear.sum(axis=0).astype(np.uint8)
     none = count == 0
     if method == "median":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: NaN, as wanted
-            composite = np.nanmedian(data, axis=0).astype(np.float32)
+        # NaN sorts last: the clear values of a pixel come first, and its median is the middle of those
+        # (np.nanmedian does the same 3x slower, and warns from threads on pixels no date sees clear)
+        ordered = np.sort(data, axis=0)
+        low = np.maximum(count.astype(np.int64) - 1, 0) // 2
+        high = count.astype(np.int64) // 2
+        high = np.minimum(high, data.shape[0] - 1)
+        composite = (_pick(ordered, low) + _pick(ordered, high)) * np.float32(0.5)
     elif method == "medoid":
         n = data.shape[0]
         filled = np.nan_to_num(data)
