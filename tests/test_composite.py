@@ -313,3 +313,33 @@ def test_processing_composites_raster_layers_with_the_detector(cloudy_area, mene
           f"{np.bincount(count.ravel(), minlength=5).tolist()} (SCL: "
           f"{np.bincount(expected_count(area['footprints']).ravel(), minlength=5).tolist()})")
     assert (count > 0).mean() > 0.9
+
+
+def test_bad_composites_are_refused_in_one_line_and_leave_nothing(tmp_path):
+    from menet_qgis import jobs
+    from menet_qgis.core.reporting import Cancelled, Reporter
+    data = np.random.default_rng(0).uniform(0.01, 0.3, (6, 32, 32)).astype(np.float32)
+    a = write_raster(tmp_path / "a.tif", data, PRODUCT_BANDS, nodata=float("nan"))
+    b = write_raster(tmp_path / "b.tif", data, PRODUCT_BANDS, nodata=float("nan"))
+    far = write_raster(tmp_path / "far.tif", data, PRODUCT_BANDS, nodata=float("nan"),
+                       transform=rasterio.transform.from_origin(700000, 9500000, 10, 10))
+    out = tmp_path / "c.tif"
+    cases = [({"dates": [a, b], "masks": [a]}, "1 mask"),
+             ({"dates": [a], "masks": [a]}, "two or more dates"),
+             ({}, "two or more dates to composite"),
+             ({"dates": [a, b], "composite": "mean"}, "composite must be one of"),
+             ({"dates": [a, far]}, "far.tif does not overlap a.tif"),
+             ({"dates": [a, tmp_path / "missing.tif"]}, "missing.tif"),
+             ({"dates": [a, b], "output": str(b)}, "b.tif")]          # never over an input
+    for params, message in cases:
+        with pytest.raises((ValueError, OSError), match=message) as raised:
+            jobs.prepare({"output": str(out), **params}, Reporter())
+        assert "\n" not in str(raised.value)
+        assert not list(tmp_path.glob("c.tif*")), params
+
+    class Cancelling(Reporter):
+        def cancelled(self):
+            return True
+    with pytest.raises(Cancelled):
+        jobs.prepare({"output": str(out), "dates": [a, b], "masks": ["-", "-"]}, Cancelling())
+    assert not list(tmp_path.glob("c*"))

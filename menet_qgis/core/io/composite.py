@@ -48,7 +48,9 @@ from rasterio.enums import Resampling
 from rasterio.features import bounds as geometry_bounds
 from rasterio.features import geometry_mask
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
+from rasterio.windows import bounds as window_bounds
 
 from .clouds import CLEAR
 
@@ -318,10 +320,16 @@ def write_composite(dates: Sequence[DateInput], out_path, method: str = METHODS[
                           f"{reader.plan.describe()})")
             for message in reader.warnings:
                 reporter.warn(f"{date.label}: {message}")
+        area = window_bounds(window, full.transform)
         for reader in readers[1:]:
             with rasterio.open(reader.date.raster) as ds:
+                box = ds.bounds if ds.crs == full.crs else transform_bounds(ds.crs, full.crs, *ds.bounds)
                 if ds.crs != full.crs:
                     reporter.info(f"{reader.date.label} is in {ds.crs}: warped onto the first date's grid ({full.crs})")
+            if box[0] >= area[2] or box[2] <= area[0] or box[1] >= area[3] or box[3] <= area[1]:
+                raise ValueError(f"{reader.date.label} does not overlap {dates[0].label}"
+                                 f"{' within the clip' if bounds or polygon_geojson else ''}: a composite needs "
+                                 "dates of one area")
         integer = all(r.integer for r in readers)
         offset = output_offset(readers) if integer else 0.0
         width, height = int(window.width), int(window.height)
@@ -386,6 +394,8 @@ def write_composite(dates: Sequence[DateInput], out_path, method: str = METHODS[
                              (masked / pixels).tolist(), time.perf_counter() - start)
     for date, share in zip(dates, result.masked_shares):
         reporter.info(f"{date.label}: {100 * share:.1f} % not clear")
+    if histogram[0] == width * height:
+        reporter.warn(f"no pixel is clear on any of the {len(dates)} dates: the composite is all no-data")
     reporter.info(result.describe())
     return result
 
