@@ -343,3 +343,20 @@ def test_bad_composites_are_refused_in_one_line_and_leave_nothing(tmp_path):
     with pytest.raises(Cancelled):
         jobs.prepare({"output": str(out), "dates": [a, b], "masks": ["-", "-"]}, Cancelling())
     assert not list(tmp_path.glob("c*"))
+
+
+def test_composites_need_no_torch(tmp_path):
+    """The light engine environment has no torch: a composite is made without importing it."""
+    import subprocess
+    import sys
+    data = np.random.default_rng(0).uniform(0.01, 0.3, (6, 32, 32)).astype(np.float32)
+    a = write_raster(tmp_path / "a.tif", data, PRODUCT_BANDS)
+    b = write_raster(tmp_path / "b.tif", data, PRODUCT_BANDS)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from menet_qgis import jobs\nfrom menet_qgis.core.reporting import Reporter\n"
+            f"jobs.prepare({{'dates': [{str(a)!r}, {str(b)!r}], 'output': {str(tmp_path / 'c.tif')!r}}}, Reporter())\n"
+            "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "c.tif").is_file()
