@@ -343,6 +343,11 @@ def log_plan(bundle, source: RasterInput, grid: WindowGrid, context: Area, runne
              options: EngineOptions, stages: Sequence[str], reporter: Reporter) -> None:
     """What is about to run, on what and why: the log is all a long run shows."""
     reporter.info(f"input: {source.path} ({source.full_width} x {source.full_height} px, {source.crs.to_string()})")
+    product = getattr(source, "product", None)
+    if product is not None:
+        scl = str(product.scl).replace("\\", "/").rsplit("/", 1)[-1] if product.scl else "none"
+        (reporter.warn if product.level == "L1C" else reporter.info)(
+            f"Sentinel-2 product {product.describe()}; scene classification: {scl}")
     reporter.info(f"input bands: {source.plan.describe()}")
     reporter.info(f"model: {bundle.path or 'in memory'} — {bundle.training.get('note', '')}".rstrip(" —"))
     reporter.info(f"mangrove threshold of this model: {bundle.threshold:g} (stored in the probability as {THRESHOLD_TAG})")
