@@ -434,7 +434,7 @@ def extract(params: Dict, reporter) -> Dict:
             "device": result.device, "windows": result.windows, "windows_run": result.windows_run,
             "batch_size": result.batch_size, "seconds": round(result.seconds, 2), "trained": bundle.trained,
             "threshold": bundle.threshold, "quality": str(result.quality) if result.quality else None,
-            "masked": result.masked_summary}
+            "masked": result.masked_summary, "masked_pixels": result.masked_pixels}
 
 
 def prepare(params: Dict, reporter) -> Dict:

@@ -207,7 +207,7 @@ def test_extract_in_qgis_leaves_masked_pixels_as_no_data_and_returns_the_quality
     mask = write_raster(tmp_path / "clouds.tif", (label == 1).astype(np.uint8)[None])
     out = tmp_path / "prob.tif"
     proc = qgis_process(["--json", "run", "menet:extractmangroves", "--", f"INPUT={tile}", f"MODEL={MODEL}",
-                         f"MASK_LAYER={mask}", "CLOUD_MASK=off", f"OUTPUT={out}"], qgis_env)
+                         f"MASK_LAYER={mask}", "CLOUD_MASK=3", f"OUTPUT={out}"], qgis_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
     assert results["QUALITY"] == str(clouds.quality_path(out))
@@ -215,3 +215,28 @@ def test_extract_in_qgis_leaves_masked_pixels_as_no_data_and_returns_the_quality
     np.testing.assert_array_equal(quality, np.where(label == 1, clouds.USER_MASK, clouds.CLEAR))
     assert np.array_equal(np.isnan(read(out)[0]), label == 1)
     assert reported(results["MASKED"], "user mask") == pytest.approx((label == 1).mean(), abs=0.001)
+
+
+def test_extract_loads_the_quality_layer_below_the_probability_with_named_classes(menet_provider, untrained_path,
+                                                                                  tmp_path):
+    """Open output after running: where pixels were masked, the quality layer comes in right below the
+    probability (it shows through the probability's no-data), its codes as named, coloured classes."""
+    from qgis.core import QgsProcessingOutputLayerDefinition, QgsProject, QgsRasterLayer
+    from test_processing import run_and_load
+    tile, label = cloudy_tile(tmp_path)
+    mask = write_raster(tmp_path / "clouds.tif", (label == 1).astype(np.uint8)[None])
+    project = QgsProject.instance()
+    project.clear()
+    layer = QgsRasterLayer(str(tile), "tile")
+    project.addMapLayer(layer)
+    out = str(tmp_path / "p.tif")
+    run_and_load("menet:extractmangroves", {"INPUT": layer.id(), "MODEL": str(untrained_path), "MASK_LAYER": str(mask),
+                                            "CLOUD_MASK": 3, "WINDOW_SIZE": 64, "OVERLAP": 32,
+                                            "OUTPUT": QgsProcessingOutputLayerDefinition(out, project)})
+    names = [node.name() for node in project.layerTreeRoot().children()]
+    assert names[:2] == ["tile mangrove probability", "tile quality (why no probability)"], names
+    quality = project.layerTreeRoot().children()[1].layer()
+    assert quality.source() == str(clouds.quality_path(out))
+    classes = {c.value: c.label for c in quality.renderer().classes()}
+    assert classes == clouds.QUALITY_NAMES
+    project.clear()

@@ -307,7 +307,7 @@ def test_options_left_alone_give_the_declared_defaults(menet_provider, tmp_path)
     params.update(STAGES=[0, 5], STAGE_FOLDER=str(tmp_path / "stages"))
     job = extract.job_parameters(params, context, values_from(extract, params, context, extract.declared_options))
     assert extract.files_written(job) == [str(tmp_path / "p.tif"), str(tmp_path / "stages" / "p_stage0.tif"),
-                                          str(tmp_path / "stages" / "p_stage5.tif")]
+                                          str(tmp_path / "stages" / "p_stage5.tif"), str(tmp_path / "p_quality.tif")]
 
 
 def test_train_output_is_never_a_temporary_file(menet_provider):

@@ -110,8 +110,9 @@ class ExtractMangrovesAlgorithm(MENetAlgorithm):
     def load_outputs(self, parameters, context, feedback, job, result):
         stages = result.get("stages", {})
         quality = result.get("quality")
+        # the quality layer is loaded where it shows something: pixels masked for clouds, defects or the user
         load_results(context, job["output"], stages, self.parameterAsRasterLayer(parameters, self.INPUT, context),
-                     job["input"], quality)
+                     job["input"], quality if result.get("masked_pixels") else None)
         if result.get("masked"):
             feedback.pushInfo(f"pixels without ground evidence: {result['masked']}")
         return {self.OUTPUT: job["output"], self.STAGE_LAYERS: list(stages.values()),

@@ -82,7 +82,7 @@ class ResultLayout:
         self.run_id = uuid.uuid4().hex
         self.input_id, self.input_source = input_id, input_source
         self.probability_id: Optional[str] = None
-        self.quality_id: Optional[str] = None  # the quality layer goes right above the probability
+        self.quality_id: Optional[str] = None  # the quality layer: below the probability and its stages
         self.stage_ids: Dict[str, str] = {}
 
     def branch(self, project: QgsProject) -> QgsLayerTreeGroup:
@@ -99,15 +99,18 @@ class ResultLayout:
     def arrange(self, project: QgsProject) -> None:
         root = project.layerTreeRoot()
         parent = self.branch(project)
-        quality = root.findLayer(self.quality_id) if self.quality_id else None
-        if quality is not None:
-            quality = _move(quality, parent, 0)
         prob = root.findLayer(self.probability_id) if self.probability_id else None
         if prob is not None:
-            prob = _move(prob, parent, 1 if quality is not None else 0)
-        if not self.stage_ids:
-            return
-        position = (prob is not None) + (quality is not None)
+            prob = _move(prob, parent, 0)
+        quality = root.findLayer(self.quality_id) if self.quality_id else None
+        position = 1 if prob is not None else 0
+        if self.stage_ids:
+            self._arrange_stages(root, parent, position)
+            position += 1
+        if quality is not None:  # below the probability: it shows through where the probability is no-data
+            _move(quality, parent, position)
+
+    def _arrange_stages(self, root, parent, position: int) -> None:
         group = find_stage_group(root, self.run_id)
         if group is None:
             group = parent.insertGroup(position, self.group_name)
@@ -220,7 +223,7 @@ def load_results(context: QgsProcessingContext, probability: str, stages: Dict[s
     """Name, style and place the probability layer and load the stage layers with it — explicitly as
     rasters, so QGIS does not try OGR on them first — when the run loads its result (the dialog's
     "Open output file after running", the batch dialog's "Load layers on completion"); without the
-    probability the stage layers (and the quality layer, which goes right above it) are not loaded either."""
+    probability the stage layers and the quality layer are not loaded either."""
     if not context.willLoadLayerOnCompletion(probability):
         return
     layout = ResultLayout(f"ME-Net stages — {input_layer.name()}", list(stages), input_layer.id(), input_source)

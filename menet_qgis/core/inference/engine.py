@@ -81,6 +81,7 @@ class ExtractionResult:
     quality: Optional[Path] = None                      # the quality layer (codes: core/io/clouds.py)
     quality_counts: Dict[int, int] = field(default_factory=dict)  # pixels per quality code
     masked_summary: str = ""                            # "23 % cloud or shadow: left as no-data"
+    masked_pixels: int = 0                              # masked for a reason other than no data
 
 
 class SinkThread:
@@ -269,6 +270,7 @@ def extract(bundle, source: RasterInput, output, options: EngineOptions = Engine
         mask.close()
         result.quality, result.quality_counts = quality, dict(rasters.masking.counts)
         result.masked_summary = rasters.masking.summary()
+        result.masked_pixels = clouds.evidence_masked(result.quality_counts)
         reporter.info(f"pixels without ground evidence: {result.masked_summary} (why, per pixel: {quality.name})")
     if run_count == 0:
         reporter.warn("the input has no valid pixels in the processed area: the output is all no-data")

@@ -120,6 +120,11 @@ def masked_share(counts_or_quality) -> float:
     return (total - counts.get(CLEAR, 0)) / total
 
 
+def evidence_masked(counts: Mapping[int, int]) -> int:
+    """Pixels masked for a reason other than having no data (cloud, shadow, cirrus, defective, user mask)."""
+    return sum(count for code, count in counts.items() if code not in (CLEAR, NO_DATA))
+
+
 def _percent(share: float) -> str:
     value = 100.0 * share
     if 0 < value < 0.1:
