@@ -125,6 +125,25 @@ def test_a_cloudy_tile_maps_its_clouds_as_no_data_from_the_scene_classification(
     assert tags["MENET_MASKED"] == result["masked"]
 
 
+@pytest.mark.parametrize("zipped", [False, True])
+def test_an_l2a_product_as_delivered_masks_the_clouds_its_scene_classification_marks(tmp_path, zipped):
+    """Cloud mask auto on a product (.SAFE folder or its zip) uses the product's own SCL, read in place."""
+    from helpers import write_l2a_product
+    tile, label = cloudy_tile(tmp_path)
+    tile_data = read(tile).astype(np.float32) / 10000
+    # B2, B3, B4, B8, B11 of the real tile; it has no B12, which the default model (recipe v2) does not read:
+    # B11 stands in so the product has its six bands
+    reflectance = tile_data[[0, 1, 2, 3, 5, 5]]
+    scl20 = np.where(label[::2, ::2] == 1, 9, 4).astype(np.uint8)
+    scl20[:4, :8] = 3  # and a patch of cloud shadow
+    product = write_l2a_product(tmp_path / "product", reflectance, scl20, zip=zipped)
+    result, out = extract(tmp_path, product, "product")
+    quality = read(result["quality"])[0]
+    np.testing.assert_array_equal(quality, clouds.scl_quality(np.kron(scl20, np.ones((2, 2), np.uint8))))
+    assert np.array_equal(np.isnan(read(out)[0]), quality != clouds.CLEAR)
+    assert result["masked"].startswith(f"{clouds._percent((quality != 0).mean())} % cloud or shadow: left as no-data")
+
+
 @pytest.mark.parametrize("name", ["tile_1_41", "tile_1_48", "tile_2_01", "tile_0_45", "tile_0_23"])
 def test_predict_with_its_defaults_masks_real_clouds_and_leaves_bright_sand_and_salt(tmp_path, name):
     """No scene classification: the defaults use the detector.  Clouds labelled by hand: at least 80 % are
