@@ -307,6 +307,7 @@ class TrainJob(JobParams):
     threads: int = _default(opts.TRAIN, "threads")
     boundary_weight: float = _default(opts.TRAIN, "boundary_weight")
     refine_width: Optional[int] = _default(opts.TRAIN, "refine_width")
+    train_on_clouds: bool = _default(opts.TRAIN, "train_on_clouds")
 
     def check(self) -> None:
         super().check()  # declared options converted first: the checks below read them
@@ -592,9 +593,11 @@ def train(params: Dict, reporter) -> Dict:
     files.refuse_replacing(job.history, files.JSON_HISTORY)  # before training, not after hours of it
     if specs:
         tiles = training_data.TileSet.concat([training_data.load_tile_folder(spec.folder, recipe=recipe, spec=spec,
-                                                                   log=reporter.info) for spec in specs])
+                                                                   log=reporter.info, ignore_clouds=not job.train_on_clouds)
+                                              for spec in specs])
     else:
-        tiles = training_data.load_raster_labels(job.images, job.label_raster, job.label_polygons, recipe=recipe)
+        tiles = training_data.load_raster_labels(job.images, job.label_raster, job.label_polygons, recipe=recipe,
+                                                 ignore_clouds=not job.train_on_clouds, log=reporter.info)
     reporter.info(f"{len(tiles)} labelled windows of {tiles.images.shape[-1]} px")
     val_names = []
     if job.val_names_from:
@@ -615,7 +618,7 @@ def train(params: Dict, reporter) -> Dict:
         device=job.device, imagenet_weights=job.imagenet_weights, save_best_to=str(best_so_far), recipe=recipe,
         init_from=job.init_from, resume_state=str(resume_state), val_groups=job.val_groups,
         holdout_groups=job.holdout_groups, val_names=val_names, threads=job.threads,
-        boundary_weight=job.boundary_weight, refine_width=job.refine_width)
+        boundary_weight=job.boundary_weight, refine_width=job.refine_width, train_on_clouds=job.train_on_clouds)
     try:
         result = training.train(tiles, options, reporter)
         save(result.bundle, out, half=True)

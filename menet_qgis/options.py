@@ -301,6 +301,11 @@ TRAIN: Tuple[Option, ...] = (
            "channels of the full-resolution image-guided refinement (0 = none; default: as --init's model, "
            "else none)",
            minimum=0, maximum=256, fronts=CLI_ONLY),
+    Option("train_on_clouds", "bool", False,
+           "also train on the labels of pixels the cloud detector (the one that masks the maps) marks as cloud; by "
+           "default they carry no loss and no validation score, since the ground under a cloud is not seen and a "
+           "model trained on such labels learns to paint mangrove on clouds",
+           label="Train on labels under clouds too", advanced=True, fronts=CLI_AND_DIALOG),
 )
 
 # --- Prepare Sentinel-2 stack -------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ FILE_CATEGORIES = {
     "test_test_categories.py": "unit",
     "test_tiling.py": "unit",
     "test_training.py": "unit",
+    "test_training_clouds.py": "unit",
     "test_user_path.py": "integration",
     "test_worker.py": "integration",
 }

@@ -192,7 +192,8 @@ def test_sources_with_different_bands_and_scales_train_together(tmp_path):
     result = training.train(both, options)
     assert result.bundle.recipe is channels.RECIPE_V2 and len(result.bundle.pca.mean) == 5
     assert result.bundle.training["boundary_weight"] == 2.0  # the boundary-aware loss ran and is recorded
-    assert result.bundle.training["sources"]["m"] == {"train_windows": 3, "val_windows": 3}
+    assert result.bundle.training["sources"]["m"] == {"train_windows": 3, "val_windows": 3,  # no clouds there
+                                                      "cloud_pixels_ignored": 0, "val_cloud_pixels_unscored": 0}
     with pytest.raises(ValueError, match="recipe menet-s2 v1 reads 6"):
         training.train(both, training.TrainOptions(epochs=1, batch_size=2, recipe=channels.RECIPE_V1))
     from menet_qgis import jobs

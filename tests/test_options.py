@@ -24,7 +24,7 @@ OLD_FLAGS = {
     "train": {"--tiles": None, "--out": None, "--epochs": 30, "--batch-size": 8, "--lr": 0.001, "--val-fraction": 0.2,
               "--seed": 0, "--device": "auto", "--imagenet-weights": None, "--history": None, "--recipe": 2,
               "--init": None, "--val-groups": [], "--holdout": [], "--val-names-from": None, "--resume": False,
-              "--threads": 0, "--boundary-weight": 0.0, "--refine-width": None},
+              "--threads": 0, "--boundary-weight": 0.0, "--refine-width": None, "--train-on-clouds": False},
     "export": {"--out": None, "--stages": False},
     "prepare": {"--bounds": None, "--resampling": "bilinear", "--composite": "medoid", "--masks": None},
     "batch": {"--out-dir": None, "--model": None, "--workers": 0, "--scheduler": None, "--retries": 2,

@@ -281,7 +281,8 @@ INTERFACE = {
                                 "OUTPUT"], ["OUTPUT"]),
     "menet:trainmenet": (["TILE_FOLDER", "IMAGES", "LABEL_RASTER", "LABEL_POLYGONS", "EPOCHS", "BATCH_SIZE",
                           "LEARNING_RATE", "VAL_FRACTION", "SEED", "DEVICE", "IMAGENET_WEIGHTS", "RECIPE", "INIT_MODEL",
-                          "RESUME", "OUTPUT_MODEL"], ["OUTPUT_MODEL", "VAL_F1", "VAL_IOU", "VAL_KAPPA", "THRESHOLD"]),
+                          "RESUME", "TRAIN_ON_CLOUDS", "OUTPUT_MODEL"],
+                         ["OUTPUT_MODEL", "VAL_F1", "VAL_IOU", "VAL_KAPPA", "THRESHOLD"]),
 }
 
 

@@ -39,7 +39,8 @@ class TileSet:
     label pixels a source's quality rules set aside, e.g. the edges of coarse labels).  Each
     window carries its source, its location group (``source:…``: the unit of every split), a
     sample weight and its label style (0 = the style a trained model outputs; see ``SourceSpec``).
-    ``bounds`` is ``None`` for un-georeferenced windows."""
+    ``bounds`` is ``None`` for un-georeferenced windows.  ``cloud`` marks the valid pixels
+    ``leave_out_clouds`` found under cloud, cloud shadow or cirrus (out of the loss and the scores)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -54,6 +55,7 @@ class TileSet:
     loss_valid: Optional[np.ndarray] = None
     flags: List[Dict] = field(default_factory=list)
     styles: Optional[np.ndarray] = None
+    cloud: Optional[np.ndarray] = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -62,6 +64,11 @@ class TileSet:
         self.weights = np.ones(n, np.float32) if self.weights is None else np.asarray(self.weights, np.float32)
         self.loss_valid = self.valid.copy() if self.loss_valid is None else self.loss_valid
         self.styles = np.zeros(n, np.int64) if self.styles is None else np.asarray(self.styles, np.int64)
+
+    @property
+    def scored(self) -> np.ndarray:
+        """The pixels scores count: valid ones, less those ``leave_out_clouds`` found under clouds."""
+        return self.valid if self.cloud is None else self.valid & ~self.cloud
 
     def __len__(self):
         return len(self.images)
@@ -75,7 +82,7 @@ class TileSet:
         return TileSet(self.images[idx], self.labels[idx], self.valid[idx], [self.bounds[i] for i in idx],
                        [self.names[i] for i in idx], self.crs, 0, [self.sources[i] for i in idx],
                        [self.groups[i] for i in idx], self.weights[idx], self.loss_valid[idx],
-                       styles=self.styles[idx])
+                       styles=self.styles[idx], cloud=None if self.cloud is None else self.cloud[idx])
 
     @classmethod
     def concat(cls, sets: Sequence["TileSet"]) -> "TileSet":
@@ -90,7 +97,9 @@ class TileSet:
                    sum(t.duplicates_dropped for t in sets), [x for t in sets for x in t.sources],
                    [g for t in sets for g in t.groups], np.concatenate([t.weights for t in sets]),
                    np.concatenate([t.loss_valid for t in sets]), [f for t in sets for f in t.flags],
-                   np.concatenate([t.styles for t in sets]))
+                   np.concatenate([t.styles for t in sets]),
+                   None if all(t.cloud is None for t in sets) else
+                   np.concatenate([np.zeros(t.valid.shape, bool) if t.cloud is None else t.cloud for t in sets]))
 
 
 def _read_reflectance(path: str, recipe: ch.Recipe = ch.DEFAULT_RECIPE,
@@ -291,6 +300,49 @@ def flag_label_noise(images: np.ndarray, labels: np.ndarray, valid: np.ndarray, 
     return flags
 
 
+def cloud_quality(images: np.ndarray, recipe: ch.Recipe) -> np.ndarray:
+    """(N, H, W) quality codes (``core.io.clouds``) of each window by the cloud detector the maps use
+    (``cloud_detector.detect``), on its reflectance in ``recipe``'s band order (NaN = no data)."""
+    from ..io.cloud_detector import detect
+    if len(images) == 0:
+        return np.zeros(images.shape[:1] + images.shape[2:], np.uint8)
+    return np.stack([np.asarray(detect(img, list(recipe.source_bands)), np.uint8) for img in images])
+
+
+def leave_out_clouds(tiles: TileSet, recipe: ch.Recipe, log: Callable[[str], None] = lambda message: None,
+                     what: str = "", quality: Optional[np.ndarray] = None) -> Dict[str, Dict[str, int]]:
+    """Leave the labels of pixels without ground evidence out of the loss and the scores: where the cloud
+    detector of the maps finds cloud, cloud shadow or cirrus, a label (drawn from another date or a coarse
+    map) says what lies under the cloud, and a model trained on it learns to paint mangrove on clouds.
+    The pixels stay in the input (the model sees the cloud as context, as it does when it maps); they
+    leave ``loss_valid`` and are marked in ``tiles.cloud`` (``scored`` leaves them out).  Returns, per
+    source, the pixels set aside (``cloud_pixels``: valid labelled pixels under cloud; ``loss_pixels``:
+    those the loss saw before), its valid pixels and its windows with any, each logged in one line.
+    ``quality``: the windows' codes when already known (``cloud_quality``)."""
+    from ..io import clouds
+    quality = cloud_quality(tiles.images, recipe) if quality is None else quality
+    cloud = (quality != clouds.CLEAR) & tiles.valid
+    before = tiles.loss_valid
+    tiles.cloud = cloud if tiles.cloud is None else tiles.cloud | cloud
+    tiles.loss_valid = before & ~cloud
+    report: Dict[str, Dict[str, int]] = {}
+    for source in dict.fromkeys(tiles.sources):
+        idx = [i for i, s in enumerate(tiles.sources) if s == source]
+        under = cloud[idx]
+        codes = quality[idx][under]
+        report[source] = {"cloud_pixels": int(under.sum()), "loss_pixels": int((before[idx] & under).sum()),
+                          "valid_pixels": int(tiles.valid[idx].sum()),
+                          "windows": int(np.any(under, axis=(1, 2)).sum()), "of_windows": len(idx),
+                          **{clouds.QUALITY_NAMES[c]: int((codes == c).sum()) for c in
+                             (clouds.CLOUD, clouds.SHADOW, clouds.CIRRUS) if (codes == c).any()}}
+        r = report[source]
+        kinds = ", ".join(f"{k} {r[k]}" for k in ("cloud", "cloud shadow", "cirrus") if k in r)
+        log(f"{source}{what}: {r['cloud_pixels']} labelled pixels under clouds ({r['cloud_pixels'] / max(r['valid_pixels'], 1):.2%} "
+            f"of its valid pixels, in {r['windows']} of {r['of_windows']} windows{'; ' + kinds if kinds else ''}) "
+            "carry no loss and no score")
+    return report
+
+
 def copy_agreement(image: np.ndarray, valid: np.ndarray, label: np.ndarray, recipe: ch.Recipe) -> float:
     """How far a mask agrees with its image: F1 of the label against the image's vegetation (NDVI > 0.3
     and MNDWI < 0).  Vegetation is not mangrove, so this only ranks copies of one footprint: a copy
@@ -302,10 +354,12 @@ def copy_agreement(image: np.ndarray, valid: np.ndarray, label: np.ndarray, reci
 
 def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[str, str] = ("tile_", "mask_"),
                      recipe: ch.Recipe = ch.DEFAULT_RECIPE, spec: Optional[SourceSpec] = None,
-                     log: Callable[[str], None] = lambda message: None) -> TileSet:
+                     log: Callable[[str], None] = lambda message: None, ignore_clouds: bool = False) -> TileSet:
     """Image/mask pairs such as ``tile_0001.tif`` + ``mask_0001.tif`` (paired by ``pair_tile_files``, each mask on
     its tile's grid by ``check_mask_grid``); copies of one footprint kept once (when their labels disagree, the
-    one that agrees with the image, or none); label-noise rules applied and logged."""
+    one that agrees with the image, or none); label-noise rules applied and logged.  ``ignore_clouds``: pixels
+    under clouds carry no loss and no score (``leave_out_clouds``), and the label-noise rules do not read them
+    (an opaque cloud passes the water rule's index test)."""
     spec = spec or SourceSpec(str(folder))
     pairs = _read_pairs(pair_tile_files(folder, image_glob, mask_prefix), recipe)
     pairs.check_grids(folder)
@@ -320,7 +374,9 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     check_both_classes(labels, valid, f"the training masks in {folder}")
     loss_valid = valid & ~label_edge_band(labels, spec.edge_ignore)
     weights = np.full(len(images), spec.weight, np.float32)
-    for flag in flag_label_noise(images, labels, valid, recipe):
+    quality = cloud_quality(images, recipe) if ignore_clouds else None
+    seen = valid if quality is None else valid & (quality == 0)  # 0: clouds.CLEAR
+    for flag in flag_label_noise(images, labels, seen, recipe):
         i = flag.pop("index")
         loss_valid[i] &= ~flag.pop("water")
         weights[i] *= 0.5
@@ -330,8 +386,11 @@ def load_tile_folder(folder, image_glob: str = "tile_*.tif", mask_prefix: Tuple[
     for flag in flags:
         log(f"label noise, {flag['source']} {flag['window']}: {flag['rule']}"
             + (f" ({flag['share']:.0%} of its mangrove pixels)" if "share" in flag else "") + f" -> {flag['decision']}")
-    return TileSet(images, labels, valid, bounds, names, crs, pairs.dropped, [spec.source] * len(images), groups,
-                   weights, loss_valid, flags, np.full(len(images), spec.style, np.int64))
+    tiles = TileSet(images, labels, valid, bounds, names, crs, pairs.dropped, [spec.source] * len(images), groups,
+                    weights, loss_valid, flags, np.full(len(images), spec.style, np.int64))
+    if quality is not None:
+        leave_out_clouds(tiles, recipe, log, quality=quality)
+    return tiles
 
 
 @dataclass
@@ -556,10 +615,12 @@ def _tile_groups(folder, spec: "SourceSpec", crs: Optional[str], bounds, names: 
 
 
 def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygons_by_image=None,
-                       tile: int = 128, recipe: ch.Recipe = ch.DEFAULT_RECIPE) -> TileSet:
+                       tile: int = 128, recipe: ch.Recipe = ch.DEFAULT_RECIPE, ignore_clouds: bool = False,
+                       log: Callable[[str], None] = lambda message: None) -> TileSet:
     """Training windows cut from whole rasters: labels from a mask raster (mangrove >= 0.5,
     resampled nearest onto each image's grid) or from polygons (GeoJSON-like dicts in each
-    image's CRS, ``polygons_by_image[i]``).  Windows without valid labelled pixels are dropped."""
+    image's CRS, ``polygons_by_image[i]``).  Windows without valid labelled pixels are dropped.
+    ``ignore_clouds``: pixels under clouds carry no loss and no score (``leave_out_clouds``)."""
     from ..io.polygons import burn_polygons, read_on_grid
     if (mask is None) == (polygons_by_image is None):
         raise ValueError("give the labels either as a mask raster or as polygons")
@@ -592,7 +653,10 @@ def load_raster_labels(images: Sequence[str], mask: Optional[str] = None, polygo
     if not images_out:
         raise ValueError(f"no {tile} x {tile} px window with valid pixels and labels in the given rasters")
     check_both_classes(np.stack(labels), np.stack(valid), "the training labels")
-    return TileSet(np.stack(images_out), np.stack(labels), np.stack(valid), bounds, names, crs)
+    tiles = TileSet(np.stack(images_out), np.stack(labels), np.stack(valid), bounds, names, crs)
+    if ignore_clouds:
+        leave_out_clouds(tiles, recipe, log)
+    return tiles
 
 
 #: Side of the spatial blocks of the validation split, in pixels (3 windows of 128 px).

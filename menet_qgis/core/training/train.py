@@ -12,7 +12,7 @@ import io
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +29,7 @@ from ..model import channels as ch
 from ..model.checkpoint import ModelBundle, load_imagenet_state, new_bundle, save, saved_bytes
 from ..model.flips import dihedral
 from ..reporting import Cancelled, Reporter
-from .data import SPLIT_HINT, TileSet, check_both_classes, label_edge_band, split_windows
+from .data import SPLIT_HINT, TileSet, check_both_classes, label_edge_band, leave_out_clouds, split_windows
 from ...options import TRAIN, default_of
 
 #: Width (px) of the band a boundary-aware loss weights up: 83 % of the Jambelí model's errors
@@ -72,6 +72,7 @@ class TrainOptions:
     val_names: Sequence[str] = ()
     boundary_weight: float = default_of(TRAIN, "boundary_weight")  # > 0: boundary-aware loss (see masked_loss)
     refine_width: Optional[int] = None   # image-guided refinement width; None = as init_from, else 0 (none)
+    train_on_clouds: bool = default_of(TRAIN, "train_on_clouds")  # False: cloudy pixels carry no loss (ignore_clouds)
 
 
 @dataclass
@@ -131,15 +132,17 @@ def evaluate(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16,
     """Confusion on the valid pixels of ``tiles`` at ``threshold`` (default: the model's own)."""
     threshold = bundle.threshold if threshold is None else threshold
     prob = predict_windows(bundle, tiles, device, batch_size)
-    return Confusion().add(prob[tiles.valid] >= threshold, tiles.labels[tiles.valid] >= 0.5)
+    scored = tiles.scored
+    return Confusion().add(prob[scored] >= threshold, tiles.labels[scored] >= 0.5)
 
 
 def probability_counts(bundle: ModelBundle, tiles: TileSet, device, batch_size: int = 16) -> Dict[str, ProbabilityCounts]:
     """Probability histograms per location group and per source, plus ``"all"``."""
     prob = predict_windows(bundle, tiles, device, batch_size)
     counts: Dict[str, ProbabilityCounts] = {}
+    scored = tiles.scored
     for i in range(len(tiles)):
-        ok = tiles.valid[i]
+        ok = scored[i]
         for key in ("all", tiles.sources[i], tiles.groups[i]):
             counts.setdefault(key, ProbabilityCounts()).add(prob[i][ok], tiles.labels[i][ok] >= 0.5)
     return counts
@@ -178,6 +181,8 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
         torch.set_num_threads(options.threads)
     device, device_text = choose_device(options.device)
     _check_options(tiles, options)
+    if not options.train_on_clouds:  # unless the loader has done it (load_tile_folder's ignore_clouds)
+        tiles, val_tiles = _without_clouds(tiles, val_tiles, options.recipe, reporter)
     train_set, val_set, holdout, label_styles = _training_split(tiles, options, val_tiles)
     _log_split(reporter, device_text, options, tiles, train_set, val_set, holdout)
     bundle, imagenet = _initial_model(options, train_set, label_styles, reporter)
@@ -221,6 +226,20 @@ def _check_options(tiles: TileSet, options: TrainOptions) -> None:
     if tiles.images.shape[1] != len(options.recipe.source_bands):
         raise ValueError(f"the windows hold {tiles.images.shape[1]} bands, recipe {options.recipe.label} reads "
                          f"{len(options.recipe.source_bands)} ({', '.join(options.recipe.source_bands)})")
+
+
+def _without_clouds(tiles: TileSet, val_tiles: Optional[TileSet], recipe: ch.Recipe,
+                    reporter: Reporter) -> Tuple[TileSet, Optional[TileSet]]:
+    """The windows with their pixels under clouds (the maps' cloud detector) out of the loss and the scores, as
+    copies (the caller's windows are left as they were); windows whose clouds were looked for already as they are.
+    The loaders do this better (``ignore_clouds``): their label-noise rules then leave the clouds out too."""
+    if tiles.cloud is None:
+        tiles = replace(tiles)
+        leave_out_clouds(tiles, recipe, reporter.info)
+    if val_tiles is not None and val_tiles.cloud is None:
+        val_tiles = replace(val_tiles)
+        leave_out_clouds(val_tiles, recipe, reporter.info, " (validation)")
+    return tiles, val_tiles
 
 
 def _training_split(tiles: TileSet, options: TrainOptions,
@@ -453,12 +472,16 @@ def _describe(bundle, options, train_set, val_set, best, imagenet: bool, device_
         sources[name] = {"train_windows": train_set.sources.count(name), "val_windows": val_set.sources.count(name)}
         if max(styles.values()) > 0 and name in styles:
             sources[name]["label_style"] = styles[name]
+        for key, part in (("cloud_pixels_ignored", train_set), ("val_cloud_pixels_unscored", val_set)):
+            if part.cloud is not None:  # valid labelled pixels under clouds: out of the loss / the scores
+                sources[name][key] = int(sum(part.cloud[i].sum() for i, s in enumerate(part.sources) if s == name))
     bundle.training = {
         "trained": True,
         "note": (f"trained {time.strftime('%Y-%m-%d')} on {len(train_set)} windows, "
                  f"best validation F1 {best['f1']:.4f} (epoch {best['epoch']}, threshold {best['threshold']:.2f})"),
         "epochs": options.epochs, "best_epoch": best["epoch"], "seed": options.seed, "device": device_text,
         "lr": options.lr, "batch_size": options.batch_size, "boundary_weight": options.boundary_weight,
+        "clouds_ignored": train_set.cloud is not None,
         "train_windows": len(train_set), "val_windows": len(val_set), "val_names": list(val_set.names),
         "sources": sources, "holdout_groups": sorted(set(holdout.groups)) if holdout is not None else [],
         "threshold": float(best["threshold"]),
