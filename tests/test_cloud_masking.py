@@ -201,6 +201,23 @@ def test_a_mask_layer_of_the_user_raster_or_polygons_applies_even_with_cloud_mas
         assert reported(result["masked"], "user mask") == pytest.approx(expected.mean(), abs=0.001)
 
 
+def test_an_extent_gets_the_codes_of_its_own_pixels(tmp_path):
+    """Processing only an extent: the quality layer and the no-data are those of the extent's pixels."""
+    from menet_qgis import jobs
+    from menet_qgis.core.reporting import Reporter
+    tile, label = cloudy_tile(tmp_path)
+    mask = write_raster(tmp_path / "clouds.tif", (label == 1).astype(np.uint8)[None])
+    x0, y0 = ORIGIN
+    rows, cols = slice(30, 100), slice(20, 90)  # the extent, in pixels
+    bounds = [x0 + 10 * cols.start, y0 - 10 * rows.stop, x0 + 10 * cols.stop, y0 - 10 * rows.start]
+    out = tmp_path / "extent.tif"
+    result = jobs.extract({"input": str(tile), "output": str(out), "model": str(MODEL), "bounds": bounds,
+                           "options": {"cloud_mask": "off", "mask_layer": str(mask)}}, Reporter())
+    expected = label[rows, cols] == 1
+    np.testing.assert_array_equal(read(result["quality"])[0], np.where(expected, clouds.USER_MASK, clouds.CLEAR))
+    assert np.array_equal(np.isnan(read(out)[0]), expected)
+
+
 def test_windows_whose_every_pixel_is_masked_are_not_run(tmp_path):
     tile, _ = cloudy_tile(tmp_path)
     everything = write_raster(tmp_path / "all.tif", np.ones((1, 128, 128), np.uint8))
