@@ -25,6 +25,7 @@ FILE_CATEGORIES = {
     "test_cli.py": "integration",
     "test_cloud_detector.py": "unit",
     "test_desktop_gui.py": "gui",
+    "test_desktop_gui_product.py": "gui data",
     "test_distributed.py": "integration",
     "test_engine.py": "integration",
     "test_environment_installer.py": "integration",
