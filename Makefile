@@ -82,11 +82,12 @@ package: setup
 # The README's and docs' screenshots, from the desktop GUI test (real QGIS under Xvfb); copied only when it passes.
 .PHONY: screenshots
 screenshots: plugin
-	$(PY) -m pytest -q tests/test_desktop_gui.py tests/test_user_path.py
+	$(PY) -m pytest -q tests/test_desktop_gui.py tests/test_user_path.py tests/test_desktop_gui_product.py
 	mkdir -p docs/screenshots
 	cp build/gui/dialog_parameters.png build/gui/dialog_log.png build/gui/main_window_result.png docs/screenshots/
 	cp build/user_path/desktop/08_main_window_map.png docs/screenshots/user_path_map.png
 	cp build/user_path/desktop/07_extract_log.png docs/screenshots/user_path_extract_log.png
+	cp build/gui-product/product_map_clouds_through.png docs/screenshots/product_clouds_map.png
 
 # The documentation site (docs/, mkdocs.yml) into build/site; warnings (a broken link or anchor, a page
 # missing from the nav) are errors.
