@@ -445,7 +445,7 @@ def prepare(params: Dict, reporter) -> Dict:
     job = PrepareJob.from_dict(params)
     if len(job.inputs()) > 1:
         return prepare_composite(job, reporter)
-    from .core.io import sentinel2_product
+    from .core.io import sentinel2_product, stack
     job.folder = job.inputs()[0]
     product = sentinel2_product.open_product(job.folder)
     bounds, polygon = job.bounds, job.polygon
@@ -453,8 +453,8 @@ def prepare(params: Dict, reporter) -> Dict:
         bounds = transform_bounds(job.bounds_crs, product.crs, *bounds)
     if polygon and job.polygon_crs:
         polygon = transform_geom(job.polygon_crs, product.crs, polygon)
-    result = sentinel2_product.build_stack(job.folder, job.output, bounds=bounds, polygon_geojson=polygon,
-                                           resampling=job.resampling, reporter=reporter)
+    result = stack.build_stack(job.folder, job.output, bounds=bounds, polygon_geojson=polygon,
+                               resampling=job.resampling, reporter=reporter)
     reporter.info(f"wrote {result.width} x {result.height} px, bands B2, B3, B4, B8, B11, B12 to {result.path}")
     return {"stack": str(result.path), "width": result.width, "height": result.height,
             "product": result.product.describe()}
@@ -558,7 +558,7 @@ def prepare_composite(job: PrepareJob, reporter) -> Dict:
 
 def export_channels(params: Dict, reporter) -> Dict:
     """The 11 input channels as the model sees them (before normalisation)."""
-    from .core.io import sentinel2_product
+    from .core.io import stack
     job = ExportChannelsJob.from_dict(params)
     # Only the model's PCA basis and recipe are read: the .onnx first (no torch needed).
     model_path = resolve_model(job.model, device="cpu", reporter=reporter)
@@ -571,7 +571,7 @@ def export_channels(params: Dict, reporter) -> Dict:
     else:
         from .core.model import checkpoint
         pca, recipe = checkpoint.read_pca(model_path), checkpoint.read_recipe(model_path)
-    path = sentinel2_product.export_channels(job.input, job.output, pca, job.bands, job.dn_offset, reporter, recipe)
+    path = stack.export_channels(job.input, job.output, pca, job.bands, job.dn_offset, reporter, recipe)
     return {"output": str(path)}
 
 

@@ -266,11 +266,11 @@ def test_assess_report_over_an_input_is_refused(cli, tmp_path):
 @pytest.mark.unit
 def test_channel_export_and_stack_over_their_inputs_are_refused(tmp_path):
     from menet_qgis.core.model import channels
-    from menet_qgis.core.io import sentinel2_product
+    from menet_qgis.core.io import stack
     src = write_s2(tmp_path / "a.tif", 32, 32)
     before = src.read_bytes()
     with pytest.raises(files.InputError, match="is the input"):
-        sentinel2_product.export_channels(src, src, channels.RECIPE_V1.default_pca())
+        stack.export_channels(src, src, channels.RECIPE_V1.default_pca())
     assert src.read_bytes() == before and partials(tmp_path) == []
 
 

@@ -13,7 +13,7 @@ from rasterio.warp import transform_geom
 
 from helpers import UTM17S, read
 from menet_qgis.core import reporting
-from menet_qgis.core.io import sentinel2_product
+from menet_qgis.core.io import sentinel2_product, stack
 from menet_qgis.core.compat import apply
 from menet_qgis.core.model.channels import CHANNEL_NAMES, DEFAULT_RECIPE, RECIPE_V1, SOURCE_BANDS, compute_channels
 from menet_qgis.core.io.raster_io import RasterInput
@@ -94,7 +94,7 @@ def safe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stacks(safe, tmp_path_factory):
     out = tmp_path_factory.mktemp("stacks")
-    return {r: sentinel2_product.build_stack(safe, out / f"{r}.tif", resampling=r).path for r in ("bilinear", "nearest")}
+    return {r: stack.build_stack(safe, out / f"{r}.tif", resampling=r).path for r in ("bilinear", "nearest")}
 
 
 def upsample_matrix(n: int) -> np.ndarray:
@@ -131,7 +131,7 @@ def test_l1c_names_and_radiometric_offset(tmp_path):
 def test_metadata_before_baseline_04_means_offset_zero(tmp_path):
     folder = make_flat(tmp_path / "old")
     (folder / "MTD_MSIL2A.xml").write_text(metadata_xml(baseline="02.14").replace("BOA_ADD_OFFSET", "OTHER"))
-    result = sentinel2_product.build_stack(folder, tmp_path / "stack.tif", resampling="nearest")
+    result = stack.build_stack(folder, tmp_path / "stack.tif", resampling="nearest")
     assert (result.product.offset, result.product.baseline) == (0.0, "02.14")
     plan = RasterInput(result.path).plan
     assert plan.offset == 0.0 and "offset from product metadata" in plan.describe()
@@ -143,7 +143,7 @@ def test_missing_band_lists_found_and_needed(tmp_path):
     folder = make_flat(tmp_path / "flat")
     (folder / f"{PREFIX}_B12_20m.tif").unlink()
     with pytest.raises(ValueError) as err:
-        sentinel2_product.build_stack(folder, tmp_path / "out.tif")
+        stack.build_stack(folder, tmp_path / "out.tif")
     text = str(err.value)
     assert text.startswith(f"no B12 band file in {folder}")
     assert "found B2 (10 m), B3 (10 m), B4 (10 m), B8 (10 m), B11 (20 m)" in text
@@ -162,7 +162,7 @@ def test_bands_from_another_tile_refused_and_nothing_written(tmp_path):
     folder = make_flat(tmp_path / "flat")
     write_band(folder / f"{PREFIX}_B11_20m.tif", BANDS["B11"], 20, crs="EPSG:32718")
     with pytest.raises(ValueError, match="not from one tile"):
-        sentinel2_product.build_stack(folder, tmp_path / "out" / "stack.tif")
+        stack.build_stack(folder, tmp_path / "out" / "stack.tif")
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -213,7 +213,7 @@ def test_stack_reads_as_sentinel2_input_with_the_product_offset(stacks):
 
 def test_flat_folder_without_metadata_stores_no_offset(tmp_path):
     folder = make_flat(tmp_path / "flat")
-    result = sentinel2_product.build_stack(folder, tmp_path / "stack.tif", resampling="nearest")
+    result = stack.build_stack(folder, tmp_path / "stack.tif", resampling="nearest")
     with rasterio.open(result.path) as ds:
         assert "BOA_ADD_OFFSET" not in ds.tags() and ds.tags()["SOURCE_PRODUCT"] == "flat"
     np.testing.assert_array_equal(read(result.path)[0], BANDS["B2"])
@@ -224,7 +224,7 @@ def test_flat_folder_without_metadata_stores_no_offset(tmp_path):
 def test_clip_to_extent_snaps_outwards_to_the_10m_grid(safe, tmp_path):
     x0, y0 = ORIGIN
     bounds = (x0 + 103, y0 - 251, x0 + 251, y0 - 97)        # -> columns 10..25, rows 9..25
-    path = sentinel2_product.build_stack(safe, tmp_path / "clip.tif", bounds=bounds).path
+    path = stack.build_stack(safe, tmp_path / "clip.tif", bounds=bounds).path
     with rasterio.open(path) as ds:
         assert ds.transform == from_origin(x0 + 100, y0 - 90, 10, 10)
         assert (ds.width, ds.height) == (16, 17)
@@ -232,7 +232,7 @@ def test_clip_to_extent_snaps_outwards_to_the_10m_grid(safe, tmp_path):
     np.testing.assert_array_equal(data[2], BANDS["B4"][9:26, 10:26])
     assert (data[4] == 2500).all()
     with pytest.raises(ValueError, match="does not overlap the raster"):
-        sentinel2_product.build_stack(safe, tmp_path / "off.tif", bounds=(0, 0, 10, 10))
+        stack.build_stack(safe, tmp_path / "off.tif", bounds=(0, 0, 10, 10))
     assert not (tmp_path / "off.tif").exists()
 
 
@@ -240,7 +240,7 @@ def test_clip_to_polygon_sets_outside_pixels_to_nodata(safe, tmp_path):
     x0, y0 = ORIGIN
     triangle = {"type": "Polygon", "coordinates": [[(x0 + 52, y0 - 48), (x0 + 348, y0 - 61),
                                                      (x0 + 123, y0 - 377), (x0 + 52, y0 - 48)]]}
-    path = sentinel2_product.build_stack(safe, tmp_path / "poly.tif", polygon_geojson=triangle).path
+    path = stack.build_stack(safe, tmp_path / "poly.tif", polygon_geojson=triangle).path
     with rasterio.open(path) as ds:
         data, transform = ds.read(), ds.transform
     assert (transform.c, transform.f) == (x0 + 50, y0 - 40)         # bounding pixels of the triangle
@@ -262,7 +262,7 @@ def test_cancel_leaves_no_output(safe, tmp_path):
             return True
 
     with pytest.raises(reporting.Cancelled):
-        sentinel2_product.build_stack(safe, tmp_path / "stack.tif", reporter=Cancel())
+        stack.build_stack(safe, tmp_path / "stack.tif", reporter=Cancel())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -273,15 +273,15 @@ def test_export_channels_matches_the_recipe(safe, tmp_path, monkeypatch):
                                                    (x0, y0)], [(x0 + 100, y0 - 100), (x0 + 200, y0 - 100),
                                                                (x0 + 200, y0 - 200), (x0 + 100, y0 - 200),
                                                                (x0 + 100, y0 - 100)]]}
-    stack = sentinel2_product.build_stack(safe, tmp_path / "stack.tif", polygon_geojson=square).path
-    monkeypatch.setattr(sentinel2_product, "EXPORT_BLOCK", 16)            # several strips, ragged edges
+    stacked = stack.build_stack(safe, tmp_path / "stack.tif", polygon_geojson=square).path
+    monkeypatch.setattr(stack, "EXPORT_BLOCK", 16)            # several strips, ragged edges
     pca = RECIPE_V1.default_pca()
-    out = sentinel2_product.export_channels(stack, tmp_path / "channels.tif", pca)
+    out = stack.export_channels(stacked, tmp_path / "channels.tif", pca)
     with rasterio.open(out) as ds:
         assert (ds.count, ds.dtypes[0], ds.descriptions) == (11, "float32", tuple(CHANNEL_NAMES))
         assert np.isnan(ds.nodata) and ds.transform == from_origin(*ORIGIN, 10, 10)
         got = ds.read()
-    dn = read(stack).astype(np.float32)
+    dn = read(stacked).astype(np.float32)
     want = compute_channels(torch.from_numpy((dn[None] - 1000) / 10000), pca)[0].numpy()
     hole = (dn == 0).all(axis=0)
     assert hole.sum() == 100 and np.isnan(got[:, hole]).all()
@@ -292,7 +292,7 @@ def test_export_refuses_an_eleven_channel_stack(tmp_path):
     from helpers import write_raster
     src = write_raster(tmp_path / "stack11.tif", np.zeros((11, 4, 4), np.float32), CHANNEL_NAMES)
     with pytest.raises(ValueError, match="already an 11-channel ME-Net stack"):
-        sentinel2_product.export_channels(src, tmp_path / "out.tif", RECIPE_V1.default_pca())
+        stack.export_channels(src, tmp_path / "out.tif", RECIPE_V1.default_pca())
 
 
 # --- inside QGIS ----------------------------------------------------------------------------
@@ -389,8 +389,8 @@ def test_product_vrt_holds_the_stacks_values_and_offset(tmp_path):
     RasterInput reads its offset from the tags."""
     product = sentinel2_product.open_product(_product(tmp_path, zip=True))
     vrt = sentinel2_product.product_vrt(product, tmp_path / "p.vrt")
-    stack = sentinel2_product.build_stack(product.source, tmp_path / "s.tif").path
-    np.testing.assert_array_equal(read(vrt), read(stack))
+    stacked = stack.build_stack(product.source, tmp_path / "s.tif").path
+    np.testing.assert_array_equal(read(vrt), read(stacked))
     source = RasterInput(vrt)
     try:
         assert source.plan.offset == -1000 and source.product is None

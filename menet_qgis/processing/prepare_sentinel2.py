@@ -56,7 +56,7 @@ class PrepareSentinel2Algorithm(MENetAlgorithm):
                                                      behavior=QgsProcessingParameterFile.Behavior.Folder,
                                                      optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(self.MORE_DATES,
-                                                               "More dates of the same area (composite)",
+                                                               "More dates (composite)",
                                                                QgsProcessing.SourceType.TypeRaster, optional=True))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Clip to extent", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.CLIP_LAYER, "Clip to polygons",

@@ -39,7 +39,7 @@ QUALITY_COLOURS: Dict[int, tuple] = {
     NO_DATA: (0, 0, 0, 255),
     DEFECTIVE: (255, 0, 255, 255),
     SHADOW: (90, 90, 90, 255),
-    CLOUD: (255, 255, 255, 255),
+    CLOUD: (200, 200, 200, 255),  # light grey: white would vanish on the white legend panel
     CIRRUS: (170, 220, 255, 255),
     USER_MASK: (255, 170, 0, 255),
 }

@@ -6,12 +6,9 @@ folder (or a flat folder of per-band JP2/GeoTIFF files named like the
 product's), its ``.zip`` (read in place through GDAL's ``/vsizip/``), its
 ``MTD_MSIL*.xml``, or a GDAL SENTINEL2 subdataset name.  ``ProductReader``
 reads its bands on the 10 m grid (``RasterInput`` uses it, so Extract maps a
-product directly); ``product_vrt`` writes them as one 6-band VRT;
-``build_stack`` writes one 6-band 10 m GeoTIFF of DN: B2, B3, B4, B8 as they
-are, B11 and B12 resampled from 20 m, with the product's DN offset stored as
-a tag so ``bands.plan_input`` applies it.  Nothing here imports torch at
-module level (the light engine opens products too).  ``export_channels`` writes the 11 recipe channels of a raster, so one can
-look at exactly what the model is fed.
+product directly); ``product_vrt`` writes them as one 6-band VRT.  The files
+made from products (Prepare's stack, channel exports) are written by ``stack``.
+Nothing here imports torch (the light engine opens products too).
 
 Sentinel-2 facts used here: reflectance = (DN + offset) / 10000; the offset is
 -1000 from processing baseline 04.00 (products after 25 Jan 2022) and 0
@@ -31,16 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from rasterio.features import bounds as geometry_bounds
-from rasterio.features import geometry_mask
 from rasterio.vrt import WarpedVRT
-from rasterio.windows import Window
 
 from .bands import ALIASES, OFFSET_KEYS, band_label, checked_dn_offset
-from ..model.channels import N_CHANNELS, RECIPE_V1, SOURCE_BANDS, PCABasis, Recipe, compute_channels
-from ..reporting import Cancelled, Reporter
-from ..files import refuse_overwriting_inputs
-from .raster_io import AtomicRaster, RasterInput, check_writable, snapped_window
+from ..model.channels import SOURCE_BANDS
 
 #: Resolution (m) each needed band has in the product; finer copies are preferred.
 NATIVE_RESOLUTION = {"B2": 10, "B3": 10, "B4": 10, "B8": 10, "B11": 20, "B12": 20}
@@ -49,10 +40,6 @@ METADATA_BAND_ORDER: List[str] = list(ALIASES)
 RESAMPLING = {"bilinear": Resampling.bilinear, "nearest": Resampling.nearest}
 #: Band file names: L2A ``T17MPN_20230105T153621_B11_20m.jp2``, L1C ``T17MPN_20200101T153619_B02.jp2``.
 BAND_FILE = re.compile(r"_(?P<band>B(?:\d{1,2}|8A))(?:_(?P<res>\d+)m)?\.(?:jp2|tiff?)$", re.IGNORECASE)
-#: Rows written per step by ``build_stack`` (S2 JP2 tiles are 1024 px tall at 10 m).
-STACK_ROWS = 1024
-#: Square tile (and strip height) ``export_channels`` computes at a time.
-EXPORT_BLOCK = 128
 
 
 @dataclass
@@ -116,14 +103,6 @@ class Sentinel2Product:
 
 def _basename(name) -> str:
     return str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-
-
-@dataclass
-class StackResult:
-    path: Path
-    width: int
-    height: int
-    product: Sentinel2Product
 
 
 # --- finding the product's pieces ---------------------------------------------
@@ -384,8 +363,8 @@ def product_vrt(product: Sentinel2Product, path) -> Path:
     (GDAL's warper) open the product itself with ``RasterInput``."""
     from xml.sax.saxutils import escape
     with contextlib.ExitStack() as stack:
-        sources = {b: stack.enter_context(rasterio.open(_gdal_name(p))) for b, p in product.band_files.items()}
-        _check_bands(sources)
+        sources = {b: stack.enter_context(rasterio.open(gdal_name(p))) for b, p in product.band_files.items()}
+        check_bands(sources)
         ref = sources["B2"]
         geo = ", ".join(f"{v!r}" for v in ref.transform.to_gdal())
         dtype = {"uint16": "UInt16", "int16": "Int16", "uint8": "Byte", "float32": "Float32"}.get(ref.dtypes[0],
@@ -393,7 +372,7 @@ def product_vrt(product: Sentinel2Product, path) -> Path:
         bands = []
         for i, band in enumerate(SOURCE_BANDS, 1):
             ds = sources[band]
-            src = escape(_gdal_name(product.band_files[band]))
+            src = escape(gdal_name(product.band_files[band]))
             scale_x, scale_y = ds.transform.a / ref.transform.a, ds.transform.e / ref.transform.e
             box = (f'<SrcRect xOff="0" yOff="0" xSize="{ds.width}" ySize="{ds.height}"/>'
                    f'<DstRect xOff="{(ds.transform.c - ref.transform.c) / ref.transform.a:.10g}" '
@@ -428,7 +407,7 @@ def _write_vsimem(path: str, data: bytes) -> None:
     gdal.VSIFCloseL(handle)
 
 
-def _gdal_name(source) -> str:
+def gdal_name(source) -> str:
     return source if isinstance(source, str) else str(Path(source).resolve())
 
 
@@ -440,10 +419,10 @@ class ProductReader:
         self.product = product
         self._stack = contextlib.ExitStack()
         try:
-            sources = {b: self._stack.enter_context(rasterio.open(_gdal_name(p)))
+            sources = {b: self._stack.enter_context(rasterio.open(gdal_name(p)))
                        for b, p in product.band_files.items()}
-            _check_bands(sources)
-            self.readers = _band_readers(sources, self._stack, resampling)
+            check_bands(sources)
+            self.readers = band_readers(sources, self._stack, resampling)
             ref = sources["B2"]
             self.crs, self.transform, self.width, self.height = ref.crs, ref.transform, ref.width, ref.height
             self.dtype = ref.dtypes[0]
@@ -478,7 +457,7 @@ class ProductReader:
         if self.product.scl is None:
             return None
         if self._scl is None:
-            src = self._stack.enter_context(rasterio.open(_gdal_name(self.product.scl)))
+            src = self._stack.enter_context(rasterio.open(gdal_name(self.product.scl)))
             self._scl = self._stack.enter_context(
                 WarpedVRT(src, crs=self.crs, transform=self.transform, width=self.width, height=self.height,
                           resampling=Resampling.nearest, src_nodata=None, nodata=None))
@@ -494,7 +473,7 @@ class ProductReader:
         self.close()
 
 
-def _band_readers(sources: Dict[str, "rasterio.DatasetReader"], stack: contextlib.ExitStack,
+def band_readers(sources: Dict[str, "rasterio.DatasetReader"], stack: contextlib.ExitStack,
                   resampling: str = "bilinear") -> List:
     """One reader per band of ``SOURCE_BANDS`` on B2's grid: the 10 m files as they are, coarser ones
     through GDAL's warper (DN 0 no data, never blended into valid values)."""
@@ -506,8 +485,7 @@ def _band_readers(sources: Dict[str, "rasterio.DatasetReader"], stack: contextli
             for b in SOURCE_BANDS]
 
 
-# --- the 6-band stack -----------------------------------------------------------
-def _check_bands(sources: Dict[str, rasterio.DatasetReader]) -> None:
+def check_bands(sources: Dict[str, rasterio.DatasetReader]) -> None:
     """All bands in one CRS and type, the 10 m bands on one grid."""
     ref = sources["B2"]
     for band, ds in sources.items():
@@ -518,100 +496,3 @@ def _check_bands(sources: Dict[str, rasterio.DatasetReader]) -> None:
             raise ValueError(f"{name} ({band}) holds {ds.dtypes[0]}, B2 holds {ref.dtypes[0]}")
         if NATIVE_RESOLUTION[band] == 10 and (ds.transform, ds.shape) != (ref.transform, ref.shape):
             raise ValueError(f"{name} ({band}) is not on the grid of B2 (transform or size differ)")
-
-
-def build_stack(folder, out_path, bounds: Optional[Sequence[float]] = None, polygon_geojson: Optional[Dict] = None,
-                resampling: str = "bilinear", reporter: Reporter = Reporter()) -> StackResult:
-    """Write the 6-band 10 m DN stack (B2, B3, B4, B8, B11, B12) of the product in ``folder``.
-
-    B11 and B12 are resampled from 20 m onto B2's 10 m grid (bands already on
-    it are copied) by GDAL's warper (``rasterio.vrt.WarpedVRT``) with DN 0 as
-    source no-data, so no-data never
-    blends into valid values.  ``bilinear`` (default) suits reflectance, which
-    varies continuously; ``nearest`` copies each 20 m value onto its four 10 m
-    pixels, keeping the original DN.  ``bounds`` (product CRS) clips to whole
-    10 m pixels; ``polygon_geojson`` (a GeoJSON geometry in the product CRS)
-    clips to its bounding pixels and sets pixels whose centre is outside to 0.
-    The DN offset, processing baseline and product name are stored as tags.
-    Nothing is left behind on failure or cancellation (``Cancelled``).
-    """
-    if resampling not in RESAMPLING:
-        raise ValueError(f"resampling must be one of {', '.join(RESAMPLING)}, not {resampling!r}")
-    if polygon_geojson is not None and polygon_geojson.get("type") not in ("Polygon", "MultiPolygon"):
-        raise ValueError(f"the clip geometry must be a Polygon or MultiPolygon, not {polygon_geojson.get('type')}")
-    out_path = check_writable(out_path)
-    product = open_product(folder)
-    refuse_overwriting_inputs([out_path], [p for p in product.band_files.values() if not str(p).startswith("/vsi")])
-    reporter.info(product.describe())
-    with contextlib.ExitStack() as stack:
-        sources = {b: stack.enter_context(rasterio.open(_gdal_name(p))) for b, p in product.band_files.items()}
-        _check_bands(sources)
-        ref = sources["B2"]
-        window = Window(0, 0, ref.width, ref.height)
-        for box in (bounds, polygon_geojson and geometry_bounds(polygon_geojson)):
-            if box is not None:
-                window = snapped_window(ref.transform, window, box)
-        readers = _band_readers(sources, stack, resampling)
-        width, height = int(window.width), int(window.height)
-        sink = AtomicRaster(out_path, width, height, len(SOURCE_BANDS), ref.crs, ref.window_transform(window),
-                            SOURCE_BANDS, nodata=0, tags=product.tags(), dtype=ref.dtypes[0])
-        try:
-            for row in range(0, height, STACK_ROWS):
-                if reporter.cancelled():
-                    raise Cancelled("cancelled by the user")
-                rows = min(STACK_ROWS, height - row)
-                src_window = Window(window.col_off, window.row_off + row, width, rows)
-                block = np.stack([r.read(1, window=src_window) for r in readers])
-                if polygon_geojson is not None:
-                    block[:, geometry_mask([polygon_geojson], (rows, width), ref.window_transform(src_window))] = 0
-                sink.write_rows(row, block)
-                reporter.progress(100.0 * (row + rows) / height)
-        except BaseException:
-            sink.discard()
-            raise
-        sink.commit()
-    return StackResult(out_path, width, height, product)
-
-
-# --- the 11 channels, for inspection ---------------------------------------------
-def export_channels(raster_path, out_path, pca: PCABasis, band_numbers: Optional[Sequence[int]] = None,
-                    dn_offset: Optional[float] = None, reporter: Reporter = Reporter(),
-                    recipe: Recipe = RECIPE_V1) -> Path:
-    """Write the 11 recipe channels of a Sentinel-2 raster as float32 (NaN = no data) (needs torch).
-
-    Bands are identified and scaled exactly as for extraction (``RasterInput``
-    and its plan), so the file shows what the model is fed before
-    normalisation.  Computed in strips of ``EXPORT_BLOCK`` rows: memory
-    depends on the raster's width only.
-    """
-    import torch
-    source = RasterInput(raster_path, band_numbers=band_numbers, dn_offset=dn_offset, recipe=recipe)
-    try:
-        plan = source.plan
-        if plan.kind != "sentinel2":
-            raise ValueError(f"{Path(raster_path).name} is already an 11-channel ME-Net stack: its bands are the channels")
-        refuse_overwriting_inputs([out_path], [raster_path])
-        reporter.info(f"input bands: {plan.describe()}")
-        for message in plan.warnings:
-            reporter.warn(message)
-        sink = AtomicRaster(check_writable(out_path), source.width, source.height, N_CHANNELS, source.crs,
-                            source.area_transform(), recipe.channel_names, tags=plan.tags)
-        try:
-            for y0 in range(0, source.height, EXPORT_BLOCK):
-                if reporter.cancelled():
-                    raise Cancelled("cancelled by the user")
-                rows = min(EXPORT_BLOCK, source.height - y0)
-                tiles = [source.read(y0, x0, EXPORT_BLOCK) for x0 in range(0, source.width, EXPORT_BLOCK)]
-                raw = torch.from_numpy(np.stack([data for data, _ in tiles]))
-                with torch.inference_mode():
-                    values = compute_channels((raw + plan.offset) * plan.scale, pca, recipe).numpy()
-                values = np.where(np.stack([ok for _, ok in tiles])[:, None], values, np.float32(np.nan))
-                strip = np.concatenate(list(values[:, :, :rows]), axis=2)[:, :, :source.width]
-                sink.write_rows(y0, strip)
-                reporter.progress(100.0 * (y0 + rows) / source.height)
-        except BaseException:
-            sink.discard()
-            raise
-        return sink.commit()
-    finally:
-        source.close()
