@@ -69,9 +69,9 @@ class Option:
         try:
             value = _convert(self, value)
         except (TypeError, ValueError):
-            raise ValueError(f"{self.name} must be {_KIND_WORDS[self.kind]}, got {value!r}") from None
+            raise ValueError(f"{self.name} must be {_KIND_WORDS[self.kind]}, got {_quoted(value)}") from None
         if self.kind == "choice" and value not in self.choices:
-            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {_quoted(value)}")
         if self.kind in ("int", "float") and not (
                 (self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)):
             raise ValueError(f"{self.name} must be {_range_words(self)}, got {value:g}")
@@ -81,6 +81,13 @@ class Option:
 _KIND_WORDS = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
                "choice": "one of the choices", "multichoice": "a list", "text": "text", "file": "a file path", "folder": "a folder path",
                "int_list": "a list of whole numbers", "float_list": "a list of finite numbers", "text_list": "a list"}
+
+
+def _quoted(value) -> str:
+    """A received value as a message quotes it: its repr, cut to 60 characters (a message stays one short line
+    whatever a client sends)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _range_words(option: Option) -> str:

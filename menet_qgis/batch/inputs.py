@@ -345,17 +345,12 @@ def _has_result_key(path: str) -> bool:
     """Whether a GeoTIFF carries the batch result key (tags only; unreadable = no)."""
     if not path.lower().endswith((".tif", ".tiff")):
         return False
-    from osgeo import gdal
+    import rasterio
     try:
-        ds = gdal.OpenEx(path, gdal.OF_RASTER, allowed_drivers=["GTiff", "COG"])
-    except RuntimeError:
+        with rasterio.open(path) as ds:
+            return bool(ds.tags().get(RESULT_KEY_TAG))
+    except (rasterio.errors.RasterioError, OSError):
         return False
-    if ds is None:
-        return False
-    try:
-        return bool(ds.GetMetadataItem(RESULT_KEY_TAG))
-    finally:
-        ds = None
 
 
 def _unique(scenes: List[Scene]) -> List[Scene]:

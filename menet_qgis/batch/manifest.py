@@ -64,7 +64,12 @@ def file_fingerprint(path: str) -> Dict:
 def _fingerprint(path: str) -> Dict:
     if is_virtual(path):
         from osgeo import gdal
-        stat = gdal.VSIStatL(path)
+        from ..core.compat import osgeo_exceptions
+        with osgeo_exceptions():  # stated, not GDAL's default (GDAL >= 3.9 warns on stderr otherwise)
+            try:
+                stat = gdal.VSIStatL(path)
+            except RuntimeError:
+                stat = None
         if stat is None:
             raise OSError(f"cannot stat {path}")
         return {"path": path, "size": stat.size, "mtime": stat.mtime}

@@ -402,9 +402,11 @@ def product_vrt(product: Sentinel2Product, path) -> Path:
 def _write_vsimem(path: str, data: bytes) -> None:
     """Write ``data`` to GDAL's in-memory file system (``/vsimem/``), through osgeo where present."""
     from osgeo import gdal
-    handle = gdal.VSIFOpenL(path, "wb")
-    gdal.VSIFWriteL(data, 1, len(data), handle)
-    gdal.VSIFCloseL(handle)
+    from ..compat import osgeo_exceptions
+    with osgeo_exceptions():  # stated, not GDAL's default (GDAL >= 3.9 warns on stderr otherwise)
+        handle = gdal.VSIFOpenL(path, "wb")
+        gdal.VSIFWriteL(data, 1, len(data), handle)
+        gdal.VSIFCloseL(handle)
 
 
 def gdal_name(source) -> str:
