@@ -172,9 +172,9 @@ BAD_JOB_LINES = {  # id: (the job line from the sandbox, the one error line)
                         "job's parameters go inside params)"),
     "job misspelt": (lambda s: line(dict(s.extract(), job="extrct")),
                      "unknown job 'extrct' (did you mean extract?); jobs: extract, prepare, export_channels, train, "
-                     "assess"),
+                     "assess, stac_map"),
     "job not text": (lambda s: line(dict(s.extract(), job=[])),
-                     "unknown job []; jobs: extract, prepare, export_channels, train, assess"),
+                     "unknown job []; jobs: extract, prepare, export_channels, train, assess, stac_map"),
     "params a list": (lambda s: line({"job": "extract", "params": []}),
                       "the extract job's parameters must be an object (name: value), got []"),
     "dn_ofset": (lambda s: line(_extract(s, dn_ofset=-1000)),
@@ -191,7 +191,8 @@ BAD_JOB_LINES = {  # id: (the job line from the sandbox, the one error line)
                      "options must be an object (name: value), got 'window=64'"),
     "option misspelt": (lambda s: line(_extract(s, options={"windw": 64})),
                         "unknown engine option windw (did you mean window?); known: stages, stage_mode, window, "
-                        "overlap, batch_size, device, runtime, threads, precision, tta, readers"),
+                        "overlap, batch_size, device, runtime, threads, precision, tta, cloud_mask, mask_layer, readers, "
+                        "scl"),
     "bounds reversed": (lambda s: line(_extract(s, bounds=[589840, 9636080, 587280, 9633520])),
                         "bounds must be xmin, ymin, xmax, ymax with xmin < xmax and ymin < ymax, got "
                         "[589840.0, 9636080.0, 587280.0, 9633520.0]"),

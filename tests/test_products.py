@@ -79,7 +79,7 @@ def test_every_form_opens_as_the_same_product(products, pixels):
 
 def test_prepare_takes_the_same_inputs(products, tmp_path):
     """build_stack (Prepare) writes the same stack from the folder, the zip, the xml and a subdataset."""
-    from menet_qgis.core.io.sentinel2_product import build_stack
+    from menet_qgis.core.io.stack import build_stack
     stacks = {form: read(build_stack(name, tmp_path / f"{form}.tif").path) for form, name in products.items()}
     for form, stack in stacks.items():
         np.testing.assert_array_equal(stack, stacks["safe"], err_msg=form)
@@ -90,7 +90,7 @@ def test_prepare_takes_the_same_inputs(products, tmp_path):
 @pytest.fixture(scope="module")
 def maps(products, tmp_path_factory):
     """CLI predict with the default model over the Prepare stack and every form of the product, in one run."""
-    from menet_qgis.core.io.sentinel2_product import build_stack
+    from menet_qgis.core.io.stack import build_stack
     work = tmp_path_factory.mktemp("maps")
     stack = build_stack(products["safe"], work / "stack.tif").path
     out = work / "maps"
