@@ -409,6 +409,14 @@ def _write_vsimem(path: str, data: bytes) -> None:
         gdal.VSIFCloseL(handle)
 
 
+def closed_by(stack: contextlib.ExitStack, dataset):
+    """``dataset``, closed with ``stack`` through its ``close()`` rather than its context manager: rasterio >= 1.4
+    ties a dataset's GDAL environment to the thread that opened it, and a ``ProductReader`` opened on a
+    reader thread is closed on another (its ``__exit__`` there fails: "No GDAL environment exists")."""
+    stack.callback(dataset.close)
+    return dataset
+
+
 def gdal_name(source) -> str:
     return source if isinstance(source, str) else str(Path(source).resolve())
 
@@ -421,7 +429,7 @@ class ProductReader:
         self.product = product
         self._stack = contextlib.ExitStack()
         try:
-            sources = {b: self._stack.enter_context(rasterio.open(gdal_name(p)))
+            sources = {b: closed_by(self._stack, rasterio.open(gdal_name(p)))
                        for b, p in product.band_files.items()}
             check_bands(sources)
             self.readers = band_readers(sources, self._stack, resampling)
@@ -459,8 +467,8 @@ class ProductReader:
         if self.product.scl is None:
             return None
         if self._scl is None:
-            src = self._stack.enter_context(rasterio.open(gdal_name(self.product.scl)))
-            self._scl = self._stack.enter_context(
+            src = closed_by(self._stack, rasterio.open(gdal_name(self.product.scl)))
+            self._scl = closed_by(self._stack,
                 WarpedVRT(src, crs=self.crs, transform=self.transform, width=self.width, height=self.height,
                           resampling=Resampling.nearest, src_nodata=None, nodata=None))
         return self._scl.read(1, window=window).astype(np.uint8)
@@ -481,7 +489,7 @@ def band_readers(sources: Dict[str, "rasterio.DatasetReader"], stack: contextlib
     through GDAL's warper (DN 0 no data, never blended into valid values)."""
     ref = sources["B2"]
     return [sources[b] if (sources[b].transform, sources[b].shape) == (ref.transform, ref.shape) else
-            stack.enter_context(WarpedVRT(sources[b], crs=ref.crs, transform=ref.transform, width=ref.width,
+            closed_by(stack, WarpedVRT(sources[b], crs=ref.crs, transform=ref.transform, width=ref.width,
                                           height=ref.height, resampling=RESAMPLING[resampling],
                                           src_nodata=0, nodata=0))
             for b in SOURCE_BANDS]
