@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from menet_qgis.core.io.clouds import CLEAR, CLOUD
+from .clouds import CLEAR, CLOUD
 
 MIN_VISIBLE = 0.15
 MAX_WHITENESS = 0.35
