@@ -312,7 +312,7 @@ class TrainJob(JobParams):
     def check(self) -> None:
         super().check()  # declared options converted first: the checks below read them
         if Path(self.output).suffix != ".pt":
-            raise ValueError(f"the model file {Path(self.output).name} must end in .pt")
+            raise ValueError(f"the model file {_what(Path(self.output).name)} must end in .pt")
         if not float(self.boundary_weight) >= 0:  # NaN too
             raise ValueError(f"boundary weight must be 0 (off) or positive, got {float(self.boundary_weight):g}")
         if self.refine_width is not None and not 0 <= int(self.refine_width) <= 256:
@@ -473,7 +473,7 @@ def stac_map(params: Dict, reporter) -> Dict:
     job = StacMapJob.from_dict(params)
     composite_path = job.composite_path()
     if composite_path.suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(f"the composite {composite_path.name} must end in .tif")
+        raise ValueError(f"the composite {_what(composite_path.name)} must end in .tif")
     if composite_path.resolve() == Path(job.output).resolve():
         raise ValueError("the composite and the probability must be two files")
     raster_io.check_writable(job.output)
@@ -482,7 +482,7 @@ def stac_map(params: Dict, reporter) -> Dict:
     try:
         bbox = transform_bounds(job.bounds_crs, "EPSG:4326", *job.bounds, densify_pts=21)
     except Exception as exc:  # rasterio raises CRSError and others for a bad CRS
-        raise ValueError(f"bounds CRS {job.bounds_crs!r} is not one GDAL knows ({' '.join(str(exc).split())[:120]})") \
+        raise ValueError(f"bounds CRS {_what(job.bounds_crs)} is not one GDAL knows ({' '.join(str(exc).split())[:120]})") \
             from None
     items, document = stac_search.search(job.api_url, bbox, job.start, job.end, job.cloud_limit, job.collection,
                                          job.max_items, reporter.info)
