@@ -202,7 +202,28 @@ def _product_reader(product):
     return ProductReader(product)
 
 
-class RasterInput:
+class ThreadHandles:
+    """GDAL datasets opened once per reader thread (a GDAL handle must not be shared across threads), all
+    closed together by ``close``."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self._handles: List = []
+        self._lock = threading.Lock()
+
+    def _keep(self, *datasets) -> None:
+        with self._lock:
+            self._handles.extend(datasets)
+
+    def close(self) -> None:
+        with self._lock:
+            for ds in self._handles:
+                ds.close()
+            self._handles.clear()
+        self._local = threading.local()
+
+
+class RasterInput(ThreadHandles):
     """An opened input raster plus the plan for turning its bands into model input."""
 
     def __init__(self, path, band_numbers: Optional[Sequence[int]] = None, dn_offset: Optional[float] = None,
@@ -246,9 +267,7 @@ class RasterInput:
         self.recipe = recipe or RECIPE_V2
         self.plan: InputPlan = plan_input(*self._plan_inputs, recipe=self.recipe, name=Path(self.path).name)
         self.area = self._area(bounds)
-        self._local = threading.local()
-        self._handles: List = []
-        self._lock = threading.Lock()
+        ThreadHandles.__init__(self)
 
     def use_recipe(self, recipe) -> None:
         """Plan the bands for ``recipe`` (the model's): a v1 model also needs B12 (BandError if absent)."""
@@ -333,8 +352,7 @@ class RasterInput:
         if ds is None:
             ds = _product_reader(self.product) if self.product else rasterio.open(self.path)
             self._local.ds = ds
-            with self._lock:
-                self._handles.append(ds)
+            self._keep(ds)
         return ds
 
     def read(self, y0: int, x0: int, size: int, area: Optional[Area] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -380,12 +398,6 @@ class RasterInput:
         data[:, ~valid] = np.nan
         return data
 
-    def close(self) -> None:
-        with self._lock:
-            for ds in self._handles:
-                ds.close()
-            self._handles.clear()
-        self._local = threading.local()
 
 
 #: Plausibility limits for the sampled values (reflectance; DN before the offset).
@@ -645,7 +657,7 @@ VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".kml", ".gml", ".fgb",
 DETECTOR_HALO = 8
 
 
-class MaskSource:
+class MaskSource(ThreadHandles):
     """The quality code (``clouds``) of any block of an input's pixels, from the sources a run uses: the
     scene classification (``scl``: a GDAL name, resampled nearest onto the input's grid), a user's mask
     (``mask_layer``: a raster, nonzero = masked, or a polygon file, masked inside) and/or the spectral
@@ -657,9 +669,7 @@ class MaskSource:
         from rasterio.crs import CRS
         self.source, self.scl, self.mask_layer, self.detector = source, scl, mask_layer, detector
         self.polygons = None
-        self._local = threading.local()
-        self._handles: List = []
-        self._lock = threading.Lock()
+        ThreadHandles.__init__(self)
         if detector and source.plan.kind != "sentinel2":
             raise InputError(f"{Path(source.path).name} holds ready-made model channels, not Sentinel-2 bands: "
                              "the cloud detector cannot read it; give a mask layer or turn cloud masking off")
@@ -706,8 +716,7 @@ class MaskSource:
                             width=self.source.full_width, height=self.source.full_height,
                             resampling=Resampling.nearest, src_nodata=src.nodata, nodata=0)
             views[name] = vrt
-            with self._lock:
-                self._handles += [vrt, src]
+            self._keep(vrt, src)
         return views[name]
 
     def _read(self, name: str, win: Window) -> np.ndarray:
@@ -752,9 +761,3 @@ class MaskSource:
         codes = np.asarray(detect(reflectance, list(self.source.recipe.source_bands)), np.uint8)
         return codes[row_off - top:row_off - top + h, col_off - left:col_off - left + w]
 
-    def close(self) -> None:
-        with self._lock:
-            for ds in self._handles:
-                ds.close()
-            self._handles.clear()
-        self._local = threading.local()
