@@ -37,3 +37,29 @@ def test_average_models_mixes_by_the_given_shares_and_chooses_the_threshold_agai
                               str(tmp_path / "other.pt"), "--out", str(tmp_path / "no.pt")],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "differs" in refused.stderr and not (tmp_path / "no.pt").exists()
+
+
+@pytest.mark.skipif(not (SHARED / "jambeli").is_dir(), reason=f"shared Jambelí tiles not available under {SHARED}")
+def test_honest_site_folds_keep_every_training_window_a_window_away_from_the_held_out_site():
+    """studies/honest_folds: each of the four Jambelí sites is held out whole; no window left for training or
+    validation overlaps or touches it (the buffer), the northern cluster is a site of its own, and every
+    window is held out exactly once over the four folds."""
+    from menet_qgis.core.model import channels as ch
+    from studies import honest_folds
+    tiles = honest_folds.load(ch.RECIPE_V2, ("jambeli",))
+    own_groups = list(tiles.groups)
+    held_count = [0] * len(tiles)
+    for site in range(honest_folds.SITES):
+        tiles.groups = list(own_groups)
+        honest_folds.label_sites(tiles, site)
+        held = [i for i, g in enumerate(tiles.groups) if g == f"jambeli:site{site}"]
+        kept = [i for i, g in enumerate(tiles.groups) if not g.startswith(("jambeli:site", "jambeli:buffer"))]
+        assert len(held) >= 20 and len(kept) >= 120
+        for i in held:
+            held_count[i] += 1
+        lo = min(tiles.bounds[i][1] for i in held) - honest_folds.WINDOW_M
+        hi = max(tiles.bounds[i][3] for i in held) + honest_folds.WINDOW_M
+        assert not [i for i in kept if tiles.bounds[i][3] > lo and tiles.bounds[i][1] < hi]
+        if site == 3:
+            assert min(tiles.bounds[i][1] for i in held) > honest_folds.NORTH_SITE_KM * 1000
+    assert held_count == [1] * len(tiles)
