@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("MENET_SHARED_DATA") or ROOT.parent / "shared" / "data")  # a GPU machine may hold it elsewhere
 OUT = ROOT / "build" / "folds"
 ZONES = ["0", "1", "2", "3", "5", "6", "8"]
 SITES = 4
@@ -95,24 +96,20 @@ def load(recipe: ch.Recipe, sources=("jambeli", "magset2"), styles: bool = False
     return training_data.TileSet.concat(sets)
 
 
-def counts_by_unit(tiles, prob, unit) -> Dict[str, ProbabilityCounts]:
-    out: Dict[str, ProbabilityCounts] = {}
+def by_unit(tiles, values, unit, kind=ProbabilityCounts) -> Dict:
+    """A ``kind`` (probability histogram, or ``Confusion`` for a boolean map) per reporting unit
+    (``unit(i)``: a name, or None for windows not scored) over the scored pixels."""
+    out: Dict = {}
     scored = tiles.scored
     for i in range(len(tiles)):
         u = unit(i)
         if u:
-            out.setdefault(u, ProbabilityCounts()).add(prob[i][scored[i]], tiles.labels[i][scored[i]] >= 0.5)
+            out.setdefault(u, kind()).add(values[i][scored[i]], tiles.labels[i][scored[i]] >= 0.5)
     return out
 
 
-def confusion_by_unit(tiles, mask, unit) -> Dict[str, Dict[str, int]]:
-    out: Dict[str, Confusion] = {}
-    scored = tiles.scored
-    for i in range(len(tiles)):
-        u = unit(i)
-        if u:
-            out.setdefault(u, Confusion()).add(mask[i][scored[i]], tiles.labels[i][scored[i]] >= 0.5)
-    return {u: c.to_dict() for u, c in out.items()}
+def histograms(counts: Dict[str, ProbabilityCounts]) -> Dict[str, Dict[str, List[int]]]:
+    return {u: {"positive": c.positive.tolist(), "negative": c.negative.tolist()} for u, c in counts.items()}
 
 
 def forest_probability(train_set, tiles) -> np.ndarray:
@@ -155,7 +152,7 @@ def run(arm: str, fold: int, epochs: int, seed: int, out: Path) -> Dict:
 
     prob = training.predict_windows(bundle, scored, device)
     val = result.validation
-    val_counts = counts_by_unit(val, training.predict_windows(bundle, val, device), lambda i: val.sources[i])
+    val_counts = by_unit(val, training.predict_windows(bundle, val, device), lambda i: val.sources[i])
     forest = forest_probability(train_set, scored)
     b = scored.images
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -167,18 +164,15 @@ def run(arm: str, fold: int, epochs: int, seed: int, out: Path) -> Dict:
         "epoch_seconds": [round(r["train_seconds"], 1) for r in result.history],
         "val_f1": [round(r["val_f1"], 4) for r in result.history],
         "val_threshold_by_source": {s: c.best_threshold()[0] for s, c in val_counts.items()},
-        "model": {u: {"positive": c.positive.tolist(), "negative": c.negative.tolist()}
-                  for u, c in counts_by_unit(scored, prob, held_unit).items()},
-        "forest": confusion_by_unit(scored, forest > 0.5, held_unit),
-        "model_forest_mean": {u: {"positive": c.positive.tolist(), "negative": c.negative.tolist()}
-                              for u, c in counts_by_unit(scored, (prob + forest) / 2, held_unit).items()},
-        "mvi": confusion_by_unit(scored, mvi, held_unit),
+        "model": histograms(by_unit(scored, prob, held_unit)),
+        "forest": {u: c.to_dict() for u, c in by_unit(scored, forest > 0.5, held_unit, Confusion).items()},
+        "model_forest_mean": histograms(by_unit(scored, (prob + forest) / 2, held_unit)),
+        "mvi": {u: c.to_dict() for u, c in by_unit(scored, mvi, held_unit, Confusion).items()},
     }
     if arm == "jambeli":  # how a model of hand-drawn labels alone does on the other coasts (all unseen by it)
         other = load(recipe, ("magset2",))
         p = training.predict_windows(bundle, other, device)
-        record["transfer"] = {u: {"positive": c.positive.tolist(), "negative": c.negative.tolist()}
-                              for u, c in counts_by_unit(other, p, lambda i: other.groups[i]).items()}
+        record["transfer"] = histograms(by_unit(other, p, lambda i: other.groups[i]))
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{arm}.e{epochs}.s{seed}.fold{fold}"
     bundle.model.cpu()
