@@ -8,7 +8,7 @@
 # Training runs in bf16 autocast on CUDA (train.py), fp32 on the CPU.  Each run writes
 # build/folds/ARM.eEPOCHS.s0.foldK.{json,pt,log}; runs already written are skipped, so a stopped
 # script continues where it was.  Reads the shared data from ../shared/data, or from MENET_SHARED_DATA.
-# A device session's 10-minute command holds only some of the 19 runs: name them (ARM:FOLD).
+# A device session's 10-minute command holds only some of the 15 runs: name them (ARM:FOLD); the styles arm runs by name only.
 # At the end, the tables (markdown) and the seconds per epoch of each run (nvidia-smi's name in the log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
