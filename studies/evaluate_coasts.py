@@ -60,9 +60,10 @@ def split(tiles, bundle):
 
 
 def forest_probability(train_set, tiles):
-    """Mangrove probability of the baseline forest (100 trees, seed 0) trained on ``train_set``'s windows."""
-    forest = assessment.train_random_forest(train_set.images.transpose(1, 0, 2, 3)[:, train_set.valid],
-                                            train_set.labels[train_set.valid], 100, 0)
+    """Mangrove probability of the baseline forest (100 trees, seed 0) trained on ``train_set``'s scored pixels
+    (valid ones, less those under clouds when the loader looked for them)."""
+    forest = assessment.train_random_forest(train_set.images.transpose(1, 0, 2, 3)[:, train_set.scored],
+                                            train_set.labels[train_set.scored], 100, 0)
     flat = np.nan_to_num(tiles.images.transpose(1, 0, 2, 3).reshape(tiles.images.shape[1], -1))
     return forest.predict_proba(assessment.pixel_features(flat))[:, 1].reshape(tiles.labels.shape).astype(np.float32)
 
@@ -86,12 +87,15 @@ def ensemble_probability(prob, members, recipe, tiles, device):
     return (prob + sum(training.predict_windows(m, tiles, device) for m in members)) / (1 + len(members))
 
 
-def by_group(tiles, prediction, key_of):
-    """Confusion per reporting unit from a boolean prediction (N, H, W) on the valid pixels."""
+def by_group(tiles, values, key_of, kind=Confusion):
+    """A ``kind`` per reporting unit (``key_of(i)``; None leaves a window out) over the scored pixels: a
+    ``Confusion`` of a boolean prediction (N, H, W), or a ``ProbabilityCounts`` of a probability."""
     out = {}
+    scored = tiles.scored
     for i in range(len(tiles)):
-        ok = tiles.valid[i]
-        out.setdefault(key_of(i), Confusion()).add(prediction[i][ok], tiles.labels[i][ok] >= 0.5)
+        key = key_of(i)
+        if key is not None:
+            out.setdefault(key, kind()).add(values[i][scored[i]], tiles.labels[i][scored[i]] >= 0.5)
     return out
 
 

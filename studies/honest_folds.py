@@ -55,6 +55,7 @@ from menet_qgis.core.model import checkpoint
 from menet_qgis.core.reporting import ConsoleReporter
 from menet_qgis.core.training import data as training_data
 from menet_qgis.core.training import train as training
+from studies.evaluate_coasts import by_group, forest_probability
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MENET_SHARED_DATA") or ROOT.parent / "shared" / "data")  # a GPU machine may hold it elsewhere
@@ -98,28 +99,8 @@ def load(recipe: ch.Recipe, sources=("jambeli", "magset2"), styles: bool = False
     return training_data.TileSet.concat(sets)
 
 
-def by_unit(tiles, values, unit, kind=ProbabilityCounts) -> Dict:
-    """A ``kind`` (probability histogram, or ``Confusion`` for a boolean map) per reporting unit
-    (``unit(i)``: a name, or None for windows not scored) over the scored pixels."""
-    out: Dict = {}
-    scored = tiles.scored
-    for i in range(len(tiles)):
-        u = unit(i)
-        if u:
-            out.setdefault(u, kind()).add(values[i][scored[i]], tiles.labels[i][scored[i]] >= 0.5)
-    return out
-
-
 def histograms(counts: Dict[str, ProbabilityCounts]) -> Dict[str, Dict[str, List[int]]]:
     return {u: {"positive": c.positive.tolist(), "negative": c.negative.tolist()} for u, c in counts.items()}
-
-
-def forest_probability(train_set, tiles) -> np.ndarray:
-    """The baseline forest (100 trees, seed 0, ``assessment.pixel_features``) trained on ``train_set``."""
-    forest = assessment.train_random_forest(train_set.images.transpose(1, 0, 2, 3)[:, train_set.scored],
-                                            train_set.labels[train_set.scored], 100, 0)
-    flat = np.nan_to_num(tiles.images.transpose(1, 0, 2, 3).reshape(tiles.images.shape[1], -1))
-    return forest.predict_proba(assessment.pixel_features(flat))[:, 1].reshape(tiles.labels.shape).astype(np.float32)
 
 
 def run(arm: str, fold: int, epochs: int, seed: int, out: Path) -> Dict:
@@ -145,8 +126,7 @@ def run(arm: str, fold: int, epochs: int, seed: int, out: Path) -> Dict:
     bundle = result.bundle
     bundle.model.to(device)
     scored = result.holdout
-    train_idx, val_idx, _ = training_data.split_windows(tiles, 0.2, seed, val_groups, holdout)
-    train_set = tiles.subset(train_idx)
+    train_set = result.training
 
     def held_unit(i):
         g = scored.groups[i]
@@ -154,7 +134,7 @@ def run(arm: str, fold: int, epochs: int, seed: int, out: Path) -> Dict:
 
     prob = training.predict_windows(bundle, scored, device)
     val = result.validation
-    val_counts = by_unit(val, training.predict_windows(bundle, val, device), lambda i: val.sources[i])
+    val_counts = by_group(val, training.predict_windows(bundle, val, device), lambda i: val.sources[i], ProbabilityCounts)
     forest = forest_probability(train_set, scored)
     b = scored.images
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -166,15 +146,15 @@ def run(arm: str, fold: int, epochs: int, seed: int, out: Path) -> Dict:
         "epoch_seconds": [round(r["train_seconds"], 1) for r in result.history],
         "val_f1": [round(r["val_f1"], 4) for r in result.history],
         "val_threshold_by_source": {s: c.best_threshold()[0] for s, c in val_counts.items()},
-        "model": histograms(by_unit(scored, prob, held_unit)),
-        "forest": {u: c.to_dict() for u, c in by_unit(scored, forest > 0.5, held_unit, Confusion).items()},
-        "model_forest_mean": histograms(by_unit(scored, (prob + forest) / 2, held_unit)),
-        "mvi": {u: c.to_dict() for u, c in by_unit(scored, mvi, held_unit, Confusion).items()},
+        "model": histograms(by_group(scored, prob, held_unit, ProbabilityCounts)),
+        "forest": {u: c.to_dict() for u, c in by_group(scored, forest > 0.5, held_unit).items()},
+        "model_forest_mean": histograms(by_group(scored, (prob + forest) / 2, held_unit, ProbabilityCounts)),
+        "mvi": {u: c.to_dict() for u, c in by_group(scored, mvi, held_unit).items()},
     }
     if arm == "jambeli":  # how a model of hand-drawn labels alone does on the other coasts (all unseen by it)
         other = load(recipe, ("magset2",))
         p = training.predict_windows(bundle, other, device)
-        record["transfer"] = histograms(by_unit(other, p, lambda i: other.groups[i]))
+        record["transfer"] = histograms(by_group(other, p, lambda i: other.groups[i], ProbabilityCounts))
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{arm}.e{epochs}.s{seed}.fold{fold}"
     bundle.model.cpu()
@@ -183,8 +163,12 @@ def run(arm: str, fold: int, epochs: int, seed: int, out: Path) -> Dict:
     return record
 
 
-def at(counts: Dict, threshold: float) -> Confusion:
-    return ProbabilityCounts(np.array(counts["positive"]), np.array(counts["negative"])).confusion(threshold)
+def counts_of(histogram: Dict) -> ProbabilityCounts:
+    return ProbabilityCounts(np.array(histogram["positive"]), np.array(histogram["negative"]))
+
+
+def at(histogram: Dict, threshold: float) -> Confusion:
+    return counts_of(histogram).confusion(threshold)
 
 
 def table(folder: Path, epochs: int, seed: int) -> str:
@@ -217,7 +201,7 @@ def table(folder: Path, epochs: int, seed: int) -> str:
                     methods.setdefault(f"{name} (threshold of its {src} validation)", {})[u] = at(r["model"][u], t)
                 methods.setdefault(f"{name} at 0.5", {})[u] = at(r["model"][u], 0.5)
                 if arm == "mixed":  # an upper bound: the threshold chosen on the held-out windows themselves
-                    oracle = ProbabilityCounts(np.array(r["model"][u]["positive"]), np.array(r["model"][u]["negative"]))
+                    oracle = counts_of(r["model"][u])
                     best_t, _ = oracle.best_threshold(*LOCAL_THRESHOLD_RANGE)
                     methods.setdefault(f"{name} at the held-out windows' own best threshold (not a result)", {})[u] = \
                         oracle.confusion(best_t)

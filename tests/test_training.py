@@ -115,6 +115,9 @@ def test_short_training_run_is_reproducible_and_its_checkpoint_loads(tmp_path):
     result = training.train(tiles, options)
     assert len(result.history) == 2 and all(np.isfinite(r["loss"]) for r in result.history)
     assert result.train_windows + result.val_windows == 6
+    # the windows trained on come back (a baseline trains on the same), disjoint from validation
+    assert len(result.training) == result.train_windows
+    assert not set(result.training.names) & set(result.validation.names)
     path = tmp_path / "m.pt"
     checkpoint.save(result.bundle, path, half=True)
     loaded = checkpoint.load(path)

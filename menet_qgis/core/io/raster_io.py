@@ -399,7 +399,6 @@ class RasterInput(ThreadHandles):
         return data
 
 
-
 #: Plausibility limits for the sampled values (reflectance; DN before the offset).
 MAX_MEDIAN_REFLECTANCE = 2.0   # scenes have median reflectance well below 1; x10000 DN give hundreds
 PLAUSIBILITY_WINDOWS = 4       # 4 x 4 windows spread over the area
@@ -760,4 +759,3 @@ class MaskSource(ThreadHandles):
         reflectance = self.source.reflectance(top, left, bottom - top, right - left)
         codes = np.asarray(detect(reflectance, list(self.source.recipe.source_bands)), np.uint8)
         return codes[row_off - top:row_off - top + h, col_off - left:col_off - left + w]
-

@@ -84,6 +84,7 @@ class TrainResult:
     val_windows: int = 0
     holdout: Optional[TileSet] = None
     validation: Optional[TileSet] = None
+    training: Optional[TileSet] = None   # the windows trained on (after the split): baselines train on the same
 
 
 def masked_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, pos_weight: float,
@@ -217,7 +218,7 @@ def train(tiles: TileSet, options: TrainOptions = TrainOptions(), reporter: Repo
     _describe(bundle, options, train_set, val_set, best, imagenet, device_text, t0, holdout)
     bundle.training["history"] = history
     reporter.info(f"decision threshold {best['threshold']:.2f} (chosen on validation, stored in the model)")
-    return TrainResult(bundle, history, best, len(train_set), len(val_set), holdout, val_set)
+    return TrainResult(bundle, history, best, len(train_set), len(val_set), holdout, val_set, train_set)
 
 
 def _check_options(tiles: TileSet, options: TrainOptions) -> None:
